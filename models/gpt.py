@@ -1,0 +1,322 @@
+"""GPT-2 (Radford et al. 2019), the decoder-only Transformer of Vaswani et al. (2017).
+
+Reads top to bottom: config, building blocks, model, generation hooks, Hugging Face import/export.
+
+  x = wte(idx) (+ positions)
+  for each of n_layer blocks:   x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))     (pre-LayerNorm)
+  logits = ln_f(x) @ wte^T                                                       (tied embeddings)
+
+Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos) or `rope`
+(RoFormer's rotary embedding of q and k). Only `learned` exists in Hugging Face's GPT-2.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import attention
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    # Defaults: a small model that trains on a laptop CPU in minutes. GPT-2 small (124M) is
+    # vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768.
+    vocab_size: int = 50257
+    block_size: int = 1024          # longest sequence (the size of the learned position table)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0            # on embeddings and on each residual branch
+    bias: bool = True               # biases in the linear layers and LayerNorms
+    pos: str = "learned"            # learned | sinusoidal | rope
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.pos not in ("learned", "sinusoidal", "rope"):
+            raise ValueError(f"pos must be learned, sinusoidal or rope, not {self.pos!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def sinusoidal_positions(pos, dim):
+    """Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    inv_freq = torch.exp(torch.arange(0, dim, 2, device=pos.device) * (-math.log(10000.0) / dim))
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # interleave sin, cos
+
+
+def rope_tables(pos, head_dim, theta):
+    """cos and sin of the rotary angles p * theta^(-2i/d), shaped (T, head_dim), rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+    angles = pos.float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, pre-allocated for max_len positions; `pos` is how many
+    are filled. Each forward writes its T new positions and attends to all filled ones."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, layer, k, v):
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.n_head, self.head_dim, self.layer = config.n_head, config.n_embd // config.n_head, layer
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attention(q, k, v, causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias),
+        ))
+        if config.pos == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale the residual projections by 1/sqrt(2 n_layer)
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
+        targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
+        sequence the cache holds."""
+        cfg = self.config
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if cfg.pos == "learned" and start + T > cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.wte(idx)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.transformer.wpe(pos)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
+        else:
+            rope = rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.transformer.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ------------------------------------------------------------------ counts
+
+    def num_params(self, non_embedding=True):
+        """Parameters (tied weights once); without the position table when non_embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token: 6 per weight of every matrix product,
+        plus the attention scores and their weighted sum, 12 * n_layer * n_embd * seq_len
+        (PaLM appendix B; nanoGPT's estimate_mfu)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    # ------------------------------------------------------------------ generation hooks
+
+    def init_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        cfg, p = self.config, self.lm_head.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head,
+                       dtype or p.dtype, device or p.device)
+
+    # ------------------------------------------------------------------ Hugging Face import / export
+    # Hugging Face's GPT-2 stores its linear layers as Conv1D, weight shape (in, out): transposed.
+    # Keys are `transformer.h.0.attn.c_attn.weight` (transformers 5) or, on the Hub's original
+    # checkpoints, `h.0.attn.c_attn.weight` plus `h.0.attn.bias` causal-mask buffers (ignored).
+
+    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None, device="cpu"):
+        directory = Path(directory)
+        hf = _read_config(directory)
+        if hf.get("model_type") != "gpt2":
+            raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'gpt2'")
+        config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
+                        n_head=hf["n_head"], n_embd=hf["n_embd"], bias=hf.get("bias", True),
+                        dropout=hf.get("resid_pdrop", 0.0), pos=hf.get("position_embedding_type", "learned"),
+                        rope_theta=hf.get("rope_theta", 10000.0), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        state = {}
+        for key, tensor in _read_tensors(directory):
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+                continue  # mask buffers; the output head is tied to wte
+            if not config.bias and key.endswith(".bias"):
+                continue  # saved as zeros for transformers' sake
+            key = "transformer." + key
+            if key not in expected:
+                raise ValueError(f"unexpected tensor {key!r} in {directory}")
+            if key.endswith(cls.CONV1D):
+                tensor = tensor.t()
+            if tensor.shape != expected[key].shape:
+                raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
+                                 f"{tuple(expected[key].shape)}")
+            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        model.load_state_dict(state, strict=False, assign=True)
+        model.lm_head.weight = model.transformer.wte.weight
+        return model
+
+    def save_pretrained(self, directory, metadata=None):
+        """config.json + model.safetensors that transformers' GPT2LMHeadModel loads. Each file is
+        written to a temporary name and renamed."""
+        from safetensors.torch import save_file
+        cfg, directory = self.config, Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {}
+        for key, tensor in self.state_dict().items():
+            if key == "lm_head.weight":
+                continue
+            if key.endswith(self.CONV1D):
+                tensor = tensor.t()
+            state[key] = tensor.detach().contiguous()
+        if not cfg.bias:  # Hugging Face's GPT-2 always has biases: give it zeros
+            for key, tensor in list(state.items()):
+                if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    state[key[:-len("weight")] + "bias"] = torch.zeros_like(tensor)
+                elif key.endswith(self.CONV1D):
+                    state[key[:-len("weight")] + "bias"] = tensor.new_zeros(tensor.shape[1])
+        hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+              "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
+              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
+              "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": cfg.vocab_size - 1,
+              "eos_token_id": cfg.vocab_size - 1, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
+              "bias": cfg.bias, "position_embedding_type": cfg.pos, "rope_theta": cfg.rope_theta}
+        _atomic(directory / "model.safetensors",
+                lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
+        _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def _read_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    return json.loads(path.read_text())
+
+
+def _read_tensors(directory):
+    """Yield (name, tensor) from model.safetensors, sharded *.index.json or pytorch_model.bin
+    (loaded weights-only), one file at a time."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).is_file():
+            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
+    for name in files:
+        path = directory / name
+        if name.endswith(".safetensors"):
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        yield from tensors.items()
+        del tensors
+
+
+def _atomic(path, write_fn):
+    tmp = path.with_name(path.name + ".tmp")
+    write_fn(str(tmp))
+    tmp.replace(path)

@@ -1,0 +1,531 @@
+"""The test suite: `python -m pytest test_all.py` (CI runs exactly this).
+
+References are independent of our code: Hugging Face transformers for checkpoints and logits,
+explicit float64 math, and exact invariants (KV-cache decoding equals recomputation, a resumed run
+equals the run that never stopped).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import kernels
+import models
+import sample
+import train
+from models import gpt
+
+ROOT = Path(__file__).resolve().parent
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def tiny_text(n_lines=400, seed=0):
+    """A deterministic pseudo-play: enough structure for a model to learn quickly."""
+    rng = np.random.default_rng(seed)
+    names = ["ROMEO", "JULIET", "NURSE", "FRIAR"]
+    words = "love night day light sweet death fair heart eyes name rose thou art my dear".split()
+    lines = []
+    for i in range(n_lines):
+        lines.append(f"{names[i % 4]}:\n" + " ".join(rng.choice(words, 6)) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(tiny_text())
+    return path
+
+
+def run_cli(*args, cwd=ROOT, timeout=300):
+    return subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def randomize(model, seed=0, std=0.2):
+    """Every parameter random: zero biases and unit norms would hide layout bugs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def hf_gpt2(n_positions=64, vocab=101, n_embd=32, n_layer=2, n_head=4, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return randomize(GPT2LMHeadModel(cfg), seed).eval()
+
+
+def tiny_gpt(pos="learned", bias=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = gpt.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, pos=pos, bias=bias, **kw)
+    return randomize(gpt.Model(cfg), seed, std=0.1).eval()
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("T,S,hq,hkv", [(16, 16, 4, 4), (5, 16, 4, 2), (1, 9, 4, 1), (7, 7, 2, 1)])
+@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def test_attention_backends_match_float64(backend, T, S, hq, hkv):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((hq, T), (hkv, S), (hkv, S)))
+    ref_k, ref_v = (t.double().repeat_interleave(hq // hkv, dim=1) for t in (k, v))
+    scores = q.double() @ ref_k.transpose(-1, -2) / 4.0
+    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    ref = scores.masked_fill(j > i + S - T, float("-inf")).softmax(-1) @ ref_v
+    out = kernels.attention(q, k, v, causal=True, backend=backend)
+    assert (out.double() - ref).abs().max() < 1e-5
+    full = kernels.attention(q, k, v, causal=False, backend=backend)
+    assert (full.double() - scores.softmax(-1) @ ref_v).abs().max() < 1e-5
+
+
+def test_unknown_attention_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        kernels.set_backend("fast")
+
+
+# ----------------------------------------------------------------------------- GPT-2 and Hugging Face
+
+def save_hub_layout(hf, directory, fmt):
+    """Write a GPT-2 checkpoint in the Hub's original layout: unprefixed keys plus the attn.bias
+    and attn.masked_bias buffers, as model.safetensors, pytorch_model.bin or two shards."""
+    from safetensors.torch import save_file
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(directory)
+    n = hf.config.n_positions
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if fmt == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+    elif fmt == "safetensors":
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:  # sharded
+        keys = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, ks in shards.items():
+            save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
+        index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("layout", ["transformers", "safetensors", "bin", "sharded"])
+def test_gpt2_logits_match_transformers(tmp_path, layout):
+    hf = hf_gpt2()
+    if layout == "transformers":
+        hf.save_pretrained(tmp_path)  # transformers' own layout: `transformer.` prefixed keys
+    else:
+        save_hub_layout(hf, tmp_path, layout)
+    ours = models.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, _ = ours(idx)
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
+    from transformers import GPT2LMHeadModel
+    ours = tiny_gpt(bias=bias)
+    ours.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
+        back = models.from_pretrained(tmp_path)
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+    assert back.config == ours.config
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
+def test_gpt_other_positions_round_trip(tmp_path, pos):
+    ours = tiny_gpt(pos=pos)
+    ours.save_pretrained(tmp_path)
+    back = models.from_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+
+
+def test_sinusoidal_and_rope_formulas_float64():
+    pos = torch.arange(5)
+    pe = gpt.sinusoidal_positions(pos, 8).double()
+    for p in range(5):
+        for i in range(4):
+            angle = p / 10000 ** (2 * i / 8)
+            assert abs(pe[p, 2 * i] - np.sin(angle)) < 1e-6 and abs(pe[p, 2 * i + 1] - np.cos(angle)) < 1e-6
+    # rotary: each pair (x_i, x_{i+d/2}) turns by p * theta^(-2i/d); dot products depend on p - q only
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    def rotated_dot(p, r):
+        cq, sq = gpt.rope_tables(torch.tensor([p]), 8, 10000.0)
+        ck, sk = gpt.rope_tables(torch.tensor([r]), 8, 10000.0)
+        return (gpt.apply_rope(q, cq, sq) * gpt.apply_rope(k, ck, sk)).sum().item()
+    assert abs(rotated_dot(3, 1) - rotated_dot(12, 10)) < 1e-5
+    assert abs(rotated_dot(0, 0) - (q * k).sum().item()) < 1e-6
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    m = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=8, n_head=4, n_embd=256))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    std_proj = m.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std_proj - 0.02 / 4) < 5e-4  # 0.02 / sqrt(2 * 8)
+    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 5e-4
+    assert m.num_params() == sum(p.numel() for p in m.parameters()) - 32 * 256
+    no_bias = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=1, n_head=4, n_embd=64, bias=False))
+    assert not [n for n, _ in no_bias.named_parameters() if n.endswith("bias")]
+
+
+@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape", "model_type", "corrupt", "no_weights"])
+def test_gpt2_checkpoint_errors_name_the_problem(tmp_path, problem):
+    from safetensors.torch import load_file, save_file
+    tiny_gpt().save_pretrained(tmp_path)
+    st = tmp_path / "model.safetensors"
+    state = load_file(st)
+    if problem == "missing":
+        del state["transformer.h.1.mlp.c_fc.weight"]
+    elif problem == "unexpected":
+        state["transformer.h.1.extra.weight"] = torch.zeros(2)
+    elif problem == "shape":
+        state["transformer.wpe.weight"] = torch.zeros(10, 32)
+    save_file(state, st)
+    if problem == "model_type":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    elif problem == "corrupt":
+        st.write_bytes(st.read_bytes()[:200])
+    elif problem == "no_weights":
+        st.unlink()
+    expected = {"missing": "h.1.mlp.c_fc.weight", "unexpected": "h.1.extra.weight", "shape": "wpe.weight",
+                "model_type": "mamba", "corrupt": "cannot load", "no_weights": "no model.safetensors"}[problem]
+    with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
+        models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_kv_cache_decoding_equals_recomputation(pos):
+    model = tiny_gpt(pos=pos)
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached = torch.stack(list(sample.generate(model, prompt, 25, temperature=0)), dim=1)
+        seq = prompt
+        for _ in range(25):  # no cache: the whole sequence every step
+            seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+        assert torch.equal(cached, seq[:, 7:])
+        # logits of cached decoding, token by token, equal a single full forward
+        full, _ = model(seq)
+        cache = model.init_cache(2, 64)
+        steps = [model(seq[:, :7], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 32)]
+        assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_generate_past_block_size_refills_the_cache():
+    model = tiny_gpt()  # block_size 64
+    prompt = torch.randint(0, 97, (1, 50))
+    out = list(sample.generate(model, prompt, 40, temperature=0))
+    assert len(out) == 40
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample.sample_next(logits, temperature=0).item() == 1
+    assert {sample.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
+    assert {sample.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(20)} == {1}
+    top2 = {sample.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert top2 == {1, 3}
+    # nucleus 0.9: softmax is [.032, .644, .087, .237]; the top three reach 0.968
+    top_p = {sample.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
+    assert top_p == {1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- data and tokenizers
+
+def test_char_tokenizer_round_trip(corpus, tmp_path):
+    ds = data.prepare(corpus, "char", tmp_path / "d", quiet=True)
+    text = corpus.read_text()
+    assert ds.tokenizer.decode(ds.tokenizer.encode(text)) == text
+    assert ds.tokenizer.vocab_size == len(set(text))
+    with pytest.raises(data.UserError, match="not in this model's character vocabulary"):
+        ds.tokenizer.encode("ROMEO: §")
+
+
+def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
+    text = tiny_text() + "\nnaïve café — 日本語 😀 1234567 x   y\n\n\tdef f(x):\n    return x**2  # code\n"
+    (tmp_path / "c.txt").write_text(text)
+    ds = data.prepare(tmp_path / "c.txt", "bpe:300", tmp_path / "d", quiet=True)
+    tok = ds.tokenizer
+    assert tok.vocab_size == 300
+    for s in (text, "unseen words: ZEBRA 0.5 ünïcödé  \n\n  spaces", "😀😀 e\u0301"):
+        assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode(text)) < len(text.encode()) * 0.6  # merges compress
+    # the GPT-4 pattern keeps digits in groups of at most three and never merges across chunks
+    assert all(len(tok.decode([i])) <= 3 for i in tok.encode("1234567"))
+    # the saved .tiktoken file reloads to the same encoding
+    tok.save(tmp_path)
+    again = data.load_tokenizer(tmp_path)
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_bpe_merges_are_the_most_frequent_pairs():
+    ranks = data.train_bpe("aaab aaab aaab ab", 258)
+    inverse = {v: k for k, v in ranks.items()}
+    assert inverse[256] == b"aa"  # 'aa' occurs 6 times, ' a' 3 times... aa wins
+    assert len(ranks) == 258
+
+
+def test_named_tiktoken_offline_error_says_where_to_put_the_file(tmp_path):
+    with pytest.raises(data.UserError, match=r"put the file\(s\) in .*tiktoken"):
+        data.named_tiktoken("cl100k_base", tmp_path)
+    with pytest.raises(data.UserError, match="unknown tokenizer"):
+        data.named_tiktoken("nope", tmp_path)
+
+
+def test_data_preparation_is_reused_and_rebuilt(corpus, tmp_path):
+    d = tmp_path / "d"
+    ds = data.prepare(corpus, "char", d, quiet=True)
+    train_bin = ds.folder / "train.bin"
+    stamp = train_bin.stat().st_mtime_ns
+    assert data.prepare(corpus, "char", d, quiet=True).folder == ds.folder
+    assert train_bin.stat().st_mtime_ns == stamp  # reused
+    n_total = ds.manifest["n_train"] + ds.manifest["n_val"]
+    assert ds.manifest["n_val"] == int(n_total * 0.1)
+    assert ds.tokenizer.decode(ds.tokens("val")[:20].tolist()) == corpus.read_text()[n_total - ds.manifest["n_val"]:][:20]
+    assert ds.tokens("train").dtype == np.uint16
+    corpus.write_text(corpus.read_text() + "\nNEW LINES ADDED\n")
+    ds2 = data.prepare(corpus, "char", d, quiet=True)
+    assert ds2.manifest["n_train"] + ds2.manifest["n_val"] > n_total  # source changed: rebuilt
+    ds3 = data.prepare(corpus, "bpe:260", d, quiet=True)
+    assert ds3.folder != ds2.folder and ds3.manifest["tokenizer"] == "bpe:260"
+    # batches: targets are inputs shifted by one
+    x, y = ds2.get_batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_folder_corpus_and_default_shakespeare(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second document " * 50)
+    (folder / "a.txt").write_text("first document " * 50)
+    ds = data.prepare(folder, "char", tmp_path / "d", quiet=True)
+    both = ds.tokenizer.decode(np.concatenate([ds.tokens("train"), ds.tokens("val")]).tolist())
+    assert both.startswith("first document") and "second document" in both
+
+
+def test_default_corpus_is_shakespeare_complete_works(tmp_path):
+    ds = data.prepare(None, "char", tmp_path, quiet=True)
+    files = ds.manifest["files"]
+    assert len(files) == 42 and all(f.endswith("_gut.txt") for f in files)
+    assert ds.manifest["n_train"] + ds.manifest["n_val"] > 4_500_000
+    assert "window.]\nBut soft! what light through yonder window breaks?" in ds.tokenizer.decode(ds.tokens("train").tolist())
+
+
+@pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])
+def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
+    path = tmp_path / "c.txt"
+    tokenizer = "char"
+    if problem == "empty":
+        path.write_text("  \n\n")
+    elif problem == "not_utf8":
+        path.write_bytes(b"hello \xff\xfe world" * 10)
+    elif problem == "too_short":
+        path.write_text("short text " * 5)
+    elif problem == "empty_folder":
+        path = tmp_path / "folder"
+        path.mkdir()
+    elif problem == "bad_bpe":
+        path.write_text(tiny_text())
+        tokenizer = "bpe:x"
+    r = run_cli("train.py", "--data", str(path), "--data_dir", str(tmp_path / "d"), "--tokenizer", tokenizer,
+                "--out_dir", str(tmp_path / "o"), "--max_iters", "1")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert {"missing": "not found", "empty": "empty", "not_utf8": "not UTF-8", "too_short": "too short",
+            "empty_folder": "no .txt files", "bad_bpe": "bpe:N"}[problem] in lines[0]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_args(corpus, tmp_path, out="run", **overrides):
+    flags = {"data": corpus, "data_dir": tmp_path / "d", "out_dir": tmp_path / out, "max_iters": 8,
+             "eval_interval": 4, "eval_iters": 2, "log_interval": 1, "batch_size": 4, "block_size": 32,
+             "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1, "dtype": "float32", "device": "cpu",
+             "sample_tokens": 0, "lr_decay_iters": 8, "warmup_iters": 2}
+    flags.update(overrides)
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def test_resume_equals_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
+    # dropout on, so the RNG states must be restored as well as weights, optimizer and data position
+    train.main(train_args(corpus, tmp_path, "full"))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=4))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=8) + ["--resume"])
+    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    losses = lambda log, key: [(r["step"], r[key]) for r in log if key in r and r["step"] > 4]
+    assert losses(full, "train_loss") == losses(split, "train_loss")
+    assert losses(full, "val_loss") == losses(split, "val_loss") and losses(full, "val_loss")
+    a, b = models.from_pretrained(tmp_path / "full"), models.from_pretrained(tmp_path / "split")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_torn_checkpoint_is_detected(corpus, tmp_path):
+    from safetensors.torch import load_file, save_file
+    train.main(train_args(corpus, tmp_path, max_iters=4))
+    st = tmp_path / "run" / "model.safetensors"
+    save_file(load_file(st), st, metadata={"format": "pt", "step": "2"})
+    with pytest.raises(data.UserError, match="do not match"):
+        train.main(train_args(corpus, tmp_path, max_iters=8) + ["--resume"])
+
+
+def test_short_training_run_loss_falls(corpus, tmp_path):
+    result = train.train(*train.parse_args(train_args(corpus, tmp_path, max_iters=40, eval_interval=40,
+                                                      dropout=0.0, learning_rate=1e-2, eval_iters=4,
+                                                      gradient_accumulation_steps=2)))
+    log = read_log(tmp_path / "run")
+    first_val, vocab = log[0]["val_loss"], len(set(corpus.read_text()))
+    assert abs(first_val - np.log(vocab)) < 0.2  # the untrained model is near uniform
+    assert result["val_loss"] < first_val - 1.0
+    assert all({"step", "elapsed_s"} <= set(r) and ("train_loss" in r or "val_loss" in r) for r in log)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json", "log.jsonl", "model.safetensors", "tokenizer_omnitron.json", "train_state.pt"]
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert state["step"] == 40 and state["args"]["gradient_accumulation_steps"] == 2
+
+
+def test_learning_rate_schedule():
+    a = {"learning_rate": 1.0, "min_lr": -1.0, "warmup_iters": 10, "lr_decay_iters": -1, "max_iters": 110}
+    lrs = [train.lr_at(s, a) for s in range(120)]
+    assert lrs[0] < lrs[5] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
+    assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_gpt()
+    opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99}, "cpu")
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() < 2 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('max_iters = 7\nlearning_rate = 1\nn_layer = 3\n')
+    args, _ = train.parse_args(["--config", str(cfg), "--max_iters", "9"])
+    assert args["max_iters"] == 9 and args["learning_rate"] == 1.0 and args["n_layer"] == 3
+    cfg.write_text('max_itres = 7\n')
+    with pytest.raises(data.UserError, match="unknown flag"):
+        train.parse_args(["--config", str(cfg)])
+    for config_file in (ROOT / "config").glob("*.toml"):  # the shipped configs parse
+        train.parse_args(["--config", str(config_file)])
+
+
+def test_fine_tune_from_a_hugging_face_directory(corpus, tmp_path):
+    model = tiny_gpt()
+    model.save_pretrained(tmp_path / "hf")
+    data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "hf")
+    train.main(train_args(corpus, tmp_path, "ft", init_from=tmp_path / "hf", max_iters=2, eval_interval=2))
+    tuned = models.from_pretrained(tmp_path / "ft")
+    assert tuned.config == model.config
+    assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+
+
+# ----------------------------------------------------------------------------- command lines end to end
+
+def test_train_and_sample_command_lines(corpus, tmp_path):
+    out = tmp_path / "run"
+    r = run_cli("train.py", *train_args(corpus, tmp_path, max_iters=30, eval_interval=15, log_interval=10,
+                                        dropout=0.0, sample_tokens=40))
+    assert r.returncode == 0, r.stderr
+    assert "val loss" in r.stdout and "ETA" in r.stdout and "tok/s" in r.stdout and "sample:" in r.stdout
+    r = run_cli("sample.py", "--out_dir", str(out), "--prompt", "ROMEO:", "--max_new_tokens", "20",
+                "--num_samples", "2", "--top_p", "0.9", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("ROMEO:") >= 2
+    (tmp_path / "p.txt").write_text("JULIET:")
+    r = run_cli("sample.py", "--out_dir", str(out), "--prompt", f"@{tmp_path / 'p.txt'}", "--max_new_tokens", "5",
+                "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("JULIET:")
+    # the same greedy continuation as decoding in-process
+    model, tok = sample.load(out)
+    expected = "".join(tok.decode([t.item()]) for t in sample.generate(model, torch.tensor([tok.encode("JULIET:")]),
+                                                                        5, temperature=0))
+    assert r.stdout.rstrip("\n") == "JULIET:" + expected.rstrip("\n")
+    # the run folder is a Hugging Face directory
+    from transformers import GPT2LMHeadModel
+    assert GPT2LMHeadModel.from_pretrained(out).config.n_layer == 2
+
+
+def test_fewshot_prompt_is_built_gpt3_style(tmp_path):
+    records = [{"input": "sea otter", "output": "loutre de mer"}, {"input": "cheese", "output": "fromage"}]
+    prompt = sample.fewshot_prompt(records, "peppermint", "Translate English to French:")
+    assert prompt == ("Translate English to French:\n\nsea otter => loutre de mer\n\n"
+                      "cheese => fromage\n\npeppermint =>")
+    assert sample.fewshot_prompt([], "x") == "x =>"
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"description": "Echo:"}\n' + "\n".join(json.dumps(r) for r in records) + "\n")
+    assert sample.read_fewshot(f) == ("Echo:", records)
+
+
+def test_fewshot_command_line(corpus, tmp_path):
+    corpus.write_text(tiny_text() + "\nlove => LOVE, NIGHT, DAY\n")  # the characters of the prompt
+    train.main(train_args(corpus, tmp_path, max_iters=2, eval_interval=2))
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps({"input": w, "output": w.upper()}) for w in ["love", "night", "day"]))
+    r = run_cli("sample.py", "--out_dir", str(tmp_path / "run"), "--fewshot", str(f), "--shots", "2",
+                "--max_new_tokens", "10", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("love => LOVE\n\nnight => NIGHT\n\nday =>")
+    assert "\n" not in r.stdout[len("love => LOVE\n\nnight => NIGHT\n\nday =>"):].rstrip("\n")
+    r = run_cli("sample.py", "--out_dir", str(tmp_path / "run"), "--fewshot", str(f), "--shots", "3")
+    assert r.returncode == 1 and "needs 4" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max_iters", "ten"], "invalid int value"),
+    (["--model", "nope"], "unknown model"),
+    (["--init_from", "/nonexistent/dir"], "no model directory"),
+    (["--resume", "--out_dir", "/nonexistent/run"], "nothing to resume"),
+    (["--config", "/nonexistent.toml"], "config file not found"),
+])
+def test_train_user_errors(args, message):
+    r = run_cli("train.py", *args)
+    assert r.returncode != 0 and message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_sample_corrupt_checkpoint_is_one_line(tmp_path):
+    tiny_gpt().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    r = run_cli("sample.py", "--out_dir", str(tmp_path))
+    assert r.returncode == 1 and r.stderr.startswith("error: cannot load") and "Traceback" not in r.stderr
+
+
+def test_help_lists_every_flag_with_its_default():
+    r = run_cli("train.py", "--help")
+    for flag in ["--out_dir", "--max_iters", "--batch_size", "--block_size", "--learning_rate", "--n_layer",
+                 "--n_head", "--n_embd", "--dropout", "--eval_interval", "--eval_iters", "--init_from", "--device",
+                 "--dtype", "--compile", "--resume", "--config", "--pos", "--gradient_accumulation_steps"]:
+        assert flag in r.stdout
+    assert r.stdout.count("(default:") >= len(train.TRAIN_FLAGS)
+    assert "--fewshot" in run_cli("sample.py", "--help").stdout
