@@ -39,7 +39,7 @@ TRAIN_FLAGS = [
     ("tokenizer", "char", "char, bpe:N (trained on the corpus), gpt2, cl100k_base or o200k_base"),
     ("init_from", "scratch", "scratch, resume (the run in --out_dir), or a model directory to fine-tune"),
     ("resume", False, "same as --init_from resume"),
-    ("max_iters", 1500, "optimizer steps"),
+    ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence"),
     ("gradient_accumulation_steps", 1, "micro-batches per optimizer step"),
