@@ -5,6 +5,7 @@ explicit float64 math, and exact invariants (KV-cache decoding equals recomputat
 equals the run that never stopped).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # the Triton kernel runs under its interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import data
 import kernels
@@ -74,7 +78,7 @@ def tiny_gpt(pos="learned", bias=True, seed=0, **kw):
 # ----------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("T,S,hq,hkv", [(16, 16, 4, 4), (5, 16, 4, 2), (1, 9, 4, 1), (7, 7, 2, 1)])
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", ["naive", "sdpa", "triton"])
 def test_attention_backends_match_float64(backend, T, S, hq, hkv):
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((hq, T), (hkv, S), (hkv, S)))
@@ -86,6 +90,169 @@ def test_attention_backends_match_float64(backend, T, S, hq, hkv):
     assert (out.double() - ref).abs().max() < 1e-5
     full = kernels.attention(q, k, v, causal=False, backend=backend)
     assert (full.double() - scores.softmax(-1) @ ref_v).abs().max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- FlashAttention (Triton)
+
+from kernels.flash_attention import flash_attention  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# Max error allowed, relative to the largest reference magnitude (see assert_matches).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def reference_attention(q, k, v, causal, scale):
+    """Textbook attention in float64: GQA by repeating kv heads, bottom-right causal mask."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    T, S = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if not causal:
+        return torch.softmax(scores, dim=-1) @ v
+    visible = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+    has_key = visible.any(dim=-1, keepdim=True)  # rows with no visible key (T > S) output 0
+    scores = scores.masked_fill(~visible, float("-inf")).masked_fill(~has_key, 0.0)
+    return (torch.softmax(scores, dim=-1) * has_key) @ v
+
+
+def random_qkv(B, Hq, Hkv, T, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Hq, T, D), (B, Hkv, S, D), (B, Hkv, S, D), (B, Hq, T, D)]
+    q, k, v, do = (torch.randn(s, generator=g).to(dtype=dtype, device=DEVICE) for s in shapes)
+    return q, k, v, do
+
+
+def flash_out_and_grads(q, k, v, do, causal, scale=None):
+    q, k, v = (x.detach().requires_grad_() for x in (q, k, v))
+    out = flash_attention(q, k, v, causal=causal, scale=scale)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def reference_out_and_grads(q, k, v, do, causal, scale=None):
+    """Reference on the very same (already rounded) inputs, computed in float64 on the CPU."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    out = reference_attention(q, k, v, causal, scale)
+    out.backward(do.cpu().double())
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def assert_matches(got, want, dtype):
+    for name, x, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert x.dtype == dtype and x.shape == ref.shape, name
+        tol = TOL[dtype] * max(1.0, ref.abs().max().item())
+        torch.testing.assert_close(x.cpu().double(), ref, rtol=TOL[dtype], atol=tol, msg=name)
+
+
+# A covering set rather than the full product: every value of every axis appears at least once
+# (causal / not, T == S / T < S, T in {1, 17, 100, 130}, D in {16, 64, 80, 128},
+# (Hq, Hkv) in {(4, 4), (4, 2), (4, 1)}, fp32 / fp16 / bf16), plus D = 96 and 256.
+CASES = [
+    # B, Hq, Hkv,   T,   S,   D, causal, dtype
+    (2, 4, 4, 17, 17, 64, True, torch.float32),
+    (1, 4, 2, 100, 100, 80, True, torch.float32),
+    (1, 4, 1, 1, 130, 128, True, torch.float32),  # one decode step against a KV cache
+    (2, 4, 2, 17, 50, 16, False, torch.float32),
+    (1, 4, 4, 130, 130, 16, False, torch.float32),
+    (1, 4, 1, 100, 130, 64, True, torch.float16),  # chunked prefill against a KV cache
+    (2, 4, 2, 17, 17, 128, False, torch.float16),
+    (1, 4, 2, 20, 33, 96, True, torch.float16),
+    (1, 4, 4, 130, 130, 80, True, torch.bfloat16),
+    (2, 4, 1, 1, 40, 64, False, torch.bfloat16),
+    (1, 4, 2, 20, 20, 256, True, torch.float32),
+]
+
+
+def case_id(case):
+    B, Hq, Hkv, T, S, D, causal, dtype = case
+    return f"B{B}-H{Hq}/{Hkv}-T{T}-S{S}-D{D}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_float64_reference(case):
+    B, Hq, Hkv, T, S, D, causal, dtype = case
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype)
+    got = flash_out_and_grads(q, k, v, do, causal)
+    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
+
+
+def nan_padded_view(shape, values, transpose_heads):
+    """`values` written into a slice of a larger NaN-filled buffer; the slice is returned.
+    With transpose_heads the buffer is (B, T, H, D) and the view its (B, H, T, D) transpose,
+    the layout a model gets from splitting heads of a (B, T, C) activation."""
+    B, H, T, D = shape
+    if transpose_heads:
+        buf = torch.full((B, T + 5, H, D + 7), float("nan"), dtype=values.dtype, device=DEVICE)
+        view = buf[:, 2:T + 2, :, 3:D + 3].transpose(1, 2)
+    else:
+        buf = torch.full((B, H, T + 5, D + 7), float("nan"), dtype=values.dtype, device=DEVICE)
+        view = buf[:, :, 2:T + 2, 3:D + 3]
+    view.copy_(values)
+    assert not view.is_contiguous()
+    return view
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_views_into_nan_buffers(dtype):
+    B, Hq, Hkv, T, S, D, causal = 2, 4, 2, 37, 45, 80, True
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype, seed=1)
+    views = [nan_padded_view(x.shape, x, transpose_heads=i % 2 == 0) for i, x in enumerate((q, k, v, do))]
+    got = flash_out_and_grads(*views, causal)
+    for x in got:
+        assert torch.isfinite(x).all()
+    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
+
+
+def test_more_queries_than_keys_causal():
+    """T > S, bottom-right causal: the first T - S queries see no key at all."""
+    B, Hq, Hkv, T, S, D, scale = 1, 4, 2, 40, 20, 32, 0.3
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, torch.float32, seed=2)
+    got = flash_out_and_grads(q, k, v, do, causal=True, scale=scale)
+    out, dq = got[0], got[1]
+    assert torch.isfinite(torch.cat([x.flatten() for x in got])).all()
+    assert (out[:, :, :T - S] == 0).all() and (dq[:, :, :T - S] == 0).all()
+    assert_matches(got, reference_out_and_grads(q, k, v, do, True, scale), torch.float32)
+
+
+def test_deterministic():
+    q, k, v, do = random_qkv(1, 4, 1, 50, 50, 64, torch.float16, seed=3)
+    first = flash_out_and_grads(q, k, v, do, causal=True)
+    second = flash_out_and_grads(q, k, v, do, causal=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_whole_gpt_same_loss_and_gradients_with_triton_attention():
+    model = tiny_gpt(pos="rope")
+    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
+    results = {}
+    for backend in ("naive", "triton"):
+        kernels.set_backend(backend)
+        try:
+            model.zero_grad()
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
+        finally:
+            kernels.set_backend("auto")
+    assert abs(results["naive"][0] - results["triton"][0]) < 1e-5
+    for a, b in zip(results["naive"][1], results["triton"][1]):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_cached_decoding_with_triton_attention_equals_naive():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
+    outs = {}
+    for backend in ("naive", "triton"):
+        kernels.set_backend(backend)
+        try:
+            outs[backend] = torch.stack(list(sample.generate(model, prompt, 6, temperature=0)), dim=1)
+        finally:
+            kernels.set_backend("auto")
+    assert torch.equal(outs["naive"], outs["triton"])
 
 
 def test_unknown_attention_backend_is_an_error():

@@ -233,7 +233,7 @@ def train(a, module):
     tokens_per_step = a["batch_size"] * a["block_size"] * a["gradient_accumulation_steps"]
     print(f"model {a['model']}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{dataset.manifest['n_train']:,} train / {dataset.manifest['n_val']:,} val tokens; "
-          f"{device}, {str(dtype).removeprefix('torch.')}, attention {kernels.get_backend()}; "
+          f"{device}, {str(dtype).removeprefix('torch.')}, attention {kernels.get_backend(device)}; "
           f"{tokens_per_step:,} tokens per step, steps {step}..{a['max_iters']}", flush=True)
 
     t0, first_step, losses = time.time(), step, {}

@@ -7,17 +7,29 @@ j <= i + S - T. With T == S that is the usual lower triangle; with a KV cache (T
 after S - T cached positions) each new query sees everything before it.
 
 Backends (pick one with `set_backend`, or per call):
-  naive  the explicit-softmax reference: materialises the T x S score matrix
-  sdpa   torch.nn.functional.scaled_dot_product_attention (fused kernels where torch has them)
-  auto   sdpa (the default)
+  naive   the explicit-softmax reference: materialises the T x S score matrix
+  sdpa    torch.nn.functional.scaled_dot_product_attention (fused kernels where torch has them)
+  triton  our FlashAttention-2 kernel (kernels/flash_attention.py): CUDA, or the CPU under
+          the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)
+  auto    triton on CUDA, sdpa elsewhere (the default)
 """
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("naive", "sdpa")
+BACKENDS = ("naive", "sdpa", "triton")
 _backend = "auto"
+
+
+def triton_usable():
+    """Triton runs on a CUDA GPU, or on the CPU under its interpreter."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_backend(name):
@@ -25,11 +37,17 @@ def set_backend(name):
     global _backend
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS + ('auto',))}")
+    if name == "triton" and not triton_usable():
+        raise ValueError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU, for tests)")
     _backend = name
 
 
-def get_backend():
-    return "sdpa" if _backend == "auto" else _backend
+def get_backend(device=None):
+    """The backend in use; `auto` resolves by device (default: the first CUDA device if any)."""
+    if _backend != "auto":
+        return _backend
+    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
+    return "triton" if on_cuda and triton_usable() else "sdpa"
 
 
 def causal_mask(T, S, device):
@@ -56,8 +74,13 @@ def sdpa_attention(q, k, v, causal=True):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
-_IMPLEMENTATIONS = {"naive": naive_attention, "sdpa": sdpa_attention}
+def triton_attention(q, k, v, causal=True):
+    from kernels.flash_attention import flash_attention  # imports triton: only when used
+    return flash_attention(q, k, v, causal=causal)
+
+
+_IMPLEMENTATIONS = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
 
 
 def attention(q, k, v, causal=True, backend=None):
-    return _IMPLEMENTATIONS[backend or get_backend()](q, k, v, causal)
+    return _IMPLEMENTATIONS[backend or get_backend(q.device)](q, k, v, causal)
