@@ -255,6 +255,31 @@ def test_cached_decoding_with_triton_attention_equals_naive():
     assert torch.equal(outs["naive"], outs["triton"])
 
 
+def test_bench_attention_runs_end_to_end(tmp_path):
+    import bench
+    rows = bench.bench_attention(bench.parser().parse_args(
+        ["attention", "--seq_lens", "16,40", "--backends", "naive,sdpa,triton", "--reps", "1", "--head_dim", "16",
+         "--n_head", "4", "--gqa_group", "2", "--plot", ""]))
+    assert len(rows) == 18 and all(row["fwdbwd_ms"] > 0 for row in rows)  # triton under the interpreter
+    r = run_cli("bench.py", "attention", "--seq_lens", "64,128", "--reps", "1", "--plot", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    for column in ("case", "heads", "backend", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
+                   "fwd+bwd TFLOP/s", "fwd+bwd MiB"):
+        assert column in r.stdout
+    assert r.stdout.count("naive") == 6 and r.stdout.count("sdpa") == 6
+    r = run_cli("bench.py", "attention", "--seq_lens", "256", "--reps", "1", "--json", "--plot", "")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 6 and all(row["fwdbwd_ms"] > 0 and row["fwd_tflops"] > 0 for row in rows)
+    naive = [row for row in rows if row["backend"] == "naive" and row["case"] == "full"][0]
+    assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
+
+
+def test_attention_flop_count():
+    import bench
+    assert bench.attention_flops(1, 1, 4, 4, 8, causal=False, backward=False) == 2 * (2 * 4 * 4 * 8)
+    assert bench.attention_flops(2, 3, 4, 4, 8, causal=True, backward=True) == 2 * 3 * 4 * 4 * 4 * 8 * 0.5 * 3.5
+
+
 def test_unknown_attention_backend_is_an_error():
     with pytest.raises(ValueError, match="unknown attention backend"):
         kernels.set_backend("fast")

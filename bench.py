@@ -1,0 +1,225 @@
+"""Measurements. Every figure in the README comes from here, with the command that produced it.
+
+  python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
+  python bench.py attention --json          # the same, one JSON object per measurement
+
+Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
+on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
+/proc/self/clear_refs, minus the resident size at the reset.
+"""
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import kernels
+from sample import resolve_device, resolve_dtype
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _proc_status_kib(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def _release_freed_memory_to_the_os():
+    """Ask glibc to serve big blocks from mmap and to give freed memory back, so that the
+    resident high-water mark of one measurement is not hidden by memory freed by the last."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, no longer grows after frees
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def measure(fn, device, reps=3):
+    """(median seconds per call, peak bytes allocated during one call beyond what was live)."""
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fn()  # warm-up (and autotuning, compilation)
+    sync()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        _release_freed_memory_to_the_os()
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+        base = _proc_status_kib("VmRSS") * 1024
+    fn()
+    sync()
+    peak = (torch.cuda.max_memory_allocated() if cuda else _proc_status_kib("VmHWM") * 1024) - base
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), max(peak, 0)
+
+
+def print_table(rows, columns):
+    """rows: dicts; columns: (key, header, format) triples."""
+    cells = [[h for _, h, _ in columns]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
+                                             for k, _, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _sdpa_flash(q, k, v, causal):
+    """torch's SDPA restricted to its FlashAttention backend (CUDA)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return kernels.sdpa_attention(q, k, v, causal)
+
+
+ATTENTION = {"naive": kernels.naive_attention, "sdpa": kernels.sdpa_attention,
+             "sdpa_flash": _sdpa_flash, "triton": kernels.triton_attention}
+
+
+def attention_flops(B, Hq, T, S, D, causal, backward):
+    """Matrix-product FLOPs: q k^T and p v are 2*T*S*D each per head (half under a causal mask);
+    the backward is 2.5x the forward (five products instead of two), FlashAttention-2's convention."""
+    fwd = 4 * B * Hq * T * S * D * (0.5 if causal else 1.0)
+    return fwd * (3.5 if backward else 1.0)
+
+
+def bench_attention(args):
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    cuda = device.startswith("cuda")
+    backends = args.backends.split(",") if args.backends else (
+        ["naive", "sdpa", "sdpa_flash", "triton"] if cuda else ["naive", "sdpa"])
+    for b in backends:
+        if b not in ATTENTION:
+            raise data.UserError(f"unknown backend {b!r}; choose from {', '.join(ATTENTION)}")
+    if "triton" in backends and not kernels.triton_usable():
+        raise data.UserError("the triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+    seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
+        [1024, 2048, 4096, 8192, 16384] if cuda else [128, 256, 512, 1024, 2048, 4096])
+    H, D = args.n_head, args.head_dim
+    cases = [("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
+    rows = []
+    for case, causal, Hkv in cases:
+        for T in seq_lens:
+            for backend in backends:
+                row = {"case": case, "T": T, "backend": backend, "heads": f"{H}/{Hkv}"}
+                scores_bytes = args.batch * H * T * T * 4
+                if backend == "naive" and scores_bytes * 3 > args.max_naive_gb * 2 ** 30:
+                    rows.append({**row, "note": "too big"})
+                    continue
+                g = torch.Generator(device=device).manual_seed(0)
+                q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
+                k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
+                fn = ATTENTION[backend]
+                for phase, backward in (("fwd", False), ("fwdbwd", True)):
+                    qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
+
+                    def step():
+                        with torch.set_grad_enabled(backward):
+                            out = fn(qq, kk, vv, causal)
+                            if backward:
+                                out.backward(torch.ones_like(out))
+                                qq.grad = kk.grad = vv.grad = None
+                    try:
+                        seconds, peak = measure(step, device, args.reps)
+                    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:  # unsupported or out of memory
+                        row["note"] = f"{phase}: {str(e).splitlines()[0][:60]}"
+                        continue
+                    row[f"{phase}_ms"] = seconds * 1e3
+                    row[f"{phase}_tflops"] = attention_flops(args.batch, H, T, T, D, causal, backward) / seconds / 1e12
+                    row[f"{phase}_mib"] = peak / 2 ** 20
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(row), flush=True)
+    if not args.json:
+        print(f"attention on {device} ({torch.cuda.get_device_name() if cuda else 'CPU'}), {str(dtype)[6:]}, "
+              f"batch {args.batch}, {H} query heads, head_dim {D}; median of {args.reps}; "
+              "memory = peak beyond the inputs")
+        print_table(rows, [("case", "case", "{}"), ("heads", "heads", "{}"), ("T", "T", "{}"),
+                           ("backend", "backend", "{}"),
+                           ("fwd_ms", "fwd ms", "{:.2f}"), ("fwd_tflops", "fwd TFLOP/s", "{:.3f}"),
+                           ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
+                           ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
+                           ("note", "note", "{}")])
+    if args.plot:
+        plot_attention(rows, args.plot)
+    return rows
+
+
+def plot_attention(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["case"] == "causal" and "fwdbwd_ms" in r]
+        for ax, key in zip(axes, ("fwdbwd_ms", "fwdbwd_mib")):
+            ax.plot([r["T"] for r in mine], [r[key] for r in mine], marker="o", label=backend)
+    seq_lens = sorted({r["T"] for r in rows})
+    for ax, label in zip(axes, ("forward + backward time (ms)", "peak memory beyond inputs (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(seq_lens, [str(t) for t in seq_lens], minor=False)
+        ax.minorticks_off()
+        ax.set(xlabel="sequence length T", ylabel=label, title=f"causal attention: {label}")
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def parser():
+    p = argparse.ArgumentParser(description="Measure speed and memory.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
+    a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
+                   "naive,sdpa,sdpa_flash,triton on CUDA")
+    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA")
+    a.add_argument("--batch", type=int, default=1, help="batch size")
+    a.add_argument("--n_head", type=int, default=8, help="query heads")
+    a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
+    a.add_argument("--head_dim", type=int, default=64, help="head dimension")
+    a.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
+    a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
+                   "would exceed this")
+    a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
+    a.add_argument("--json", action="store_true", help="one JSON object per measurement instead of a table")
+    a.set_defaults(run=bench_attention)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    args.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    data.run_cli(main)
