@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -549,6 +550,230 @@ def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert {"missing": "not found", "empty": "empty", "not_utf8": "not UTF-8", "too_short": "too short",
             "empty_folder": "no .txt files", "bad_bpe": "bpe:N"}[problem] in lines[0]
+
+
+# ----------------------------------------------------------------------------- Hugging Face tokenizer.json
+
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import models as tk_models  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# the Split regexes Llama 3 and Qwen2 ship (Qwen2 splits digits one by one)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+TRAIN_TEXT = """\
+First Citizen: Before we proceed any further, hear me speak. You're all resolved rather to die
+than to famish? We'll see; they'd say it's true, I'm sure, and you've heard it.
+Café, naïve, résumé, Zoë, piñata, Ærøskøbing, straße; Καλημέρα κόσμε; Привет, мир; 日本語のテキスト。
+def train(model, steps=1000, lr=3e-4):
+    for step in range(steps):  # 4 spaces, then a comment
+        loss = model(x, y)\t\t# tabs
+        if step % 100 == 0:
+            print(f"step {step}: loss {loss:.4f}")
+\tindented with a tab\r\nwindows line\r\n
+Numbers: 0 1 12 123 1234 12345 3.14159 2,718 1e-9 0xFF 2024-06-01 +49 (555) 010-9999.
+Emoji 😀🎉👍🏽 and symbols: → ≠ ∑ € £ ¥ © ® ™ … “quotes” ‘single’ «guillemets».
+"""
+TEXTS = [
+    "Hello world! It's a test; we'll see what they'd say, you're right, I'm sure, DON'T, Can't.",
+    "unseen: Wörter mit Ümlauten, ça alors, ñandú, ΑΒΓ, 中文也可以, 한국어 텍스트, עברית",
+    "emoji 😀😀 👩‍👩‍👧‍👦 🇫🇷 👍🏽 and a combining accent e\u0301 (decomposed) vs é, A\u030a vs Å",
+    "runs   of    spaces     \n\n\n newlines \r\n\r\n and\ttabs\t\t\tand trailing spaces   ",
+    "   leading spaces, then\n    code:\n\tdef f(x):\n\t\treturn x**2 + 1_000_000  # 1234567890",
+    "digits 0 00 000 0000 12345678901234567890 3.14 -42 1e10 0b1010",
+    "specials inline: <|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\nok<|endoftext|>",
+    "specials back to back <|endoftext|><|endoftext|> and a broken one <|endoftext| here",
+    "punctuation!!! ??? ... --- ''' \"\"\" ((())) [[]] {{}} <<>> @@## $$%% ^^&& **",
+    "\x00\x01\x7f control bytes and \u00ad soft hyphen, \ufeff BOM, \u200b zero width",
+    "",
+    " ",
+    "\n",
+    TRAIN_TEXT,
+]
+
+
+def train_hf(pre_tokenizer, normalizer=None, added=(), vocab_size=400):
+    """A byte-level BPE trained here with the tokenizers library, as Hugging Face ships them."""
+    tok = Tokenizer(tk_models.BPE())
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TRAIN_TEXT] * 3, trainer)
+    tok.add_tokens(list(added))
+    return tok
+
+
+def byte_level(use_regex):
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=use_regex)
+
+
+def split_then_byte_level(pattern):
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level(False)])
+
+
+KINDS = {
+    "gpt2": lambda: train_hf(byte_level(True)),
+    # Phi-2 (CodeGen) adds runs of spaces and tabs: overlapping added tokens, matched longest-first
+    "phi2": lambda: train_hf(byte_level(True), added=[" " * n for n in range(2, 9)] + ["\t\t", "\t\t\t\t"]),
+    "llama3": lambda: train_hf(split_then_byte_level(LLAMA3_SPLIT)),
+    "qwen2": lambda: train_hf(split_then_byte_level(QWEN2_SPLIT), normalizer=normalizers.NFC()),
+    # a Split regex that leaves text between its matches (kept as pieces by Hugging Face)
+    "gaps": lambda: train_hf(split_then_byte_level(r"\p{L}+")),
+}
+
+
+def write_tokenizer(tmp_path, spec, name="tok"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_like():
+    """(tokenizer.json as a dict, the tokenizers reference) of a GPT-2 style byte-level BPE."""
+    ref = KINDS["gpt2"]()
+    return json.loads(ref.to_str()), ref
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_tokenizer_gives_the_ids_of_tokenizers(kind, tmp_path):
+    ref = KINDS[kind]()
+    ref.save(str(tmp_path / "tokenizer.json"))
+    tok = data.hf_tokenizer(tmp_path)
+    assert isinstance(tok, data.TiktokenTokenizer) and tok.spec == "hf:tokenizer.json"
+    assert tok.vocab_size == ref.get_vocab_size()
+    for text in TEXTS:
+        ids = tok.encode(text)
+        assert ids == ref.encode(text, add_special_tokens=False).ids, text
+        expected = unicodedata.normalize("NFC", text) if kind == "qwen2" else text
+        assert tok.decode(ids) == expected
+        assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False)
+    assert len(tok.encode(TRAIN_TEXT)) < 0.7 * len(TRAIN_TEXT.encode())  # the merges are used
+    # special tokens keep their ids, through our encode and tiktoken's own
+    for special in SPECIALS:
+        assert tok.encode(special) == [ref.token_to_id(special)]
+        assert tok.enc.encode(special, allowed_special="all") == [ref.token_to_id(special)]
+
+
+def test_hf_merges_as_strings_and_lists_agree(gpt2_like, tmp_path):
+    spec, ref = gpt2_like
+    assert all(isinstance(m, list) for m in spec["model"]["merges"])
+    as_strings = {**spec, "model": {**spec["model"], "merges": [" ".join(m) for m in spec["model"]["merges"]]}}
+    for folder in (write_tokenizer(tmp_path, spec, "lists"), write_tokenizer(tmp_path, as_strings, "strings")):
+        tok = data.hf_tokenizer(folder)
+        assert tok.encode(TRAIN_TEXT) == ref.encode(TRAIN_TEXT).ids
+
+
+def test_hf_ids_out_of_merge_order_are_refused(gpt2_like, tmp_path):
+    """tiktoken returns ranks as ids and merges the lowest rank first, so a vocabulary whose ids
+    run against its merge order cannot be reproduced: refused with the reason, not approximated."""
+    spec, _ = gpt2_like
+    vocab, merges = dict(spec["model"]["vocab"]), spec["model"]["merges"]
+    first, last = "".join(merges[0]), "".join(merges[-1])
+    vocab[first], vocab[last] = vocab[last], vocab[first]
+    folder = write_tokenizer(tmp_path, {**spec, "model": {**spec["model"], "vocab": vocab}})
+    with pytest.raises(ValueError, match="do not follow the merge order"):
+        data.hf_tokenizer(folder)
+
+
+def edit_spec(spec, **changes):
+    """A copy of spec with nested keys changed: edit_spec(spec, model__type="WordPiece")."""
+    spec = json.loads(json.dumps(spec))
+    for key, value in changes.items():
+        *path, leaf = key.split("__")
+        node = spec
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[leaf] = value
+    return spec
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(pre_tokenizer__add_prefix_space=True), "add_prefix_space=true"),
+    (dict(pre_tokenizer={"type": "Whitespace"}), "does not end in ByteLevel"),
+    (dict(pre_tokenizer=None), "does not end in ByteLevel"),
+    (dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}), "pre-tokenizer .* is not supported"),
+    (dict(pre_tokenizer={"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]}), "splits twice"),
+    (dict(normalizer={"type": "Lowercase"}), "normalizer Lowercase is not supported"),
+    (dict(added_tokens__0__lstrip=True), "added token '<|endoftext|>' has lstrip"),
+    (dict(model__dropout=0.1), "dropout"),
+    (dict(model__merges=[["h", "e", "x"]]), "merge 0 .* is not a pair"),
+    (dict(model__merges=[["h", "zz"]]), "merge 0 .* is not a pair"),
+    (dict(model__vocab={"a": 0, "b": 1}), "lacks some of the 256 byte tokens"),
+    (dict(model__vocab__extra=9999), "come from no merge"),
+    (dict(model__vocab__Ġ=3), "ids are not unique"),
+    (dict(model__type="WordPiece"), "model type WordPiece is not supported"),
+    (dict(model={"vocab": {}}), "model type None is not supported"),
+    (dict(added_tokens=None), "not a valid tokenizer.json"),
+])
+def test_hf_unsupported_or_malformed_raise_one_clear_error(gpt2_like, tmp_path, change, message):
+    folder = write_tokenizer(tmp_path, edit_spec(gpt2_like[0], **change))
+    with pytest.raises(ValueError, match=message) as err:
+        data.hf_tokenizer(folder)
+    assert str(err.value).startswith(str(folder / "tokenizer.json") + ": ") and "\n" not in str(err.value)
+
+
+def test_hf_non_byte_level_tokenizers_are_refused(tmp_path):
+    """WordPiece (BERT) and Unigram (SentencePiece) tokenizer.json files made with tokenizers."""
+    wordpiece = Tokenizer(tk_models.WordPiece(unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.train_from_iterator([TRAIN_TEXT], trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[UNK]"],
+                                                                          show_progress=False))
+    unigram = Tokenizer(tk_models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Metaspace()
+    unigram.train_from_iterator([TRAIN_TEXT], trainers.UnigramTrainer(vocab_size=300, show_progress=False))
+    for name, ref in (("wordpiece", wordpiece), ("unigram", unigram)):
+        (tmp_path / name).mkdir()
+        ref.save(str(tmp_path / name / "tokenizer.json"))
+        with pytest.raises(ValueError, match="is not supported, only byte-level BPE"):
+            data.tokenizer_for_model(tmp_path / name, 1000)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        data.tokenizer_for_model(tmp_path / "bad", 1000)
+
+
+def test_tokenizer_for_model_reads_tokenizer_json_and_saves_it(gpt2_like, tmp_path):
+    spec, ref = gpt2_like
+    hf_dir = write_tokenizer(tmp_path, spec, "hf")  # a Hugging Face checkpoint: config.json + tokenizer.json
+    (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 512}))
+    vocab_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    tok = data.tokenizer_for_model(hf_dir, vocab_size)
+    assert tok.spec == "hf:tokenizer.json" and tok.encode(TRAIN_TEXT) == ref.encode(TRAIN_TEXT).ids
+    with pytest.raises(data.UserError, match="the model only 300"):
+        data.tokenizer_for_model(hf_dir, 300)
+    # saved beside a trained model: tokenizer_omnitron.json records it, tokenizer.json travels along
+    out = tmp_path / "out"
+    out.mkdir()
+    tok.save(out)
+    assert json.loads((out / "tokenizer_omnitron.json").read_text())["ranks_file"] == "tokenizer.json"
+    again = data.tokenizer_for_model(out, vocab_size)
+    assert again.spec == tok.spec and again.encode(TRAIN_TEXT) == tok.encode(TRAIN_TEXT)
+    assert again.key() == tok.key() and again.key().startswith("hf-tokenizer.json-")
+    again.save(out)  # resuming saves into the directory it loaded from
+    assert data.load_tokenizer(out).encode(TEXTS[6]) == ref.encode(TEXTS[6]).ids
+    # a corpus tokenized with it decodes back
+    (tmp_path / "c.txt").write_text(TRAIN_TEXT)
+    ds = data.prepare(tmp_path / "c.txt", again, tmp_path / "d", quiet=True)
+    both = ds.tokens("train").tolist() + ds.tokens("val").tolist()
+    assert both == ref.encode(TRAIN_TEXT.strip("\n")).ids and ds.tokenizer.decode(both) == TRAIN_TEXT.strip("\n")
+
+
+def test_a_tokenizer_saves_into_the_directory_it_was_loaded_from(tmp_path):
+    """Resuming a run loads the tokenizer from out_dir and saves it there again."""
+    data.write_tiktoken_file(data.train_bpe(TRAIN_TEXT, 300), tmp_path / "tokenizer.tiktoken")
+    data.bpe_tokenizer(tmp_path / "tokenizer.tiktoken", "bpe:300").save(tmp_path)
+    before = data.load_tokenizer(tmp_path)
+    before.save(tmp_path)
+    assert data.load_tokenizer(tmp_path).encode(TRAIN_TEXT) == before.encode(TRAIN_TEXT)
 
 
 # ----------------------------------------------------------------------------- training
