@@ -2,6 +2,7 @@
 
   python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
   python bench.py attention --json          # the same, one JSON object per measurement
+  python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
@@ -19,7 +20,9 @@ import torch
 
 import data
 import kernels
-from sample import resolve_device, resolve_dtype
+import models
+import train
+from sample import autocast, generate, resolve_device, resolve_dtype
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -189,9 +192,79 @@ def plot_attention(rows, path):
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------- models and decoding
+
+def build_model(args, device, **overrides):
+    """A randomly initialised model of models/<args.model>.py from the model flags in args."""
+    module = models.get(args.model)
+    fields = {f[0] for f in train.model_flags(module)}
+    config = module.Config(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides},
+                           vocab_size=args.vocab_size, block_size=args.block_size)
+    torch.manual_seed(0)
+    return module.Model(config).to(device).eval()
+
+
+def cache_bytes(cache):
+    """Bytes held by a KV cache (every tensor it keeps)."""
+    return sum(t.nbytes for v in vars(cache).values() if isinstance(v, list) for t in v if torch.is_tensor(t))
+
+
+def decode_tokens_per_s(model, batch, prompt_len, new_tokens, use_cache, device, dtype=torch.float32):
+    """Greedy decoding throughput (new tokens per second, all rows together) after a prompt."""
+    idx = torch.randint(model.config.vocab_size, (batch, prompt_len), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+
+    def run():
+        with autocast(device, dtype):
+            for _ in generate(model, idx, new_tokens, temperature=0, use_cache=use_cache):
+                pass
+    seconds, _ = measure(run, device, reps=1)
+    return batch * new_tokens / seconds
+
+
+def bench_kvcache(args):
+    """The same model with n_head (MHA), fewer (GQA) and one (MQA) key/value heads."""
+    device = resolve_device(args.device)
+    kv_heads = [int(k) for k in args.kv_heads.split(",")] if args.kv_heads else \
+        sorted({args.n_head, max(1, args.n_head // 4), 1}, reverse=True)
+    rows = []
+    for k in kv_heads:
+        model = build_model(args, device, n_kv_head=k)
+        cache = model.init_cache(args.batch, args.block_size)
+        name = "MHA" if k == args.n_head else "MQA" if k == 1 else f"GQA-{k}"
+        rows.append({"attention": name, "kv_heads": k, "params_M": model.num_params() / 1e6,
+                     "cache_mib": cache_bytes(cache) / 2 ** 20,
+                     "tok_s": decode_tokens_per_s(model, args.batch, args.prompt_len, args.new_tokens, True, device)})
+        del cache
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
+    if not args.json:
+        print(f"{args.model} on {device}: {args.n_layer} layers, width {args.n_embd}, {args.n_head} query heads; "
+              f"KV cache for batch {args.batch} x {args.block_size} positions (fp32); greedy decoding of "
+              f"{args.new_tokens} tokens after {args.prompt_len}")
+        print_table(rows, [("attention", "attention", "{}"), ("kv_heads", "kv heads", "{}"),
+                           ("params_M", "params (M)", "{:.2f}"), ("cache_mib", "KV cache MiB", "{:.1f}"),
+                           ("tok_s", "decode tok/s", "{:.1f}")])
+    return rows
+
+
+def add_model_flags(p, model_name):
+    """--model and the model file's Config fields, as train.py has them."""
+    p.add_argument("--model", default=model_name, help="the model file models/NAME.py")
+    p.add_argument("--vocab_size", type=int, default=256, help="vocabulary size of the random model")
+    p.add_argument("--block_size", type=int, default=1024, help="positions (KV-cache length)")
+    for name, default, help_text in train.model_flags(models.get(model_name)):
+        kind = data.str2bool if isinstance(default, bool) else type(default)
+        p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
+
+
 # ----------------------------------------------------------------------------- command line
 
-def parser():
+def parser(argv=()):
+    """The command line; the model flags are those of the file named by --model in argv."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default="llama" if "llama" in models.available() else "gpt")
+    model_name = pre.parse_known_args(argv)[0].model
     p = argparse.ArgumentParser(description="Measure speed and memory.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -212,11 +285,24 @@ def parser():
     a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
     a.add_argument("--json", action="store_true", help="one JSON object per measurement instead of a table")
     a.set_defaults(run=bench_attention)
+
+    kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(kv, model_name)
+    kv.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
+                    "n_head/4, 1")
+    kv.add_argument("--batch", type=int, default=1, help="batch size")
+    kv.add_argument("--prompt_len", type=int, default=64, help="prompt tokens")
+    kv.add_argument("--new_tokens", type=int, default=256, help="generated tokens")
+    kv.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    kv.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    kv.set_defaults(run=bench_kvcache)
     return p
 
 
 def main(argv=None):
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(argv).parse_args(argv)
     args.run(args)
     return 0
 

@@ -42,19 +42,24 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
     """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T).
     The prompt is run once to fill the KV cache, then each step feeds one token. When the cache
-    reaches block_size, it is refilled from the last half block of the sequence."""
+    reaches block_size, it is refilled from the last half block of the sequence. Without the
+    cache (use_cache=False, for comparison) every step recomputes the last block_size tokens."""
     block = model.config.block_size
     seq = idx[:, -block:]
-    cache = model.init_cache(idx.shape[0], block)
+    cache_len = min(block, seq.shape[1] + max_new_tokens)  # real checkpoints have block_size up to 128k
+    cache = model.init_cache(idx.shape[0], cache_len) if use_cache else None
     logits, _ = model(seq, cache=cache)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
         yield nxt
         seq = torch.cat((seq, nxt[:, None]), dim=1)
-        if cache.pos == block:
+        if not use_cache:
+            seq = seq[:, -block:]
+            logits, _ = model(seq)
+        elif cache.pos == cache_len:  # only when cache_len == block
             seq = seq[:, -(block // 2):]
             cache = model.init_cache(idx.shape[0], block)
             logits, _ = model(seq, cache=cache)

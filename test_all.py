@@ -4,6 +4,7 @@ References are independent of our code: Hugging Face transformers for checkpoint
 explicit float64 math, and exact invariants (KV-cache decoding equals recomputation, a resumed run
 equals the run that never stopped).
 """
+import dataclasses
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import kernels
 import models
 import sample
 import train
-from models import gpt
+from models import gpt, llama, phi, qwen
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -225,35 +226,33 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def test_whole_gpt_same_loss_and_gradients_with_triton_attention():
-    model = tiny_gpt(pos="rope")
-    idx = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(4))
-    results = {}
-    for backend in ("naive", "triton"):
-        kernels.set_backend(backend)
-        try:
-            model.zero_grad()
-            _, loss = model(idx[:, :-1], idx[:, 1:])
-            loss.backward()
-            results[backend] = (loss.item(), [p.grad.clone() for p in model.parameters()])
-        finally:
-            kernels.set_backend("auto")
-    assert abs(results["naive"][0] - results["triton"][0]) < 1e-5
-    for a, b in zip(results["naive"][1], results["triton"][1]):
-        assert (a - b).abs().max() < 1e-5
+def loss_grads_and_greedy(model, backend, idx):
+    """A training step's loss and gradients, and 6 greedy cached-decoding tokens, with one backend."""
+    kernels.set_backend(backend)
+    try:
+        model.train().zero_grad()
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        greedy = torch.stack(list(sample.generate(model.eval(), idx[:1, :9], 6, temperature=0)), dim=1)
+        return loss.item(), [p.grad.clone() for p in model.parameters()], greedy
+    finally:
+        kernels.set_backend("auto")
 
 
-def test_cached_decoding_with_triton_attention_equals_naive():
-    model = tiny_gpt()
-    prompt = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(5))
-    outs = {}
-    for backend in ("naive", "triton"):
-        kernels.set_backend(backend)
-        try:
-            outs[backend] = torch.stack(list(sample.generate(model, prompt, 6, temperature=0)), dim=1)
-        finally:
-            kernels.set_backend("auto")
-    assert torch.equal(outs["naive"], outs["triton"])
+@pytest.mark.parametrize("family", ["gpt", "gqa_llama"])
+def test_whole_model_same_loss_gradients_and_decoding_with_triton_attention(family):
+    if family == "gpt":
+        model = tiny_gpt(pos="rope")
+    else:
+        torch.manual_seed(0)
+        model = randomize(llama.Model(llama.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
+                                                   n_embd=32, intermediate_size=64)), std=0.1)
+    idx = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(4))
+    naive_loss, naive_grads, naive_greedy = loss_grads_and_greedy(model, "naive", idx)
+    loss, grads, greedy = loss_grads_and_greedy(model, "triton", idx)
+    assert abs(naive_loss - loss) < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(naive_grads, grads))
+    assert torch.equal(naive_greedy, greedy)
 
 
 def test_bench_attention_runs_end_to_end(tmp_path):
@@ -419,6 +418,8 @@ def test_kv_cache_decoding_equals_recomputation(pos):
         for _ in range(25):  # no cache: the whole sequence every step
             seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
         assert torch.equal(cached, seq[:, 7:])
+        uncached = torch.stack(list(sample.generate(model, prompt, 25, temperature=0, use_cache=False)), dim=1)
+        assert torch.equal(uncached, cached)
         # logits of cached decoding, token by token, equal a single full forward
         full, _ = model(seq)
         cache = model.init_cache(2, 64)
@@ -444,6 +445,332 @@ def test_sampling_filters():
     # nucleus 0.9: softmax is [.032, .644, .087, .237]; the top three reach 0.968
     top_p = {sample.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
     assert top_p == {1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- Llama, Qwen2/3, Phi-2 and Hugging Face
+
+V = 100  # vocabulary of every tiny model
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "phi": ("PhiConfig", "PhiForCausalLM")}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def hf_model(family, seed=0, **overrides):
+    """A tiny transformers model of this family (hidden 32, 2 layers, 4 heads, 2 kv heads; qwen3
+    head_dim 16), every parameter random; no bos/eos, so generation never stops early."""
+    import transformers
+    config_cls, model_cls = HF_CLASSES[family]
+    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, **({"head_dim": 16} if family == "qwen3" else {}))
+    config = getattr(transformers, config_cls)(**{**kw, **overrides})
+    return randomize(getattr(transformers, model_cls)(config), seed, std=0.3).eval()
+
+
+def saved(hf, directory):
+    """Save a transformers model and load it with models.from_pretrained."""
+    hf.save_pretrained(directory)
+    ours = models.from_pretrained(directory).eval()
+    assert not [n for n, p in ours.named_parameters() if p.device.type != "cpu"]  # nothing left on meta
+    return ours
+
+
+def tokens(T, B=2, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def assert_same_logits(ours, hf, idx):
+    ref, got = hf(idx).logits, ours(idx)[0]
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    return ref
+
+
+def tiny_ours(module, seed=0, **kw):
+    """Our model from a tiny Config (vocab 100, 2 layers, width 32, 4 heads), every parameter random."""
+    torch.manual_seed(seed)
+    base = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)
+    return randomize(module.Model(module.Config(**{**base, **kw})), seed, std=0.3).eval()
+
+
+# ----------------------------------------------------------------------------- logits against transformers
+
+T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
+
+LOGIT_CASES = {
+    "llama-mha-untied": ("llama", dict(num_key_value_heads=4)),
+    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama-mqa-biases": ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "llama-head_dim": ("llama", dict(head_dim=12)),
+    "llama-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0})),
+    "llama-dynamic": ("llama", dict(rope_scaling={"type": "dynamic", "factor": 2.0})),
+    # theta 100 puts the dimensions in all three regions of yarn's ramp and of llama3's wavelength bands
+    "llama-yarn": ("llama", dict(max_position_embeddings=256, rope_theta=100.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-llama3": ("llama", dict(rope_theta=100.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2-gqa-tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4)),
+    "qwen3-head_dim": ("qwen3", dict(head_dim=16)),
+    "qwen3-mqa-bias-yarn": ("qwen3", dict(head_dim=12, num_key_value_heads=1, attention_bias=True,
+                                          tie_word_embeddings=True, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+    "phi2-shape": ("phi", dict(hidden_size=40, num_attention_heads=2, num_key_value_heads=2,
+                               partial_rotary_factor=0.4)),  # 8 of 20 dims rotate, as 32 of 80 in Phi-2
+    "phi-gqa-tied-dynamic": ("phi", dict(hidden_size=64, partial_rotary_factor=0.25, tie_word_embeddings=True,
+                                         rope_scaling={"type": "dynamic", "factor": 3.0})),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGIT_CASES))
+def test_logits_match_transformers(tmp_path, case):
+    family, overrides = LOGIT_CASES[case]
+    hf = hf_model(family, **overrides)
+    ours = saved(hf, tmp_path)
+    idx = tokens(T_LONG)
+    assert_same_logits(ours, hf, idx)
+    if ours.config.rope_type != "default":  # the scaling is really exercised
+        ours.config.rope_type = "default"
+        with torch.no_grad():
+            assert (ours(idx)[0] - hf(idx).logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    hf = hf_model(family, seed=3)
+    ours = saved(hf, tmp_path)
+    prompt = tokens(8, seed=4)
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
+    got = torch.stack(list(sample.generate(ours, prompt, 20, temperature=0)), dim=1)
+    assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- checkpoints in and out
+
+SAVE_CASES = {
+    "llama": (llama, dict(n_kv_head=2, tie_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=100.0,
+                          rope_type="llama3", rope_factor=8.0, rope_original_max_len=32)),
+    "qwen2": (qwen, dict(variant="qwen2", n_kv_head=1, tie_embeddings=True)),
+    "qwen3": (qwen, dict(variant="qwen3", head_dim=12, attention_bias=True, tie_embeddings=False, rope_type="yarn",
+                         rope_factor=2.0, rope_original_max_len=32)),
+    "phi": (phi, dict(n_embd=40, n_head=2, n_kv_head=1, partial_rotary_factor=0.4, tie_embeddings=True,
+                      rope_type="linear", rope_factor=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_save_pretrained_loads_in_transformers(tmp_path, case):
+    from transformers import AutoModelForCausalLM
+    module, kw = SAVE_CASES[case]
+    ours = tiny_ours(module, **kw)
+    ours.save_pretrained(tmp_path, metadata={"step": "7"})
+    assert not list(tmp_path.glob("*.tmp"))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == HF_CLASSES[json.loads((tmp_path / "config.json").read_text())["model_type"]][1]
+    idx = tokens(40)
+    assert_same_logits(ours, hf, idx)
+    back = models.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+    assert back.config == ours.config
+
+
+def to_hub_form(directory, family):
+    """Rewrite a transformers-5 config.json in the Hub's older form: top-level rope_theta (and
+    partial_rotary_factor), rope_scaling with `type`, torch_dtype."""
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if family == "phi":
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    rope.pop("type", None)
+    cfg["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0)),
+    ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    ("phi", dict(hidden_size=40, num_attention_heads=2, partial_rotary_factor=0.4)),
+], ids=["llama-linear", "qwen2-yarn", "phi-partial"])
+def test_hub_config_form_loads(tmp_path, family, overrides):
+    """The same checkpoint with its config.json in transformers 5's form and in the Hub's form:
+    both load, in transformers and here, to the same logits."""
+    from transformers import AutoModelForCausalLM
+    hf = hf_model(family, **overrides)
+    idx = tokens(T_LONG)
+    v5 = saved(hf, tmp_path / "v5")
+    hub = tmp_path / "hub"
+    hf.save_pretrained(hub)
+    to_hub_form(hub, family)
+    assert "rope_parameters" not in json.loads((hub / "config.json").read_text())
+    ours = models.from_pretrained(hub).eval()
+    assert ours.config == v5.config
+    ref = assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(hub).eval(), idx)
+    assert (ref - hf(idx).logits).abs().max().item() == 0  # transformers read both forms alike
+
+
+def write_layout(directory, layout):
+    """Turn transformers' model.safetensors into two shards with an index, or pytorch_model.bin
+    (with the rotary_emb.inv_freq buffers that early Llama 2 conversions carry)."""
+    from safetensors.torch import load_file, save_file
+    state = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    if layout == "bin":
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+def test_file_layouts_load(tmp_path, layout):
+    from safetensors.torch import load_file, save_file
+    hf = hf_model("llama", tie_word_embeddings=layout == "sharded")
+    with torch.no_grad():  # bfloat16 weights (the reference keeps them in fp32)
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "model.safetensors")
+    if layout != "safetensors":
+        write_layout(tmp_path, layout)
+    ours = models.from_pretrained(tmp_path)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}  # the checkpoint's dtype is kept
+    ours = models.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_same_logits(ours, hf, tokens(40))
+
+
+@pytest.mark.parametrize("problem", ["model_type", "missing", "unexpected", "shape"])
+def test_checkpoint_errors_name_the_problem(tmp_path, problem):
+    from safetensors.torch import load_file, save_file
+    hf_model("llama").save_pretrained(tmp_path)
+    st = tmp_path / "model.safetensors"
+    state = load_file(st)
+    if problem == "missing":
+        del state["model.layers.1.mlp.up_proj.weight"]
+    elif problem == "unexpected":
+        state["model.layers.1.extra.weight"] = torch.zeros(2)
+    elif problem == "shape":
+        state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(10, 32)
+    save_file(state, st)
+    if problem == "model_type":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    expected = {"model_type": "mamba", "missing": "tensor 'model.layers.1.mlp.up_proj.weight' is missing",
+                "unexpected": "unexpected tensor 'model.layers.1.extra.weight'",
+                "shape": "tensor 'model.layers.0.self_attn.k_proj.weight' has shape"}[problem]
+    with pytest.raises(ValueError, match=expected.replace(".", r"\.")):
+        models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family,change,expected", [
+    ("phi", {"qk_layernorm": True}, "qk_layernorm"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "mscale": 0.7}},
+     "mscale"),
+])
+def test_unsupported_options_are_rejected(tmp_path, family, change, expected):
+    hf_model(family).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=expected):
+        models.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi"])
+def test_kv_cache_decoding_equals_recomputation_llama_qwen_phi(tmp_path, family):
+    ours = saved(hf_model(family, seed=5, rope_theta=100.0), tmp_path)
+    seq = tokens(30, seed=6)
+    with torch.no_grad():
+        full, _ = ours(seq)
+        cache = ours.init_cache(2, 64)
+        assert cache.k[0].shape == (2, ours.config.n_kv_head, 64, ours.config.head_dim)
+        steps = [ours(seq[:, :7], cache=cache)[0]] + [ours(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 30)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- GQA conversion
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_convert_kv_heads_to_n_head_is_the_identity(tmp_path, family):
+    ours = saved(hf_model(family, num_key_value_heads=4), tmp_path)
+    idx = tokens(20)
+    with torch.no_grad():
+        before = ours(idx)[0]
+        ours.convert_kv_heads(4)
+        assert torch.equal(ours(idx)[0], before)
+    assert ours.config.n_kv_head == 4
+
+
+@pytest.mark.parametrize("family,old,new", [("llama", 4, 2), ("llama", 4, 1), ("qwen2", 4, 2), ("qwen3", 2, 1)])
+def test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, family, old, new):
+    from transformers import AutoModelForCausalLM
+    ours = saved(hf_model(family, num_key_value_heads=old), tmp_path / "before")
+    D, group = ours.config.head_dim, old // new
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.convert_kv_heads(new)
+    assert ours.config.n_kv_head == new
+    after = ours.state_dict()
+    for layer in range(2):
+        for proj in ("k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{layer}.self_attn.{proj}.{kind}"
+                if key not in before:
+                    continue
+                for j in range(new):  # new head j: the mean of old heads j * group .. (j + 1) * group - 1
+                    heads = [before[key][h * D:(h + 1) * D] for h in range(j * group, (j + 1) * group)]
+                    assert torch.allclose(after[key][j * D:(j + 1) * D], sum(heads) / group, atol=1e-6)
+                assert after[key].shape[0] == new * D
+    for key in before:  # nothing else changes
+        if ".k_proj." not in key and ".v_proj." not in key:
+            assert torch.equal(before[key], after[key])
+    with pytest.raises(ValueError, match="groups"):
+        ours.convert_kv_heads(new + 1 if new > 1 else 0)
+    # the converted model is a valid checkpoint with `new` key/value heads
+    ours.save_pretrained(tmp_path / "after")
+    assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "after").eval(), tokens(20))
+    assert ours.init_cache(1, 8).k[0].shape[1] == new
+
+
+# ----------------------------------------------------------------------------- training contract
+
+@pytest.mark.parametrize("module", [llama, qwen, phi], ids=lambda m: m.__name__.split(".")[-1])
+def test_default_config_trains(module):
+    """train.py's flags come from the Config fields: plain defaults, a small model that takes a step."""
+    for name, default, _ in train.model_flags(module):
+        assert type(default) in (int, float, str, bool), name
+    cfg = module.Config(vocab_size=V, block_size=32)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (4, 128, 4)
+    torch.manual_seed(0)
+    model = module.Model(cfg)
+    x = torch.randint(0, V, (2, 32))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1  # ignored
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 32, V)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-5 and abs(loss.item() - torch.log(torch.tensor(V)).item()) < 0.5
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    n = model.num_params()
+    assert 0 < n < 2_000_000 and model.flops_per_token(32) > 6 * n
+    assert dataclasses.replace(cfg) == cfg
 
 
 # ----------------------------------------------------------------------------- data and tokenizers

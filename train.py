@@ -38,6 +38,8 @@ TRAIN_FLAGS = [
     ("data_dir", str(data.DEFAULT_DATA_DIR), "where corpora and their tokenized caches live"),
     ("tokenizer", "char", "char, bpe:N (trained on the corpus), gpt2, cl100k_base or o200k_base"),
     ("init_from", "scratch", "scratch, resume (the run in --out_dir), or a model directory to fine-tune"),
+    ("convert_kv_heads", 0, "with --init_from DIR: mean-pool the key/value heads into this many groups (GQA "
+                            "uptraining, Ainslie et al. 2023) before training (0: keep)"),
     ("resume", False, "same as --init_from resume"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
@@ -195,6 +197,10 @@ def train(a, module):
             raise data.UserError(f"--init_from: no model directory {src}")
         model = models.from_pretrained(src, dtype=torch.float32)
         tokenizer = data.tokenizer_for_model(src, model.config.vocab_size)
+        if a["convert_kv_heads"] and a["init_from"] != "resume":
+            if not hasattr(model, "convert_kv_heads"):
+                raise data.UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
+            model.convert_kv_heads(a["convert_kv_heads"])
         dataset = data.prepare(a["data"] or None, tokenizer, a["data_dir"])
         if a["init_from"] == "resume":
             state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 # Hugging Face `model_type` -> the file in models/ that implements it
-MODEL_TYPES = {"gpt2": "gpt"}
+MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi"}
 
 
 def available():

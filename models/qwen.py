@@ -1,0 +1,458 @@
+"""Qwen2 / Qwen2.5 (Qwen Team 2024) and Qwen3 (Qwen Team 2025): Llama's architecture with two twists.
+
+Reads top to bottom: config, building blocks, model, generation hooks, Hugging Face import/export.
+
+  x = embed_tokens(idx)
+  for each of n_layer blocks:   x = x + attn(rmsnorm(x));   x = x + mlp(rmsnorm(x))   (pre-norm)
+  logits = rmsnorm(x) @ lm_head^T                               (tied to embed in the small sizes)
+
+As in Llama: RMSNorm, a SwiGLU MLP, rotary embeddings (rope_theta 1e6) and grouped-query attention.
+  qwen2  (Qwen2, Qwen2.5) biases on the q, k and v projections, and only there.
+  qwen3  no biases (unless attention_bias); an RMSNorm over each head of q and of k (q_norm,
+         k_norm) before the rotary embedding; head_dim set on its own (128 for every size), so
+         n_head * head_dim may differ from n_embd.
+Module and tensor names are Hugging Face's, so checkpoints load key for key.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import attention
+
+
+# ----------------------------------------------------------------------------- config
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+VARIANTS = ("qwen2", "qwen3")  # the Hugging Face model_type of each
+
+
+@dataclass
+class Config:
+    # Defaults: a small model that trains on a laptop CPU in minutes. Qwen2.5-0.5B is qwen2 with
+    # vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2, n_embd=896,
+    # intermediate_size=4864; Qwen3-0.6B is qwen3 with n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
+    # head_dim=128, intermediate_size=3072; both tied.
+    vocab_size: int = 151936
+    block_size: int = 32768         # max_position_embeddings: the default cache length, dynamic's original context
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2              # key/value heads: n_head is multi-head attention, 1 multi-query
+    n_embd: int = 128
+    head_dim: int = 0               # 0: n_embd // n_head
+    intermediate_size: int = 352    # SwiGLU width (about 8/3 n_embd)
+    variant: str = "qwen3"          # qwen2: q, k, v biases | qwen3: q_norm and k_norm
+    attention_bias: bool = False    # qwen3's option: biases on q, k, v and o
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True     # lm_head shares embed_tokens' matrix (the small sizes)
+    rope_theta: float = 1000000.0
+    rope_type: str = "default"      # default | linear | dynamic | yarn | llama3 (see rope_frequencies)
+    rope_factor: float = 1.0        # s: how many times the context is extended
+    rope_original_max_len: int = 0  # yarn, llama3: the pretraining context; 0: block_size
+    rope_low_freq_factor: float = 1.0   # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0    # yarn
+    rope_beta_slow: float = 1.0     # yarn
+    rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0: 0.1 ln(s) + 1
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.n_embd // self.n_head
+        self.rope_original_max_len = self.rope_original_max_len or self.block_size
+        if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be {' or '.join(VARIANTS)}; not {self.variant!r}")
+        if self.variant == "qwen2" and self.attention_bias:
+            raise ValueError("attention_bias is a qwen3 option (qwen2 has biases on q, k and v, always)")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def rope_frequencies(config, dim, seq_len, device=None):
+    """Rotary inverse frequencies theta^(-2i/dim), i < dim/2 (RoFormer), rescaled for a longer context
+    by config.rope_type, and the factor that multiplies cos and sin. The formulas of transformers'
+    modeling_rope_utils.py, with s = rope_factor and L = the original context:
+      linear   position interpolation (Chen et al. 2023): every frequency / s
+      dynamic  dynamic NTK: once seq_len passes block_size the base grows to
+               theta * (s * seq_len / block_size - (s - 1)) ** (dim / (dim - 2)); with a KV cache
+               the cached keys keep the angles they were written with, as in transformers
+      llama3   Llama 3.1: frequencies whose wavelength exceeds L / low_freq_factor are divided by s,
+               those under L / high_freq_factor kept, those between interpolated smoothly
+      yarn     YaRN (Peng et al. 2023): dimensions that turn fewer than beta_slow times in L are
+               interpolated (/ s), more than beta_fast times kept, a linear ramp between; cos and sin
+               are scaled by 0.1 ln(s) + 1 (the attention temperature)"""
+    cfg, s, L = config, config.rope_factor, config.rope_original_max_len
+    theta = cfg.rope_theta
+    if cfg.rope_type == "dynamic" and seq_len > cfg.block_size:
+        theta = theta * (s * seq_len / cfg.block_size - (s - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    if cfg.rope_type == "linear":
+        return inv_freq / s, 1.0
+    if cfg.rope_type == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = ((L / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long wavelength, 1: short
+        return (1 - smooth) * inv_freq / s + smooth * inv_freq, 1.0
+    if cfg.rope_type == "yarn":
+        def dim_turning(turns):  # the dimension whose frequency turns `turns` times in L positions
+            return dim * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(dim_turning(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(dim_turning(cfg.rope_beta_slow)), dim - 1)
+        i = torch.arange(dim // 2, device=device).float()
+        ramp = ((i - low) / (high - low if high != low else 0.001)).clamp(0, 1)  # 0: keep, 1: interpolate
+        scale = cfg.rope_attention_factor or (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+        return inv_freq / s * ramp + inv_freq * (1 - ramp), scale
+    return inv_freq, 1.0
+
+
+def rope_tables(config, dim, start, T, device):
+    """cos and sin (T, dim) of the rotary angles p * inv_freq for positions p = start..start+T-1,
+    rotate-half layout (pair i is dimensions i and i + dim/2)."""
+    inv_freq, scale = rope_frequencies(config, dim, start + T, device)
+    angles = torch.arange(start, start + T, device=device).float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos() * scale, angles.sin() * scale
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """weight * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019), normalised in fp32."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer, pre-allocated for max_len positions; `pos` is how many
+    are filled. Each forward writes its T new positions and attends to all filled ones."""
+
+    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
+        shape = (batch_size, n_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, layer, k, v):
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention: n_head query heads, n_kv_head key/value heads (the kernel shares
+    each key/value head among n_head / n_kv_head consecutive query heads). Qwen3 normalises each
+    head of q and k with its own RMSNorm (q_norm, k_norm) before the rotary embedding."""
+
+    def __init__(self, config, layer):
+        super().__init__()
+        self.head_dim, self.layer = config.head_dim, layer
+        C, D = config.n_embd, config.head_dim
+        qkv_bias = config.variant == "qwen2" or config.attention_bias
+        self.q_proj = nn.Linear(C, config.n_head * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * D, C, bias=config.attention_bias)
+        self.qk_norm = config.variant == "qwen3"
+        if self.qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+
+    def forward(self, x, rope, cache=None):
+        B, T, _ = x.shape
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        y = attention(q, k, v, causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        C, H = config.n_embd, config.intermediate_size
+        self.gate_proj = nn.Linear(C, H, bias=False)
+        self.up_proj = nn.Linear(C, H, bias=False)
+        self.down_proj = nn.Linear(H, C, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Model(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            norm=RMSNorm(config.n_embd, config.rms_norm_eps),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        """As transformers initialises Qwen: N(0, 0.02) matrices, zero biases, unit norms."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
+        targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
+        sequence the cache holds."""
+        T = idx.shape[1]
+        start = cache.pos if cache is not None else 0
+        rope = rope_tables(self.config, self.config.head_dim, start, T, idx.device)
+        x = self.model.embed_tokens(idx)
+        for block in self.model.layers:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.model.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def convert_kv_heads(self, n_kv_head):
+        """Grouped-query attention from a checkpoint with more key/value heads (Ainslie et al. 2023,
+        section 2.1): each new key/value head is the mean of the heads of its group (consecutive
+        heads, as the query heads that read them are), for weights and biases. In place; the
+        paper then uptrains briefly (about 5% of pretraining) to recover quality."""
+        cfg = self.config
+        if n_kv_head < 1 or cfg.n_kv_head % n_kv_head:
+            raise ValueError(f"cannot pool {cfg.n_kv_head} key/value heads into {n_kv_head} groups")
+        for block in self.model.layers:
+            attn = block.self_attn
+            for name in ("k_proj", "v_proj"):
+                old = getattr(attn, name)
+                new = nn.Linear(cfg.n_embd, n_kv_head * cfg.head_dim, bias=old.bias is not None,
+                                device=old.weight.device, dtype=old.weight.dtype)
+                for p_new, p_old in zip(new.parameters(), old.parameters()):  # weight, then bias
+                    grouped = p_old.float().view(n_kv_head, -1, cfg.head_dim, *p_old.shape[1:])
+                    p_new.copy_(grouped.mean(dim=1).reshape(p_new.shape))
+                setattr(attn, name, new)
+        cfg.n_kv_head = n_kv_head
+        return self
+
+    # ------------------------------------------------------------------ counts
+
+    def num_params(self, non_embedding=True):
+        """Parameters (tied weights once); without the token embedding when non_embedding, unless it
+        is tied to lm_head (then it is the output layer's matrix, which costs compute)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.model.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs (forward + backward) per token: 6 per weight of every matrix product,
+        plus the attention scores and their weighted sum, 12 * n_layer * n_head * head_dim * seq_len
+        (PaLM appendix B; sharing key/value heads does not change the count)."""
+        cfg = self.config
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+    # ------------------------------------------------------------------ generation hooks
+
+    def init_cache(self, batch_size, max_len=None, dtype=None, device=None):
+        cfg, p = self.config, self.lm_head.weight
+        return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
+                       dtype or p.dtype, device or p.device)
+
+    # ------------------------------------------------------------------ Hugging Face import / export
+    # Tensor names are transformers' Qwen2ForCausalLM's and Qwen3ForCausalLM's: model.embed_tokens.weight,
+    # model.layers.N.self_attn.{q,k,v,o}_proj.*, model.layers.N.self_attn.{q,k}_norm.weight (qwen3),
+    # model.layers.N.mlp.{gate,up,down}_proj.weight, model.layers.N.{input,post_attention}_layernorm.weight,
+    # model.norm.weight, lm_head.weight (absent when tied).
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype=None, device="cpu"):
+        directory = Path(directory)
+        hf = _read_config(directory)
+        variant = hf.get("model_type")
+        if variant not in VARIANTS:
+            raise ValueError(f"{directory}/config.json has model_type {variant!r}, not 'qwen2' or 'qwen3'")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{directory}/config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise ValueError(f"{directory}/config.json: sliding-window attention is not supported")
+        # without head_dim: transformers' Qwen3Config default, 128; qwen2 n_embd // n_head
+        default_head_dim = 128 if variant == "qwen3" else 0
+        config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768),
+                        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                        n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or default_head_dim,
+                        intermediate_size=hf["intermediate_size"], variant=variant,
+                        attention_bias=variant == "qwen3" and hf.get("attention_bias", False),
+                        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+                        **_rope_config(hf, directory))
+        with torch.device("meta"):
+            model = cls(config)
+        return _load_weights(model, directory, dtype, device)
+
+    def save_pretrained(self, directory, metadata=None):
+        """config.json + model.safetensors that transformers' Qwen2ForCausalLM or Qwen3ForCausalLM
+        loads. Each file is written to a temporary name and renamed."""
+        from safetensors.torch import save_file
+        cfg, directory = self.config, Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: t.detach().contiguous() for k, t in self.state_dict().items()
+                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.variant]
+        hf = {"model_type": cfg.variant, "architectures": [architecture], "vocab_size": cfg.vocab_size,
+              "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
+              "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
+              "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+              "attention_bias": cfg.attention_bias, "attention_dropout": 0.0, "use_sliding_window": False,
+              "sliding_window": None, "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
+              "bos_token_id": None, "eos_token_id": None,
+              "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
+        _atomic(directory / "model.safetensors",
+                lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
+        _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def _rope_config(hf, directory):
+    """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
+    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too)."""
+    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
+    for key in ("mscale", "mscale_all_dim"):
+        if rope.get(key):
+            raise ValueError(f"{directory}/config.json: rope scaling option {key!r} is not supported")
+    if rope.get("truncate", True) is not True:
+        raise ValueError(f"{directory}/config.json: rope scaling option 'truncate': false is not supported")
+    return dict(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor") or 1.0,
+                rope_original_max_len=rope.get("original_max_position_embeddings") or 0,
+                rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+                rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
+                rope_attention_factor=rope.get("attention_factor") or 0.0)
+
+
+def _rope_parameters(cfg):
+    """transformers 5's rope_parameters for config.json."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_type == "yarn":
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rope_type in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_len
+    return rope
+
+
+def _load_weights(model, directory, dtype, device):
+    """Fill the model built on the meta device with the checkpoint's tensors (assign=True: they become
+    the parameters, so the weights are never held twice), checking every name and shape."""
+    tied = model.config.tie_embeddings
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    state = {}
+    for key, tensor in _read_tensors(directory):
+        if tied and key == "lm_head.weight":
+            continue  # the tied head is embed_tokens
+        if key not in expected:
+            raise ValueError(f"unexpected tensor {key!r} in {directory}")
+        if tensor.shape != expected[key].shape:
+            raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
+                             f"{tuple(expected[key].shape)}")
+        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _read_config(directory):
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {directory}")
+    return json.loads(path.read_text())
+
+
+def _read_tensors(directory):
+    """Yield (name, tensor) from model.safetensors, sharded *.index.json or pytorch_model.bin
+    (loaded weights-only), one file at a time."""
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (directory / index_name).is_file():
+            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+            break
+    else:
+        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
+    if not files:
+        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
+    for name in files:
+        path = directory / name
+        if name.endswith(".safetensors"):
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        yield from tensors.items()
+        del tensors
+
+
+def _atomic(path, write_fn):
+    tmp = path.with_name(path.name + ".tmp")
+    write_fn(str(tmp))
+    tmp.replace(path)
