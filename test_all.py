@@ -1111,7 +1111,7 @@ def train_args(corpus, tmp_path, out="run", **overrides):
              "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1, "dtype": "float32", "device": "cpu",
              "sample_tokens": 0, "lr_decay_iters": 8, "warmup_iters": 2}
     flags.update(overrides)
-    return [f"--{k}={v}" for k, v in flags.items()]
+    return [f"--{k}={v}" for k, v in flags.items() if v is not None]  # None: leave the flag out
 
 
 def read_log(out_dir):
@@ -1192,6 +1192,26 @@ def test_fine_tune_from_a_hugging_face_directory(corpus, tmp_path):
     tuned = models.from_pretrained(tmp_path / "ft")
     assert tuned.config == model.config
     assert not torch.equal(tuned.transformer.h[0].mlp.c_fc.weight, model.transformer.h[0].mlp.c_fc.weight)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi"])
+def test_train_from_scratch_and_fine_tune_a_hugging_face_checkpoint(corpus, tmp_path, family):
+    name = {"llama": "llama", "qwen3": "qwen", "phi": "phi"}[family]
+    train.main(train_args(corpus, tmp_path, "scratch", model=name, max_iters=2, eval_interval=2,
+                          dropout=0.1 if name == "phi" else None, n_kv_head=1))
+    assert type(models.from_pretrained(tmp_path / "scratch")).__module__ == f"models.{name}"
+    # a Hugging Face checkpoint: transformers' weights and a tokenizers-made tokenizer.json
+    hf_dir = tmp_path / "hf"
+    hf_model(family, vocab_size=512).save_pretrained(hf_dir)
+    train_hf(split_then_byte_level(LLAMA3_SPLIT)).save(str(hf_dir / "tokenizer.json"))
+    base = models.from_pretrained(hf_dir)
+    train.main(train_args(corpus, tmp_path, "ft", init_from=hf_dir, max_iters=2, eval_interval=2))
+    tuned, tok = sample.load(tmp_path / "ft")
+    assert tuned.config == base.config and tok.spec == "hf:tokenizer.json"
+    changed = [n for (n, p), q in zip(tuned.named_parameters(), base.parameters()) if not torch.equal(p, q)]
+    assert len(changed) == len(list(base.parameters()))
+    text = "ROMEO: love, light"
+    assert tok.decode(tok.encode(text)) == text
 
 
 # ----------------------------------------------------------------------------- command lines end to end
