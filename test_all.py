@@ -382,18 +382,27 @@ def test_gpt2_initialisation():
     assert not [n for n, _ in no_bias.named_parameters() if n.endswith("bias")]
 
 
-@pytest.mark.parametrize("problem", ["missing", "unexpected", "shape", "model_type", "corrupt", "no_weights"])
-def test_gpt2_checkpoint_errors_name_the_problem(tmp_path, problem):
+# a tensor to delete, one to add and one to reshape, per checkpoint family
+CHECKPOINT_KEYS = {"gpt2": ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.extra.weight", "transformer.wpe.weight"),
+                   "llama": ("model.layers.1.mlp.up_proj.weight", "model.layers.1.extra.weight",
+                             "model.layers.0.self_attn.k_proj.weight")}
+
+
+@pytest.mark.parametrize("family,problem", [("gpt2", p) for p in ("missing", "unexpected", "shape", "model_type",
+                                                                  "corrupt", "no_weights")]
+                         + [("llama", p) for p in ("missing", "unexpected", "shape", "model_type")])
+def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
     from safetensors.torch import load_file, save_file
-    tiny_gpt().save_pretrained(tmp_path)
+    (tiny_gpt() if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
+    missing, extra, reshaped = CHECKPOINT_KEYS[family]
     st = tmp_path / "model.safetensors"
     state = load_file(st)
     if problem == "missing":
-        del state["transformer.h.1.mlp.c_fc.weight"]
+        del state[missing]
     elif problem == "unexpected":
-        state["transformer.h.1.extra.weight"] = torch.zeros(2)
+        state[extra] = torch.zeros(2)
     elif problem == "shape":
-        state["transformer.wpe.weight"] = torch.zeros(10, 32)
+        state[reshaped] = torch.zeros(10, 32)
     save_file(state, st)
     if problem == "model_type":
         cfg = json.loads((tmp_path / "config.json").read_text())
@@ -402,8 +411,9 @@ def test_gpt2_checkpoint_errors_name_the_problem(tmp_path, problem):
         st.write_bytes(st.read_bytes()[:200])
     elif problem == "no_weights":
         st.unlink()
-    expected = {"missing": "h.1.mlp.c_fc.weight", "unexpected": "h.1.extra.weight", "shape": "wpe.weight",
-                "model_type": "mamba", "corrupt": "cannot load", "no_weights": "no model.safetensors"}[problem]
+    expected = {"missing": f"tensor '{missing}' is missing", "unexpected": f"unexpected tensor '{extra}'",
+                "shape": f"tensor '{reshaped}' has shape", "model_type": "mamba", "corrupt": "cannot load",
+                "no_weights": "no model.safetensors"}[problem]
     with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
         models.from_pretrained(tmp_path)
 
@@ -650,29 +660,6 @@ def test_file_layouts_load(tmp_path, layout):
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}  # the checkpoint's dtype is kept
     ours = models.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert_same_logits(ours, hf, tokens(40))
-
-
-@pytest.mark.parametrize("problem", ["model_type", "missing", "unexpected", "shape"])
-def test_checkpoint_errors_name_the_problem(tmp_path, problem):
-    from safetensors.torch import load_file, save_file
-    hf_model("llama").save_pretrained(tmp_path)
-    st = tmp_path / "model.safetensors"
-    state = load_file(st)
-    if problem == "missing":
-        del state["model.layers.1.mlp.up_proj.weight"]
-    elif problem == "unexpected":
-        state["model.layers.1.extra.weight"] = torch.zeros(2)
-    elif problem == "shape":
-        state["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(10, 32)
-    save_file(state, st)
-    if problem == "model_type":
-        cfg = json.loads((tmp_path / "config.json").read_text())
-        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
-    expected = {"model_type": "mamba", "missing": "tensor 'model.layers.1.mlp.up_proj.weight' is missing",
-                "unexpected": "unexpected tensor 'model.layers.1.extra.weight'",
-                "shape": "tensor 'model.layers.0.self_attn.k_proj.weight' has shape"}[problem]
-    with pytest.raises(ValueError, match=expected.replace(".", r"\.")):
-        models.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("family,change,expected", [
