@@ -89,18 +89,22 @@ def parse_args(argv):
     """Flag values: defaults < the saved run (when resuming) < --config file < command line.
     Returns (flags as a dict, the model file's module)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="gpt")
-    module = models.get(pre.parse_known_args(argv)[0].model)
+    pre.add_argument("--model")
+    pre.add_argument("--config", default="")
+    known = pre.parse_known_args(argv)[0]
+    overrides = {}
+    if known.config:
+        try:
+            overrides = tomllib.loads(Path(known.config).read_text())
+        except FileNotFoundError:
+            raise data.UserError(f"config file not found: {known.config}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise data.UserError(f"{known.config}: {e}") from None
+    module = models.get(known.model or overrides.get("model", "gpt"))  # the model decides the model flags
     flags = TRAIN_FLAGS + model_flags(module)
     args = vars(build_parser(flags).parse_args(argv))
     explicit = vars(build_parser(flags, suppress=True).parse_args(argv))
-    if args["config"]:
-        try:
-            overrides = tomllib.loads(Path(args["config"]).read_text())
-        except FileNotFoundError:
-            raise data.UserError(f"config file not found: {args['config']}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise data.UserError(f"{args['config']}: {e}") from None
+    if overrides:
         defaults = {name: default for name, default, _ in flags}
         unknown = sorted(set(overrides) - set(defaults))
         if unknown:
