@@ -3,6 +3,8 @@
   python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
   python bench.py attention --json          # the same, one JSON object per measurement
   python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
+  python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
+  python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
@@ -248,11 +250,131 @@ def bench_kvcache(args):
     return rows
 
 
-def add_model_flags(p, model_name):
-    """--model and the model file's Config fields, as train.py has them."""
+def gemm_peak_flops(device, dtype, sizes=((1024, 1024, 1024), (2048, 2048, 2048), (4096, 512, 2048))):
+    """The matrix-multiply peak of this device in this dtype: the best FLOP/s over a few shapes."""
+    best = 0.0
+    for m, k, n in sizes:
+        a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+        seconds, _ = measure(lambda: a @ b, device, reps=5)
+        best = max(best, 2 * m * k * n / seconds)
+    return best
+
+
+def train_step_timings(model, args, device, dtype, compiled):
+    """Median seconds of forward, backward and optimizer step, and the peak memory of a whole step."""
+    step_model = torch.compile(model) if compiled else model
+    optimizer = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-4, "beta1": 0.9,
+                                             "beta2": 0.99}, device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x, y = (torch.randint(args.vocab_size, (args.batch_size, args.block_size), device=device, generator=g)
+            for _ in "xy")
+    model.train()
+    holder = {}
+
+    def forward():
+        with autocast(device, dtype):
+            holder["loss"] = step_model(x, y)[1]
+
+    def backward():
+        forward()  # a backward needs a fresh graph; its forward time is subtracted below
+        holder["loss"].backward()
+
+    def step():
+        backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for _ in range(2):  # compile, autotune, allocate optimizer state
+        step()
+    t_fwd, _ = measure(forward, device, args.reps)
+    t_fwd_bwd, _ = measure(backward, device, args.reps)
+    t_opt, _ = measure(optimizer.step, device, args.reps)  # on the gradients the last backward left
+    optimizer.zero_grad(set_to_none=True)
+    t_step, peak = measure(step, device, args.reps)
+    return {"fwd_ms": t_fwd * 1e3, "bwd_ms": max(t_fwd_bwd - t_fwd, 0.0) * 1e3, "opt_ms": t_opt * 1e3,
+            "step_ms": t_step * 1e3, "peak_mib": peak / 2 ** 20}
+
+
+def bench_speed(args):
+    device = resolve_device(args.device)
+    peaks = {name: gemm_peak_flops(device, resolve_dtype(name, device)) for name in args.dtypes.split(",")}
+    rows = []
+    for name in args.dtypes.split(","):
+        for compiled in [False, True] if args.compile == "both" else [args.compile == "true"]:
+            model = build_model(args, device)
+            tokens = args.batch_size * args.block_size
+            row = {"dtype": name, "compile": compiled,
+                   **train_step_timings(model, args, device, resolve_dtype(name, device), compiled)}
+            row["tok_s"] = tokens / (row["step_ms"] / 1e3)
+            row["tflops"] = model.flops_per_token(args.block_size) * row["tok_s"] / 1e12
+            row["peak_tflops"] = peaks[name] / 1e12
+            row["mfu"] = row["tflops"] / row["peak_tflops"]
+            rows.append(row)
+            if args.json:
+                print(json.dumps({"kind": "train", **row}), flush=True)
+    model = build_model(args, device).eval()
+    decode = []
+    for batch in (1, 8):
+        for use_cache in (True, False):
+            decode.append({"batch": batch, "kv_cache": use_cache, "tok_s": decode_tokens_per_s(
+                model, batch, args.prompt_len, args.new_tokens, use_cache, device)})
+            if args.json:
+                print(json.dumps({"kind": "decode", **decode[-1]}), flush=True)
+    if not args.json:
+        print(f"{args.model} on {device}: {model.num_params() / 1e6:.2f}M parameters, "
+              f"{model.flops_per_token(args.block_size) / 1e6:.1f} MFLOP per token (fwd+bwd), batch "
+              f"{args.batch_size} x {args.block_size} tokens; attention {kernels.get_backend(device)}; median of "
+              f"{args.reps}; MFU against this device's measured GEMM peak in the same dtype")
+        print_table(rows, [("dtype", "dtype", "{}"), ("compile", "compile", "{}"), ("tok_s", "tokens/s", "{:,.0f}"),
+                           ("step_ms", "step ms", "{:.1f}"), ("fwd_ms", "fwd ms", "{:.1f}"),
+                           ("bwd_ms", "bwd ms", "{:.1f}"), ("opt_ms", "opt ms", "{:.1f}"),
+                           ("tflops", "TFLOP/s", "{:.3f}"), ("peak_tflops", "GEMM peak TFLOP/s", "{:.3f}"),
+                           ("mfu", "MFU", "{:.1%}"), ("peak_mib", "peak MiB", "{:.0f}")])
+        print(f"\ndecoding {args.new_tokens} tokens after a {args.prompt_len}-token prompt (greedy, fp32)")
+        print_table(decode, [("batch", "batch", "{}"), ("kv_cache", "KV cache", "{}"), ("tok_s", "tokens/s", "{:,.0f}")])
+        for batch in (1, 8):
+            with_cache, without = (r["tok_s"] for r in decode if r["batch"] == batch)
+            print(f"batch {batch}: the KV cache decodes {with_cache / without:.1f}x faster than recomputation")
+    return rows, decode
+
+
+def bench_curves(args):
+    """Val loss against wall time (and step) of training runs, read from their log.jsonl."""
+    runs = {}
+    for run in args.runs:
+        path = Path(run) / "log.jsonl"
+        if not path.is_file():
+            raise data.UserError(f"no log.jsonl in {run}")
+        runs[run] = [r for r in map(json.loads, path.read_text().splitlines()) if "val_loss" in r]
+        for r in runs[run]:
+            print(f"{run}\tstep {r['step']}\t{r['elapsed_s']:.0f} s\tval loss {r['val_loss']:.4f}")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return runs
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run, records in runs.items():
+        ax.plot([r["elapsed_s"] for r in records], [r["val_loss"] for r in records], marker="o", label=run)
+    if args.target:
+        ax.axhline(args.target, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="wall time (s)", ylabel="val loss", title="val loss against wall time")
+    ax.legend()
+    fig.tight_layout()
+    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot: {args.plot}")
+    return runs
+
+
+def add_model_flags(p, model_name, block_size=None):
+    """--model and the model file's Config fields, as train.py has them (same defaults)."""
     p.add_argument("--model", default=model_name, help="the model file models/NAME.py")
-    p.add_argument("--vocab_size", type=int, default=256, help="vocabulary size of the random model")
-    p.add_argument("--block_size", type=int, default=1024, help="positions (KV-cache length)")
+    p.add_argument("--vocab_size", type=int, default=84, help="vocabulary size of the random model (84: the "
+                   "default corpus in char tokens)")
+    p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
+                   help="positions per sequence (and KV-cache length)")
     for name, default, help_text in train.model_flags(models.get(model_name)):
         kind = data.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
@@ -263,7 +385,7 @@ def add_model_flags(p, model_name):
 def parser(argv=()):
     """The command line; the model flags are those of the file named by --model in argv."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model", default="llama" if "llama" in models.available() else "gpt")
+    pre.add_argument("--model", default="llama" if list(argv[:1]) == ["kvcache"] else "gpt")  # kvcache needs kv heads
     model_name = pre.parse_known_args(argv)[0].model
     p = argparse.ArgumentParser(description="Measure speed and memory.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -288,7 +410,7 @@ def parser(argv=()):
 
     kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_flags(kv, model_name)
+    add_model_flags(kv, model_name, block_size=1024)
     kv.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
                     "n_head/4, 1")
     kv.add_argument("--batch", type=int, default=1, help="batch size")
@@ -297,6 +419,27 @@ def parser(argv=()):
     kv.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     kv.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     kv.set_defaults(run=bench_kvcache)
+
+    sp = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
+                        "decoding tokens/s with and without the KV cache",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(sp, model_name)
+    sp.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    sp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    sp.add_argument("--compile", default="both", choices=("false", "true", "both"), help="torch.compile the model")
+    sp.add_argument("--prompt_len", type=int, default=16, help="prompt tokens for decoding")
+    sp.add_argument("--new_tokens", type=int, default=512, help="decoded tokens")
+    sp.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
+    sp.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    sp.add_argument("--json", action="store_true", help="one JSON object per row instead of tables")
+    sp.set_defaults(run=bench_speed)
+
+    cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cv.add_argument("runs", nargs="+", help="run folders")
+    cv.add_argument("--target", type=float, default=0.0, help="draw a horizontal line at this loss (0: none)")
+    cv.add_argument("--plot", default="out/curves.png", help="PNG plot path")
+    cv.set_defaults(run=bench_curves)
     return p
 
 

@@ -274,6 +274,25 @@ def test_bench_attention_runs_end_to_end(tmp_path):
     assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
 
 
+def test_bench_speed_runs_end_to_end():
+    r = run_cli("bench.py", "speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
+                "--batch_size", "2", "--new_tokens", "8", "--reps", "1", "--compile", "false")
+    assert r.returncode == 0, r.stderr
+    for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
+                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "KV cache", "faster than recomputation"):
+        assert column in r.stdout
+    assert "float32" in r.stdout and "bfloat16" in r.stdout
+
+
+def test_bench_curves_reads_run_logs(corpus, tmp_path):
+    import bench
+    train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=2))
+    runs = bench.bench_curves(bench.parser(["curves"]).parse_args(
+        ["curves", str(tmp_path / "run"), "--plot", str(tmp_path / "c.png")]))
+    assert [r["step"] for r in runs[str(tmp_path / "run")]] == [0, 2, 4]
+    assert (tmp_path / "c.png").stat().st_size > 1000
+
+
 def test_attention_flop_count():
     import bench
     assert bench.attention_flops(1, 1, 4, 4, 8, causal=False, backward=False) == 2 * (2 * 4 * 4 * 8)

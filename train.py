@@ -66,6 +66,10 @@ TRAIN_FLAGS = [
 MODEL_FLAGS_EXCLUDED = {"vocab_size", "block_size"}  # set from the tokenizer and --block_size
 
 
+def flag_default(name):
+    return next(default for flag, default, _ in TRAIN_FLAGS if flag == name)
+
+
 def model_flags(module):
     """The model file's Config fields as (name, default, help) flags."""
     return [(f.name, f.default, f"model: {f.name}") for f in dataclasses.fields(module.Config)
