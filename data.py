@@ -428,11 +428,14 @@ class Dataset:
                 raise UserError(f"the corpus is too short: its {split} split has {n} tokens, fewer than "
                                 f"block_size + 1 = {block_size + 1}; use a longer text or a smaller --block_size")
 
-    def get_batch(self, split, batch_size, block_size, generator, device="cpu"):
+    def get_batch(self, split, batch_size, block_size, generator, device="cpu", rank=0, world_size=1):
         """batch_size random windows of block_size + 1 tokens; offsets drawn from `generator`, so
-        saving its state saves the data position."""
+        saving its state saves the data position. With several processes, every rank draws the
+        offsets of the whole global batch (world_size * batch_size) and keeps its own slice: the
+        run sees the batches of one process with the global batch size, in any number of processes."""
         data = self.tokens(split)
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+        ix = torch.randint(len(data) - block_size, (world_size * batch_size,), generator=generator)
+        ix = ix[rank * batch_size:(rank + 1) * batch_size].tolist()
         xy = torch.from_numpy(np.stack([data[i:i + block_size + 1] for i in ix]).astype(np.int64))
         x, y = xy[:, :-1], xy[:, 1:]
         if torch.device(device).type == "cuda":

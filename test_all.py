@@ -1161,6 +1161,29 @@ def test_short_training_run_loss_falls(corpus, tmp_path):
     assert state["step"] == 40 and state["args"]["gradient_accumulation_steps"] == 2
 
 
+def torchrun(*args, n=2):
+    return run_cli("-m", "torch.distributed.run", f"--nproc_per_node={n}", "train.py", *args)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_equal_one_with_the_same_global_batch(corpus, tmp_path, mode):
+    common = dict(max_iters=3, eval_interval=3, dropout=0.0, gradient_accumulation_steps=2)
+    r = torchrun(*train_args(corpus, tmp_path, mode, batch_size=4, **common), *(["--fsdp"] if mode == "fsdp" else []))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("step 3: train loss") == 1  # only rank 0 prints
+    train.main(train_args(corpus, tmp_path, "single", batch_size=8, **common))
+    for a, b in zip(read_log(tmp_path / mode), read_log(tmp_path / "single"), strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss"):
+            assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-6
+    multi, single = models.from_pretrained(tmp_path / mode), models.from_pretrained(tmp_path / "single")
+    assert all((p - q).abs().max() < 1e-6 for p, q in zip(multi.parameters(), single.parameters()))
+    if mode == "ddp":  # a checkpoint written by two processes resumes in one with the same next step
+        for run in (mode, "single"):
+            train.main(train_args(corpus, tmp_path, run, batch_size=8, **{**common, "max_iters": 4}) + ["--resume"])
+        assert abs(read_log(tmp_path / mode)[-2]["train_loss"] - read_log(tmp_path / "single")[-2]["train_loss"]) < 1e-6
+
+
 def test_learning_rate_schedule():
     a = {"learning_rate": 1.0, "min_lr": -1.0, "warmup_iters": 10, "lr_decay_iters": -1, "max_iters": 110}
     lrs = [train.lr_at(s, a) for s in range(120)]

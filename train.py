@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import tomllib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -59,6 +60,8 @@ TRAIN_FLAGS = [
     ("device", "auto", "cpu, cuda, cuda:N, or auto"),
     ("dtype", "auto", "float32, bfloat16 or float16 (autocast; fp16 with a gradient scaler), or auto"),
     ("compile", False, "torch.compile the model"),
+    ("fsdp", False, "under torchrun: shard parameters, gradients and optimizer state with FSDP (fully_shard) "
+                    "instead of replicating them with DistributedDataParallel"),
     ("attn", "auto", "attention backend: " + ", ".join(kernels.BACKENDS + ("auto",))),
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
@@ -141,37 +144,106 @@ def lr_at(step, a):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (a["learning_rate"] - min_lr)
 
 
-def make_optimizer(model, a, device):
-    """AdamW; weight decay on tensors of two or more dimensions (matrices, embeddings) only."""
+def make_optimizer(model, a, device, sharded=False):
+    """AdamW; weight decay on tensors of two or more dimensions (matrices, embeddings) only. The
+    fused kernel, except on FSDP's sharded parameters (DTensors), which take the foreach one."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": a["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=a["learning_rate"], betas=(a["beta1"], a["beta2"]), fused=True)
+    return torch.optim.AdamW(groups, lr=a["learning_rate"], betas=(a["beta1"], a["beta2"]),
+                             fused=not sharded, foreach=sharded or None)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, a, ctx, device):
-    """Mean loss over eval_iters batches of each split; the same batches at every evaluation."""
+def evaluate(model, dataset, a, ctx, device, rank=0, world_size=1):
+    """Mean loss over eval_iters global batches of each split; the same batches at every evaluation
+    (each process takes its slice, and the means are averaged)."""
     model.eval()
     out = {}
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(a["seed"] + 1)
         losses = []
         for _ in range(a["eval_iters"]):
-            x, y = dataset.get_batch(split, a["batch_size"], a["block_size"], gen, device)
+            x, y = dataset.get_batch(split, a["batch_size"], a["block_size"], gen, device, rank, world_size)
             with ctx:
                 losses.append(model(x, y)[1])
-        out[split] = torch.stack(losses).mean().item()
+        mean = torch.stack(losses).mean()
+        if world_size > 1:
+            torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.AVG)
+        out[split] = mean.item()
     model.train()
     return out
 
 
-def save_checkpoint(model, tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir):
+# ----------------------------------------------------------------------------- several processes
+
+def setup_distributed(device):
+    """Under torchrun (RANK and WORLD_SIZE set): join the process group (nccl on CUDA, gloo on
+    CPU) and return (rank, world_size, this process's device); otherwise (0, 1, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    import torch.distributed as dist
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def distribute(model, a, world_size, device):
+    """The module that trains: the model itself in one process; wrapped in DistributedDataParallel
+    (replicas, gradients all-reduced) or sharded in place by FSDP's fully_shard (every block, then
+    the rest) under torchrun."""
+    if world_size == 1:
+        return model
+    if a["fsdp"]:
+        from torch.distributed.fsdp import fully_shard
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
+
+
+def gradient_sync(train_model, enabled):
+    """Gradients are all-reduced on the last micro-step of an accumulation only."""
+    if hasattr(train_model, "set_requires_gradient_sync"):  # FSDP
+        train_model.set_requires_gradient_sync(enabled)
+        return nullcontext()
+    if hasattr(train_model, "no_sync") and not enabled:  # DDP
+        return train_model.no_sync()
+    return nullcontext()
+
+
+def full_state(model, optimizer):
+    """The whole model and optimizer state, gathered from the shards when sharded, keyed by
+    parameter name: the same checkpoint whatever the number of processes that wrote or reads it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model, optimizer, state):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+
+def save_checkpoint(model, tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir, rank=0):
     """Model (Hugging Face format) first, then train_state.pt; each file is written under a
-    temporary name and renamed, and both carry the step so a torn pair is detected on resume."""
+    temporary name and renamed, and both carry the step so a torn pair is detected on resume.
+    Every process takes part in gathering the state; rank 0 writes it."""
+    model_state, optimizer_state = full_state(model, optimizer)
+    if rank != 0:
+        return
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # sharded: write a gathered copy
+        with torch.device("meta"):
+            gathered = type(model)(model.config)
+        gathered.load_state_dict(model_state, assign=True)
+        model = gathered
     model.save_pretrained(out_dir, metadata={"step": str(step)})
     tokenizer.save(out_dir)
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+    state = {"step": step, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
              "elapsed_s": elapsed, "args": a}
@@ -185,11 +257,14 @@ def format_eta(seconds):
 
 def train(a, module):
     out_dir = Path(a["out_dir"])
-    device = resolve_device(a["device"])
+    rank, world_size, device = setup_distributed(resolve_device(a["device"]))
     dtype = resolve_dtype(a["dtype"], device)
     kernels.set_backend(a["attn"])
     torch.manual_seed(a["seed"])
     ctx = autocast(device, dtype)
+    say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 prints and writes
+    if world_size > 1 and rank != 0:
+        torch.distributed.barrier()  # rank 0 prepares the data first; the others then reuse it
 
     # --- model and tokenizer
     state = None
@@ -218,59 +293,64 @@ def train(a, module):
             if model_step != state["step"]:
                 raise data.UserError(f"{out_dir}: model.safetensors (step {model_step}) and train_state.pt "
                                      f"(step {state['step']}) do not match; the last checkpoint was interrupted")
+    if world_size > 1 and rank == 0:
+        torch.distributed.barrier()
     dataset.check_block_size(a["block_size"])
     if getattr(model.config, "pos", None) == "learned" and a["block_size"] > model.config.block_size:
         raise data.UserError(f"--block_size {a['block_size']} exceeds the model's {model.config.block_size} positions")
     model.to(device)
-    optimizer = make_optimizer(model, a, device)
+    train_model = distribute(model, a, world_size, device)
+    optimizer = make_optimizer(model, a, device, sharded=a["fsdp"] and world_size > 1)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
     data_gen = torch.Generator().manual_seed(a["seed"])
     step, elapsed_before = 0, 0.0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(model, optimizer, state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         data_gen.set_state(state["rng"]["data"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         step, elapsed_before = state["step"], state["elapsed_s"]
-    train_model = torch.compile(model) if a["compile"] else model
+    train_model = torch.compile(train_model) if a["compile"] else train_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(out_dir / "log.jsonl", "a" if state is not None else "w")
+    log_file = open(out_dir / "log.jsonl", "a" if state is not None else "w") if rank == 0 else None
 
     def log(record):
-        log_file.write(json.dumps(record) + "\n")
-        log_file.flush()
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
 
     n_params = model.num_params()
-    tokens_per_step = a["batch_size"] * a["block_size"] * a["gradient_accumulation_steps"]
-    print(f"model {a['model']}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
+    tokens_per_step = a["batch_size"] * a["block_size"] * a["gradient_accumulation_steps"] * world_size
+    say(f"model {a['model']}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{dataset.manifest['n_train']:,} train / {dataset.manifest['n_val']:,} val tokens; "
           f"{device}, {str(dtype).removeprefix('torch.')}, attention {kernels.get_backend(device)}; "
-          f"{tokens_per_step:,} tokens per step, steps {step}..{a['max_iters']}", flush=True)
+          f"{tokens_per_step:,} tokens per step{f' over {world_size} processes' if world_size > 1 else ''}, "
+          f"steps {step}..{a['max_iters']}", flush=True)
 
     t0, first_step, losses = time.time(), step, {}
     model.train()
     while True:
         if step % a["eval_interval"] == 0 or step == a["max_iters"]:
-            losses = evaluate(train_model, dataset, a, ctx, device)
+            losses = evaluate(train_model, dataset, a, ctx, device, rank, world_size)
             elapsed = elapsed_before + time.time() - t0
-            print(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
             log({"step": step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"], "train_loss": losses["train"]})
             if step > first_step or step == a["max_iters"]:
-                save_checkpoint(model, dataset.tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir)
+                save_checkpoint(model, dataset.tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir, rank)
             t_interval, steps_interval = time.time(), 0  # throughput excludes evaluation time
         if step >= a["max_iters"]:
             break
         lr = lr_at(step, a)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        for _ in range(a["gradient_accumulation_steps"]):
-            x, y = dataset.get_batch("train", a["batch_size"], a["block_size"], data_gen, device)
-            with ctx:
+        for micro in range(a["gradient_accumulation_steps"]):
+            x, y = dataset.get_batch("train", a["batch_size"], a["block_size"], data_gen, device, rank, world_size)
+            with ctx, gradient_sync(train_model, micro == a["gradient_accumulation_steps"] - 1):
                 _, loss = train_model(x, y)
-            scaler.scale(loss / a["gradient_accumulation_steps"]).backward()
+                scaler.scale(loss / a["gradient_accumulation_steps"]).backward()
         if a["grad_clip"] > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
@@ -280,21 +360,27 @@ def train(a, module):
         step += 1
         steps_interval += 1
         if step % a["log_interval"] == 0 or step == a["max_iters"]:
+            if world_size > 1:  # the mean over the global batch, as one process would see it
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
             loss_value = loss.item()  # syncs the device, so the timing below is real
             now = time.time()
             step_time = (now - t_interval) / steps_interval
             eta = (now - t0) / (step - first_step) * (a["max_iters"] - step)  # evaluations included
-            print(f"iter {step}/{a['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
+            say(f"iter {step}/{a['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
                   f"{tokens_per_step / step_time:,.0f} tok/s | {step_time * 1000:.0f} ms/iter | "
                   f"ETA {format_eta(eta)}", flush=True)
             log({"step": step, "elapsed_s": round(elapsed_before + now - t0, 3), "train_loss": loss_value,
                  "lr": lr, "tokens_per_s": round(tokens_per_step / step_time, 1)})
             t_interval, steps_interval = now, 0
-    log_file.close()
+    if log_file:
+        log_file.close()
     total = elapsed_before + time.time() - t0
-    print(f"done: val loss {losses['val']:.4f} after {step} steps, {format_eta(total)} ({total:.0f} s); "
+    say(f"done: val loss {losses['val']:.4f} after {step} steps, {format_eta(total)} ({total:.0f} s); "
           f"model saved in {out_dir}", flush=True)
-    if a["sample_tokens"] > 0:
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    elif a["sample_tokens"] > 0:
         model.eval()
         print("sample:", flush=True)
         prompt = dataset.tokenizer.encode("\n")
