@@ -293,6 +293,15 @@ def test_bench_curves_reads_run_logs(corpus, tmp_path):
     assert (tmp_path / "c.png").stat().st_size > 1000
 
 
+def test_bench_kvcache_mha_gqa_mqa():
+    import bench
+    argv = ["kvcache", "--n_layer", "1", "--n_embd", "32", "--n_head", "4", "--block_size", "64",
+            "--new_tokens", "4", "--prompt_len", "4"]
+    rows = bench.bench_kvcache(bench.parser(argv).parse_args(argv))
+    assert [r["attention"] for r in rows] == ["MHA", "MQA"]  # n_head // 4 == 1 here
+    assert rows[0]["cache_mib"] == 4 * rows[1]["cache_mib"] == 2 * 1 * 4 * 64 * 8 * 4 / 2 ** 20  # k, v x layers x heads x T x D x fp32
+
+
 def test_attention_flop_count():
     import bench
     assert bench.attention_flops(1, 1, 4, 4, 8, causal=False, backward=False) == 2 * (2 * 4 * 4 * 8)
