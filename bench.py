@@ -5,6 +5,7 @@
   python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
   python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
   python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
+  python bench.py lora                      # full fine-tuning vs LoRA: trainable params, optimizer state, memory, time
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
@@ -22,6 +23,7 @@ import torch
 
 import data
 import kernels
+import lora
 import models
 import train
 from sample import autocast, generate, resolve_device, resolve_dtype
@@ -197,7 +199,9 @@ def plot_attention(rows, path):
 # ----------------------------------------------------------------------------- models and decoding
 
 def build_model(args, device, **overrides):
-    """A randomly initialised model of models/<args.model>.py from the model flags in args."""
+    """A randomly initialised model of models/<args.model>.py from the model flags in args (and
+    the attention backend of --attn)."""
+    kernels.set_backend(args.attn)
     module = models.get(args.model)
     fields = {f[0] for f in train.model_flags(module)}
     config = module.Config(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides},
@@ -261,7 +265,8 @@ def gemm_peak_flops(device, dtype, sizes=((1024, 1024, 1024), (2048, 2048, 2048)
 
 
 def train_step_timings(model, args, device, dtype, compiled):
-    """Median seconds of forward, backward and optimizer step, and the peak memory of a whole step."""
+    """Median seconds of forward, backward and optimizer step, the peak memory of a whole step
+    (beyond the weights and the optimizer state, which are live before it) and the optimizer state's size."""
     step_model = torch.compile(model) if compiled else model
     optimizer = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-4, "beta1": 0.9,
                                              "beta2": 0.99}, device)
@@ -290,8 +295,9 @@ def train_step_timings(model, args, device, dtype, compiled):
     t_opt, _ = measure(optimizer.step, device, args.reps)  # on the gradients the last backward left
     optimizer.zero_grad(set_to_none=True)
     t_step, peak = measure(step, device, args.reps)
+    state_bytes = sum(t.nbytes for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     return {"fwd_ms": t_fwd * 1e3, "bwd_ms": max(t_fwd_bwd - t_fwd, 0.0) * 1e3, "opt_ms": t_opt * 1e3,
-            "step_ms": t_step * 1e3, "peak_mib": peak / 2 ** 20}
+            "step_ms": t_step * 1e3, "peak_mib": peak / 2 ** 20, "opt_state_mib": state_bytes / 2 ** 20}
 
 
 def bench_speed(args):
@@ -337,6 +343,46 @@ def bench_speed(args):
     return rows, decode
 
 
+def bench_lora(args):
+    """Full fine-tuning against LoRA (lora.py) on the same model and batch, measured in one run: what
+    each trains and stores (trainable parameters, weights, AdamW state) and a training step's time
+    and peak memory (activations, gradients and temporaries beyond the weights and the optimizer
+    state); training memory = weights + optimizer state + step peak."""
+    device = resolve_device(args.device)
+    rows = []
+    for method in ("full", "LoRA"):
+        model = build_model(args, device)
+        if method == "LoRA":
+            targets = lora.resolve_targets(model, args.lora_targets)
+            lora.apply(model, lora.LoRAConfig(args.lora_rank, args.lora_alpha, targets))
+        trainable, total = lora.count_params(model)
+        base_params = total - trainable if method == "LoRA" else total  # the model without adapters
+        row = {"method": method, "trainable": trainable, "trainable_pct": 100 * trainable / base_params,
+               "weights_mib": sum(p.nbytes for p in model.parameters()) / 2 ** 20,
+               **train_step_timings(model, args, device, torch.float32, compiled=False)}
+        row["train_mib"] = row["weights_mib"] + row["opt_state_mib"] + row["peak_mib"]
+        rows.append(row)
+        del model
+        if args.json:
+            print(json.dumps(row), flush=True)
+    full, low = rows
+    ratios = {k: full[k] / low[k] if low[k] else None
+              for k in ("trainable", "opt_state_mib", "peak_mib", "train_mib", "step_ms")}
+    if args.json:
+        print(json.dumps({"method": "full / LoRA", **ratios}), flush=True)
+        return rows, ratios
+    print(f"{args.model} on {device}: {base_params / 1e6:.2f}M parameters, batch {args.batch_size} x {args.block_size} "
+          f"tokens, fp32, AdamW; LoRA rank {args.lora_rank} on {', '.join(targets)}; median of {args.reps}")
+    print_table(rows, [("method", "method", "{}"), ("trainable", "trainable params", "{:,}"),
+                       ("trainable_pct", "% of the model", "{:.2f}"), ("weights_mib", "weights MiB", "{:.1f}"),
+                       ("opt_state_mib", "optimizer state MiB", "{:.2f}"), ("peak_mib", "step peak MiB", "{:.1f}"),
+                       ("train_mib", "training MiB", "{:.1f}"), ("step_ms", "step ms", "{:.1f}")])
+    fmt = lambda k: f"{ratios[k]:.1f}x" if ratios[k] is not None else "-"
+    print(f"full fine-tuning / LoRA: {fmt('trainable')} the trainable parameters, {fmt('opt_state_mib')} the optimizer "
+          f"state, {fmt('peak_mib')} the step peak, {fmt('train_mib')} the training memory, {fmt('step_ms')} the step time")
+    return rows, ratios
+
+
 def bench_curves(args):
     """Val loss against wall time (and step) of training runs, read from their log.jsonl."""
     runs = {}
@@ -375,6 +421,7 @@ def add_model_flags(p, model_name, block_size=None):
                    "default corpus in char tokens)")
     p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
                    help="positions per sequence (and KV-cache length)")
+    p.add_argument("--attn", default="auto", choices=kernels.BACKENDS + ("auto",), help="attention backend")
     for name, default, help_text in train.model_flags(models.get(model_name)):
         kind = data.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
@@ -433,6 +480,20 @@ def parser(argv=()):
     sp.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     sp.add_argument("--json", action="store_true", help="one JSON object per row instead of tables")
     sp.set_defaults(run=bench_speed)
+
+    lo = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
+                        "parameters, optimizer state, peak memory, step time",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_flags(lo, model_name)
+    lo.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    lo.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
+    lo.add_argument("--lora_alpha", type=float, default=train.flag_default("lora_alpha"), help="LoRA alpha")
+    lo.add_argument("--lora_targets", default=train.flag_default("lora_targets"), help="layers to adapt: q, k, v, "
+                    "o, mlp or all")
+    lo.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
+    lo.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    lo.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    lo.set_defaults(run=bench_lora)
 
     cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
