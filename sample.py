@@ -3,6 +3,7 @@
   python sample.py --out_dir out/gpt --prompt "ROMEO:"
   python sample.py --out_dir out/gpt --prompt @prompt.txt --num_samples 3 --temperature 0.9 --top_p 0.95
   python sample.py --out_dir out/gpt --fewshot tasks.jsonl --shots 3 --prompt "query text"
+  python sample.py --out_dir out/lora --prompt "ROMEO:"   # a LoRA adapter on its base model
 
 Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task description line,
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
@@ -19,6 +20,7 @@ import torch
 
 import data
 import kernels
+import lora
 import models
 
 
@@ -126,11 +128,17 @@ def fewshot_prompt(demos, query, description=None, sep=" =>"):
 # ----------------------------------------------------------------------------- command line
 
 def load(directory, device="cpu", dtype=None):
-    """A model directory (a training run or a Hugging Face checkpoint) and its tokenizer."""
+    """A model directory (a training run or a Hugging Face checkpoint) and its tokenizer. A LoRA
+    adapter folder (adapter_config.json) loads its base model and the adapter, merged into it
+    (decoding then costs what the base model costs); the tokenizer is the base model's."""
     if not Path(directory).is_dir():
         raise data.UserError(f"model directory not found: {directory}")
-    model = models.from_pretrained(directory, dtype=dtype, device=device).eval()
-    return model, data.tokenizer_for_model(directory, model.config.vocab_size)
+    adapter = lora.is_adapter(directory)
+    base = lora.base_path(directory) if adapter else directory
+    model = models.from_pretrained(base, dtype=dtype, device=device).eval()
+    if adapter:
+        lora.merge(lora.load_adapter(model, directory))
+    return model, data.tokenizer_for_model(base, model.config.vocab_size)
 
 
 def autocast(device, dtype):
@@ -155,7 +163,8 @@ def resolve_dtype(name, device):
 def parser():
     p = argparse.ArgumentParser(description="Generate text from a trained model.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out_dir", default="out/gpt", help="a training run folder or a Hugging Face model directory")
+    p.add_argument("--out_dir", default="out/gpt", help="a training run folder, a Hugging Face model directory, "
+                   "or a LoRA adapter folder (its base model + the adapter)")
     p.add_argument("--prompt", default="\n", help="the prompt text, or @FILE to read it from a file; "
                    "with --fewshot, the query")
     p.add_argument("--num_samples", type=int, default=1, help="how many samples to draw")

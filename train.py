@@ -4,13 +4,16 @@
   python train.py --config config/tinyshakespeare_cpu.toml
   python train.py --model gpt --resume                 # continue out/gpt where it stopped
   python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
+  python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
 
 Every option is a flag (`--help` lists them with their defaults); the model's own options come
 from its Config dataclass. `--config FILE` is a TOML file of flag values; the command line
 overrides it. A run folder (`--out_dir`) holds the model in Hugging Face format (config.json +
 model.safetensors, so sample.py and transformers load it directly), its tokenizer,
 train_state.pt (optimizer, step, RNG states, data position, flags; loaded weights-only) and
-log.jsonl (one JSON object per log line).
+log.jsonl (one JSON object per log line). A LoRA run's folder holds the adapter instead of the model
+(lora.py: adapter_config.json, which names the base model's directory, and adapter_model.safetensors),
+train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter folded in.
 """
 import argparse
 import dataclasses
@@ -27,6 +30,7 @@ import torch
 
 import data
 import kernels
+import lora
 import models
 from sample import autocast, resolve_device, resolve_dtype, stream
 
@@ -42,6 +46,15 @@ TRAIN_FLAGS = [
     ("convert_kv_heads", 0, "with --init_from DIR: mean-pool the key/value heads into this many groups (GQA "
                             "uptraining, Ainslie et al. 2023) before training (0: keep)"),
     ("resume", False, "same as --init_from resume"),
+    ("lora_rank", 0, "with --init_from DIR: freeze the model and train rank-r LoRA adapters (Hu et al. 2021) "
+                     "on the --lora_targets layers; 0: off (full fine-tuning)"),
+    ("lora_alpha", 16.0, "LoRA: the update B A is scaled by lora_alpha / lora_rank"),
+    ("lora_dropout", 0.0, "LoRA: dropout on the adapters' input"),
+    ("lora_targets", "q,v", "LoRA: layers to adapt, comma-separated from q, k, v, o, mlp, or all (every linear "
+                            "layer but the output head); gpt's fused c_attn is q, k and v at once"),
+    ("lora_rslora", False, "LoRA: scale by lora_alpha / sqrt(lora_rank) (rank-stabilised LoRA)"),
+    ("merge", False, "LoRA: at the end, write the base model with the adapter folded in to OUT_DIR/merged "
+                     "(Hugging Face format); with --resume --max_iters 0, only that"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence"),
@@ -218,10 +231,12 @@ def gradient_sync(train_model, enabled):
 
 
 def full_state(model, optimizer):
-    """The whole model and optimizer state, gathered from the shards when sharded, keyed by
-    parameter name: the same checkpoint whatever the number of processes that wrote or reads it."""
+    """The trained model and optimizer state, gathered from the shards when sharded, keyed by
+    parameter name: the same checkpoint whatever the number of processes that wrote or reads it.
+    Frozen parameters (a LoRA run's base model) are left out: they never change."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
 
 
 def load_optimizer_state(model, optimizer, state):
@@ -230,19 +245,22 @@ def load_optimizer_state(model, optimizer, state):
 
 
 def save_checkpoint(model, tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir, rank=0):
-    """Model (Hugging Face format) first, then train_state.pt; each file is written under a
-    temporary name and renamed, and both carry the step so a torn pair is detected on resume.
-    Every process takes part in gathering the state; rank 0 writes it."""
+    """Model (Hugging Face format; in a LoRA run, the adapter only) first, then train_state.pt;
+    each file is written under a temporary name and renamed, and both carry the step so a torn pair
+    is detected on resume. Every process takes part in gathering the state; rank 0 writes it."""
     model_state, optimizer_state = full_state(model, optimizer)
     if rank != 0:
         return
-    if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # sharded: write a gathered copy
-        with torch.device("meta"):
-            gathered = type(model)(model.config)
-        gathered.load_state_dict(model_state, assign=True)
-        model = gathered
-    model.save_pretrained(out_dir, metadata={"step": str(step)})
-    tokenizer.save(out_dir)
+    if a["lora_rank"]:  # the base model and its tokenizer stay where adapter_config.json points
+        lora.save_adapter(model, out_dir, state=model_state, metadata={"step": str(step)})
+    else:
+        if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # sharded: write a gathered copy
+            with torch.device("meta"):
+                gathered = type(model)(model.config)
+            gathered.load_state_dict(model_state, assign=True)
+            model = gathered
+        model.save_pretrained(out_dir, metadata={"step": str(step)})
+        tokenizer.save(out_dir)
     state = {"step": step, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
@@ -263,6 +281,12 @@ def train(a, module):
     torch.manual_seed(a["seed"])
     ctx = autocast(device, dtype)
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 prints and writes
+    if a["lora_rank"] and a["init_from"] == "scratch":
+        raise data.UserError("--lora_rank adapts a trained model: give it --init_from DIR")
+    if a["lora_rank"] and a["convert_kv_heads"]:
+        raise data.UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
+    if a["merge"] and (not a["lora_rank"] or world_size > 1):
+        raise data.UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
     if world_size > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 prepares the data first; the others then reuse it
 
@@ -278,20 +302,30 @@ def train(a, module):
         src = out_dir if a["init_from"] == "resume" else Path(a["init_from"])
         if not src.is_dir():
             raise data.UserError(f"--init_from: no model directory {src}")
-        model = models.from_pretrained(src, dtype=torch.float32)
-        tokenizer = data.tokenizer_for_model(src, model.config.vocab_size)
+        lora_resume = a["lora_rank"] and a["init_from"] == "resume"
+        base = lora.base_path(out_dir) if lora_resume else src  # a LoRA run's folder holds only the adapter
+        model = models.from_pretrained(base, dtype=torch.float32)
+        tokenizer = data.tokenizer_for_model(base, model.config.vocab_size)
         if a["convert_kv_heads"] and a["init_from"] != "resume":
             if not hasattr(model, "convert_kv_heads"):
                 raise data.UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
             model.convert_kv_heads(a["convert_kv_heads"])
+        base_dtype = None if dtype == torch.float32 else dtype  # LoRA: the frozen base needs no fp32 copy
+        if lora_resume:
+            lora.load_adapter(model, out_dir, base_dtype)
+        elif a["lora_rank"]:
+            config = lora.LoRAConfig(a["lora_rank"], a["lora_alpha"], lora.resolve_targets(model, a["lora_targets"]),
+                                     a["lora_dropout"], a["lora_rslora"], base_model_name_or_path=str(src))
+            lora.apply(model, config, base_dtype)
         dataset = data.prepare(a["data"] or None, tokenizer, a["data_dir"])
         if a["init_from"] == "resume":
             state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)
             from safetensors import safe_open
-            with safe_open(out_dir / "model.safetensors", "pt") as f:
+            weights = lora.ADAPTER_WEIGHTS if a["lora_rank"] else "model.safetensors"
+            with safe_open(out_dir / weights, "pt") as f:
                 model_step = int((f.metadata() or {}).get("step", -1))
             if model_step != state["step"]:
-                raise data.UserError(f"{out_dir}: model.safetensors (step {model_step}) and train_state.pt "
+                raise data.UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
                                      f"(step {state['step']}) do not match; the last checkpoint was interrupted")
     if world_size > 1 and rank == 0:
         torch.distributed.barrier()
@@ -329,11 +363,16 @@ def train(a, module):
           f"{device}, {str(dtype).removeprefix('torch.')}, attention {kernels.get_backend(device)}; "
           f"{tokens_per_step:,} tokens per step{f' over {world_size} processes' if world_size > 1 else ''}, "
           f"steps {step}..{a['max_iters']}", flush=True)
+    if a["lora_rank"]:
+        trainable, total = lora.count_params(model)
+        say(f"LoRA rank {model.lora_config.r} on {', '.join(model.lora_config.target_modules)}: {trainable:,} trainable "
+            f"parameters, {100 * trainable / (total - trainable):.2f}% of the frozen base model "
+            f"{model.lora_config.base_model_name_or_path} ({total - trainable:,})", flush=True)
 
     t0, first_step, losses = time.time(), step, {}
     model.train()
     while True:
-        if step % a["eval_interval"] == 0 or step == a["max_iters"]:
+        if step % a["eval_interval"] == 0 or step >= a["max_iters"]:
             losses = evaluate(train_model, dataset, a, ctx, device, rank, world_size)
             elapsed = elapsed_before + time.time() - t0
             say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
@@ -378,6 +417,11 @@ def train(a, module):
     total = elapsed_before + time.time() - t0
     say(f"done: val loss {losses['val']:.4f} after {step} steps, {format_eta(total)} ({total:.0f} s); "
           f"model saved in {out_dir}", flush=True)
+    if a["merge"]:
+        merged = out_dir / "merged"
+        lora.merge(model).save_pretrained(merged)
+        dataset.tokenizer.save(merged)
+        say(f"merged model (base + adapter) saved in {merged}", flush=True)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     elif a["sample_tokens"] > 0:

@@ -209,6 +209,14 @@ class Model(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head,
                        dtype or p.dtype, device or p.device)
 
+    # ------------------------------------------------------------------ LoRA targets (lora.py)
+    # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's
+    # target_modules rule: a module is adapted if its name ends with one). `all` is every one of them.
+    # Hugging Face's GPT-2 fuses the q, k and v projections in one c_attn, and so do we: q, k and v
+    # each select the whole c_attn, which is what PEFT adapts on GPT2LMHeadModel too.
+    LORA_TARGETS = {"q": ["c_attn"], "k": ["c_attn"], "v": ["c_attn"], "o": ["attn.c_proj"],
+                    "mlp": ["c_fc", "mlp.c_proj"]}
+
     # ------------------------------------------------------------------ Hugging Face import / export
     # Hugging Face's GPT-2 stores its linear layers as Conv1D, weight shape (in, out): transposed.
     # Keys are `transformer.h.0.attn.c_attn.weight` (transformers 5) or, on the Hub's original

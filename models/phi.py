@@ -267,6 +267,11 @@ class Model(nn.Module):
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
                        dtype or p.dtype, device or p.device)
 
+    # ------------------------------------------------------------------ LoRA targets (lora.py)
+    # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's
+    # target_modules rule: a module is adapted if its name ends with one). `all` is every one of them.
+    LORA_TARGETS = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["dense"], "mlp": ["fc1", "fc2"]}
+
     # ------------------------------------------------------------------ Hugging Face import / export
     # Tensor names are transformers' PhiForCausalLM's: model.embed_tokens.weight,
     # model.layers.N.self_attn.{q_proj,k_proj,v_proj,dense}.*, model.layers.N.mlp.{fc1,fc2}.*,
