@@ -414,6 +414,14 @@ def bench_curves(args):
     return runs
 
 
+def add_run_flags(p, reps=None):
+    """--device and --json (and --reps, where the subcommand repeats its timings)."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    if reps:
+        p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
+
+
 def add_model_flags(p, model_name, block_size=None):
     """--model and the model file's Config fields, as train.py has them (same defaults)."""
     p.add_argument("--model", default=model_name, help="the model file models/NAME.py")
@@ -439,7 +447,6 @@ def parser(argv=()):
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
     a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
                    "naive,sdpa,sdpa_flash,triton on CUDA")
@@ -448,11 +455,10 @@ def parser(argv=()):
     a.add_argument("--n_head", type=int, default=8, help="query heads")
     a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
     a.add_argument("--head_dim", type=int, default=64, help="head dimension")
-    a.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
     a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
                    "would exceed this")
     a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
-    a.add_argument("--json", action="store_true", help="one JSON object per measurement instead of a table")
+    add_run_flags(a, reps=3)
     a.set_defaults(run=bench_attention)
 
     kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA",
@@ -463,8 +469,7 @@ def parser(argv=()):
     kv.add_argument("--batch", type=int, default=1, help="batch size")
     kv.add_argument("--prompt_len", type=int, default=64, help="prompt tokens")
     kv.add_argument("--new_tokens", type=int, default=256, help="generated tokens")
-    kv.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    kv.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    add_run_flags(kv)
     kv.set_defaults(run=bench_kvcache)
 
     sp = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
@@ -476,9 +481,7 @@ def parser(argv=()):
     sp.add_argument("--compile", default="both", choices=("false", "true", "both"), help="torch.compile the model")
     sp.add_argument("--prompt_len", type=int, default=16, help="prompt tokens for decoding")
     sp.add_argument("--new_tokens", type=int, default=512, help="decoded tokens")
-    sp.add_argument("--reps", type=int, default=5, help="timed repetitions (the median is reported)")
-    sp.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    sp.add_argument("--json", action="store_true", help="one JSON object per row instead of tables")
+    add_run_flags(sp, reps=5)
     sp.set_defaults(run=bench_speed)
 
     lo = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
@@ -490,9 +493,7 @@ def parser(argv=()):
     lo.add_argument("--lora_alpha", type=float, default=train.flag_default("lora_alpha"), help="LoRA alpha")
     lo.add_argument("--lora_targets", default=train.flag_default("lora_targets"), help="layers to adapt: q, k, v, "
                     "o, mlp or all")
-    lo.add_argument("--reps", type=int, default=3, help="timed repetitions (the median is reported)")
-    lo.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    lo.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    add_run_flags(lo, reps=3)
     lo.set_defaults(run=bench_lora)
 
     cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)",

@@ -318,6 +318,17 @@ def test_unknown_attention_backend_is_an_error():
 
 # ----------------------------------------------------------------------------- GPT-2 and Hugging Face
 
+def write_shards(state, directory):
+    """Two safetensors shards and the index that names each tensor's shard."""
+    from safetensors.torch import save_file
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def save_hub_layout(hf, directory, fmt):
     """Write a GPT-2 checkpoint in the Hub's original layout: unprefixed keys plus the attn.bias
     and attn.masked_bias buffers, as model.safetensors, pytorch_model.bin or two shards."""
@@ -333,13 +344,8 @@ def save_hub_layout(hf, directory, fmt):
         torch.save(state, directory / "pytorch_model.bin")
     elif fmt == "safetensors":
         save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    else:  # sharded
-        keys = sorted(state)
-        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-        for name, ks in shards.items():
-            save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
-        index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        write_shards(state, directory)
 
 
 @pytest.mark.parametrize("layout", ["transformers", "safetensors", "bin", "sharded"])
@@ -660,19 +666,14 @@ def test_hub_config_form_loads(tmp_path, family, overrides):
 def write_layout(directory, layout):
     """Turn transformers' model.safetensors into two shards with an index, or pytorch_model.bin
     (with the rotary_emb.inv_freq buffers that early Llama 2 conversions carry)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     state = load_file(directory / "model.safetensors")
     (directory / "model.safetensors").unlink()
     if layout == "bin":
         state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
         torch.save(state, directory / "pytorch_model.bin")
         return
-    keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-    for name, ks in shards.items():
-        save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    write_shards(state, directory)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
