@@ -4,6 +4,11 @@
   python sample.py --out_dir out/gpt --prompt @prompt.txt --num_samples 3 --temperature 0.9 --top_p 0.95
   python sample.py --out_dir out/gpt --fewshot tasks.jsonl --shots 3 --prompt "query text"
   python sample.py --out_dir out/lora --prompt "ROMEO:"   # a LoRA adapter on its base model
+  python sample.py --out_dir out/gpt --prompt "ROMEO:" --prompt "JULIET: O" --compile   # one batch, compiled steps
+
+Several prompts (and --num_samples > 1) are decoded together as one batch, left-padded to the
+longest (kernels.KVCache masks the padding): greedy decoding gives each row the tokens it would
+get alone, up to block_size tokens of prompt and completion.
 
 Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task description line,
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
@@ -43,30 +48,75 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts, pad_id=0, device="cpu"):
+    """Prompts of different lengths (lists of token ids) -> idx (B, T), each row padded on the
+    left with pad_id to the longest, and pad (B,), how many padding tokens each row starts with."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
+
+
+def compiled_decoder(model):
+    """model's forward under torch.compile, made once per model, for one-token steps against a
+    static KV cache: every step has the same shapes and inputs, so it compiles on the first step and
+    never again. On CPU the compiled graph is driven from C++ (inductor's cpp_wrapper), which cuts
+    the per-step overhead of small models."""
+    if "_compiled_decoder" not in model.__dict__:  # outside nn.Module's registry: not a submodule
+        options = {"cpp_wrapper": True} if model.lm_head.weight.device.type == "cpu" else {}
+        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, options=options)
+    return model.__dict__["_compiled_decoder"]
+
+
+def _window(seq, pad, n):
+    """The last n tokens of seq (B, T), and the padding left in each row."""
+    drop = max(seq.shape[1] - n, 0)
+    if drop and pad is not None:
+        pad = (pad - drop).clamp(min=0)
+    return seq[:, drop:], pad
+
+
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None, use_cache=True):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             use_cache=True, pad=None, compile=False):
     """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T).
-    The prompt is run once to fill the KV cache, then each step feeds one token. When the cache
-    reaches block_size, it is refilled from the last half block of the sequence. Without the
-    cache (use_cache=False, for comparison) every step recomputes the last block_size tokens."""
-    block = model.config.block_size
-    seq = idx[:, -block:]
-    cache_len = min(block, seq.shape[1] + max_new_tokens)  # real checkpoints have block_size up to 128k
-    cache = model.init_cache(idx.shape[0], cache_len) if use_cache else None
-    logits, _ = model(seq, cache=cache)
+
+    Rows may be prompts of different lengths, left-padded: pad (B,) says how many padding tokens
+    each row starts with (left_pad makes idx and pad); each row then decodes as it would alone, as
+    long as the padded batch fits block_size (a full cache is refilled for all rows at once, on the
+    longest row's schedule; without the cache every row keeps its own last block_size tokens).
+    The prompt is run once to fill a pre-allocated KV cache, then each step feeds one token. When
+    the cache reaches block_size, it is refilled from the last half block of the sequence.
+    compile=True runs the one-token steps through compiled_decoder over a static cache.
+    use_cache=False (for comparison) recomputes the last block_size tokens at every step."""
+    B, block = idx.shape[0], model.config.block_size
+    if pad is not None:
+        pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
+        pad = pad if int(pad.max()) > 0 else None
+    seq, pad = _window(idx, pad, block)
+    cache_len = seq.shape[1] + max_new_tokens
+    if compile:  # a power of two: calls of other lengths reuse the compiled step (its shapes are the cache's)
+        cache_len = 1 << (cache_len - 1).bit_length()
+    cache_len = min(block, cache_len)  # real checkpoints have block_size up to 128k
+    step = compiled_decoder(model) if compile and use_cache else model
+
+    def forward(seq, pad, cache_len):  # a fresh cache holding seq, and the logits after it
+        cache = model.init_cache(B, cache_len, pad=pad, static=compile) if cache_len else None
+        return cache, model(seq, cache=cache)[0][:, -1]
+
+    cache, logits = forward(seq, pad, cache_len if use_cache else (pad is not None) * seq.shape[1])
+    filled, recent = seq.shape[1], []  # recent: tokens since seq was last joined (not every step: a copy)
     for _ in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
         yield nxt
-        seq = torch.cat((seq, nxt[:, None]), dim=1)
-        if not use_cache:
-            seq = seq[:, -block:]
-            logits, _ = model(seq)
-        elif cache.pos == cache_len:  # only when cache_len == block
-            seq = seq[:, -(block // 2):]
-            cache = model.init_cache(idx.shape[0], block)
-            logits, _ = model(seq, cache=cache)
+        recent.append(nxt[:, None])
+        if not use_cache or filled == cache_len:  # recompute, or the cache is full (cache_len == block)
+            seq, recent = torch.cat([seq, *recent], dim=1), []
+            seq, pad = _window(seq, pad, block if not use_cache else block // 2)
+            cache, logits = forward(seq, pad, cache_len if use_cache else (pad is not None) * seq.shape[1])
+            filled = seq.shape[1]
         else:
-            logits, _ = model(seq[:, -1:], cache=cache)
+            filled += 1
+            logits = step(recent[-1], cache=cache)[0][:, -1]
 
 
 def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=None, **sampling):
@@ -74,7 +124,7 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=No
     `stop`, generation ends where that string first appears (it is not included)."""
     device = model.lm_head.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    ids, shown = [], ""
+    ids, shown, text = [], "", ""
     for tok in generate(model, idx, max_new_tokens, **sampling):
         ids.append(tok.item())
         text = tokenizer.decode(ids)
@@ -87,8 +137,25 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=No
             shown = text
         if done:
             return text
-    out.write(text[len(shown):] if ids else "")
-    return text if ids else ""
+    out.write(text[len(shown):])
+    return text
+
+
+def complete(model, tokenizer, prompts, max_new_tokens, stop=None, **sampling):
+    """Completions (texts) of several prompts (lists of token ids), decoded together as one
+    left-padded batch. With `stop`, each ends where that string first appears (not included), and
+    decoding ends when every row has it."""
+    idx, pad = left_pad(prompts, device=model.lm_head.weight.device)
+    ids, open_rows = [[] for _ in prompts], set(range(len(prompts)))
+    for tok in generate(model, idx, max_new_tokens, pad=pad, **sampling):
+        for row, t in zip(ids, tok.tolist()):
+            row.append(t)
+        if stop is not None:
+            open_rows = {i for i in open_rows if stop not in tokenizer.decode(ids[i])}
+            if not open_rows:
+                break
+    texts = [tokenizer.decode(row) for row in ids]
+    return [t[:t.index(stop)] if stop is not None and stop in t else t for t in texts]
 
 
 # ----------------------------------------------------------------------------- few-shot prompts
@@ -165,9 +232,11 @@ def parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out_dir", default="out/gpt", help="a training run folder, a Hugging Face model directory, "
                    "or a LoRA adapter folder (its base model + the adapter)")
-    p.add_argument("--prompt", default="\n", help="the prompt text, or @FILE to read it from a file; "
-                   "with --fewshot, the query")
-    p.add_argument("--num_samples", type=int, default=1, help="how many samples to draw")
+    p.add_argument("--prompt", action="append", help="the prompt text, or @FILE to read it from a file; "
+                   "give it several times to decode several prompts as one batch; with --fewshot, the query. "
+                   "None: a newline (with --fewshot: the input of the demonstration after the shots)")
+    p.add_argument("--num_samples", type=int, default=1, help="how many samples to draw (of each prompt; "
+                   "more than one row in all is decoded as one batch)")
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
@@ -177,9 +246,20 @@ def parser():
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
     p.add_argument("--attn", default="auto", choices=kernels.BACKENDS + ("auto",), help="attention backend")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decoding step (a static "
+                   "KV cache; the first call compiles, about 40 s on a laptop CPU)")
     p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
     p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt")
     return p
+
+
+def read_prompt(text):
+    if not text.startswith("@"):
+        return text
+    try:
+        return Path(text[1:]).read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        raise data.UserError(f"cannot read prompt file {text[1:]}: {e}") from None
 
 
 def main(argv=None):
@@ -188,31 +268,32 @@ def main(argv=None):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model, tokenizer = load(args.out_dir, device=device)
-    prompt = args.prompt
-    if prompt.startswith("@"):
-        try:
-            prompt = Path(prompt[1:]).read_text(encoding="utf-8")
-        except (FileNotFoundError, UnicodeDecodeError) as e:
-            raise data.UserError(f"cannot read prompt file {prompt[1:]}: {e}") from None
+    prompts = [read_prompt(p) for p in args.prompt or ["\n"]]
     stop = None
     if args.fewshot:
         description, records = read_fewshot(args.fewshot)
-        query_given = args.prompt != parser().get_default("prompt")
-        if args.shots < 0 or len(records) < args.shots + (0 if query_given else 1):
+        need = args.shots + (0 if args.prompt else 1)  # without --prompt, the next record is the query
+        if args.shots < 0 or len(records) < need:
             raise data.UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
-                                 f"{args.shots + (0 if query_given else 1)} (the query included)")
-        query = prompt if query_given else records[args.shots]["input"]
-        prompt, stop = fewshot_prompt(records[:args.shots], query, description), "\n"
-    prompt_ids = tokenizer.encode(prompt)
-    if not prompt_ids:
+                                 f"{need} (the query included)")
+        queries = prompts if args.prompt else [records[args.shots]["input"]]
+        prompts, stop = [fewshot_prompt(records[:args.shots], q, description) for q in queries], "\n"
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    if not all(prompt_ids):
         raise data.UserError("the prompt is empty")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=generator)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=generator,
+                    compile=args.compile)
     with autocast(device, dtype):
-        for i in range(args.num_samples):
-            print(prompt, end="", flush=True)
-            stream(model, tokenizer, prompt_ids, args.max_new_tokens, stop=stop, **sampling)
-            print("\n" + "-" * 40 if i + 1 < args.num_samples else "")
+        if len(prompts) == 1 and args.num_samples == 1:  # one row: show it as it comes
+            print(prompts[0], end="", flush=True)
+            stream(model, tokenizer, prompt_ids[0], args.max_new_tokens, stop=stop, **sampling)
+            print()
+            return 0
+        rows = [i for i in range(len(prompts)) for _ in range(args.num_samples)]
+        texts = complete(model, tokenizer, [prompt_ids[i] for i in rows], args.max_new_tokens, stop=stop, **sampling)
+        for n, (i, text) in enumerate(zip(rows, texts)):
+            print(prompts[i] + text + ("\n" + "-" * 40 if n + 1 < len(rows) else ""))
     return 0
 
 

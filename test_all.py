@@ -279,10 +279,10 @@ def test_bench_attention_runs_end_to_end(tmp_path):
 
 def test_bench_speed_runs_end_to_end():
     r = run_cli("bench.py", "speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
-                "--batch_size", "2", "--new_tokens", "8", "--reps", "1", "--compile", "false")
+                "--batch_size", "2", "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false")
     assert r.returncode == 0, r.stderr
     for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
-                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "KV cache", "faster than recomputation"):
+                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "decoding", "recompute", "KV cache", "vs recompute"):
         assert column in r.stdout
     assert "float32" in r.stdout and "bfloat16" in r.stdout
 
@@ -481,6 +481,54 @@ def test_generate_past_block_size_refills_the_cache():
     assert len(out) == 40
 
 
+PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
+
+
+@pytest.mark.parametrize("name,kw", [("gpt", dict(pos="learned")), ("gpt", dict(pos="sinusoidal")),
+                                     ("gpt", dict(pos="rope")), ("llama", dict(n_kv_head=2)),
+                                     ("qwen", dict(n_kv_head=2, variant="qwen3")), ("phi", dict(n_kv_head=2))])
+def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
+    module = models.get(name)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, **kw)
+    model = randomize(module.Model(module.Config(**cfg)), std=0.3).double().eval()  # float64: no near-ties
+    idx, pad = sample.left_pad(PADDED_PROMPTS)
+    assert pad.tolist() == [0, 5, 3] and idx[1].tolist() == [0] * 5 + [9, 8]
+    # with the cache, up to block_size in all (7 + 25 = 32); recomputing, well past it (sliding window)
+    for use_cache, n in ((True, 25), (False, 45)):
+        batched = torch.stack(list(sample.generate(model, idx, n, temperature=0, pad=pad, use_cache=use_cache)), 1)
+        for row, prompt in zip(batched, PADDED_PROMPTS):
+            alone = torch.stack(list(sample.generate(model, torch.tensor([prompt]), n, temperature=0,
+                                                     use_cache=use_cache)), 1)[0]
+            assert torch.equal(row, alone)
+    # a static cache (the compiled layout: every slot, masked) gives the logits of a growing one
+    with torch.no_grad():
+        seq = torch.cat((idx, batched[:, :10]), dim=1)
+        logits = []
+        for static in (False, True):
+            cache = model.init_cache(3, 32, pad=pad, static=static)
+            logits.append(torch.cat([model(seq[:, :7], cache=cache)[0]] +
+                                    [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 17)], dim=1))
+        assert (logits[0] - logits[1]).abs().max().item() < 1e-12
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once():
+    """sample.py --compile: the one-token step compiled over a static cache, GQA, padded rows, past
+    block_size (the cache is refilled); a second call with other prompts reuses the compiled step."""
+    llama = models.get("llama")
+    torch.manual_seed(0)
+    model = randomize(llama.Model(llama.Config(vocab_size=50, block_size=32, n_layer=1, n_head=4, n_kv_head=2,
+                                               n_embd=32, intermediate_size=64)), std=0.3).eval()
+    idx, pad = sample.left_pad(PADDED_PROMPTS)
+    eager = torch.stack(list(sample.generate(model, idx, 40, temperature=0, pad=pad)), 1)
+    compiled = torch.stack(list(sample.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
+    assert torch.equal(compiled, eager)
+    idx, pad = sample.left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = torch.stack(list(sample.generate(model, idx, 30, temperature=0, pad=pad, compile=True)), 1)
+    assert torch.equal(compiled, torch.stack(list(sample.generate(model, idx, 30, temperature=0, pad=pad)), 1))
+
+
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     g = torch.Generator().manual_seed(0)
@@ -593,6 +641,18 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
     got = torch.stack(list(sample.generate(ours, prompt, 20, temperature=0)), dim=1)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_left_padded_batch_generation_matches_transformers(tmp_path, family):
+    """transformers' generate with left padding and an attention mask is the reference for ours."""
+    hf = hf_model(family, seed=3)
+    ours = saved(hf, tmp_path)
+    idx, pad = sample.left_pad([tokens(9, B=1, seed=4)[0].tolist(), tokens(4, B=1, seed=5)[0].tolist()])
+    mask = (torch.arange(9)[None] >= pad[:, None]).long()
+    with torch.no_grad():
+        want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0)[:, 9:]
+    assert torch.equal(torch.stack(list(sample.generate(ours, idx, 15, temperature=0, pad=pad)), dim=1), want)
 
 
 # ----------------------------------------------------------------------------- checkpoints in and out
@@ -1277,6 +1337,13 @@ def test_train_and_sample_command_lines(corpus, tmp_path):
     expected = "".join(tok.decode([t.item()]) for t in sample.generate(model, torch.tensor([tok.encode("JULIET:")]),
                                                                         5, temperature=0))
     assert r.stdout.rstrip("\n") == "JULIET:" + expected.rstrip("\n")
+    # two prompts of different lengths, one batch: each row is what that prompt gives alone
+    r = run_cli("sample.py", "--out_dir", str(out), "--prompt", "ROMEO: O", "--prompt", f"@{tmp_path / 'p.txt'}",
+                "--max_new_tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.rstrip("\n").split("\n" + "-" * 40 + "\n")
+    assert len(rows) == 2 and rows[1].rstrip("\n") == "JULIET:" + expected.rstrip("\n")
+    assert rows[0].startswith("ROMEO: O")
     # the run folder is a Hugging Face directory
     from transformers import GPT2LMHeadModel
     assert GPT2LMHeadModel.from_pretrained(out).config.n_layer == 2

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention
+from kernels import KVCache, attention
 
 
 # ----------------------------------------------------------------------------- config
@@ -48,17 +48,19 @@ class Config:
 # ----------------------------------------------------------------------------- building blocks
 
 def sinusoidal_positions(pos, dim):
-    """Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    """Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)).
+    pos (B, T) -> (B, T, dim)."""
     inv_freq = torch.exp(torch.arange(0, dim, 2, device=pos.device) * (-math.log(10000.0) / dim))
-    angles = pos.float()[:, None] * inv_freq[None, :]
-    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)  # interleave sin, cos
+    angles = pos.float()[..., None] * inv_freq
+    return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave sin, cos
 
 
 def rope_tables(pos, head_dim, theta):
-    """cos and sin of the rotary angles p * theta^(-2i/d), shaped (T, head_dim), rotate-half layout."""
+    """cos and sin of the rotary angles p * theta^(-2i/d) for positions pos (B, T), shaped
+    (B, 1, T, head_dim) to broadcast over heads; rotate-half layout."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
-    angles = pos.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
+    angles = pos.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos(), angles.sin()
 
 
@@ -66,23 +68,6 @@ def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-
-
-class KVCache:
-    """Keys and values of every layer, pre-allocated for max_len positions; `pos` is how many
-    are filled. Each forward writes its T new positions and attends to all filled ones."""
-
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.pos, self.max_len = 0, max_len
-
-    def update(self, layer, k, v):
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CausalSelfAttention(nn.Module):
@@ -93,7 +78,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
@@ -101,7 +86,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True)
+        y = attention(q, k, v, causal=True, mask=mask)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -124,8 +109,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -160,13 +145,16 @@ class Model(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
-        sequence the cache holds."""
+        sequence the cache holds (its rows possibly left-padded: kernels.KVCache)."""
         cfg = self.config
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if cfg.pos == "learned" and start + T > cfg.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {cfg.block_size}")
-        pos = torch.arange(start, start + T, device=idx.device)
+        end = cache.end(T) if cache is not None else T
+        if cfg.pos == "learned" and end > cfg.block_size:
+            raise ValueError(f"sequence of {end} tokens is longer than block_size {cfg.block_size}")
+        if cache is None:
+            pos, mask = torch.arange(T, device=idx.device)[None], None
+        else:
+            pos, mask = cache.positions(T, idx.device), cache.mask(T, idx.device)
         x = self.transformer.wte(idx)
         rope = None
         if cfg.pos == "learned":
@@ -177,9 +165,9 @@ class Model(nn.Module):
             rope = rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))
         loss = None
         if targets is not None:
@@ -204,10 +192,11 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ generation hooks
 
-    def init_cache(self, batch_size, max_len=None, dtype=None, device=None):
+    def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
+        """An empty kernels.KVCache for this model (pad and static: see there)."""
         cfg, p = self.config, self.lm_head.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head,
-                       dtype or p.dtype, device or p.device)
+                       dtype or p.dtype, device or p.device, pad=pad, static=static)
 
     # ------------------------------------------------------------------ LoRA targets (lora.py)
     # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import attention
+from kernels import KVCache, attention
 
 
 # ----------------------------------------------------------------------------- config
@@ -115,12 +115,13 @@ def rope_frequencies(config, dim, seq_len, device=None):
     return inv_freq, 1.0
 
 
-def rope_tables(config, dim, start, T, device):
-    """cos and sin (T, dim) of the rotary angles p * inv_freq for positions p = start..start+T-1,
-    rotate-half layout (pair i is dimensions i and i + dim/2)."""
-    inv_freq, scale = rope_frequencies(config, dim, start + T, device)
-    angles = torch.arange(start, start + T, device=device).float()[:, None] * inv_freq[None, :]
-    angles = torch.cat((angles, angles), dim=-1)
+def rope_tables(config, dim, pos, seq_len):
+    """cos and sin of the rotary angles p * inv_freq for positions pos (1 or B, T), shaped
+    (1 or B, 1, T, dim) to broadcast over heads; rotate-half layout (pair i is dimensions i and
+    i + dim/2). seq_len, the longest sequence so far, matters to dynamic scaling only."""
+    inv_freq, scale = rope_frequencies(config, dim, seq_len, pos.device)
+    angles = pos.float()[..., None] * inv_freq
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
     return angles.cos() * scale, angles.sin() * scale
 
 
@@ -131,23 +132,6 @@ def apply_rope(x, cos, sin):
     x_rot, x_pass = x[..., :r], x[..., r:]
     x1, x2 = x_rot.chunk(2, dim=-1)
     return torch.cat(((x_rot * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype), x_pass), dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer, pre-allocated for max_len positions; `pos` is how many
-    are filled. Each forward writes its T new positions and attends to all filled ones."""
-
-    def __init__(self, n_layer, batch_size, n_head, max_len, head_dim, dtype, device):
-        shape = (batch_size, n_head, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.pos, self.max_len = 0, max_len
-
-    def update(self, layer, k, v):
-        end = self.pos + k.shape[2]
-        self.k[layer][:, :, self.pos:end] = k
-        self.v[layer][:, :, self.pos:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class Attention(nn.Module):
@@ -163,14 +147,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, config.n_kv_head * D)
         self.dense = nn.Linear(config.n_head * D, C)
 
-    def forward(self, x, rope, cache=None):
+    def forward(self, x, rope, cache=None, mask=None):
         B, T, _ = x.shape
         q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True)
+        y = attention(q, k, v, causal=True, mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -196,9 +180,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, rope, cache=None):
+    def forward(self, x, rope, cache=None, mask=None):
         h = self.input_layernorm(x)
-        return x + self.resid_dropout(self.self_attn(h, rope, cache)) + self.resid_dropout(self.mlp(h))
+        return x + self.resid_dropout(self.self_attn(h, rope, cache, mask)) + self.resid_dropout(self.mlp(h))
 
 
 # ----------------------------------------------------------------------------- model
@@ -228,15 +212,19 @@ class Model(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
-        sequence the cache holds."""
+        sequence the cache holds (its rows possibly left-padded: kernels.KVCache)."""
         T = idx.shape[1]
-        start = cache.pos if cache is not None else 0
-        rope = rope_tables(self.config, self.config.rotary_dims, start, T, idx.device)
+        if cache is None:
+            pos, mask, seq_len = torch.arange(T, device=idx.device)[None], None, T
+        else:
+            pos, mask = cache.positions(T, idx.device), cache.mask(T, idx.device)
+            seq_len = cache.end(T) - cache.min_pad
+        rope = rope_tables(self.config, self.config.rotary_dims, pos, seq_len)
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, mask)
         if cache is not None:
-            cache.pos += T
+            cache.advance(T)
         logits = self.lm_head(self.model.final_layernorm(x))
         loss = None
         if targets is not None:
@@ -262,10 +250,11 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ generation hooks
 
-    def init_cache(self, batch_size, max_len=None, dtype=None, device=None):
+    def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
+        """An empty kernels.KVCache for this model (pad and static: see there)."""
         cfg, p = self.config, self.lm_head.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       dtype or p.dtype, device or p.device)
+                       dtype or p.dtype, device or p.device, pad=pad, static=static)
 
     # ------------------------------------------------------------------ LoRA targets (lora.py)
     # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's
