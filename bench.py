@@ -16,9 +16,11 @@ import ctypes
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import data
@@ -215,16 +217,20 @@ def cache_bytes(cache):
     return sum(t.nbytes for v in vars(cache).values() if isinstance(v, list) for t in v if torch.is_tensor(t))
 
 
-def decode_tokens_per_s(model, batch, prompt_len, new_tokens, use_cache, device, dtype=torch.float32):
-    """Greedy decoding throughput (new tokens per second, all rows together) after a prompt."""
+def decode_tokens_per_s(model, batch, prompt_len, new_tokens, use_cache, device, dtype=torch.float32, compile=False,
+                        reps=1):
+    """Greedy decoding throughput (new tokens per second, all rows together) after a prompt, from
+    the median of reps runs. With compile, an untimed run first compiles the decoding step."""
     idx = torch.randint(model.config.vocab_size, (batch, prompt_len), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
 
-    def run():
+    def run(n=new_tokens):
         with autocast(device, dtype):
-            for _ in generate(model, idx, new_tokens, temperature=0, use_cache=use_cache):
+            for _ in generate(model, idx, n, temperature=0, use_cache=use_cache, compile=compile):
                 pass
-    seconds, _ = measure(run, device, reps=1)
+    if compile:
+        run()
+    seconds, _ = measure(run, device, reps=reps)
     return batch * new_tokens / seconds
 
 
@@ -300,6 +306,17 @@ def train_step_timings(model, args, device, dtype, compiled):
             "step_ms": t_step * 1e3, "peak_mib": peak / 2 ** 20, "opt_state_mib": state_bytes / 2 ** 20}
 
 
+def batch_seconds(args, device, n_tokens=5_000_000):
+    """Median time of data.get_batch drawing one training batch from a memmap of n_tokens random
+    tokens (about the default corpus), moved to the device."""
+    with tempfile.TemporaryDirectory() as folder:
+        np.random.default_rng(0).integers(0, args.vocab_size, n_tokens, dtype=np.uint16).tofile(Path(folder) / "train.bin")
+        dataset, g = data.Dataset(folder, None, {"dtype": "uint16"}), torch.Generator().manual_seed(0)
+        seconds, _ = measure(lambda: dataset.get_batch("train", args.batch_size, args.block_size, g, device),
+                             device, args.reps)
+    return seconds
+
+
 def bench_speed(args):
     device = resolve_device(args.device)
     peaks = {name: gemm_peak_flops(device, resolve_dtype(name, device)) for name in args.dtypes.split(",")}
@@ -317,12 +334,20 @@ def bench_speed(args):
             rows.append(row)
             if args.json:
                 print(json.dumps({"kind": "train", **row}), flush=True)
+    batch_ms = batch_seconds(args, device) * 1e3
+    if args.json:
+        print(json.dumps({"kind": "batch", "batch_ms": batch_ms}), flush=True)
     model = build_model(args, device).eval()
     decode = []
-    for batch in (1, 8):
-        for use_cache in (True, False):
-            decode.append({"batch": batch, "kv_cache": use_cache, "tok_s": decode_tokens_per_s(
-                model, batch, args.prompt_len, args.new_tokens, use_cache, device)})
+    modes = [("recompute", False, False), ("KV cache", True, False)]
+    if args.compile != "false":
+        modes.append(("KV cache + compile", True, True))
+    for batch in [int(b) for b in args.decode_batches.split(",")]:
+        for mode, use_cache, compiled in modes:
+            decode.append({"batch": batch, "mode": mode, "tok_s": decode_tokens_per_s(
+                model, batch, args.prompt_len, args.new_tokens, use_cache, device, compile=compiled,
+                reps=args.decode_reps)})
+            decode[-1]["speedup"] = decode[-1]["tok_s"] / next(r["tok_s"] for r in decode if r["batch"] == batch)
             if args.json:
                 print(json.dumps({"kind": "decode", **decode[-1]}), flush=True)
     if not args.json:
@@ -335,11 +360,13 @@ def bench_speed(args):
                            ("bwd_ms", "bwd ms", "{:.1f}"), ("opt_ms", "opt ms", "{:.1f}"),
                            ("tflops", "TFLOP/s", "{:.3f}"), ("peak_tflops", "GEMM peak TFLOP/s", "{:.3f}"),
                            ("mfu", "MFU", "{:.1%}"), ("peak_mib", "peak MiB", "{:.0f}")])
-        print(f"\ndecoding {args.new_tokens} tokens after a {args.prompt_len}-token prompt (greedy, fp32)")
-        print_table(decode, [("batch", "batch", "{}"), ("kv_cache", "KV cache", "{}"), ("tok_s", "tokens/s", "{:,.0f}")])
-        for batch in (1, 8):
-            with_cache, without = (r["tok_s"] for r in decode if r["batch"] == batch)
-            print(f"batch {batch}: the KV cache decodes {with_cache / without:.1f}x faster than recomputation")
+        fastest = min(r["step_ms"] for r in rows)
+        print(f"\ndrawing a batch (data.get_batch, {args.batch_size} x {args.block_size} tokens from a memmap): "
+              f"{batch_ms:.2f} ms, {batch_ms / fastest:.2%} of the fastest step above")
+        print(f"\ndecoding {args.new_tokens} tokens after a {args.prompt_len}-token prompt (greedy, fp32, median of "
+              f"{args.decode_reps}; speed-up against recomputing the context at every step, same batch)")
+        print_table(decode, [("batch", "batch", "{}"), ("mode", "decoding", "{}"), ("tok_s", "tokens/s", "{:,.0f}"),
+                             ("speedup", "vs recompute", "{:.1f}x")])
     return rows, decode
 
 
@@ -481,6 +508,8 @@ def parser(argv=()):
     sp.add_argument("--compile", default="both", choices=("false", "true", "both"), help="torch.compile the model")
     sp.add_argument("--prompt_len", type=int, default=16, help="prompt tokens for decoding")
     sp.add_argument("--new_tokens", type=int, default=512, help="decoded tokens")
+    sp.add_argument("--decode_batches", default="1,8", help="comma-separated batch sizes for decoding")
+    sp.add_argument("--decode_reps", type=int, default=3, help="timed decoding runs (the median is reported)")
     add_run_flags(sp, reps=5)
     sp.set_defaults(run=bench_speed)
 

@@ -282,7 +282,8 @@ def test_bench_speed_runs_end_to_end():
                 "--batch_size", "2", "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false")
     assert r.returncode == 0, r.stderr
     for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
-                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "decoding", "recompute", "KV cache", "vs recompute"):
+                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "drawing a batch", "decoding", "recompute", "KV cache",
+                   "vs recompute"):
         assert column in r.stdout
     assert "float32" in r.stdout and "bfloat16" in r.stdout
 
