@@ -99,8 +99,11 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     cache_len = min(block, cache_len)  # real checkpoints have block_size up to 128k
     step = compiled_decoder(model) if compile and use_cache else model
 
+    kind = idx.device.type  # under autocast, the cache holds keys and values in the autocast dtype
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
     def forward(seq, pad, cache_len):  # a fresh cache holding seq, and the logits after it
-        cache = model.init_cache(B, cache_len, pad=pad, static=compile) if cache_len else None
+        cache = model.init_cache(B, cache_len, dtype=dtype, pad=pad, static=compile) if cache_len else None
         return cache, model(seq, cache=cache)[0][:, -1]
 
     cache, logits = forward(seq, pad, cache_len if use_cache else (pad is not None) * seq.shape[1])

@@ -513,6 +513,17 @@ def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
         assert (logits[0] - logits[1]).abs().max().item() < 1e-12
 
 
+def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
+    model, caches = tiny_gpt(), []
+    make_cache = model.init_cache
+    model.init_cache = lambda *a, **kw: caches.append(make_cache(*a, **kw)) or caches[-1]
+    idx, pad = sample.left_pad(PADDED_PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # sample.py --dtype bfloat16
+        out = list(sample.generate(model, idx, 70, temperature=0, pad=pad))  # past block_size 64: a refill
+    assert len(out) == 70 and len(caches) == 2 and all(c.k[0].dtype == torch.bfloat16 for c in caches)
+    assert model.lm_head.weight.dtype == torch.float32
+
+
 def test_compiled_decoding_equals_eager_and_compiles_once():
     """sample.py --compile: the one-token step compiled over a static cache, GQA, padded rows, past
     block_size (the cache is refilled); a second call with other prompts reuses the compiled step."""

@@ -159,8 +159,8 @@ class KVCache:
     def update(self, layer, k, v):
         """Write the new keys and values (B, Hkv, T, D); return those to attend to."""
         slots = self.pos + torch.arange(k.shape[2], device=k.device)  # index_copy_: compiled, it writes in place
-        self.k[layer].index_copy_(2, slots, k)
-        self.v[layer].index_copy_(2, slots, v)
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
         S = self.end(k.shape[2])
         return self.k[layer][:, :, :S], self.v[layer][:, :, :S]
 
