@@ -102,11 +102,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     kind = idx.device.type  # under autocast, the cache holds keys and values in the autocast dtype
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
-    def forward(seq, pad, cache_len):  # a fresh cache holding seq, and the logits after it
-        cache = model.init_cache(B, cache_len, dtype=dtype, pad=pad, static=compile) if cache_len else None
+    def forward(seq, pad):  # the logits after seq, and a fresh cache that holds it
+        if not use_cache and pad is None:
+            return None, model(seq)[0][:, -1]
+        # recomputing a padded batch, the cache is a throwaway that only carries the padding mask
+        cache = model.init_cache(B, cache_len if use_cache else seq.shape[1], dtype=dtype, pad=pad, static=compile)
         return cache, model(seq, cache=cache)[0][:, -1]
 
-    cache, logits = forward(seq, pad, cache_len if use_cache else (pad is not None) * seq.shape[1])
+    cache, logits = forward(seq, pad)
     filled, recent = seq.shape[1], []  # recent: tokens since seq was last joined (not every step: a copy)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
@@ -115,7 +118,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         if not use_cache or filled == cache_len:  # recompute, or the cache is full (cache_len == block)
             seq, recent = torch.cat([seq, *recent], dim=1), []
             seq, pad = _window(seq, pad, block if not use_cache else block // 2)
-            cache, logits = forward(seq, pad, cache_len if use_cache else (pad is not None) * seq.shape[1])
+            cache, logits = forward(seq, pad)
             filled = seq.shape[1]
         else:
             filled += 1
