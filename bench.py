@@ -224,9 +224,9 @@ def decode_tokens_per_s(model, batch, prompt_len, new_tokens, use_cache, device,
     idx = torch.randint(model.config.vocab_size, (batch, prompt_len), device=device,
                         generator=torch.Generator(device=device).manual_seed(0))
 
-    def run(n=new_tokens):
+    def run():
         with autocast(device, dtype):
-            for _ in generate(model, idx, n, temperature=0, use_cache=use_cache, compile=compile):
+            for _ in generate(model, idx, new_tokens, temperature=0, use_cache=use_cache, compile=compile):
                 pass
     if compile:
         run()
