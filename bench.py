@@ -28,7 +28,9 @@ import kernels
 import lora
 import models
 import train
-from sample import autocast, generate, resolve_device, resolve_dtype
+import runtime
+from runtime import UserError, autocast, resolve_device, resolve_dtype
+from sample import generate
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -90,17 +92,6 @@ def print_table(rows, columns):
 
 # ----------------------------------------------------------------------------- attention
 
-def _sdpa_flash(q, k, v, causal):
-    """torch's SDPA restricted to its FlashAttention backend (CUDA)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return kernels.sdpa_attention(q, k, v, causal)
-
-
-ATTENTION = {"naive": kernels.naive_attention, "sdpa": kernels.sdpa_attention,
-             "sdpa_flash": _sdpa_flash, "triton": kernels.triton_attention}
-
-
 def attention_flops(B, Hq, T, S, D, causal, backward):
     """Matrix-product FLOPs: q k^T and p v are 2*T*S*D each per head (half under a causal mask);
     the backward is 2.5x the forward (five products instead of two), FlashAttention-2's convention."""
@@ -115,10 +106,10 @@ def bench_attention(args):
     backends = args.backends.split(",") if args.backends else (
         ["naive", "sdpa", "sdpa_flash", "triton"] if cuda else ["naive", "sdpa"])
     for b in backends:
-        if b not in ATTENTION:
-            raise data.UserError(f"unknown backend {b!r}; choose from {', '.join(ATTENTION)}")
-    if "triton" in backends and not kernels.triton_usable():
-        raise data.UserError("the triton backend needs CUDA (or TRITON_INTERPRET=1 on CPU)")
+        if b not in kernels.BACKENDS:
+            raise UserError(f"unknown backend {b!r}; choose from {', '.join(kernels.BACKENDS)}")
+        if not kernels.BACKENDS[b].usable(device):
+            raise UserError(f"the {b} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
         [1024, 2048, 4096, 8192, 16384] if cuda else [128, 256, 512, 1024, 2048, 4096])
     H, D = args.n_head, args.head_dim
@@ -135,7 +126,7 @@ def bench_attention(args):
                 g = torch.Generator(device=device).manual_seed(0)
                 q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
                 k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
-                fn = ATTENTION[backend]
+                fn = kernels.BACKENDS[backend].fn
                 for phase, backward in (("fwd", False), ("fwdbwd", True)):
                     qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
 
@@ -416,7 +407,7 @@ def bench_curves(args):
     for run in args.runs:
         path = Path(run) / "log.jsonl"
         if not path.is_file():
-            raise data.UserError(f"no log.jsonl in {run}")
+            raise UserError(f"no log.jsonl in {run}")
         runs[run] = [r for r in map(json.loads, path.read_text().splitlines()) if "val_loss" in r]
         for r in runs[run]:
             print(f"{run}\tstep {r['step']}\t{r['elapsed_s']:.0f} s\tval loss {r['val_loss']:.4f}")
@@ -443,7 +434,7 @@ def bench_curves(args):
 
 def add_run_flags(p, reps=None):
     """--device and --json (and --reps, where the subcommand repeats its timings)."""
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    runtime.add_device_flags(p, dtype=False, attn=False)
     p.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
     if reps:
         p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
@@ -456,9 +447,9 @@ def add_model_flags(p, model_name, block_size=None):
                    "default corpus in char tokens)")
     p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
                    help="positions per sequence (and KV-cache length)")
-    p.add_argument("--attn", default="auto", choices=kernels.BACKENDS + ("auto",), help="attention backend")
+    p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
     for name, default, help_text in train.model_flags(models.get(model_name)):
-        kind = data.str2bool if isinstance(default, bool) else type(default)
+        kind = runtime.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
 
 
@@ -469,11 +460,9 @@ def parser(argv=()):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--model", default="llama" if list(argv[:1]) == ["kvcache"] else "gpt")  # kvcache needs kv heads
     model_name = pre.parse_known_args(argv)[0].model
-    p = argparse.ArgumentParser(description="Measure speed and memory.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
     a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
                    "naive,sdpa,sdpa_flash,triton on CUDA")
@@ -488,8 +477,7 @@ def parser(argv=()):
     add_run_flags(a, reps=3)
     a.set_defaults(run=bench_attention)
 
-    kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA")
     add_model_flags(kv, model_name, block_size=1024)
     kv.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
                     "n_head/4, 1")
@@ -500,8 +488,7 @@ def parser(argv=()):
     kv.set_defaults(run=bench_kvcache)
 
     sp = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
-                        "decoding tokens/s with and without the KV cache",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "decoding tokens/s with and without the KV cache")
     add_model_flags(sp, model_name)
     sp.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
     sp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
@@ -514,8 +501,7 @@ def parser(argv=()):
     sp.set_defaults(run=bench_speed)
 
     lo = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
-                        "parameters, optimizer state, peak memory, step time",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "parameters, optimizer state, peak memory, step time")
     add_model_flags(lo, model_name)
     lo.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
     lo.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
@@ -525,8 +511,7 @@ def parser(argv=()):
     add_run_flags(lo, reps=3)
     lo.set_defaults(run=bench_lora)
 
-    cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)")
     cv.add_argument("runs", nargs="+", help="run folders")
     cv.add_argument("--target", type=float, default=0.0, help="draw a horizontal line at this loss (0: none)")
     cv.add_argument("--plot", default="out/curves.png", help="PNG plot path")
@@ -542,4 +527,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

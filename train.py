@@ -32,7 +32,9 @@ import data
 import kernels
 import lora
 import models
-from sample import autocast, resolve_device, resolve_dtype, stream
+import runtime
+from runtime import UserError, autocast, resolve_device, resolve_dtype
+from sample import stream
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -75,7 +77,7 @@ TRAIN_FLAGS = [
     ("compile", False, "torch.compile the model"),
     ("fsdp", False, "under torchrun: shard parameters, gradients and optimizer state with FSDP (fully_shard) "
                     "instead of replicating them with DistributedDataParallel"),
-    ("attn", "auto", "attention backend: " + ", ".join(kernels.BACKENDS + ("auto",))),
+    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
@@ -94,12 +96,11 @@ def model_flags(module):
 
 def build_parser(flags, suppress=False):
     """The argparse parser of these flags; with suppress, parsing returns only the flags given."""
-    p = argparse.ArgumentParser(description="Train a model of models/ (one loop for every model and method).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                argument_default=argparse.SUPPRESS if suppress else None)
+    p = runtime.ArgumentParser(description="Train a model of models/ (one loop for every model and method).",
+                               argument_default=argparse.SUPPRESS if suppress else None)
     for name, default, help_text in flags:
-        kind = data.str2bool if isinstance(default, bool) else type(default)
-        extra = {"nargs": "?", "const": True} if kind is data.str2bool else {}
+        kind = runtime.str2bool if isinstance(default, bool) else type(default)
+        extra = {"nargs": "?", "const": True} if kind is runtime.str2bool else {}
         p.add_argument(f"--{name}", type=kind, help=help_text, **extra,
                        **({} if suppress else {"default": default}))
     return p
@@ -117,9 +118,9 @@ def parse_args(argv):
         try:
             overrides = tomllib.loads(Path(known.config).read_text())
         except FileNotFoundError:
-            raise data.UserError(f"config file not found: {known.config}") from None
+            raise UserError(f"config file not found: {known.config}") from None
         except tomllib.TOMLDecodeError as e:
-            raise data.UserError(f"{known.config}: {e}") from None
+            raise UserError(f"{known.config}: {e}") from None
     module = models.get(known.model or overrides.get("model", "gpt"))  # the model decides the model flags
     flags = TRAIN_FLAGS + model_flags(module)
     args = vars(build_parser(flags).parse_args(argv))
@@ -128,7 +129,7 @@ def parse_args(argv):
         defaults = {name: default for name, default, _ in flags}
         unknown = sorted(set(overrides) - set(defaults))
         if unknown:
-            raise data.UserError(f"{args['config']}: unknown flag(s) {', '.join(unknown)}")
+            raise UserError(f"{args['config']}: unknown flag(s) {', '.join(unknown)}")
         explicit = {**{k: type(defaults[k])(v) for k, v in overrides.items()}, **explicit}
     if args["resume"] or explicit.get("init_from") == "resume":
         explicit["init_from"] = "resume"
@@ -137,7 +138,7 @@ def parse_args(argv):
     if args["init_from"] == "resume":
         state_path = Path(args["out_dir"]) / "train_state.pt"
         if not state_path.is_file():
-            raise data.UserError(f"nothing to resume: no {state_path}")
+            raise UserError(f"nothing to resume: no {state_path}")
         saved = torch.load(state_path, map_location="cpu", weights_only=True)["args"]
         args = {**args, **saved, **explicit}
     return args, module
@@ -265,7 +266,7 @@ def save_checkpoint(model, tokenizer, optimizer, scaler, a, step, data_gen, elap
              "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
              "elapsed_s": elapsed, "args": a}
-    data.atomic_write(Path(out_dir) / "train_state.pt", lambda tmp: torch.save(state, tmp))
+    runtime.atomic_write(Path(out_dir) / "train_state.pt", lambda tmp: torch.save(state, tmp))
 
 
 def format_eta(seconds):
@@ -282,11 +283,11 @@ def train(a, module):
     ctx = autocast(device, dtype)
     say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 prints and writes
     if a["lora_rank"] and a["init_from"] == "scratch":
-        raise data.UserError("--lora_rank adapts a trained model: give it --init_from DIR")
+        raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
     if a["lora_rank"] and a["convert_kv_heads"]:
-        raise data.UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
+        raise UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
     if a["merge"] and (not a["lora_rank"] or world_size > 1):
-        raise data.UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
+        raise UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
     if world_size > 1 and rank != 0:
         torch.distributed.barrier()  # rank 0 prepares the data first; the others then reuse it
 
@@ -301,14 +302,14 @@ def train(a, module):
     else:
         src = out_dir if a["init_from"] == "resume" else Path(a["init_from"])
         if not src.is_dir():
-            raise data.UserError(f"--init_from: no model directory {src}")
+            raise UserError(f"--init_from: no model directory {src}")
         lora_resume = a["lora_rank"] and a["init_from"] == "resume"
         base = lora.base_path(out_dir) if lora_resume else src  # a LoRA run's folder holds only the adapter
         model = models.from_pretrained(base, dtype=torch.float32)
         tokenizer = data.tokenizer_for_model(base, model.config.vocab_size)
         if a["convert_kv_heads"] and a["init_from"] != "resume":
             if not hasattr(model, "convert_kv_heads"):
-                raise data.UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
+                raise UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
             model.convert_kv_heads(a["convert_kv_heads"])
         base_dtype = None if dtype == torch.float32 else dtype  # LoRA: the frozen base needs no fp32 copy
         if lora_resume:
@@ -325,13 +326,13 @@ def train(a, module):
             with safe_open(out_dir / weights, "pt") as f:
                 model_step = int((f.metadata() or {}).get("step", -1))
             if model_step != state["step"]:
-                raise data.UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
+                raise UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
                                      f"(step {state['step']}) do not match; the last checkpoint was interrupted")
     if world_size > 1 and rank == 0:
         torch.distributed.barrier()
     dataset.check_block_size(a["block_size"])
     if getattr(model.config, "pos", None) == "learned" and a["block_size"] > model.config.block_size:
-        raise data.UserError(f"--block_size {a['block_size']} exceeds the model's {model.config.block_size} positions")
+        raise UserError(f"--block_size {a['block_size']} exceeds the model's {model.config.block_size} positions")
     model.to(device)
     train_model = distribute(model, a, world_size, device)
     optimizer = make_optimizer(model, a, device, sharded=a["fsdp"] and world_size > 1)
@@ -443,4 +444,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    data.run_cli(main)
+    runtime.run_cli(main)

@@ -9,49 +9,93 @@ after S - T cached positions) each new query sees everything before it. An expli
 `mask` (broadcastable to (B, Hq, T, S), True where a query may attend) replaces that rule: the
 KV cache builds one for left-padded batches and for its fixed-shape (compiled) layout.
 
-Backends (pick one with `set_backend`, or per call):
-  naive   the explicit-softmax reference: materialises the T x S score matrix
-  sdpa    torch.nn.functional.scaled_dot_product_attention (fused kernels where torch has them)
-  triton  our FlashAttention-2 kernel (kernels/flash_attention.py): CUDA, or the CPU under
-          the Triton interpreter (TRITON_INTERPRET=1, slow: for tests)
-  auto    triton on CUDA, sdpa elsewhere (the default)
-Calls with a mask (only decoding makes them) go to sdpa when the backend is triton.
+Backends: one registry, `BACKENDS` (name -> Backend), read by train.py, sample.py and bench.py
+(`--attn`, through `names()`) and by the tests; a new backend is one `register(...)` call below.
+Pick one with `set_backend` (every model), or per call. `auto` (the default) resolves by device:
+on CUDA through `AUTO_ON_CUDA`, a table of measured speeds per GPU class; elsewhere `sdpa`.
+
+Silent switches, on purpose (both are decoding steps, the only calls that carry a mask):
+- a masked one-token step inside torch.compile goes to `naive`, whatever the backend
+  (`attention` below: inductor fuses it with the cache write);
+- `triton` hands masked calls to `sdpa` (the kernel knows the causal rule only).
 """
 import math
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("naive", "sdpa", "triton")
+
+@dataclass(frozen=True)
+class Backend:
+    """One attention implementation: fn(q, k, v, causal=True, mask=None) -> (B, Hq, T, D);
+    usable(device) says whether it runs there; doc is its one-line description (--help)."""
+    fn: Callable
+    doc: str
+    usable: Callable = lambda device: True
+
+
+BACKENDS = {}  # name -> Backend, in registration order
 _backend = "auto"
 
 
-def triton_usable():
+def register(name, fn, doc, usable=None):
+    """Add an attention backend under `name` (then `--attn name` works everywhere)."""
+    BACKENDS[name] = Backend(fn, doc, usable or (lambda device: True))
+    return fn
+
+
+def names():
+    """Every backend name, and `auto`: the choices of `--attn`."""
+    return list(BACKENDS) + ["auto"]
+
+
+def triton_usable(device=None):
     """Triton runs on a CUDA GPU, or on the CPU under its interpreter."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.is_available()
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_backend(name):
-    """Choose the attention implementation used by every model (`--attn` on the command line)."""
+    """Choose the attention implementation used by every model (`--attn` on the command line).
+    Raises ValueError for an unknown name or a backend that cannot run on this machine."""
     global _backend
-    if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS + ('auto',))}")
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(names())}")
     if name == "triton" and not triton_usable():
         raise ValueError("the triton attention backend needs a CUDA GPU (or TRITON_INTERPRET=1 on CPU, for tests)")
     _backend = name
+
+
+# `auto` on CUDA: the fastest backend measured on each GPU class (compute capability major), with
+# the figures it rests on. A class not listed gets `sdpa` (torch's own priority order).
+#   sm_90 (Hopper): one NVIDIA H200, torch 2.11 + CUDA 13, triton 3.6, bf16, D = 128, 16k tokens
+#   per batch, fwd+bwd TFLOP/s (triton.testing.do_bench medians; README, FlashAttention section):
+#       causal T=4096: sdpa_cudnn 444, triton (ours) 325, sdpa_flash (torch's FA2) 258
+#       full   T=16k:  sdpa_cudnn 557, triton (ours) 413, sdpa_flash 307
+#   so cuDNN first; sdpa_cudnn falls back inside torch (to FA2, then the others) for what cuDNN
+#   does not take (fp32, some head dims), so `auto` never fails where sdpa would run.
+#   sm_80 (Ampere) and others: not measured here; torch's default order (FA2 first on A100).
+AUTO_ON_CUDA = {9: "sdpa_cudnn"}
 
 
 def get_backend(device=None):
     """The backend in use; `auto` resolves by device (default: the first CUDA device if any)."""
     if _backend != "auto":
         return _backend
-    on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-    return "triton" if on_cuda and triton_usable() else "sdpa"
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        return "sdpa"
+    major = torch.cuda.get_device_capability(device)[0]
+    choice = AUTO_ON_CUDA.get(major, "sdpa")
+    return choice if BACKENDS[choice].usable(device) else "sdpa"
 
 
 def causal_mask(T, S, device):
@@ -78,6 +122,7 @@ def naive_attention(q, k, v, causal=True, mask=None):
 
 
 def sdpa_attention(q, k, v, causal=True, mask=None):
+    """torch.nn.functional.scaled_dot_product_attention, with bottom-right causal alignment."""
     T, S = q.shape[2], k.shape[2]
     if mask is None and causal and T != S and T > 1:  # torch's is_causal is top-left aligned: pass the mask
         mask = causal_mask(T, S, q.device)
@@ -85,20 +130,45 @@ def sdpa_attention(q, k, v, causal=True, mask=None):
                                           enable_gqa=q.shape[1] != k.shape[1])
 
 
+def _sdpa_preferring(*preferred):
+    """sdpa with torch's backends tried in this priority order first (then the rest, so a shape
+    the preferred kernel does not take still runs)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    order = [getattr(SDPBackend, name) for name in preferred]
+    order += [b for b in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH) if b not in order]
+
+    def fn(q, k, v, causal=True, mask=None):
+        with sdpa_kernel(order, set_priority=True):
+            return sdpa_attention(q, k, v, causal, mask)
+    return fn
+
+
 def triton_attention(q, k, v, causal=True, mask=None):
+    """Our FlashAttention-2 kernel (kernels/flash_attention.py); masked calls go to sdpa."""
     if mask is not None:  # the kernel knows the causal rule only; masked calls are decoding steps
         return sdpa_attention(q, k, v, causal, mask)
     from kernels.flash_attention import flash_attention  # imports triton: only when used
     return flash_attention(q, k, v, causal=causal)
 
 
-_IMPLEMENTATIONS = {"naive": naive_attention, "sdpa": sdpa_attention, "triton": triton_attention}
+def _on_cuda(device):
+    return torch.device(device).type == "cuda"
+
+
+register("naive", naive_attention, "explicit softmax, materialises the T x S scores: the reference")
+register("sdpa", sdpa_attention, "torch's scaled_dot_product_attention (fused kernels where torch has them)")
+register("sdpa_flash", _sdpa_preferring("FLASH_ATTENTION"), "sdpa, torch's FlashAttention-2 kernel first (CUDA)")
+register("sdpa_cudnn", _sdpa_preferring("CUDNN_ATTENTION"), "sdpa, cuDNN's fused attention first (CUDA)")
+register("triton", triton_attention, "our FlashAttention-2 in Triton: CUDA, or the CPU under TRITON_INTERPRET=1",
+         usable=triton_usable)
 
 
 def attention(q, k, v, causal=True, mask=None, backend=None):
+    """Attention with the chosen backend (see the module docstring for shapes and masking)."""
     if mask is not None and q.shape[2] == 1 and backend is None and torch.compiler.is_compiling():
         return naive_attention(q, k, v, causal, mask)  # a compiled decoding step: see naive_attention
-    return _IMPLEMENTATIONS[backend or get_backend(q.device)](q, k, v, causal, mask)
+    return BACKENDS[backend or get_backend(q.device)].fn(q, k, v, causal, mask)
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -1,0 +1,101 @@
+"""What every entry point shares (train.py, sample.py, bench.py): the device, dtype and autocast
+choice, their command-line flags, user errors that end in one line, and atomic file writes.
+
+A library module: it imports nothing from the project but kernels (for the --attn choices).
+"""
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import kernels
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class UserError(Exception):
+    """A problem with the user's input: the command line prints it as one line and exits 1."""
+
+
+# ----------------------------------------------------------------------------- device and dtype
+
+def resolve_device(name):
+    """`auto` -> cuda if a GPU is visible, else cpu; any other name is returned as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def resolve_dtype(name, device):
+    """`auto` -> bf16 on a CUDA device that supports it, fp32 elsewhere (on CPUs bf16 matrix
+    products are usually slower: measure with `bench.py speed`). Raises UserError on other names."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be auto, {', '.join(DTYPES)}; not {name!r}")
+    return DTYPES[name]
+
+
+def autocast(device, dtype):
+    """torch.autocast to dtype on device's type; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (`--max_iters ten`, an unknown flag) are user errors: one `error:`
+    line and exit 1 through run_cli, as every other bad input, instead of usage text and exit 2.
+    --help shows every flag's default."""
+
+    def __init__(self, *args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def str2bool(s):
+    """true/false, yes/no, on/off, 1/0 (any case) -> bool; ValueError otherwise (argparse's type)."""
+    if str(s).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(s).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {s!r}")
+
+
+def add_device_flags(p, dtype=True, attn=True):
+    """--device (and --dtype, --attn: the attention backends of kernels' registry) on parser p."""
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when there is a GPU)")
+    if dtype:
+        p.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)}, or auto (bf16 on CUDA, fp32 on CPU)")
+    if attn:
+        p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+
+
+def run_cli(main):
+    """Run a command's main(); a user error (bad flag value, missing or corrupt file, bad corpus)
+    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead."""
+    try:
+        sys.exit(main())
+    except (UserError, ValueError, OSError) as e:
+        if os.environ.get("OMNITRON_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write(path, write_fn):
+    """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
+    readers never see half a file (used for every checkpoint and cache file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write_fn(str(tmp))
+    os.replace(tmp, path)
