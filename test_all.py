@@ -229,6 +229,52 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter is not a compiler: every kernel in kernels/ and every autotune config compiles
+    ahead of time for sm_80 and sm_90 (no GPU needed) and fits the target's shared memory."""
+    import importlib
+    import pkgutil
+    import triton
+    from kernels import compile_check
+    from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
+    kernel_types = (triton.runtime.JITFunction, triton.runtime.Autotuner, InterpretedFunction)
+    defined = set()
+    for module in pkgutil.iter_modules(kernels.__path__):
+        if module.name == "compile_check":
+            continue
+        for name, obj in vars(importlib.import_module(f"kernels.{module.name}")).items():
+            if isinstance(obj, kernel_types) and name.endswith("_kernel"):
+                defined.add(name)
+    jobs = compile_check.jobs()
+    kernel_names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel",
+                    "preprocess": "_bwd_preprocess_kernel"}
+    assert {kernel_names[j[0]] for j in jobs} == defined  # every kernel in kernels/ is compiled
+    from kernels import flash_attention as fa
+    for kernel, table in fa._CONFIGS.items():  # every config of every class, at its largest head dim, on both targets
+        for (block_d, size), configs in table.items():
+            for config in configs:
+                for target in (80, 90):
+                    assert any(j[0] == kernel and j[1] == target and j[5] == config and
+                               fa.config_class(triton.next_power_of_2(j[3]), 4 if j[2] == "fp32" else 2) == (block_d, size)
+                               for j in jobs), (kernel, block_d, size, config, target)
+        covered = [j for j in jobs if j[0] == kernel]
+        assert {j[3] for j in covered} == set(compile_check.HEAD_DIMS)
+        assert {j[2] for j in covered} == {"fp16", "bf16", "fp32"} and {j[4] for j in covered} == {True, False}
+    failures, results = compile_check.check()
+    assert not failures, "\n".join(failures)
+    assert len(results) == len(jobs) and all(r[1] > 0 for r in results)
+
+
+def test_autotune_prunes_to_the_configs_of_the_launch_class():
+    from kernels import flash_attention as fa
+    every = [fa._config(*c) for cfgs in fa._CONFIGS["dkdv"].values() for c in cfgs]
+    prune = fa._autotune("dkdv")(fa._bwd_dkdv_kernel.fn).early_config_prune
+    for block_d, dtype, size in ((16, torch.bfloat16, 2), (128, torch.float16, 2), (256, torch.float32, 4)):
+        kept = prune(every, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+        want = fa._CONFIGS["dkdv"][(max(64, block_d), size)]
+        assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == sorted(want)
+
+
 def loss_grads_and_greedy(model, backend, idx):
     """A training step's loss and gradients, and 6 greedy cached-decoding tokens, with one backend."""
     kernels.set_backend(backend)

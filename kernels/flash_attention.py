@@ -50,8 +50,11 @@ Under the Triton interpreter (TRITON_INTERPRET=1, runs on CPU tensors) the same 
 with one small fixed block configuration; on a GPU the block sizes are autotuned.
 """
 
+import functools
+import inspect
 import math
 import os
+import zlib
 
 import torch
 import triton
@@ -73,24 +76,65 @@ def is_available(device) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Launch configurations
 # ---------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N) = (query rows, key rows) per tile. The fwd and dQ kernels own a query
-# block and loop over keys (prefer tall tiles); the dK/dV kernel owns a key block and loops
-# over queries (prefer wide tiles). (32, 32) is always present so that big head dims
-# (e.g. 256 in fp32) still have a config that fits in shared memory.
-_QUERY_MAJOR_BLOCKS = [(32, 32), (64, 32), (64, 64), (128, 32), (128, 64)]
-_KEY_MAJOR_BLOCKS = [(32, 32), (32, 64), (32, 128), (64, 64), (64, 128)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = key rows per tile.
+# The fwd and dQ kernels own a query block and loop over keys (tall tiles); the dK/dV kernel owns
+# a key block and loops over queries (wide tiles). A few configs per kernel and head-dim class
+# (BLOCK_D up to 64, 128, 256) and element size, taken from FlashAttention-2's published choices
+# (Dao 2023, section 3.3, and Triton's fused-attention tutorial) rather than a wide grid: each one
+# compiles on the first call, so the grid is what the first call costs. Every one of them fits in
+# the shared memory of both sm_80 (163 KiB per block) and sm_90 (227 KiB): test_all.py compiles
+# each ahead of time for both targets and checks (test_triton_kernels_compile_for_sm80_and_sm90).
+# Not yet tuned on a GPU: which of them wins is measured by bench.py attention (scripts/gpu_check.sh).
+_CONFIGS = {
+    "fwd": {(64, 2): [(128, 64, 4, 3), (64, 64, 4, 3)], (128, 2): [(128, 64, 8, 3), (64, 64, 4, 3)],
+            (256, 2): [(64, 64, 8, 2), (64, 32, 4, 2)]},
+    "dkdv": {(64, 2): [(32, 128, 4, 3), (64, 128, 8, 2)], (128, 2): [(32, 128, 8, 2), (32, 64, 4, 2)],
+             (256, 2): [(32, 64, 4, 1), (16, 64, 4, 1)]},
+    "dq": {(64, 2): [(128, 32, 4, 3), (64, 64, 4, 2)], (128, 2): [(128, 32, 8, 2), (64, 32, 4, 2)],
+           (256, 2): [(64, 32, 4, 1), (32, 32, 4, 1)]},
+}
+for _kernel in _CONFIGS.values():  # fp32 inputs (three TF32 products each, see _compile_time_args): small tiles
+    _kernel.update({(64, 4): [(32, 32, 4, 1)], (128, 4): [(32, 32, 4, 1)], (256, 4): [(16, 32, 4, 1)]})
+# Under the Triton interpreter (CPU, tests) nothing is tuned: one fixed config. Its cost is per
+# tile, so fairly big tiles keep tests fast; BLOCK_M != BLOCK_N so that mixing the two up fails.
+_INTERPRETER_CONFIG = (64, 32, 4, 1)
 # Autotune cache key. T and S enter only as power-of-two buckets (see _bucket), otherwise a
 # KV-cache decode loop (S grows by one every step) would re-run the benchmark at every step.
-_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "S_BUCKET", "CAUSAL"]
+# DEVICE_KEY (a hash of the GPU's name) keys the tuning results kept on disk to the GPU model;
+# triton adds its own version and the target architecture, and the autotuner the input dtypes.
+_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "S_BUCKET", "CAUSAL", "DEVICE_KEY"]
 
 
-def _configs(block_shapes):
-    if _INTERPRET:
-        # Nothing to tune on a CPU: one fixed config. The interpreter's cost is per tile, so
-        # fairly big tiles keep tests fast; BLOCK_M != BLOCK_N so that mixing the two up fails.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in block_shapes for w in (4, 8) for s in (2, 3)]
+def config_class(block_d, element_size):
+    """The _CONFIGS key of a launch: (head-dim class 64, 128 or 256; bytes per element, 2 or 4)."""
+    return (64 if block_d <= 64 else block_d, 4 if element_size == 4 else 2)
+
+
+def _config(m, n, warps, stages):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+
+
+def _autotune(kernel):
+    """triton.autotune over every config of this kernel; before tuning a launch, the configs not
+    of its class (config_class) are pruned, so none is discovered not to fit at run time. The
+    winner is kept on disk (triton's cache_results; triton's cache directory) and a later
+    process with the same GPU, triton version, key and configs reuses it without re-tuning."""
+    table = _CONFIGS[kernel]
+    every = dict.fromkeys(c for cfgs in table.values() for c in cfgs)  # one of each, in order
+    configs = [_config(*c) for c in ([_INTERPRETER_CONFIG] if _INTERPRET else every)]
+
+    def prune(configs, named_args, **kwargs):
+        allowed = table[config_class(kwargs["BLOCK_D"], named_args["Q"].element_size())]
+        return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+    extra = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+    return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune}, **extra)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_key(device):
+    """A small int naming the GPU model (part of the autotune key); 0 off CUDA."""
+    return zlib.crc32(torch.cuda.get_device_name(device).encode()) & 0x7FFFFFFF if device.type == "cuda" else 0
 
 
 def _bucket(n):
@@ -107,13 +151,18 @@ def _head_ptr(X, b, h, stride_b, stride_h):
 
 
 @triton.jit
+def _ptrs(base, rows, stride_row, stride_d, BLOCK_D: tl.constexpr):
+    """Pointers of a (len(rows), BLOCK_D) tile whose bounds mask is another tile's (same rows)."""
+    return base + rows[:, None] * stride_row + tl.arange(0, BLOCK_D)[None, :] * stride_d
+
+
+@triton.jit
 def _tile(base, rows, n_rows, stride_row, stride_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Pointers and bounds mask of a (len(rows), BLOCK_D) tile of a (n_rows, HEAD_DIM) matrix.
     BLOCK_D is HEAD_DIM rounded up to a power of two; the padding columns are masked."""
     offs_d = tl.arange(0, BLOCK_D)
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
     mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    return ptrs, mask
+    return _ptrs(base, rows, stride_row, stride_d, BLOCK_D), mask
 
 
 @triton.jit
@@ -174,7 +223,7 @@ def _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S, qk_scale,
 # ---------------------------------------------------------------------------------------------
 # Forward kernel: grid = (query blocks, B * Hq)
 # ---------------------------------------------------------------------------------------------
-@triton.autotune(configs=_configs(_QUERY_MAJOR_BLOCKS), key=_TUNE_KEY)
+@_autotune("fwd")
 @triton.jit
 def _fwd_kernel(
     Q, stride_qb, stride_qh, stride_qt, stride_qd,
@@ -183,7 +232,7 @@ def _fwd_kernel(
     O, stride_ob, stride_oh, stride_ot, stride_od,
     LSE,  # (B, Hq, T) fp32, contiguous
     H, GROUP, T, S, qk_scale,
-    T_BUCKET, S_BUCKET,  # only read by the autotuner (cache key)
+    T_BUCKET, S_BUCKET, DEVICE_KEY,  # only read by the autotuner (cache key)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -209,7 +258,7 @@ def _fwd_kernel(
     for start_n in range(0, _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, kv_mask = _tile(K, offs_n, S, stride_ks, stride_kd, HEAD_DIM, BLOCK_D)
-        v_ptrs, _ = _tile(V, offs_n, S, stride_vs, stride_vd, HEAD_DIM, BLOCK_D)
+        v_ptrs = _ptrs(V, offs_n, stride_vs, stride_vd, BLOCK_D)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
 
@@ -253,14 +302,13 @@ def _bwd_preprocess_kernel(
     b, h = bh // H, bh % H
     o_ptrs, mask = _tile(_head_ptr(O, b, h, stride_ob, stride_oh), offs_m, T,
                          stride_ot, stride_od, HEAD_DIM, BLOCK_D)
-    do_ptrs, _ = _tile(_head_ptr(DO, b, h, stride_dob, stride_doh), offs_m, T,
-                       stride_dot, stride_dod, HEAD_DIM, BLOCK_D)
+    do_ptrs = _ptrs(_head_ptr(DO, b, h, stride_dob, stride_doh), offs_m, stride_dot, stride_dod, BLOCK_D)
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(do_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
 
 
-@triton.autotune(configs=_configs(_KEY_MAJOR_BLOCKS), key=_TUNE_KEY)
+@_autotune("dkdv")
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, stride_qb, stride_qh, stride_qt, stride_qd,
@@ -271,7 +319,7 @@ def _bwd_dkdv_kernel(
     DV, stride_dvb, stride_dvh, stride_dvs, stride_dvd,
     LSE, DELTA,
     H, H_KV, GROUP, T, S, qk_scale, sm_scale,
-    T_BUCKET, S_BUCKET,
+    T_BUCKET, S_BUCKET, DEVICE_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -285,8 +333,7 @@ def _bwd_dkdv_kernel(
     # The key/value block and its two gradient accumulators stay on chip throughout.
     k_ptrs, kv_mask = _tile(_head_ptr(K, b, h_kv, stride_kb, stride_kh), offs_n, S,
                             stride_ks, stride_kd, HEAD_DIM, BLOCK_D)
-    v_ptrs, _ = _tile(_head_ptr(V, b, h_kv, stride_vb, stride_vh), offs_n, S,
-                      stride_vs, stride_vd, HEAD_DIM, BLOCK_D)
+    v_ptrs = _ptrs(_head_ptr(V, b, h_kv, stride_vb, stride_vh), offs_n, stride_vs, stride_vd, BLOCK_D)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -302,7 +349,7 @@ def _bwd_dkdv_kernel(
         for start_m in range(first_query, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_ptrs, q_mask = _tile(Qh, offs_m, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_D)
-            do_ptrs, _ = _tile(DOh, offs_m, T, stride_dot, stride_dod, HEAD_DIM, BLOCK_D)
+            do_ptrs = _ptrs(DOh, offs_m, stride_dot, stride_dod, BLOCK_D)
             q = tl.load(q_ptrs, mask=q_mask, other=0.0)
             do = tl.load(do_ptrs, mask=q_mask, other=0.0)
             lse = tl.load(LSE + row_stats + offs_m, mask=offs_m < T, other=0.0)
@@ -315,13 +362,12 @@ def _bwd_dkdv_kernel(
 
     dk_ptrs, dkv_mask = _tile(_head_ptr(DK, b, h_kv, stride_dkb, stride_dkh), offs_n, S,
                               stride_dks, stride_dkd, HEAD_DIM, BLOCK_D)
-    dv_ptrs, _ = _tile(_head_ptr(DV, b, h_kv, stride_dvb, stride_dvh), offs_n, S,
-                       stride_dvs, stride_dvd, HEAD_DIM, BLOCK_D)
+    dv_ptrs = _ptrs(_head_ptr(DV, b, h_kv, stride_dvb, stride_dvh), offs_n, stride_dvs, stride_dvd, BLOCK_D)
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=dkv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dkv_mask)
 
 
-@triton.autotune(configs=_configs(_QUERY_MAJOR_BLOCKS), key=_TUNE_KEY)
+@_autotune("dq")
 @triton.jit
 def _bwd_dq_kernel(
     Q, stride_qb, stride_qh, stride_qt, stride_qd,
@@ -331,7 +377,7 @@ def _bwd_dq_kernel(
     DQ, stride_dqb, stride_dqh, stride_dqt, stride_dqd,
     LSE, DELTA,
     H, GROUP, T, S, qk_scale, sm_scale,
-    T_BUCKET, S_BUCKET,
+    T_BUCKET, S_BUCKET, DEVICE_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -347,8 +393,7 @@ def _bwd_dq_kernel(
 
     q_ptrs, q_mask = _tile(_head_ptr(Q, b, h, stride_qb, stride_qh), offs_m, T,
                            stride_qt, stride_qd, HEAD_DIM, BLOCK_D)
-    do_ptrs, _ = _tile(_head_ptr(DO, b, h, stride_dob, stride_doh), offs_m, T,
-                       stride_dot, stride_dod, HEAD_DIM, BLOCK_D)
+    do_ptrs = _ptrs(_head_ptr(DO, b, h, stride_dob, stride_doh), offs_m, stride_dot, stride_dod, BLOCK_D)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0)
@@ -358,15 +403,14 @@ def _bwd_dq_kernel(
     for start_n in range(0, _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, kv_mask = _tile(K, offs_n, S, stride_ks, stride_kd, HEAD_DIM, BLOCK_D)
-        v_ptrs, _ = _tile(V, offs_n, S, stride_vs, stride_vd, HEAD_DIM, BLOCK_D)
+        v_ptrs = _ptrs(V, offs_n, stride_vs, stride_vd, BLOCK_D)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        _, ds = _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S,
+        p, ds = _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S,
                                    qk_scale, CAUSAL, PRECISION, UPCAST)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)  # dS @ k
 
-    dq_ptrs, _ = _tile(_head_ptr(DQ, b, h, stride_dqb, stride_dqh), offs_m, T,
-                       stride_dqt, stride_dqd, HEAD_DIM, BLOCK_D)
+    dq_ptrs = _ptrs(_head_ptr(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqt, stride_dqd, BLOCK_D)
     tl.store(dq_ptrs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -377,12 +421,14 @@ def _compile_time_args(q, T, S, causal):
     """Keyword arguments shared by the forward, dK/dV and dQ kernel launches."""
     D = q.shape[-1]
     return dict(
-        T_BUCKET=_bucket(T), S_BUCKET=_bucket(S),
+        T_BUCKET=_bucket(T), S_BUCKET=_bucket(S), DEVICE_KEY=_device_key(q.device),
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs >= 16
         CAUSAL=causal,
-        # fp32 inputs get true fp32 matmuls (the default would silently use TF32 on GPU);
-        # for fp16/bf16 operands the precision flag makes no difference.
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        # fp32 inputs: three TF32 tensor-core products per tl.dot (the operands split into high and
+        # low parts), about fp32's accuracy, where plain TF32 (the default) keeps 10 mantissa bits;
+        # "ieee" (scalar FMA) would be far slower and takes minutes to compile. For fp16/bf16
+        # operands the flag makes no difference. The interpreter computes in full fp32 anyway.
+        PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32",
         UPCAST=_INTERPRET,
     )
 
