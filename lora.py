@@ -168,8 +168,8 @@ def save_adapter(model, directory, state=None, metadata=None):
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state is None else state
     tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in state.items() if _adapter_key(k)}
-    # Conv1D in Hugging Face's file (the model file lists the transposed weights): PEFT must know
-    config = {**PEFT_FIXED, **asdict(model.lora_config), "fan_in_fan_out": bool(getattr(model, "CONV1D", ()))}
+    # weights stored transposed in Hugging Face's file (Conv1D: the model's FAN_IN_FAN_OUT): PEFT must know
+    config = {**PEFT_FIXED, **asdict(model.lora_config), "fan_in_fan_out": bool(model.FAN_IN_FAN_OUT)}
     atomic_write(directory / ADAPTER_WEIGHTS,
                       lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
     atomic_write(directory / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))

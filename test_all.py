@@ -910,6 +910,193 @@ def test_default_config_trains(module):
     assert dataclasses.replace(cfg) == cfg
 
 
+# ----------------------------------------------------------------------------- model contract
+# What shared code relies on (DEVELOPERS.md, "The model contract"), checked for every models/NAME.py:
+# a new model file is covered the day it lands.
+
+import ast  # noqa: E402
+import re  # noqa: E402
+
+import hub  # noqa: E402
+
+
+def contract_model(module, seed=0):
+    """A model of a model file from its Config defaults, with a small vocabulary and block_size,
+    every parameter random."""
+    torch.manual_seed(seed)
+    return randomize(module.Model(module.Config(vocab_size=V, block_size=32)), seed, std=0.1).eval()
+
+
+def shared_parameters(model):
+    """The groups of names under which one parameter appears (tied embeddings)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted(group for group in names.values() if len(group) > 1)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_model_contract(tmp_path, name):
+    module = models.get(name)
+    model, Model = contract_model(module), module.Model
+    cfg = model.config
+    assert dataclasses.is_dataclass(cfg) and dataclasses.replace(cfg) == cfg
+    # members and their types
+    keys = list(model.state_dict())
+    assert isinstance(Model.FAN_IN_FAN_OUT, tuple) and all(isinstance(s, str) for s in Model.FAN_IN_FAN_OUT)
+    assert all(any(k.endswith(s) for k in keys) for s in Model.FAN_IN_FAN_OUT)  # each names real weights
+    assert set(Model.LORA_TARGETS) == {"q", "k", "v", "o", "mlp"}
+    units = model.fsdp_units()
+    assert isinstance(units, list) and units and all(isinstance(u, nn.Module) for u in units)
+    submodules = [m for m in model.modules() if m is not model]
+    assert all(any(u is m for m in submodules) for u in units) and len({id(u) for u in units}) == len(units)
+    for i, unit in enumerate(units):  # bottom-up: no unit comes after one of its ancestors
+        assert not any(later is m for later in units[i + 1:] for m in unit.modules())
+    assert model.max_positions is None or (type(model.max_positions) is int and model.max_positions > 0)
+    assert type(cfg.head_dim) is int and type(cfg.n_kv_head) is int and cfg.n_head % cfg.n_kv_head == 0
+    if "head_dim" not in {f.name for f in dataclasses.fields(cfg)}:  # then it is derived from the width
+        assert cfg.head_dim * cfg.n_head == cfg.n_embd
+    assert model.init_cache(2, 16).k[0].shape == (2, cfg.n_kv_head, 16, cfg.head_dim)
+    # a forward with a loss
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1  # ignored
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 16, V) and loss.dtype == torch.float32 and torch.isfinite(loss)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
+    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+    aux = model.aux_losses()
+    assert isinstance(aux, dict) and all(v.dim() == 0 and torch.isfinite(v) for v in aux.values())
+    if model.max_positions is not None:
+        with pytest.raises(ValueError):
+            model(torch.zeros(1, model.max_positions + 1, dtype=torch.long))
+    # cached decoding, token by token, gives the logits of one forward over the whole sequence
+    model.double()  # float64: the comparison is of layouts, not of rounding
+    seq = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(seq)[0]
+        cache = model.init_cache(2, 24)
+        steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-9 * full.abs().max().item()
+    # save_pretrained -> from_pretrained: the same model, and models.from_pretrained finds the file
+    model.save_pretrained(tmp_path, metadata={"step": "3"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert models.MODEL_TYPES[hub.read_config(tmp_path)["model_type"]] == name
+    back = models.from_pretrained(tmp_path).eval()
+    assert type(back) is Model and back.config == cfg and shared_parameters(back) == shared_parameters(model)
+    assert not [n for n, p in back.named_parameters() if p.device.type != "cpu" or p.dtype != torch.float64]
+    with torch.no_grad():
+        assert torch.equal(back(seq)[0], full)
+        if hasattr(model, "convert_kv_heads"):  # to as many key/value heads as there are: the identity
+            model.convert_kv_heads(cfg.n_kv_head)
+            assert torch.equal(model(seq)[0], full)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("name", models.available())
+def test_loss_is_the_fp32_cross_entropy_of_bf16_logits(name, device):
+    """The training forward leaves the fp32 upcast of the (B, T, vocab) logits to autocast, whose
+    fp32 list holds cross_entropy_loss (CPU) or its log_softmax and nll_loss (CUDA): the loss equals
+    the one from logits.float(). bf16 weights without autocast: the model upcasts them itself."""
+    model = contract_model(models.get(name)).to(device)
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1
+    for weights in (torch.float32, torch.bfloat16):  # under autocast, then bf16 weights without it
+        model.to(weights)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=weights == torch.float32):
+            logits, loss = model(x, y)
+        ref = torch.nn.functional.cross_entropy(logits.float().view(-1, V), y.view(-1), ignore_index=-1)
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+
+
+COPIED = re.compile(r"^\s*# Copied from models/(\w+)\.py:([\w.]+)\s*$")
+
+
+def definitions(text):
+    """{qualified name (Class.method for methods): (first line, source text)} of every function and
+    class of a Python source, decorators included."""
+    lines, found = text.splitlines(), {}
+
+    def visit(body, prefix):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                start = min([d.lineno for d in node.decorator_list] + [node.lineno])
+                found[prefix + node.name] = (start, "\n".join(lines[start - 1:node.end_lineno]))
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, prefix + node.name + ".")
+    visit(ast.parse(text).body, "")
+    return found
+
+
+def copied_from_problems(text, where):
+    """(markers, problems) of a model file's text: each `# Copied from models/X.py:NAME` line must sit
+    right above the definition of NAME, whose text must be NAME's text in models/X.py."""
+    here = {start: (name, source) for name, (start, source) in definitions(text).items()}
+    markers, problems, sources = 0, [], {}
+    for i, line in enumerate(text.splitlines(), start=1):
+        match = COPIED.match(line)
+        if not match:
+            continue
+        markers += 1
+        file, name = match.groups()
+        if file not in sources:
+            sources[file] = definitions((ROOT / "models" / f"{file}.py").read_text())
+        origin = sources[file].get(name)
+        if here.get(i + 1, (None,))[0] != name:
+            problems.append(f"{where}:{i}: the marker is not right above the definition of {name}")
+        elif origin is None:
+            problems.append(f"{where}:{i}: models/{file}.py defines no {name}")
+        elif here[i + 1][1] != origin[1]:
+            problems.append(f"{where}:{i}: {name} differs from models/{file}.py's")
+    return markers, problems
+
+
+def test_copied_from_markers_match_their_source():
+    counts = {}
+    for name in models.available():
+        counts[name], problems = copied_from_problems((ROOT / "models" / f"{name}.py").read_text(), f"models/{name}.py")
+        assert not problems
+    assert counts["qwen"] >= 10 and counts["phi"] >= 5  # the copies are marked
+    # an edit to one copy is caught, and so is a marker that has moved away from its definition
+    text = (ROOT / "models" / "qwen.py").read_text()
+    edited = text.replace("xf.pow(2).mean(-1, keepdim=True)", "xf.square().mean(-1, keepdim=True)")
+    assert edited != text and copied_from_problems(edited, "qwen.py")[1] == [
+        f"qwen.py:{text.splitlines().index('# Copied from models/llama.py:RMSNorm') + 1}: RMSNorm differs from "
+        "models/llama.py's"]
+    moved = text.replace("# Copied from models/llama.py:RMSNorm\n", "# Copied from models/llama.py:RMSNorm\n\n")
+    assert "not right above" in copied_from_problems(moved, "qwen.py")[1][0]
+
+
+def test_hub_reads_and_writes_model_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hub.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        list(hub.read_tensors(tmp_path))
+    model = tiny_gpt()
+    state = hub.checkpoint_state(model)  # tied once, Conv1D weights transposed
+    assert "lm_head.weight" not in state and "transformer.wte.weight" in state
+    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    hub.write(tmp_path, {"model_type": "gpt2"}, state, metadata={"step": "5"})
+    from safetensors import safe_open
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "5"}
+    assert hub.read_config(tmp_path) == {"model_type": "gpt2"} and not list(tmp_path.glob("*.tmp"))
+    read = dict(hub.read_tensors(tmp_path))
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    with torch.device("meta"):
+        empty = gpt.Model(model.config)
+    loaded = hub.load_weights(empty, tmp_path, dtype=torch.float64)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and loaded.lm_head.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("old,new", [(4, 2), (4, 1)])
+def test_phi_convert_kv_heads_pools_weights_and_biases(tmp_path, old, new):
+    """Phi's conversion is Llama's: each group's k_proj and v_proj weights and biases are averaged."""
+    test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, "phi", old, new)
+
+
 # ----------------------------------------------------------------------------- data and tokenizers
 
 def test_char_tokenizer_round_trip(corpus, tmp_path):

@@ -1,10 +1,13 @@
 """One file per architecture. Each file defines `Config` (a dataclass), `Model(config)` with
 `forward(idx, targets=None, cache=None) -> (logits, loss)`, `init_cache(...)` for decoding,
-`num_params()` / `flops_per_token(seq_len)`, and Hugging Face `from_pretrained(dir)` /
-`save_pretrained(dir)`. This package only finds the file."""
+`num_params()` / `flops_per_token(seq_len)`, what shared code relies on (fsdp_units, max_positions,
+aux_losses, FAN_IN_FAN_OUT, LORA_TARGETS, config.head_dim / n_kv_head) and Hugging Face
+`from_pretrained(dir)` / `save_pretrained(dir)` (the files themselves: hub.py). DEVELOPERS.md's
+"model contract" is the list; this package only finds the file."""
 import importlib
-import json
 from pathlib import Path
+
+import hub
 
 # Hugging Face `model_type` -> the file in models/ that implements it
 MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi"}
@@ -24,12 +27,9 @@ def get(name):
 
 def from_pretrained(directory, **kwargs):
     """Load a Hugging Face-format directory with the file that its config.json's model_type names."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    model_type = json.loads(path.read_text()).get("model_type")
+    model_type = hub.read_config(directory).get("model_type")
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"{path} has model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
+        raise ValueError(f"{Path(directory) / hub.CONFIG} has model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
     try:
         return get(MODEL_TYPES[model_type]).Model.from_pretrained(directory, **kwargs)
     except (ValueError, FileNotFoundError):

@@ -9,15 +9,14 @@ Reads top to bottom: config, building blocks, model, generation hooks, Hugging F
 Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos) or `rope`
 (RoFormer's rotary embedding of q and k). Only `learned` exists in Hugging Face's GPT-2.
 """
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hub
 from kernels import KVCache, attention
 
 
@@ -44,6 +43,15 @@ class Config:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def n_kv_head(self):
+        """Every query head has its own key and value head (no grouped-query attention here)."""
+        return self.n_head
+
 
 # ----------------------------------------------------------------------------- building blocks
 
@@ -64,6 +72,7 @@ def rope_tables(pos, head_dim, theta):
     return angles.cos(), angles.sin()
 
 
+# Copied from models/llama.py:apply_rope
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -73,7 +82,7 @@ def apply_rope(x, cos, sin):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.n_head, self.head_dim, self.layer = config.n_head, config.n_embd // config.n_head, layer
+        self.n_head, self.head_dim, self.layer = config.n_head, config.head_dim, layer
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -112,6 +121,16 @@ class Block(nn.Module):
     def forward(self, x, rope=None, cache=None, mask=None):
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
+    computed in fp32. Under autocast F.cross_entropy upcasts by itself (autocast's fp32 list:
+    cross_entropy_loss on CPU, its log_softmax and nll_loss on CUDA), so the logits are upcast here
+    only without autocast: bf16 or fp16 weights (for fp32 logits .float() is a no-op)."""
+    if not torch.is_autocast_enabled(logits.device.type):
+        logits = logits.float()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
 # ----------------------------------------------------------------------------- model
@@ -162,17 +181,33 @@ class Model(nn.Module):
         elif cfg.pos == "sinusoidal":
             x = x + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
         else:
-            rope = rope_tables(pos, cfg.n_embd // cfg.n_head, cfg.rope_theta)
+            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else cross_entropy(logits, targets)
+
+    # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)
+
+    # Hugging Face's GPT-2 stores its linear layers as Conv1D, weight shape (in, out): transposed.
+    FAN_IN_FAN_OUT = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+    @property
+    def max_positions(self):
+        """The learned position table's length; None for sinusoidal and rotary positions (any length)."""
+        return self.config.block_size if self.config.pos == "learned" else None
+
+    def fsdp_units(self):
+        """The modules that FSDP shards one by one, bottom-up (the root is sharded last, by train.py)."""
+        return list(self.transformer.h)
+
+    # Copied from models/llama.py:Model.aux_losses
+    def aux_losses(self):
+        """Auxiliary losses of the last forward, by name: none in a dense model."""
+        return {}
 
     # ------------------------------------------------------------------ counts
 
@@ -195,7 +230,7 @@ class Model(nn.Module):
     def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
         """An empty kernels.KVCache for this model (pad and static: see there)."""
         cfg, p = self.config, self.lm_head.weight
-        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head,
+        return KVCache(cfg.n_layer, batch_size, cfg.n_head, max_len or cfg.block_size, cfg.head_dim,
                        dtype or p.dtype, device or p.device, pad=pad, static=static)
 
     # ------------------------------------------------------------------ LoRA targets (lora.py)
@@ -207,67 +242,41 @@ class Model(nn.Module):
                     "mlp": ["c_fc", "mlp.c_proj"]}
 
     # ------------------------------------------------------------------ Hugging Face import / export
-    # Hugging Face's GPT-2 stores its linear layers as Conv1D, weight shape (in, out): transposed.
     # Keys are `transformer.h.0.attn.c_attn.weight` (transformers 5) or, on the Hub's original
-    # checkpoints, `h.0.attn.c_attn.weight` plus `h.0.attn.bias` causal-mask buffers (ignored).
-
-    CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    # checkpoints, `h.0.attn.c_attn.weight` plus `h.0.attn.bias` causal-mask buffers (ignored); the
+    # FAN_IN_FAN_OUT weights are transposed on the way in and out (hub.py).
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device="cpu"):
-        directory = Path(directory)
-        hf = _read_config(directory)
+        """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
+        in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
+        hf = hub.read_config(directory)
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'gpt2'")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=hf.get("bias", True),
                         dropout=hf.get("resid_pdrop", 0.0), pos=hf.get("position_embedding_type", "learned"),
                         rope_theta=hf.get("rope_theta", 10000.0), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+        def rename(key):
+            key = key.removeprefix("transformer.")
+            if key.endswith((".attn.bias", ".attn.masked_bias")) or (not config.bias and key.endswith(".bias")):
+                return None  # mask buffers; without biases, the zeros written for transformers' sake
+            return key if key == "lm_head.weight" else "transformer." + key
+
         with torch.device("meta"):
             model = cls(config)
-        expected = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-        state = {}
-        for key, tensor in _read_tensors(directory):
-            key = key.removeprefix("transformer.")
-            if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # mask buffers; the output head is tied to wte
-            if not config.bias and key.endswith(".bias"):
-                continue  # saved as zeros for transformers' sake
-            key = "transformer." + key
-            if key not in expected:
-                raise ValueError(f"unexpected tensor {key!r} in {directory}")
-            if key.endswith(cls.CONV1D):
-                tensor = tensor.t()
-            if tensor.shape != expected[key].shape:
-                raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
-                                 f"{tuple(expected[key].shape)}")
-            state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-        missing = sorted(set(expected) - set(state))
-        if missing:
-            raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
-                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        model.load_state_dict(state, strict=False, assign=True)
-        model.lm_head.weight = model.transformer.wte.weight
-        return model
+        return hub.load_weights(model, directory, dtype, device, rename)
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' GPT2LMHeadModel loads. Each file is
-        written to a temporary name and renamed."""
-        from safetensors.torch import save_file
-        cfg, directory = self.config, Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {}
-        for key, tensor in self.state_dict().items():
-            if key == "lm_head.weight":
-                continue
-            if key.endswith(self.CONV1D):
-                tensor = tensor.t()
-            state[key] = tensor.detach().contiguous()
+        """config.json + model.safetensors that transformers' GPT2LMHeadModel loads (hub.write)."""
+        cfg = self.config
+        state = hub.checkpoint_state(self)
         if not cfg.bias:  # Hugging Face's GPT-2 always has biases: give it zeros
             for key, tensor in list(state.items()):
                 if key.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
                     state[key[:-len("weight")] + "bias"] = torch.zeros_like(tensor)
-                elif key.endswith(self.CONV1D):
+                elif key.endswith(self.FAN_IN_FAN_OUT):
                     state[key[:-len("weight")] + "bias"] = tensor.new_zeros(tensor.shape[1])
         hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
@@ -276,44 +285,4 @@ class Model(nn.Module):
               "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": cfg.vocab_size - 1,
               "eos_token_id": cfg.vocab_size - 1, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
               "bias": cfg.bias, "position_embedding_type": cfg.pos, "rope_theta": cfg.rope_theta}
-        _atomic(directory / "model.safetensors",
-                lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
-        _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
-
-
-# ----------------------------------------------------------------------------- checkpoint files
-
-def _read_config(directory):
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    return json.loads(path.read_text())
-
-
-def _read_tensors(directory):
-    """Yield (name, tensor) from model.safetensors, sharded *.index.json or pytorch_model.bin
-    (loaded weights-only), one file at a time."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index_name).is_file():
-            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
-    if not files:
-        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
-    for name in files:
-        path = directory / name
-        if name.endswith(".safetensors"):
-            tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        yield from tensors.items()
-        del tensors
-
-
-def _atomic(path, write_fn):
-    tmp = path.with_name(path.name + ".tmp")
-    write_fn(str(tmp))
-    tmp.replace(path)
+        hub.write(directory, hf, state, metadata)

@@ -13,15 +13,14 @@ n_head / n_kv_head query heads (n_kv_head = n_head: multi-head; 1: multi-query).
 checkpoints rescale the rotary frequencies (rope_type: linear, dynamic, yarn, llama3).
 Module and tensor names are Hugging Face's, so checkpoints load key for key.
 """
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hub
 from kernels import KVCache, attention
 
 
@@ -187,6 +186,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Copied from models/gpt.py:cross_entropy
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
+    computed in fp32. Under autocast F.cross_entropy upcasts by itself (autocast's fp32 list:
+    cross_entropy_loss on CPU, its log_softmax and nll_loss on CUDA), so the logits are upcast here
+    only without autocast: bf16 or fp16 weights (for fp32 logits .float() is a no-op)."""
+    if not torch.is_autocast_enabled(logits.device.type):
+        logits = logits.float()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 # ----------------------------------------------------------------------------- model
 
 class Model(nn.Module):
@@ -228,10 +238,24 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else cross_entropy(logits, targets)
+
+    # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)
+
+    FAN_IN_FAN_OUT = ()  # names of the weights that Hugging Face's files store transposed: none
+
+    @property
+    def max_positions(self):
+        """None: rotary positions are computed for any length (block_size is the default cache length)."""
+        return None
+
+    def fsdp_units(self):
+        """The modules that FSDP shards one by one, bottom-up (the root is sharded last, by train.py)."""
+        return list(self.model.layers)
+
+    def aux_losses(self):
+        """Auxiliary losses of the last forward, by name: none in a dense model."""
+        return {}
 
     @torch.no_grad()
     def convert_kv_heads(self, n_kv_head):
@@ -294,8 +318,9 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device="cpu"):
-        directory = Path(directory)
-        hf = _read_config(directory)
+        """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
+        in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
+        hf = hub.read_config(directory)
         if hf.get("model_type") != "llama":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'llama'")
         if hf.get("hidden_act", "silu") != "silu":
@@ -310,16 +335,12 @@ class Model(nn.Module):
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        return _load_weights(model, directory, dtype, device)
+        return hub.load_weights(model, directory, dtype, device,
+                                rename=lambda key: None if key.endswith("rotary_emb.inv_freq") else key)
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' LlamaForCausalLM loads. Each file is
-        written to a temporary name and renamed."""
-        from safetensors.torch import save_file
-        cfg, directory = self.config, Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: t.detach().contiguous() for k, t in self.state_dict().items()
-                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        """config.json + model.safetensors that transformers' LlamaForCausalLM loads (hub.write)."""
+        cfg = self.config
         hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
@@ -329,12 +350,10 @@ class Model(nn.Module):
               "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
               "bos_token_id": None, "eos_token_id": None,
               "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
-        _atomic(directory / "model.safetensors",
-                lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
-        _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+        hub.write(directory, hf, hub.checkpoint_state(self), metadata)
 
 
-# ----------------------------------------------------------------------------- checkpoint files
+# ----------------------------------------------------------------------------- config.json
 
 def _rope_config(hf, directory):
     """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
@@ -368,64 +387,3 @@ def _rope_parameters(cfg):
     if cfg.rope_type in ("llama3", "yarn"):
         rope["original_max_position_embeddings"] = cfg.rope_original_max_len
     return rope
-
-
-def _load_weights(model, directory, dtype, device):
-    """Fill the model built on the meta device with the checkpoint's tensors (assign=True: they become
-    the parameters, so the weights are never held twice), checking every name and shape."""
-    tied = model.config.tie_embeddings
-    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    state = {}
-    for key, tensor in _read_tensors(directory):
-        if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
-            continue  # a buffer of old conversions; the tied head is embed_tokens
-        if key not in expected:
-            raise ValueError(f"unexpected tensor {key!r} in {directory}")
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[key].shape)}")
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def _read_config(directory):
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    return json.loads(path.read_text())
-
-
-def _read_tensors(directory):
-    """Yield (name, tensor) from model.safetensors, sharded *.index.json or pytorch_model.bin
-    (loaded weights-only), one file at a time."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index_name).is_file():
-            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
-    if not files:
-        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
-    for name in files:
-        path = directory / name
-        if name.endswith(".safetensors"):
-            tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        yield from tensors.items()
-        del tensors
-
-
-def _atomic(path, write_fn):
-    tmp = path.with_name(path.name + ".tmp")
-    write_fn(str(tmp))
-    tmp.replace(path)

@@ -13,15 +13,14 @@ As in Llama: RMSNorm, a SwiGLU MLP, rotary embeddings (rope_theta 1e6) and group
          n_head * head_dim may differ from n_embd.
 Module and tensor names are Hugging Face's, so checkpoints load key for key.
 """
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hub
 from kernels import KVCache, attention
 
 
@@ -78,6 +77,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- building blocks
 
+# Copied from models/llama.py:rope_frequencies
 def rope_frequencies(config, dim, seq_len, device=None):
     """Rotary inverse frequencies theta^(-2i/dim), i < dim/2 (RoFormer), rescaled for a longer context
     by config.rope_type, and the factor that multiplies cos and sin. The formulas of transformers'
@@ -115,6 +115,7 @@ def rope_frequencies(config, dim, seq_len, device=None):
     return inv_freq, 1.0
 
 
+# Copied from models/llama.py:rope_tables
 def rope_tables(config, dim, pos, seq_len):
     """cos and sin of the rotary angles p * inv_freq for positions pos (1 or B, T), shaped
     (1 or B, 1, T, dim) to broadcast over heads; rotate-half layout (pair i is dimensions i and
@@ -125,12 +126,14 @@ def rope_tables(config, dim, pos, seq_len):
     return angles.cos() * scale, angles.sin() * scale
 
 
+# Copied from models/llama.py:apply_rope
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+# Copied from models/llama.py:RMSNorm
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019), normalised in fp32."""
 
@@ -190,6 +193,7 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Copied from models/llama.py:Block
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -203,9 +207,21 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Copied from models/gpt.py:cross_entropy
+def cross_entropy(logits, targets):
+    """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
+    computed in fp32. Under autocast F.cross_entropy upcasts by itself (autocast's fp32 list:
+    cross_entropy_loss on CPU, its log_softmax and nll_loss on CUDA), so the logits are upcast here
+    only without autocast: bf16 or fp16 weights (for fp32 logits .float() is a no-op)."""
+    if not torch.is_autocast_enabled(logits.device.type):
+        logits = logits.float()
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 # ----------------------------------------------------------------------------- model
 
 class Model(nn.Module):
+    # Copied from models/llama.py:Model.__init__
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -227,6 +243,7 @@ class Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # Copied from models/llama.py:Model.forward
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
@@ -244,11 +261,29 @@ class Model(nn.Module):
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.model.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else cross_entropy(logits, targets)
 
+    # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)
+
+    FAN_IN_FAN_OUT = ()  # names of the weights that Hugging Face's files store transposed: none
+
+    # Copied from models/llama.py:Model.max_positions
+    @property
+    def max_positions(self):
+        """None: rotary positions are computed for any length (block_size is the default cache length)."""
+        return None
+
+    # Copied from models/llama.py:Model.fsdp_units
+    def fsdp_units(self):
+        """The modules that FSDP shards one by one, bottom-up (the root is sharded last, by train.py)."""
+        return list(self.model.layers)
+
+    # Copied from models/llama.py:Model.aux_losses
+    def aux_losses(self):
+        """Auxiliary losses of the last forward, by name: none in a dense model."""
+        return {}
+
+    # Copied from models/llama.py:Model.convert_kv_heads
     @torch.no_grad()
     def convert_kv_heads(self, n_kv_head):
         """Grouped-query attention from a checkpoint with more key/value heads (Ainslie et al. 2023,
@@ -273,6 +308,7 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ counts
 
+    # Copied from models/llama.py:Model.num_params
     def num_params(self, non_embedding=True):
         """Parameters (tied weights once); without the token embedding when non_embedding, unless it
         is tied to lm_head (then it is the output layer's matrix, which costs compute)."""
@@ -281,6 +317,7 @@ class Model(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
+    # Copied from models/llama.py:Model.flops_per_token
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per token: 6 per weight of every matrix product,
         plus the attention scores and their weighted sum, 12 * n_layer * n_head * head_dim * seq_len
@@ -290,6 +327,7 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ generation hooks
 
+    # Copied from models/llama.py:Model.init_cache
     def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
         """An empty kernels.KVCache for this model (pad and static: see there)."""
         cfg, p = self.config, self.lm_head.weight
@@ -310,8 +348,9 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device="cpu"):
-        directory = Path(directory)
-        hf = _read_config(directory)
+        """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
+        in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
+        hf = hub.read_config(directory)
         variant = hf.get("model_type")
         if variant not in VARIANTS:
             raise ValueError(f"{directory}/config.json has model_type {variant!r}, not 'qwen2' or 'qwen3'")
@@ -331,16 +370,12 @@ class Model(nn.Module):
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        return _load_weights(model, directory, dtype, device)
+        return hub.load_weights(model, directory, dtype, device)
 
     def save_pretrained(self, directory, metadata=None):
         """config.json + model.safetensors that transformers' Qwen2ForCausalLM or Qwen3ForCausalLM
-        loads. Each file is written to a temporary name and renamed."""
-        from safetensors.torch import save_file
-        cfg, directory = self.config, Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: t.detach().contiguous() for k, t in self.state_dict().items()
-                 if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        loads (hub.write)."""
+        cfg = self.config
         architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.variant]
         hf = {"model_type": cfg.variant, "architectures": [architecture], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
@@ -351,13 +386,12 @@ class Model(nn.Module):
               "sliding_window": None, "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
               "bos_token_id": None, "eos_token_id": None,
               "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
-        _atomic(directory / "model.safetensors",
-                lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
-        _atomic(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(hf, indent=2) + "\n"))
+        hub.write(directory, hf, hub.checkpoint_state(self), metadata)
 
 
-# ----------------------------------------------------------------------------- checkpoint files
+# ----------------------------------------------------------------------------- config.json
 
+# Copied from models/llama.py:_rope_config
 def _rope_config(hf, directory):
     """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
     with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too)."""
@@ -376,6 +410,7 @@ def _rope_config(hf, directory):
                 rope_attention_factor=rope.get("attention_factor") or 0.0)
 
 
+# Copied from models/llama.py:_rope_parameters
 def _rope_parameters(cfg):
     """transformers 5's rope_parameters for config.json."""
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
@@ -390,64 +425,3 @@ def _rope_parameters(cfg):
     if cfg.rope_type in ("llama3", "yarn"):
         rope["original_max_position_embeddings"] = cfg.rope_original_max_len
     return rope
-
-
-def _load_weights(model, directory, dtype, device):
-    """Fill the model built on the meta device with the checkpoint's tensors (assign=True: they become
-    the parameters, so the weights are never held twice), checking every name and shape."""
-    tied = model.config.tie_embeddings
-    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    state = {}
-    for key, tensor in _read_tensors(directory):
-        if tied and key == "lm_head.weight":
-            continue  # the tied head is embed_tokens
-        if key not in expected:
-            raise ValueError(f"unexpected tensor {key!r} in {directory}")
-        if tensor.shape != expected[key].shape:
-            raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
-                             f"{tuple(expected[key].shape)}")
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    model.load_state_dict(state, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    return model
-
-
-def _read_config(directory):
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}")
-    return json.loads(path.read_text())
-
-
-def _read_tensors(directory):
-    """Yield (name, tensor) from model.safetensors, sharded *.index.json or pytorch_model.bin
-    (loaded weights-only), one file at a time."""
-    from safetensors.torch import load_file
-    directory = Path(directory)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (directory / index_name).is_file():
-            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
-            break
-    else:
-        files = [n for n in ("model.safetensors", "pytorch_model.bin") if (directory / n).is_file()][:1]
-    if not files:
-        raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
-    for name in files:
-        path = directory / name
-        if name.endswith(".safetensors"):
-            tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
-        yield from tensors.items()
-        del tensors
-
-
-def _atomic(path, write_fn):
-    tmp = path.with_name(path.name + ".tmp")
-    write_fn(str(tmp))
-    tmp.replace(path)
