@@ -1222,6 +1222,23 @@ def test_resume_equals_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
+def test_resume_between_evaluations_equals_the_uninterrupted_run(corpus, tmp_path):
+    """A run that stopped at a step that is not a multiple of --eval_interval (6, evaluating every 4)
+    has a checkpoint there too (one is written at max_iters), and continues from it as the run that
+    never stopped."""
+    train.main(train_args(corpus, tmp_path, "full", max_iters=8, eval_interval=4))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=6, eval_interval=4))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=8) + ["--resume"])
+    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    steps = lambda log: [(r["step"], r["train_loss"]) for r in log if "val_loss" not in r]  # training lines
+    evals = lambda log: {r["step"]: (r["train_loss"], r["val_loss"]) for r in log if "val_loss" in r}
+    assert steps(full) == steps(split) and [s for s, _ in steps(split)] == list(range(1, 9))
+    assert evals(split).keys() == {0, 4, 6, 8} and evals(full).keys() == {0, 4, 8}
+    assert all(evals(full)[s] == evals(split)[s] for s in (0, 4, 8))
+    a, b = models.from_pretrained(tmp_path / "full"), models.from_pretrained(tmp_path / "split")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
 def test_torn_checkpoint_is_detected(corpus, tmp_path):
     from safetensors.torch import load_file, save_file
     train.main(train_args(corpus, tmp_path, max_iters=4))

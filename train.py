@@ -371,6 +371,7 @@ def train(a, module):
             f"{model.lora_config.base_model_name_or_path} ({total - trainable:,})", flush=True)
 
     t0, first_step, losses = time.time(), step, {}
+    t_interval, steps_interval = t0, 0  # a resumed run may start between evaluations
     model.train()
     while True:
         if step % a["eval_interval"] == 0 or step >= a["max_iters"]:
