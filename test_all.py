@@ -26,7 +26,9 @@ import data
 import kernels
 import lora
 import models
+import runtime
 import sample
+import tokenization
 import train
 from models import gpt, llama, phi, qwen
 
@@ -871,7 +873,7 @@ def test_char_tokenizer_round_trip(corpus, tmp_path):
     text = corpus.read_text()
     assert ds.tokenizer.decode(ds.tokenizer.encode(text)) == text
     assert ds.tokenizer.vocab_size == len(set(text))
-    with pytest.raises(data.UserError, match="not in this model's character vocabulary"):
+    with pytest.raises(runtime.UserError, match="not in this model's character vocabulary"):
         ds.tokenizer.encode("ROMEO: §")
 
 
@@ -888,22 +890,22 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     assert all(len(tok.decode([i])) <= 3 for i in tok.encode("1234567"))
     # the saved .tiktoken file reloads to the same encoding
     tok.save(tmp_path)
-    again = data.load_tokenizer(tmp_path)
+    again = tokenization.load_tokenizer(tmp_path)
     assert again.encode(text) == tok.encode(text)
 
 
 def test_bpe_merges_are_the_most_frequent_pairs():
-    ranks = data.train_bpe("aaab aaab aaab ab", 258)
+    ranks = tokenization.train_bpe("aaab aaab aaab ab", 258)
     inverse = {v: k for k, v in ranks.items()}
     assert inverse[256] == b"aa"  # 'aa' occurs 6 times, ' a' 3 times... aa wins
     assert len(ranks) == 258
 
 
 def test_named_tiktoken_offline_error_says_where_to_put_the_file(tmp_path):
-    with pytest.raises(data.UserError, match=r"put the file\(s\) in .*tiktoken"):
-        data.named_tiktoken("cl100k_base", tmp_path)
-    with pytest.raises(data.UserError, match="unknown tokenizer"):
-        data.named_tiktoken("nope", tmp_path)
+    with pytest.raises(runtime.UserError, match=r"put the file\(s\) in .*tiktoken"):
+        tokenization.named_tiktoken("cl100k_base", tmp_path)
+    with pytest.raises(runtime.UserError, match="unknown tokenizer"):
+        tokenization.named_tiktoken("nope", tmp_path)
 
 
 def test_data_preparation_is_reused_and_rebuilt(corpus, tmp_path):
@@ -1061,8 +1063,8 @@ def gpt2_like():
 def test_hf_tokenizer_gives_the_ids_of_tokenizers(kind, tmp_path):
     ref = KINDS[kind]()
     ref.save(str(tmp_path / "tokenizer.json"))
-    tok = data.hf_tokenizer(tmp_path)
-    assert isinstance(tok, data.TiktokenTokenizer) and tok.spec == "hf:tokenizer.json"
+    tok = tokenization.hf_tokenizer(tmp_path)
+    assert isinstance(tok, tokenization.TiktokenTokenizer) and tok.spec == "hf:tokenizer.json"
     assert tok.vocab_size == ref.get_vocab_size()
     for text in TEXTS:
         ids = tok.encode(text)
@@ -1082,7 +1084,7 @@ def test_hf_merges_as_strings_and_lists_agree(gpt2_like, tmp_path):
     assert all(isinstance(m, list) for m in spec["model"]["merges"])
     as_strings = {**spec, "model": {**spec["model"], "merges": [" ".join(m) for m in spec["model"]["merges"]]}}
     for folder in (write_tokenizer(tmp_path, spec, "lists"), write_tokenizer(tmp_path, as_strings, "strings")):
-        tok = data.hf_tokenizer(folder)
+        tok = tokenization.hf_tokenizer(folder)
         assert tok.encode(TRAIN_TEXT) == ref.encode(TRAIN_TEXT).ids
 
 
@@ -1095,7 +1097,7 @@ def test_hf_ids_out_of_merge_order_are_refused(gpt2_like, tmp_path):
     vocab[first], vocab[last] = vocab[last], vocab[first]
     folder = write_tokenizer(tmp_path, {**spec, "model": {**spec["model"], "vocab": vocab}})
     with pytest.raises(ValueError, match="do not follow the merge order"):
-        data.hf_tokenizer(folder)
+        tokenization.hf_tokenizer(folder)
 
 
 def edit_spec(spec, **changes):
@@ -1135,7 +1137,7 @@ def edit_spec(spec, **changes):
 def test_hf_unsupported_or_malformed_raise_one_clear_error(gpt2_like, tmp_path, change, message):
     folder = write_tokenizer(tmp_path, edit_spec(gpt2_like[0], **change))
     with pytest.raises(ValueError, match=message) as err:
-        data.hf_tokenizer(folder)
+        tokenization.hf_tokenizer(folder)
     assert str(err.value).startswith(str(folder / "tokenizer.json") + ": ") and "\n" not in str(err.value)
 
 
@@ -1152,11 +1154,11 @@ def test_hf_non_byte_level_tokenizers_are_refused(tmp_path):
         (tmp_path / name).mkdir()
         ref.save(str(tmp_path / name / "tokenizer.json"))
         with pytest.raises(ValueError, match="is not supported, only byte-level BPE"):
-            data.tokenizer_for_model(tmp_path / name, 1000)
+            tokenization.tokenizer_for_model(tmp_path / name, 1000)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="not a valid tokenizer.json"):
-        data.tokenizer_for_model(tmp_path / "bad", 1000)
+        tokenization.tokenizer_for_model(tmp_path / "bad", 1000)
 
 
 def test_tokenizer_for_model_reads_tokenizer_json_and_saves_it(gpt2_like, tmp_path):
@@ -1164,20 +1166,20 @@ def test_tokenizer_for_model_reads_tokenizer_json_and_saves_it(gpt2_like, tmp_pa
     hf_dir = write_tokenizer(tmp_path, spec, "hf")  # a Hugging Face checkpoint: config.json + tokenizer.json
     (hf_dir / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 512}))
     vocab_size = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
-    tok = data.tokenizer_for_model(hf_dir, vocab_size)
+    tok = tokenization.tokenizer_for_model(hf_dir, vocab_size)
     assert tok.spec == "hf:tokenizer.json" and tok.encode(TRAIN_TEXT) == ref.encode(TRAIN_TEXT).ids
-    with pytest.raises(data.UserError, match="the model only 300"):
-        data.tokenizer_for_model(hf_dir, 300)
+    with pytest.raises(runtime.UserError, match="the model only 300"):
+        tokenization.tokenizer_for_model(hf_dir, 300)
     # saved beside a trained model: tokenizer_omnitron.json records it, tokenizer.json travels along
     out = tmp_path / "out"
     out.mkdir()
     tok.save(out)
     assert json.loads((out / "tokenizer_omnitron.json").read_text())["ranks_file"] == "tokenizer.json"
-    again = data.tokenizer_for_model(out, vocab_size)
+    again = tokenization.tokenizer_for_model(out, vocab_size)
     assert again.spec == tok.spec and again.encode(TRAIN_TEXT) == tok.encode(TRAIN_TEXT)
     assert again.key() == tok.key() and again.key().startswith("hf-tokenizer.json-")
     again.save(out)  # resuming saves into the directory it loaded from
-    assert data.load_tokenizer(out).encode(TEXTS[6]) == ref.encode(TEXTS[6]).ids
+    assert tokenization.load_tokenizer(out).encode(TEXTS[6]) == ref.encode(TEXTS[6]).ids
     # a corpus tokenized with it decodes back
     (tmp_path / "c.txt").write_text(TRAIN_TEXT)
     ds = data.prepare(tmp_path / "c.txt", again, tmp_path / "d", quiet=True)
@@ -1187,11 +1189,11 @@ def test_tokenizer_for_model_reads_tokenizer_json_and_saves_it(gpt2_like, tmp_pa
 
 def test_a_tokenizer_saves_into_the_directory_it_was_loaded_from(tmp_path):
     """Resuming a run loads the tokenizer from out_dir and saves it there again."""
-    data.write_tiktoken_file(data.train_bpe(TRAIN_TEXT, 300), tmp_path / "tokenizer.tiktoken")
-    data.bpe_tokenizer(tmp_path / "tokenizer.tiktoken", "bpe:300").save(tmp_path)
-    before = data.load_tokenizer(tmp_path)
+    tokenization.write_tiktoken_file(tokenization.train_bpe(TRAIN_TEXT, 300), tmp_path / "tokenizer.tiktoken")
+    tokenization.bpe_tokenizer(tmp_path / "tokenizer.tiktoken", "bpe:300").save(tmp_path)
+    before = tokenization.load_tokenizer(tmp_path)
     before.save(tmp_path)
-    assert data.load_tokenizer(tmp_path).encode(TRAIN_TEXT) == before.encode(TRAIN_TEXT)
+    assert tokenization.load_tokenizer(tmp_path).encode(TRAIN_TEXT) == before.encode(TRAIN_TEXT)
 
 
 # ----------------------------------------------------------------------------- training
@@ -1244,7 +1246,7 @@ def test_torn_checkpoint_is_detected(corpus, tmp_path):
     train.main(train_args(corpus, tmp_path, max_iters=4))
     st = tmp_path / "run" / "model.safetensors"
     save_file(load_file(st), st, metadata={"format": "pt", "step": "2"})
-    with pytest.raises(data.UserError, match="do not match"):
+    with pytest.raises(runtime.UserError, match="do not match"):
         train.main(train_args(corpus, tmp_path, max_iters=8) + ["--resume"])
 
 
@@ -1309,7 +1311,7 @@ def test_config_file_and_command_line_precedence(tmp_path):
     args, _ = train.parse_args(["--config", str(cfg), "--max_iters", "9"])
     assert args["max_iters"] == 9 and args["learning_rate"] == 1.0 and args["n_layer"] == 3
     cfg.write_text('max_itres = 7\n')
-    with pytest.raises(data.UserError, match="unknown flag"):
+    with pytest.raises(runtime.UserError, match="unknown flag"):
         train.parse_args(["--config", str(cfg)])
     for config_file in (ROOT / "config").glob("*.toml"):  # the shipped configs parse
         train.parse_args(["--config", str(config_file)])
@@ -1692,7 +1694,7 @@ def test_train_lora_llama_in_bf16_loads_in_peft(corpus, tmp_path):
 ])
 def test_lora_user_errors_are_one_line(corpus, tmp_path, args, message):
     base = base_run(corpus, tmp_path)
-    with pytest.raises((ValueError, data.UserError), match=message):
+    with pytest.raises((ValueError, runtime.UserError), match=message):
         train.main(train_args(corpus, tmp_path, init_from=base) + args)
     if args[-1] == "q,query":  # through the command line: one line, exit 1
         r = run_cli("train.py", *train_args(corpus, tmp_path, init_from=base), *args)
