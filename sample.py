@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-import data
 import kernels
 import lora
 import models
 import runtime
+import tokenization
 from runtime import UserError, autocast, resolve_device, resolve_dtype
 
 
@@ -211,7 +211,7 @@ def load(directory, device="cpu", dtype=None):
     model = models.from_pretrained(base, dtype=dtype, device=device).eval()
     if adapter:
         lora.merge(lora.load_adapter(model, directory))
-    return model, data.tokenizer_for_model(base, model.config.vocab_size)
+    return model, tokenization.tokenizer_for_model(base, model.config.vocab_size)
 
 
 def parser():

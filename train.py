@@ -6,6 +6,10 @@
   python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
 
+From Python, train.run(model="gpt", max_iters=100, ...) takes the same flags as keyword arguments
+and returns the final metrics and the run folder; train.run(..., loss_fn=f) trains with another
+loss (f(model, batch) -> (loss, metrics); the default is lm_loss).
+
 Every option is a flag (`--help` lists them with their defaults); the model's own options come
 from its Config dataclass. `--config FILE` is a TOML file of flag values; the command line
 overrides it. A run folder (`--out_dir`) holds the model in Hugging Face format (config.json +
@@ -14,6 +18,9 @@ train_state.pt (optimizer, step, RNG states, data position, flags; loaded weight
 log.jsonl (one JSON object per log line). A LoRA run's folder holds the adapter instead of the model
 (lora.py: adapter_config.json, which names the base model's directory, and adapter_model.safetensors),
 train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter folded in.
+
+The stages, in the order train() calls them: start (processes, device, precision), build (model,
+tokenizer, data), prepare (optimizer, saved state), fit (the loop), finish (merge, sample).
 """
 import argparse
 import dataclasses
@@ -33,8 +40,9 @@ import kernels
 import lora
 import models
 import runtime
+import tokenization
 from runtime import UserError, autocast, resolve_device, resolve_dtype
-from sample import stream
+from sample import stream  # the closing sample; generation belongs in a library module (see sample.py)
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -84,7 +92,10 @@ TRAIN_FLAGS = [
 MODEL_FLAGS_EXCLUDED = {"vocab_size", "block_size"}  # set from the tokenizer and --block_size
 
 
+# ----------------------------------------------------------------------------- flags
+
 def flag_default(name):
+    """The default value of train.py's flag --name (not a model flag)."""
     return next(default for flag, default, _ in TRAIN_FLAGS if flag == name)
 
 
@@ -94,11 +105,12 @@ def model_flags(module):
             if f.name not in MODEL_FLAGS_EXCLUDED]
 
 
-def build_parser(flags, suppress=False):
-    """The argparse parser of these flags; with suppress, parsing returns only the flags given."""
+def build_parser(specs, suppress=False):
+    """The argparse parser of these (name, default, help) flags; with suppress, parsing returns only
+    the flags given."""
     p = runtime.ArgumentParser(description="Train a model of models/ (one loop for every model and method).",
                                argument_default=argparse.SUPPRESS if suppress else None)
-    for name, default, help_text in flags:
+    for name, default, help_text in specs:
         kind = runtime.str2bool if isinstance(default, bool) else type(default)
         extra = {"nargs": "?", "const": True} if kind is runtime.str2bool else {}
         p.add_argument(f"--{name}", type=kind, help=help_text, **extra,
@@ -106,79 +118,153 @@ def build_parser(flags, suppress=False):
     return p
 
 
-def parse_args(argv):
-    """Flag values: defaults < the saved run (when resuming) < --config file < command line.
-    Returns (flags as a dict, the model file's module)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--model")
-    pre.add_argument("--config", default="")
-    known = pre.parse_known_args(argv)[0]
-    overrides = {}
-    if known.config:
-        try:
-            overrides = tomllib.loads(Path(known.config).read_text())
-        except FileNotFoundError:
-            raise UserError(f"config file not found: {known.config}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"{known.config}: {e}") from None
-    module = models.get(known.model or overrides.get("model", "gpt"))  # the model decides the model flags
-    flags = TRAIN_FLAGS + model_flags(module)
-    args = vars(build_parser(flags).parse_args(argv))
-    explicit = vars(build_parser(flags, suppress=True).parse_args(argv))
-    if overrides:
-        defaults = {name: default for name, default, _ in flags}
-        unknown = sorted(set(overrides) - set(defaults))
-        if unknown:
-            raise UserError(f"{args['config']}: unknown flag(s) {', '.join(unknown)}")
-        explicit = {**{k: type(defaults[k])(v) for k, v in overrides.items()}, **explicit}
-    if args["resume"] or explicit.get("init_from") == "resume":
+def read_config(path):
+    """The flag values in a TOML file ({} without one). A missing or malformed file: UserError."""
+    if not path:
+        return {}
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def coerce(name, value, default):
+    """A flag value given in Python or in a TOML file, as the type of the flag's default (a Path
+    becomes a str, "false" a bool). A value that is not of that type: UserError."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            return value if isinstance(value, bool) else runtime.str2bool(value)
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--{name}: expected {kind.__name__}, not {value!r}") from None
+
+
+def resolve_flags(module, explicit, config, config_path=""):
+    """Every flag's value: defaults < the saved run (when resuming) < the config file's values
+    (`config`, from `config_path`) < the flags given explicitly (command line, or run()'s keyword
+    arguments). An unknown flag in the config file, or nothing to resume: UserError."""
+    defaults = {name: default for name, default, _ in TRAIN_FLAGS + model_flags(module)}
+    if unknown := sorted(set(config) - set(defaults)):
+        raise UserError(f"{config_path}: unknown flag(s) {', '.join(unknown)}")
+    explicit = {**{k: coerce(k, v, defaults[k]) for k, v in config.items()}, **explicit}
+    flags = {**defaults, **explicit}
+    if flags["resume"] or flags["init_from"] == "resume":
         explicit["init_from"] = "resume"
-    args.update(explicit)
-    args["out_dir"] = args["out_dir"] or f"out/{args['model']}"
-    if args["init_from"] == "resume":
-        state_path = Path(args["out_dir"]) / "train_state.pt"
+    flags.update(explicit)
+    flags["out_dir"] = flags["out_dir"] or f"out/{flags['model']}"
+    if flags["init_from"] == "resume":
+        state_path = Path(flags["out_dir"]) / "train_state.pt"
         if not state_path.is_file():
             raise UserError(f"nothing to resume: no {state_path}")
         saved = torch.load(state_path, map_location="cpu", weights_only=True)["args"]
-        args = {**args, **saved, **explicit}
-    return args, module
+        flags = {**flags, **saved, **explicit}
+    return flags
 
 
-# ----------------------------------------------------------------------------- training
+def parse_args(argv):
+    """The command line's flags (see resolve_flags for the precedence). Returns (flags as a dict,
+    the model file's module). A bad or unknown flag: UserError."""
+    pre = runtime.ArgumentParser(add_help=False)
+    pre.add_argument("--model")
+    pre.add_argument("--config", default="")
+    known = pre.parse_known_args(argv)[0]
+    config = read_config(known.config)
+    module = models.get(known.model or config.get("model", "gpt"))  # the model decides the model flags
+    specs = TRAIN_FLAGS + model_flags(module)
+    build_parser(specs).parse_args(argv)  # --help, and the errors of bad values
+    explicit = vars(build_parser(specs, suppress=True).parse_args(argv))
+    return resolve_flags(module, explicit, config, known.config), module
 
-def lr_at(step, a):
+
+def run(model=None, *, loss_fn=None, **given):
+    """Train from Python with train.py's flags as keyword arguments: run(model="llama", max_iters=200,
+    data="my.txt") is `python train.py --model llama --max_iters 200 --data my.txt`, with the same
+    defaults and precedence (`model` None: the config file's, else gpt). `loss_fn`: see train().
+    Returns train()'s dict (final losses, step, elapsed_s, out_dir). An unknown flag or a value of
+    the wrong type: UserError."""
+    config = read_config(given.get("config", ""))
+    module = models.get(model or config.get("model", "gpt"))
+    defaults = {name: default for name, default, _ in TRAIN_FLAGS + model_flags(module)}
+    if unknown := sorted(set(given) - set(defaults)):
+        raise UserError(f"unknown flag(s) {', '.join(unknown)}")
+    explicit = {k: coerce(k, v, defaults[k]) for k, v in given.items()}
+    if model:
+        explicit["model"] = model
+    return train(resolve_flags(module, explicit, config, given.get("config", "")), module, loss_fn)
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def unwrap(model):
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def lm_loss(model, batch):
+    """The default training loss: the language-model loss (mean cross-entropy of next tokens, nats)
+    of batch = (x, y), both (B, T) token ids, plus the model's auxiliary losses of that forward
+    (model.aux_losses(): name -> scalar tensor, e.g. a mixture of experts' load balancing).
+    Returns (loss, metrics): metrics is {} without auxiliary losses, else each of them and lm_loss.
+
+    Any function of this form can train instead (train.run(..., loss_fn=f)): it gets the module that
+    trains (wrapped by DDP or torch.compile: unwrap() reaches the model) and a batch of
+    dataset.get_batch, and returns a scalar loss to minimise and a dict of scalar metrics to log."""
+    x, y = batch
+    _, loss = model(x, y)
+    aux = getattr(unwrap(model), "aux_losses", dict)()  # until every model declares aux_losses
+    if not aux:
+        return loss, {}
+    metrics = {"lm_loss": loss.detach(), **{name: value.detach() for name, value in aux.items()}}
+    return loss + sum(aux.values()), metrics
+
+
+# ----------------------------------------------------------------------------- schedule, optimizer, evaluation
+
+def lr_at(step, flags):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
-    decay_iters = a["lr_decay_iters"] if a["lr_decay_iters"] > 0 else a["max_iters"]
-    min_lr = a["min_lr"] if a["min_lr"] >= 0 else a["learning_rate"] / 10
-    if step < a["warmup_iters"]:
-        return a["learning_rate"] * (step + 1) / (a["warmup_iters"] + 1)
+    decay_iters = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
+    min_lr = flags["min_lr"] if flags["min_lr"] >= 0 else flags["learning_rate"] / 10
+    if step < flags["warmup_iters"]:
+        return flags["learning_rate"] * (step + 1) / (flags["warmup_iters"] + 1)
     if step >= decay_iters:
         return min_lr
-    progress = (step - a["warmup_iters"]) / max(1, decay_iters - a["warmup_iters"])
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (a["learning_rate"] - min_lr)
+    progress = (step - flags["warmup_iters"]) / max(1, decay_iters - flags["warmup_iters"])
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (flags["learning_rate"] - min_lr)
 
 
-def make_optimizer(model, a, device, sharded=False):
+def make_optimizer(model, flags, device, sharded=False):
     """AdamW; weight decay on tensors of two or more dimensions (matrices, embeddings) only. The
     fused kernel, except on FSDP's sharded parameters (DTensors), which take the foreach one."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": a["weight_decay"]},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": flags["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=a["learning_rate"], betas=(a["beta1"], a["beta2"]),
+    return torch.optim.AdamW(groups, lr=flags["learning_rate"], betas=(flags["beta1"], flags["beta2"]),
                              fused=not sharded, foreach=sharded or None)
 
 
 @torch.no_grad()
-def evaluate(model, dataset, a, ctx, device, rank=0, world_size=1):
-    """Mean loss over eval_iters global batches of each split; the same batches at every evaluation
-    (each process takes its slice, and the means are averaged)."""
+def evaluate(model, dataset, flags, ctx, device, rank=0, world_size=1):
+    """Mean language-model loss over eval_iters global batches of each split (the model's own loss,
+    whatever the training loss_fn, so runs compare); the same batches at every evaluation (each
+    process takes its slice, and the means are averaged). Returns {"train": nats, "val": nats}."""
     model.eval()
     out = {}
     for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(a["seed"] + 1)
+        gen = torch.Generator().manual_seed(flags["seed"] + 1)
         losses = []
-        for _ in range(a["eval_iters"]):
-            x, y = dataset.get_batch(split, a["batch_size"], a["block_size"], gen, device, rank, world_size)
+        for _ in range(flags["eval_iters"]):
+            x, y = dataset.get_batch(split, flags["batch_size"], flags["block_size"], gen, device, rank, world_size)
             with ctx:
                 losses.append(model(x, y)[1])
         mean = torch.stack(losses).mean()
@@ -205,17 +291,20 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def distribute(model, a, world_size, device):
+def distribute(model, flags, world_size, device):
     """The module that trains: the model itself in one process; wrapped in DistributedDataParallel
-    (replicas, gradients all-reduced) or sharded in place by FSDP's fully_shard (every block, then
-    the rest) under torchrun."""
+    (replicas, gradients all-reduced) or sharded in place by FSDP's fully_shard (each of
+    model.fsdp_units(), children first, then the rest) under torchrun."""
     if world_size == 1:
         return model
-    if a["fsdp"]:
+    if flags["fsdp"]:
         from torch.distributed.fsdp import fully_shard
-        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
-            for block in blocks:
-                fully_shard(block)
+        if hasattr(model, "fsdp_units"):
+            units = model.fsdp_units()
+        else:  # until every model declares fsdp_units: the blocks of every ModuleList
+            units = [block for blocks in model.modules() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
+        for unit in units:
+            fully_shard(unit)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
@@ -241,205 +330,360 @@ def full_state(model, optimizer):
 
 
 def load_optimizer_state(model, optimizer, state):
+    """Load full_state()'s optimizer state, sharding it as the model is sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def save_checkpoint(model, tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir, rank=0):
+# ----------------------------------------------------------------------------- one run, in stages
+
+@dataclasses.dataclass
+class Session:
+    """One process's run: its flags, where it runs, and what the stages fill in (build: model and
+    dataset; prepare: the module that trains, optimizer, scaler, data generator and position)."""
+    flags: dict
+    rank: int
+    world_size: int
+    device: str
+    dtype: torch.dtype
+    ctx: object  # autocast to dtype, or nothing for fp32
+    model: torch.nn.Module = None  # the model itself
+    dataset: data.Dataset = None
+    train_model: torch.nn.Module = None  # the model as it trains: wrapped by DDP / sharded by FSDP / compiled
+    optimizer: torch.optim.Optimizer = None
+    scaler: torch.amp.GradScaler = None
+    data_gen: torch.Generator = None  # draws the training batches: its state is the data position
+    step: int = 0
+    elapsed_before: float = 0.0  # seconds of training before this process (a resumed run)
+
+    @property
+    def out_dir(self):
+        return Path(self.flags["out_dir"])
+
+    @property
+    def tokens_per_step(self):
+        f = self.flags
+        return f["batch_size"] * f["block_size"] * f["gradient_accumulation_steps"] * self.world_size
+
+    def say(self, *args, **kwargs):
+        if self.rank == 0:  # only rank 0 prints and writes
+            print(*args, **kwargs)
+
+
+def start(flags):
+    """The process: join the process group under torchrun, pick the device, dtype and attention
+    backend, seed the RNG. Flag combinations that cannot work: UserError."""
+    rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
+    dtype = resolve_dtype(flags["dtype"], device)
+    kernels.set_backend(flags["attn"])
+    torch.manual_seed(flags["seed"])
+    if flags["lora_rank"] and flags["init_from"] == "scratch":
+        raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
+    if flags["lora_rank"] and flags["convert_kv_heads"]:
+        raise UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
+    if flags["merge"] and (not flags["lora_rank"] or world_size > 1):
+        raise UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
+    return Session(flags, rank, world_size, device, dtype, autocast(device, dtype))
+
+
+def build(s, module):
+    """The model and the dataset (tokenized with the model's tokenizer): a new model of `module`
+    (--init_from scratch), or one loaded from a model directory (fine-tuning, LoRA) or from the run
+    folder (--resume). Rank 0 tokenizes the corpus first; the other processes then reuse its cache.
+    Returns the saved training state when resuming, else None."""
+    f = s.flags
+    if s.world_size > 1 and s.rank != 0:
+        torch.distributed.barrier()
+    state = None
+    if f["init_from"] == "scratch":
+        s.dataset = data.prepare(f["data"] or None, f["tokenizer"], f["data_dir"])
+        fields = {field.name for field in dataclasses.fields(module.Config)} - MODEL_FLAGS_EXCLUDED
+        config = module.Config(**{k: v for k, v in f.items() if k in fields},
+                               vocab_size=s.dataset.tokenizer.vocab_size, block_size=f["block_size"])
+        s.model = module.Model(config)
+    else:
+        s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
+        s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
+        if f["init_from"] == "resume":
+            state = load_train_state(s.out_dir, f["lora_rank"])
+    if s.world_size > 1 and s.rank == 0:
+        torch.distributed.barrier()
+    s.dataset.check_block_size(f["block_size"])
+    legacy = s.model.config.block_size if getattr(s.model.config, "pos", None) == "learned" else None
+    max_positions = getattr(s.model, "max_positions", legacy)  # until every model declares max_positions
+    if max_positions is not None and f["block_size"] > max_positions:
+        raise UserError(f"--block_size {f['block_size']} exceeds the model's {max_positions} positions")
+    return state
+
+
+def load_model(flags, out_dir, dtype):
+    """A trained model and its tokenizer: from --init_from DIR (converted to --convert_kv_heads groups,
+    LoRA adapters added with --lora_rank) or, resuming, from the run folder (a LoRA run's folder
+    holds the adapter: the base model comes from the directory it names)."""
+    src = out_dir if flags["init_from"] == "resume" else Path(flags["init_from"])
+    if not src.is_dir():
+        raise UserError(f"--init_from: no model directory {src}")
+    lora_resume = flags["lora_rank"] and flags["init_from"] == "resume"
+    base = lora.base_path(out_dir) if lora_resume else src
+    model = models.from_pretrained(base, dtype=torch.float32)
+    tokenizer = tokenization.tokenizer_for_model(base, model.config.vocab_size)
+    if flags["convert_kv_heads"] and flags["init_from"] != "resume":
+        if not hasattr(model, "convert_kv_heads"):
+            raise UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
+        model.convert_kv_heads(flags["convert_kv_heads"])
+    base_dtype = None if dtype == torch.float32 else dtype  # LoRA: the frozen base needs no fp32 copy
+    if lora_resume:
+        lora.load_adapter(model, out_dir, base_dtype)
+    elif flags["lora_rank"]:
+        config = lora.LoRAConfig(flags["lora_rank"], flags["lora_alpha"],
+                                 lora.resolve_targets(model, flags["lora_targets"]), flags["lora_dropout"],
+                                 flags["lora_rslora"], base_model_name_or_path=str(src))
+        lora.apply(model, config, base_dtype)
+    return model, tokenizer
+
+
+def prepare(s, state=None):
+    """Place and distribute the model; make the optimizer, the gradient scaler (fp16 only) and the
+    data generator; restore them, the RNG states and the step from `state` when resuming;
+    torch.compile last."""
+    f = s.flags
+    s.model.to(s.device)
+    s.train_model = distribute(s.model, f, s.world_size, s.device)
+    s.optimizer = make_optimizer(s.model, f, s.device, sharded=f["fsdp"] and s.world_size > 1)
+    s.scaler = torch.amp.GradScaler(enabled=s.dtype == torch.float16)
+    s.data_gen = torch.Generator().manual_seed(f["seed"])
+    if state is not None:
+        load_optimizer_state(s.model, s.optimizer, state["optimizer"])
+        s.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        s.data_gen.set_state(state["rng"]["data"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        s.step, s.elapsed_before = state["step"], state["elapsed_s"]
+    s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
+
+
+def describe(s):
+    """The run's first lines: model, data, device, precision, batch, steps; LoRA's parameter count."""
+    f, model, manifest = s.flags, s.model, s.dataset.manifest
+    s.say(f"model {f['model']}: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
+          f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
+          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {kernels.get_backend(s.device)}; "
+          f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
+          f"steps {s.step}..{f['max_iters']}", flush=True)
+    if f["lora_rank"]:
+        trainable, total = lora.count_params(model)
+        cfg = model.lora_config
+        s.say(f"LoRA rank {cfg.r} on {', '.join(cfg.target_modules)}: {trainable:,} trainable "
+              f"parameters, {100 * trainable / (total - trainable):.2f}% of the frozen base model "
+              f"{cfg.base_model_name_or_path} ({total - trainable:,})", flush=True)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclasses.dataclass
+class Clock:
+    """The loop's wall time: since it started (t0, at first_step) and since the last log line or
+    evaluation (the interval that throughput is measured over: evaluations are left out)."""
+    first_step: int
+    t0: float = dataclasses.field(default_factory=time.time)
+    interval_start: float = None
+    interval_steps: int = 0
+
+    def __post_init__(self):
+        self.interval_start = self.t0
+
+    def restart_interval(self, now=None):
+        self.interval_start, self.interval_steps = time.time() if now is None else now, 0
+
+
+def fit(s, loss_fn=None):
+    """Train from s.step to max_iters with loss_fn (default lm_loss; see train()): evaluate and
+    checkpoint every eval_interval steps and at max_iters; print and log (out_dir/log.jsonl) every
+    log_interval steps and at max_iters. Returns (the last evaluation {"train", "val"}, the last logged
+    loss_fn metrics, seconds of training in all)."""
+    f, loss_fn = s.flags, loss_fn or lm_loss
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    log_path, mode = s.out_dir / "log.jsonl", "a" if f["init_from"] == "resume" else "w"
+    clock, losses, metrics = Clock(s.step), {}, {}
+    with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
+        s.model.train()
+        while True:
+            if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
+                losses = evaluate_and_checkpoint(s, clock, log_file)
+            if s.step >= f["max_iters"]:
+                break
+            lr = lr_at(s.step, f)
+            loss, step_metrics = train_step(s, loss_fn, lr)
+            clock.interval_steps += 1
+            if s.step % f["log_interval"] == 0 or s.step == f["max_iters"]:
+                metrics = log_progress(s, clock, log_file, lr, loss, step_metrics)
+    return losses, metrics, s.elapsed_before + time.time() - clock.t0
+
+
+def evaluate_and_checkpoint(s, clock, log_file):
+    """Evaluate, print and log the losses, and checkpoint (not at the step a run starts or resumes
+    from, unless that is max_iters). Returns the losses {"train", "val"}."""
+    f = s.flags
+    losses = evaluate(s.train_model, s.dataset, f, s.ctx, s.device, s.rank, s.world_size)
+    elapsed = s.elapsed_before + time.time() - clock.t0
+    s.say(f"step {s.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+    write_log(log_file, {"step": s.step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"],
+                         "train_loss": losses["train"]})
+    if s.step > clock.first_step or s.step == f["max_iters"]:
+        save_checkpoint(s, elapsed)
+    clock.restart_interval()  # throughput excludes evaluation time
+    return losses
+
+
+def train_step(s, loss_fn, lr):
+    """One optimizer step at learning rate lr over gradient_accumulation_steps micro-batches
+    (gradient clipping, fp16 loss scaling). Returns the loss and metrics of the last micro-batch."""
+    f, n_micro = s.flags, s.flags["gradient_accumulation_steps"]
+    for group in s.optimizer.param_groups:
+        group["lr"] = lr
+    for micro in range(n_micro):
+        batch = s.dataset.get_batch("train", f["batch_size"], f["block_size"], s.data_gen, s.device, s.rank,
+                                    s.world_size)
+        with s.ctx, gradient_sync(s.train_model, micro == n_micro - 1):
+            loss, metrics = loss_fn(s.train_model, batch)
+            s.scaler.scale(loss / n_micro).backward()
+    if f["grad_clip"] > 0:
+        s.scaler.unscale_(s.optimizer)
+        torch.nn.utils.clip_grad_norm_(s.model.parameters(), f["grad_clip"])
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.step += 1
+    return loss, metrics
+
+
+def log_progress(s, clock, log_file, lr, loss, metrics):
+    """Print and log the step's line: the loss and metrics of its last micro-batch (averaged over the
+    processes: the global batch's, as one process would see it), lr, throughput, ETA. Returns the
+    metrics as floats."""
+    f = s.flags
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach()
+                          for v in (loss, *metrics.values())])
+    if s.world_size > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.AVG)
+    loss_value, *metric_values = values.tolist()  # syncs the device, so the timing below is real
+    metrics = dict(zip(metrics, metric_values))
+    now = time.time()
+    step_time = (now - clock.interval_start) / clock.interval_steps
+    eta = (now - clock.t0) / (s.step - clock.first_step) * (f["max_iters"] - s.step)  # evaluations included
+    shown = "".join(f" | {name} {value:.4f}" for name, value in metrics.items())
+    s.say(f"iter {s.step}/{f['max_iters']} | loss {loss_value:.4f}{shown} | lr {lr:.2e} | "
+          f"{s.tokens_per_step / step_time:,.0f} tok/s | {step_time * 1000:.0f} ms/iter | "
+          f"ETA {format_eta(eta)}", flush=True)
+    write_log(log_file, {"step": s.step, "elapsed_s": round(s.elapsed_before + now - clock.t0, 3),
+                         "train_loss": loss_value, **metrics, "lr": lr,
+                         "tokens_per_s": round(s.tokens_per_step / step_time, 1)})
+    clock.restart_interval(now)
+    return metrics
+
+
+def write_log(log_file, record):
+    """One JSON line in log.jsonl (rank 0 only: the others have no file)."""
+    if log_file:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+
+def format_eta(seconds):
+    """Seconds as 1h05m or 4m09s."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(s, elapsed):
     """Model (Hugging Face format; in a LoRA run, the adapter only) first, then train_state.pt;
     each file is written under a temporary name and renamed, and both carry the step so a torn pair
     is detected on resume. Every process takes part in gathering the state; rank 0 writes it."""
-    model_state, optimizer_state = full_state(model, optimizer)
-    if rank != 0:
+    model_state, optimizer_state = full_state(s.model, s.optimizer)
+    if s.rank != 0:
         return
-    if a["lora_rank"]:  # the base model and its tokenizer stay where adapter_config.json points
-        lora.save_adapter(model, out_dir, state=model_state, metadata={"step": str(step)})
+    model, metadata = s.model, {"step": str(s.step)}
+    if s.flags["lora_rank"]:  # the base model and its tokenizer stay where adapter_config.json points
+        lora.save_adapter(model, s.out_dir, state=model_state, metadata=metadata)
     else:
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # sharded: write a gathered copy
             with torch.device("meta"):
                 gathered = type(model)(model.config)
             gathered.load_state_dict(model_state, assign=True)
             model = gathered
-        model.save_pretrained(out_dir, metadata={"step": str(step)})
-        tokenizer.save(out_dir)
-    state = {"step": step, "optimizer": optimizer_state, "scaler": scaler.state_dict(),
-             "rng": {"torch": torch.get_rng_state(), "data": data_gen.get_state(),
+        model.save_pretrained(s.out_dir, metadata=metadata)
+        s.dataset.tokenizer.save(s.out_dir)
+    state = {"step": s.step, "optimizer": optimizer_state, "scaler": s.scaler.state_dict(),
+             "rng": {"torch": torch.get_rng_state(), "data": s.data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
-             "elapsed_s": elapsed, "args": a}
-    runtime.atomic_write(Path(out_dir) / "train_state.pt", lambda tmp: torch.save(state, tmp))
+             "elapsed_s": elapsed, "args": s.flags}
+    runtime.atomic_write(s.out_dir / "train_state.pt", lambda tmp: torch.save(state, tmp))
 
 
-def format_eta(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+def load_train_state(out_dir, lora_rank):
+    """train_state.pt of a run folder (weights-only), after checking that the model (or adapter) file
+    beside it was written at the same step; a torn checkpoint: UserError."""
+    from safetensors import safe_open
+    state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    weights = lora.ADAPTER_WEIGHTS if lora_rank else "model.safetensors"
+    with safe_open(out_dir / weights, "pt") as f:
+        model_step = int((f.metadata() or {}).get("step", -1))
+    if model_step != state["step"]:
+        raise UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
+                        f"(step {state['step']}) do not match; the last checkpoint was interrupted")
+    return state
 
 
-def train(a, module):
-    out_dir = Path(a["out_dir"])
-    rank, world_size, device = setup_distributed(resolve_device(a["device"]))
-    dtype = resolve_dtype(a["dtype"], device)
-    kernels.set_backend(a["attn"])
-    torch.manual_seed(a["seed"])
-    ctx = autocast(device, dtype)
-    say = print if rank == 0 else (lambda *args, **kwargs: None)  # only rank 0 prints and writes
-    if a["lora_rank"] and a["init_from"] == "scratch":
-        raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
-    if a["lora_rank"] and a["convert_kv_heads"]:
-        raise UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
-    if a["merge"] and (not a["lora_rank"] or world_size > 1):
-        raise UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
-    if world_size > 1 and rank != 0:
-        torch.distributed.barrier()  # rank 0 prepares the data first; the others then reuse it
+# ----------------------------------------------------------------------------- the end, and the whole run
 
-    # --- model and tokenizer
-    state = None
-    if a["init_from"] == "scratch":
-        dataset = data.prepare(a["data"] or None, a["tokenizer"], a["data_dir"])
-        cfg_fields = {f.name for f in dataclasses.fields(module.Config)}
-        config = module.Config(**{k: v for k, v in a.items() if k in cfg_fields and k not in MODEL_FLAGS_EXCLUDED},
-                               vocab_size=dataset.tokenizer.vocab_size, block_size=a["block_size"])
-        model = module.Model(config)
-    else:
-        src = out_dir if a["init_from"] == "resume" else Path(a["init_from"])
-        if not src.is_dir():
-            raise UserError(f"--init_from: no model directory {src}")
-        lora_resume = a["lora_rank"] and a["init_from"] == "resume"
-        base = lora.base_path(out_dir) if lora_resume else src  # a LoRA run's folder holds only the adapter
-        model = models.from_pretrained(base, dtype=torch.float32)
-        tokenizer = data.tokenizer_for_model(base, model.config.vocab_size)
-        if a["convert_kv_heads"] and a["init_from"] != "resume":
-            if not hasattr(model, "convert_kv_heads"):
-                raise UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")
-            model.convert_kv_heads(a["convert_kv_heads"])
-        base_dtype = None if dtype == torch.float32 else dtype  # LoRA: the frozen base needs no fp32 copy
-        if lora_resume:
-            lora.load_adapter(model, out_dir, base_dtype)
-        elif a["lora_rank"]:
-            config = lora.LoRAConfig(a["lora_rank"], a["lora_alpha"], lora.resolve_targets(model, a["lora_targets"]),
-                                     a["lora_dropout"], a["lora_rslora"], base_model_name_or_path=str(src))
-            lora.apply(model, config, base_dtype)
-        dataset = data.prepare(a["data"] or None, tokenizer, a["data_dir"])
-        if a["init_from"] == "resume":
-            state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)
-            from safetensors import safe_open
-            weights = lora.ADAPTER_WEIGHTS if a["lora_rank"] else "model.safetensors"
-            with safe_open(out_dir / weights, "pt") as f:
-                model_step = int((f.metadata() or {}).get("step", -1))
-            if model_step != state["step"]:
-                raise UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
-                                     f"(step {state['step']}) do not match; the last checkpoint was interrupted")
-    if world_size > 1 and rank == 0:
-        torch.distributed.barrier()
-    dataset.check_block_size(a["block_size"])
-    if getattr(model.config, "pos", None) == "learned" and a["block_size"] > model.config.block_size:
-        raise UserError(f"--block_size {a['block_size']} exceeds the model's {model.config.block_size} positions")
-    model.to(device)
-    train_model = distribute(model, a, world_size, device)
-    optimizer = make_optimizer(model, a, device, sharded=a["fsdp"] and world_size > 1)
-    scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
-    data_gen = torch.Generator().manual_seed(a["seed"])
-    step, elapsed_before = 0, 0.0
-    if state is not None:
-        load_optimizer_state(model, optimizer, state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        data_gen.set_state(state["rng"]["data"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step, elapsed_before = state["step"], state["elapsed_s"]
-    train_model = torch.compile(train_model) if a["compile"] else train_model
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    log_file = open(out_dir / "log.jsonl", "a" if state is not None else "w") if rank == 0 else None
-
-    def log(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-            log_file.flush()
-
-    n_params = model.num_params()
-    tokens_per_step = a["batch_size"] * a["block_size"] * a["gradient_accumulation_steps"] * world_size
-    say(f"model {a['model']}: {n_params / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
-          f"{dataset.manifest['n_train']:,} train / {dataset.manifest['n_val']:,} val tokens; "
-          f"{device}, {str(dtype).removeprefix('torch.')}, attention {kernels.get_backend(device)}; "
-          f"{tokens_per_step:,} tokens per step{f' over {world_size} processes' if world_size > 1 else ''}, "
-          f"steps {step}..{a['max_iters']}", flush=True)
-    if a["lora_rank"]:
-        trainable, total = lora.count_params(model)
-        say(f"LoRA rank {model.lora_config.r} on {', '.join(model.lora_config.target_modules)}: {trainable:,} trainable "
-            f"parameters, {100 * trainable / (total - trainable):.2f}% of the frozen base model "
-            f"{model.lora_config.base_model_name_or_path} ({total - trainable:,})", flush=True)
-
-    t0, first_step, losses = time.time(), step, {}
-    model.train()
-    while True:
-        if step % a["eval_interval"] == 0 or step >= a["max_iters"]:
-            losses = evaluate(train_model, dataset, a, ctx, device, rank, world_size)
-            elapsed = elapsed_before + time.time() - t0
-            say(f"step {step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
-            log({"step": step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"], "train_loss": losses["train"]})
-            if step > first_step or step == a["max_iters"]:
-                save_checkpoint(model, dataset.tokenizer, optimizer, scaler, a, step, data_gen, elapsed, out_dir, rank)
-            t_interval, steps_interval = time.time(), 0  # throughput excludes evaluation time
-        if step >= a["max_iters"]:
-            break
-        lr = lr_at(step, a)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(a["gradient_accumulation_steps"]):
-            x, y = dataset.get_batch("train", a["batch_size"], a["block_size"], data_gen, device, rank, world_size)
-            with ctx, gradient_sync(train_model, micro == a["gradient_accumulation_steps"] - 1):
-                _, loss = train_model(x, y)
-                scaler.scale(loss / a["gradient_accumulation_steps"]).backward()
-        if a["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        steps_interval += 1
-        if step % a["log_interval"] == 0 or step == a["max_iters"]:
-            if world_size > 1:  # the mean over the global batch, as one process would see it
-                loss = loss.detach().clone()
-                torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-            loss_value = loss.item()  # syncs the device, so the timing below is real
-            now = time.time()
-            step_time = (now - t_interval) / steps_interval
-            eta = (now - t0) / (step - first_step) * (a["max_iters"] - step)  # evaluations included
-            say(f"iter {step}/{a['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
-                  f"{tokens_per_step / step_time:,.0f} tok/s | {step_time * 1000:.0f} ms/iter | "
-                  f"ETA {format_eta(eta)}", flush=True)
-            log({"step": step, "elapsed_s": round(elapsed_before + now - t0, 3), "train_loss": loss_value,
-                 "lr": lr, "tokens_per_s": round(tokens_per_step / step_time, 1)})
-            t_interval, steps_interval = now, 0
-    if log_file:
-        log_file.close()
-    total = elapsed_before + time.time() - t0
-    say(f"done: val loss {losses['val']:.4f} after {step} steps, {format_eta(total)} ({total:.0f} s); "
-          f"model saved in {out_dir}", flush=True)
-    if a["merge"]:
-        merged = out_dir / "merged"
-        lora.merge(model).save_pretrained(merged)
-        dataset.tokenizer.save(merged)
-        say(f"merged model (base + adapter) saved in {merged}", flush=True)
-    if world_size > 1:
+def finish(s, losses, elapsed):
+    """The closing lines: the final loss; with --merge, the base model with the adapter folded in
+    (OUT_DIR/merged); leave the process group, or print a sample of sample_tokens tokens."""
+    f = s.flags
+    s.say(f"done: val loss {losses['val']:.4f} after {s.step} steps, {format_eta(elapsed)} ({elapsed:.0f} s); "
+          f"model saved in {s.out_dir}", flush=True)
+    if f["merge"]:
+        merged = s.out_dir / "merged"
+        lora.merge(s.model).save_pretrained(merged)
+        s.dataset.tokenizer.save(merged)
+        s.say(f"merged model (base + adapter) saved in {merged}", flush=True)
+    if s.world_size > 1:
         torch.distributed.destroy_process_group()
-    elif a["sample_tokens"] > 0:
-        model.eval()
+    elif f["sample_tokens"] > 0:
+        s.model.eval()
         print("sample:", flush=True)
-        prompt = dataset.tokenizer.encode("\n")
-        gen = torch.Generator(device=device).manual_seed(a["seed"])
-        with ctx:
-            stream(model, dataset.tokenizer, prompt, a["sample_tokens"], temperature=0.8, top_k=200, generator=gen)
+        prompt = s.dataset.tokenizer.encode("\n")
+        gen = torch.Generator(device=s.device).manual_seed(f["seed"])
+        with s.ctx:
+            stream(s.model, s.dataset.tokenizer, prompt, f["sample_tokens"], temperature=0.8, top_k=200,
+                   generator=gen)
         print(flush=True)
-    return {"val_loss": losses["val"], "train_loss": losses["train"], "step": step, "elapsed_s": total}
+
+
+def train(flags, module, loss_fn=None):
+    """One training run with these flags (parse_args's or run()'s) of a model file of models/.
+    loss_fn(model, batch) -> (scalar loss, {name: scalar metric}) is what the steps minimise (default
+    lm_loss); its metrics, those of the last micro-batch of a logged step, go into log.jsonl beside
+    train_loss. Returns {"val_loss", "train_loss" (the last evaluation, nats), the last logged metrics,
+    "step", "elapsed_s", "out_dir"}."""
+    s = start(flags)
+    state = build(s, module)
+    prepare(s, state)
+    describe(s)
+    losses, metrics, elapsed = fit(s, loss_fn)
+    finish(s, losses, elapsed)
+    return {**metrics, "val_loss": losses["val"], "train_loss": losses["train"], "step": s.step,
+            "elapsed_s": elapsed, "out_dir": str(s.out_dir)}
 
 
 def main(argv=None):
+    """The command line: train with the flags of argv (default sys.argv[1:])."""
     argv = sys.argv[1:] if argv is None else argv
-    args, module = parse_args(argv)
-    train(args, module)
+    flags, module = parse_args(argv)
+    train(flags, module)
     return 0
 
 
