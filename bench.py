@@ -30,7 +30,7 @@ import models
 import train
 import runtime
 from runtime import UserError, autocast, resolve_device, resolve_dtype
-from sample import generate
+from generation import generate
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -77,6 +77,17 @@ def measure(fn, device, reps=3):
         sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times), max(peak, 0)
+
+
+def first_call_seconds(fn, device):
+    """Wall seconds of one call of fn, synchronised: run first in a process for a new shape, this is
+    what a user waits for (a Triton kernel compiles and autotunes on its first call)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
 
 
 def print_table(rows, columns):
@@ -127,6 +138,12 @@ def bench_attention(args):
                 q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
                 k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
                 fn = kernels.BACKENDS[backend].fn
+                try:  # the first call of this shape in this process: compilation and autotuning included
+                    row["first_call_s"] = first_call_seconds(lambda: fn(*(t.detach().requires_grad_() for t in (q, k, v)),
+                                                                       causal).sum().backward(), device)
+                except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
+                    rows.append({**row, "note": f"first call: {str(e).splitlines()[0][:60]}"})
+                    continue
                 for phase, backward in (("fwd", False), ("fwdbwd", True)):
                     qq, kk, vv = (t.detach().requires_grad_(backward) for t in (q, k, v))
 
@@ -152,7 +169,7 @@ def bench_attention(args):
               f"batch {args.batch}, {H} query heads, head_dim {D}; median of {args.reps}; "
               "memory = peak beyond the inputs")
         print_table(rows, [("case", "case", "{}"), ("heads", "heads", "{}"), ("T", "T", "{}"),
-                           ("backend", "backend", "{}"),
+                           ("backend", "backend", "{}"), ("first_call_s", "first call s", "{:.2f}"),
                            ("fwd_ms", "fwd ms", "{:.2f}"), ("fwd_tflops", "fwd TFLOP/s", "{:.3f}"),
                            ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
                            ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
@@ -251,13 +268,23 @@ def bench_kvcache(args):
     return rows
 
 
-def gemm_peak_flops(device, dtype, sizes=((1024, 1024, 1024), (2048, 2048, 2048), (4096, 512, 2048))):
-    """The matrix-multiply peak of this device in this dtype: the best FLOP/s over a few shapes."""
+def gemm_peak_flops(device, dtype, sizes=None, slow_s=0.1):
+    """The matrix-multiply peak of this device in this dtype: the best FLOP/s over a few shapes
+    (m, k, n), smallest first; a shape slower than slow_s seconds ends the search (a dtype this
+    device has no fast kernel for, such as bf16 on a CPU without AVX-512 BF16, reaches its peak on
+    small products, and a big one would take minutes). Default shapes: 8192^3 on CUDA (a GPU needs
+    big products to reach its peak: 2048^3 reads well below it on an H100); 64^3 up to 2048^3 on a CPU."""
+    if sizes is None:
+        on_cuda = torch.device(device).type == "cuda"
+        sizes = ((8192, 8192, 8192),) if on_cuda else tuple((n, n, n) for n in (64, 128, 256, 512, 1024)) + (
+            (4096, 512, 2048), (2048, 2048, 2048))
     best = 0.0
     for m, k, n in sizes:
         a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
         seconds, _ = measure(lambda: a @ b, device, reps=5)
         best = max(best, 2 * m * k * n / seconds)
+        if seconds > slow_s:
+            break
     return best
 
 

@@ -27,6 +27,7 @@ import kernels
 import lora
 import models
 import runtime
+import generation
 import sample
 import tokenization
 import train
@@ -284,7 +285,7 @@ def loss_grads_and_greedy(model, backend, idx):
         model.train().zero_grad()
         _, loss = model(idx[:, :-1], idx[:, 1:])
         loss.backward()
-        greedy = torch.stack(list(sample.generate(model.eval(), idx[:1, :9], 6, temperature=0)), dim=1)
+        greedy = torch.stack(list(generation.generate(model.eval(), idx[:1, :9], 6, temperature=0)), dim=1)
         return loss.item(), [p.grad.clone() for p in model.parameters()], greedy
     finally:
         kernels.set_backend("auto")
@@ -536,12 +537,12 @@ def test_kv_cache_decoding_equals_recomputation(pos):
     model = tiny_gpt(pos=pos)
     prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        cached = torch.stack(list(sample.generate(model, prompt, 25, temperature=0)), dim=1)
+        cached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0)), dim=1)
         seq = prompt
         for _ in range(25):  # no cache: the whole sequence every step
             seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
         assert torch.equal(cached, seq[:, 7:])
-        uncached = torch.stack(list(sample.generate(model, prompt, 25, temperature=0, use_cache=False)), dim=1)
+        uncached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0, use_cache=False)), dim=1)
         assert torch.equal(uncached, cached)
         # logits of cached decoding, token by token, equal a single full forward
         full, _ = model(seq)
@@ -564,7 +565,7 @@ def refill_rule_greedy(model, prompt, n, keep):
 def test_generate_past_block_size_refills_the_cache():
     model = tiny_gpt().double()  # block_size 64; float64: no near-ties between cached and recomputed logits
     prompt = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
-    out = list(sample.generate(model, prompt, 40, temperature=0))
+    out = list(generation.generate(model, prompt, 40, temperature=0))
     assert len(out) == 40
     # 50 + 14 tokens fill the cache; token 16 onwards follow the refill from the last 32 of 65 tokens
     with torch.no_grad():
@@ -586,13 +587,13 @@ def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
     torch.manual_seed(0)
     cfg = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, **kw)
     model = randomize(module.Model(module.Config(**cfg)), std=0.3).double().eval()  # float64: no near-ties
-    idx, pad = sample.left_pad(PADDED_PROMPTS)
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
     assert pad.tolist() == [0, 5, 3] and idx[1].tolist() == [0] * 5 + [9, 8]
     # with the cache, up to block_size in all (7 + 25 = 32); recomputing, well past it (sliding window)
     for use_cache, n in ((True, 25), (False, 45)):
-        batched = torch.stack(list(sample.generate(model, idx, n, temperature=0, pad=pad, use_cache=use_cache)), 1)
+        batched = torch.stack(list(generation.generate(model, idx, n, temperature=0, pad=pad, use_cache=use_cache)), 1)
         for row, prompt in zip(batched, PADDED_PROMPTS):
-            alone = torch.stack(list(sample.generate(model, torch.tensor([prompt]), n, temperature=0,
+            alone = torch.stack(list(generation.generate(model, torch.tensor([prompt]), n, temperature=0,
                                                      use_cache=use_cache)), 1)[0]
             assert torch.equal(row, alone)
     # a static cache (the compiled layout: every slot, masked) gives the logits of a growing one
@@ -610,9 +611,9 @@ def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
     model, caches = tiny_gpt(), []
     make_cache = model.init_cache
     model.init_cache = lambda *a, **kw: caches.append(make_cache(*a, **kw)) or caches[-1]
-    idx, pad = sample.left_pad(PADDED_PROMPTS)
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # sample.py --dtype bfloat16
-        out = list(sample.generate(model, idx, 70, temperature=0, pad=pad))  # past block_size 64: a refill
+        out = list(generation.generate(model, idx, 70, temperature=0, pad=pad))  # past block_size 64: a refill
     assert len(out) == 70 and len(caches) == 2 and all(c.k[0].dtype == torch.bfloat16 for c in caches)
     assert model.lm_head.weight.dtype == torch.float32
 
@@ -624,26 +625,26 @@ def test_compiled_decoding_equals_eager_and_compiles_once():
     torch.manual_seed(0)
     model = randomize(llama.Model(llama.Config(vocab_size=50, block_size=32, n_layer=1, n_head=4, n_kv_head=2,
                                                n_embd=32, intermediate_size=64)), std=0.3).eval()
-    idx, pad = sample.left_pad(PADDED_PROMPTS)
-    eager = torch.stack(list(sample.generate(model, idx, 40, temperature=0, pad=pad)), 1)
-    compiled = torch.stack(list(sample.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
+    eager = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad)), 1)
+    compiled = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
     assert torch.equal(compiled, eager)
-    idx, pad = sample.left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    idx, pad = generation.left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
     with torch.compiler.set_stance("fail_on_recompile"):
-        compiled = torch.stack(list(sample.generate(model, idx, 30, temperature=0, pad=pad, compile=True)), 1)
-    assert torch.equal(compiled, torch.stack(list(sample.generate(model, idx, 30, temperature=0, pad=pad)), 1))
+        compiled = torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad, compile=True)), 1)
+    assert torch.equal(compiled, torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad)), 1))
 
 
 def test_sampling_filters():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     g = torch.Generator().manual_seed(0)
-    assert sample.sample_next(logits, temperature=0).item() == 1
-    assert {sample.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
-    assert {sample.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(20)} == {1}
-    top2 = {sample.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert generation.sample_next(logits, temperature=0).item() == 1
+    assert {generation.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
+    assert {generation.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(20)} == {1}
+    top2 = {generation.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
     assert top2 == {1, 3}
     # nucleus 0.9: softmax is [.032, .644, .087, .237]; the top three reach 0.968
-    top_p = {sample.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
+    top_p = {generation.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
     assert top_p == {1, 2, 3}
 
 
@@ -744,7 +745,7 @@ def test_greedy_generation_matches_transformers(tmp_path, family):
     prompt = tokens(8, seed=4)
     with torch.no_grad():
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
-    got = torch.stack(list(sample.generate(ours, prompt, 20, temperature=0)), dim=1)
+    got = torch.stack(list(generation.generate(ours, prompt, 20, temperature=0)), dim=1)
     assert torch.equal(got, want)
 
 
@@ -753,11 +754,11 @@ def test_left_padded_batch_generation_matches_transformers(tmp_path, family):
     """transformers' generate with left padding and an attention mask is the reference for ours."""
     hf = hf_model(family, seed=3)
     ours = saved(hf, tmp_path)
-    idx, pad = sample.left_pad([tokens(9, B=1, seed=4)[0].tolist(), tokens(4, B=1, seed=5)[0].tolist()])
+    idx, pad = generation.left_pad([tokens(9, B=1, seed=4)[0].tolist(), tokens(4, B=1, seed=5)[0].tolist()])
     mask = (torch.arange(9)[None] >= pad[:, None]).long()
     with torch.no_grad():
         want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0)[:, 9:]
-    assert torch.equal(torch.stack(list(sample.generate(ours, idx, 15, temperature=0, pad=pad)), dim=1), want)
+    assert torch.equal(torch.stack(list(generation.generate(ours, idx, 15, temperature=0, pad=pad)), dim=1), want)
 
 
 # ----------------------------------------------------------------------------- checkpoints in and out
@@ -1703,7 +1704,7 @@ def test_train_and_sample_command_lines(corpus, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("JULIET:")
     # the same greedy continuation as decoding in-process
     model, tok = sample.load(out)
-    expected = "".join(tok.decode([t.item()]) for t in sample.generate(model, torch.tensor([tok.encode("JULIET:")]),
+    expected = "".join(tok.decode([t.item()]) for t in generation.generate(model, torch.tensor([tok.encode("JULIET:")]),
                                                                         5, temperature=0))
     assert r.stdout.rstrip("\n") == "JULIET:" + expected.rstrip("\n")
     # two prompts of different lengths, one batch: each row is what that prompt gives alone

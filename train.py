@@ -41,8 +41,8 @@ import lora
 import models
 import runtime
 import tokenization
+from generation import stream
 from runtime import UserError, autocast, resolve_device, resolve_dtype
-from sample import stream  # the closing sample; generation belongs in a library module (see sample.py)
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -222,7 +222,7 @@ def lm_loss(model, batch):
     dataset.get_batch, and returns a scalar loss to minimise and a dict of scalar metrics to log."""
     x, y = batch
     _, loss = model(x, y)
-    aux = getattr(unwrap(model), "aux_losses", dict)()  # until every model declares aux_losses
+    aux = unwrap(model).aux_losses()
     if not aux:
         return loss, {}
     metrics = {"lm_loss": loss.detach(), **{name: value.detach() for name, value in aux.items()}}
@@ -299,11 +299,7 @@ def distribute(model, flags, world_size, device):
         return model
     if flags["fsdp"]:
         from torch.distributed.fsdp import fully_shard
-        if hasattr(model, "fsdp_units"):
-            units = model.fsdp_units()
-        else:  # until every model declares fsdp_units: the blocks of every ModuleList
-            units = [block for blocks in model.modules() if isinstance(blocks, torch.nn.ModuleList) for block in blocks]
-        for unit in units:
+        for unit in model.fsdp_units():  # bottom-up: each unit before the modules that hold it
             fully_shard(unit)
         return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
@@ -409,10 +405,9 @@ def build(s, module):
     if s.world_size > 1 and s.rank == 0:
         torch.distributed.barrier()
     s.dataset.check_block_size(f["block_size"])
-    legacy = s.model.config.block_size if getattr(s.model.config, "pos", None) == "learned" else None
-    max_positions = getattr(s.model, "max_positions", legacy)  # until every model declares max_positions
-    if max_positions is not None and f["block_size"] > max_positions:
-        raise UserError(f"--block_size {f['block_size']} exceeds the model's {max_positions} positions")
+    limit = s.model.max_positions
+    if limit is not None and f["block_size"] > limit:
+        raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions")
     return state
 
 

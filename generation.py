@@ -1,0 +1,183 @@
+"""Generation for every model in models/: the KV-cache decoding loop, sampling, batches of prompts.
+A library module (sample.py is its command line; train.py and bench.py use it too).
+
+  tokens = generate(model, idx, max_new_tokens, temperature=0.8, top_k=200)  # yields (B,) tensors
+  text = stream(model, tokenizer, prompt_ids, 300)                            # one prompt, printed as it comes
+  texts = complete(model, tokenizer, [ids_a, ids_b], 100, stop="\n")        # a left-padded batch
+
+Shapes: idx (B, T) token ids; logits (B, V). Decoding fills a pre-allocated kernels.KVCache once
+with the prompt (prefill), then feeds one token per step (decode_one_token); compile=True runs that
+step through torch.compile over a static cache (gpt-fast's recipe).
+"""
+import sys
+
+import torch
+
+
+# ----------------------------------------------------------------------------- decoding
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token per row of logits (B, V): greedy at temperature 0, otherwise a draw from the
+    softmax at that temperature, restricted to the top_k tokens and/or the top_p nucleus."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus is full
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts, pad_id=0, device="cpu"):
+    """Prompts of different lengths (lists of token ids) -> idx (B, T), each row padded on the
+    left with pad_id to the longest, and pad (B,), how many padding tokens each row starts with."""
+    T = max(len(p) for p in prompts)
+    idx = torch.tensor([[pad_id] * (T - len(p)) + list(p) for p in prompts], dtype=torch.long, device=device)
+    return idx, torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
+
+
+def compiled_decoder(model):
+    """model's forward under torch.compile, made once per model, for one-token steps against a
+    static KV cache: every step has the same shapes and inputs, so it compiles on the first step and
+    never again. On CPU the compiled graph is driven from C++ (inductor's cpp_wrapper), which cuts
+    the per-step overhead of small models."""
+    if "_compiled_decoder" not in model.__dict__:  # outside nn.Module's registry: not a submodule
+        options = {"cpp_wrapper": True} if model.lm_head.weight.device.type == "cpu" else {}
+        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, options=options)
+    return model.__dict__["_compiled_decoder"]
+
+
+def _window(seq, pad, n):
+    """The last n tokens of seq (B, T), and the padding left in each row (pad (B,) or None)."""
+    drop = max(seq.shape[1] - n, 0)
+    if drop and pad is not None:
+        pad = (pad - drop).clamp(min=0)
+    return seq[:, drop:], pad
+
+
+# gpt-fast's layout (generate.py): prefill runs the prompt into a fresh KV cache, decode_one_token
+# feeds one token, decode_n_tokens draws and feeds in a loop (refilling a full cache), generate sets
+# them up.
+
+@torch.no_grad()
+def prefill(model, seq, pad=None, max_len=None, static=False):
+    """Run seq (B, T) into a fresh KV cache of max_len slots; return (logits (B, V) after the last
+    token, the cache). pad (B,) and static: see kernels.KVCache. Under autocast the cache holds keys
+    and values in the autocast dtype. max_len=None (recomputing): no cache is kept, the cache
+    returned is None, except for a padded batch, where a throwaway one of T slots carries the mask."""
+    if max_len is None and pad is None:
+        return model(seq)[0][:, -1], None
+    kind = seq.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    cache = model.init_cache(seq.shape[0], seq.shape[1] if max_len is None else max_len, dtype=dtype, pad=pad,
+                             static=static)
+    return model(seq, cache=cache)[0][:, -1], cache
+
+
+def decode_one_token(model, token, cache):
+    """One step: feed token (B,) to `model` (the model, or its compiled_decoder) against cache,
+    which must have a free slot; return the logits (B, V) after it. Call it under
+    torch.no_grad(), as decode_n_tokens does."""
+    return model(token[:, None], cache=cache)[0][:, -1]
+
+
+@torch.no_grad()
+def decode_n_tokens(model, seq, logits, cache, n, pad=None, use_cache=True, compile=False, **sampling):
+    """Yield n new tokens, a (B,) tensor at a time, continuing seq (B, T) from the logits (B, V) and
+    cache that prefill(seq, pad) returned; sampling: sample_next's keywords.
+    With the cache, each step is decode_one_token (through compiled_decoder with compile=True). A
+    full cache (cache.max_len slots) is refilled: the new token joins the sequence, and prefill runs
+    on its last block_size // 2 tokens, for all rows at once (on the longest row's schedule).
+    use_cache=False recomputes instead: every step runs prefill on the last block_size tokens."""
+    block = model.config.block_size
+    step = compiled_decoder(model) if compile and use_cache else model
+    max_len = cache.max_len if use_cache else None
+    filled, recent = seq.shape[1], []  # recent: tokens not yet joined to seq (joined at a refill: one copy)
+    for i in range(n):
+        token = sample_next(logits, **sampling)
+        yield token
+        if i == n - 1:  # the last token needs no forward
+            return
+        if use_cache and filled < max_len:
+            logits = decode_one_token(step, token, cache)
+            filled += 1
+            recent.append(token[:, None])
+        else:  # recomputing, or the cache is full: prefill the window the rule keeps
+            seq, recent = torch.cat([seq, *recent, token[:, None]], dim=1), []
+            seq, pad = _window(seq, pad, block // 2 if use_cache else block)
+            logits, cache = prefill(model, seq, pad, max_len, static=compile)
+            filled = seq.shape[1]
+
+
+@torch.no_grad()
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
+             use_cache=True, pad=None, compile=False):
+    """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T).
+
+    Rows may be prompts of different lengths, left-padded: pad (B,) says how many padding tokens
+    each row starts with (left_pad makes idx and pad); each row then decodes as it would alone, as
+    long as the padded batch fits block_size (a full cache is refilled for all rows at once, on the
+    longest row's schedule; without the cache every row keeps its own last block_size tokens).
+    The prompt's last block_size tokens are run once to fill a pre-allocated KV cache (prefill),
+    then each step feeds one token (decode_n_tokens). When the cache reaches block_size, it is
+    refilled from the last half block of the sequence.
+    compile=True runs the one-token steps through compiled_decoder over a static cache.
+    use_cache=False (for comparison) recomputes the last block_size tokens at every step."""
+    block = model.config.block_size
+    if pad is not None:  # no padding at all: the unmasked path
+        pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
+        pad = pad if int(pad.max()) > 0 else None
+    seq, pad = _window(idx, pad, block)
+    max_len = None  # the cache's slots; None: recomputing
+    if use_cache:
+        max_len = seq.shape[1] + max_new_tokens
+        if compile:  # a power of two: calls of other lengths reuse the compiled step (its shapes are the cache's)
+            max_len = 1 << (max_len - 1).bit_length()
+        max_len = min(block, max_len)  # real checkpoints have block_size up to 128k
+    logits, cache = prefill(model, seq, pad, max_len, static=compile)
+    yield from decode_n_tokens(model, seq, logits, cache, max_new_tokens, pad, use_cache, compile,
+                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=None, **sampling):
+    """Generate from one prompt, writing the text to `out` as it comes, and return it. With
+    `stop`, generation ends where that string first appears (it is not included)."""
+    device = model.lm_head.weight.device
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    ids, shown, text = [], "", ""
+    for tok in generate(model, idx, max_new_tokens, **sampling):
+        ids.append(tok.item())
+        text = tokenizer.decode(ids)
+        done = stop is not None and stop in text
+        if done:
+            text = text[:text.index(stop)]
+        if done or not text.endswith("\ufffd"):  # hold back half of a multi-byte character
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+        if done:
+            return text
+    out.write(text[len(shown):])
+    return text
+
+
+def complete(model, tokenizer, prompts, max_new_tokens, stop=None, **sampling):
+    """Completions (texts) of several prompts (lists of token ids), decoded together as one
+    left-padded batch. With `stop`, each ends where that string first appears (not included), and
+    decoding ends when every row has it."""
+    idx, pad = left_pad(prompts, device=model.lm_head.weight.device)
+    ids, open_rows = [[] for _ in prompts], set(range(len(prompts)))
+    for tok in generate(model, idx, max_new_tokens, pad=pad, **sampling):
+        for row, t in zip(ids, tok.tolist()):
+            row.append(t)
+        if stop is not None:
+            open_rows = {i for i in open_rows if stop not in tokenizer.decode(ids[i])}
+            if not open_rows:
+                break
+    texts = [tokenizer.decode(row) for row in ids]
+    return [t[:t.index(stop)] if stop is not None and stop in t else t for t in texts]
