@@ -131,6 +131,7 @@ def _autotune(kernel):
     return triton.autotune(configs=configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": prune}, **extra)
 
 
+@torch.compiler.assume_constant_result  # under torch.compile: evaluated once while tracing, a constant after
 @functools.lru_cache(maxsize=None)
 def _device_key(device):
     """A small int naming the GPU model (part of the autotune key); 0 off CUDA."""
