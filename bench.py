@@ -115,7 +115,7 @@ def bench_attention(args):
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.startswith("cuda")
     backends = args.backends.split(",") if args.backends else (
-        ["naive", "sdpa", "sdpa_flash", "triton"] if cuda else ["naive", "sdpa"])
+        ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
     for b in backends:
         if b not in kernels.BACKENDS:
             raise UserError(f"unknown backend {b!r}; choose from {', '.join(kernels.BACKENDS)}")
@@ -169,7 +169,7 @@ def bench_attention(args):
               f"batch {args.batch}, {H} query heads, head_dim {D}; median of {args.reps}; "
               "memory = peak beyond the inputs")
         print_table(rows, [("case", "case", "{}"), ("heads", "heads", "{}"), ("T", "T", "{}"),
-                           ("backend", "backend", "{}"), ("first_call_s", "first call s", "{:.2f}"),
+                           ("backend", "backend", "{}"), ("first_call_s", "first fwd+bwd s", "{:.2f}"),
                            ("fwd_ms", "fwd ms", "{:.2f}"), ("fwd_tflops", "fwd TFLOP/s", "{:.3f}"),
                            ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
                            ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
@@ -492,7 +492,7 @@ def parser(argv=()):
     a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
     a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
-                   "naive,sdpa,sdpa_flash,triton on CUDA")
+                   "naive,sdpa,sdpa_flash,sdpa_cudnn,triton on CUDA")
     a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA")
     a.add_argument("--batch", type=int, default=1, help="batch size")
     a.add_argument("--n_head", type=int, default=8, help="query heads")

@@ -23,8 +23,19 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------- device and dtype
 
 def resolve_device(name):
-    """`auto` -> cuda if a GPU is visible, else cpu; any other name is returned as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    """`auto` -> cuda if a GPU is visible, else cpu; any other name is checked and returned as given.
+    A name torch does not know, or a CUDA device this machine does not have: UserError."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def resolve_dtype(name, device):

@@ -113,6 +113,8 @@ def build_parser(specs, suppress=False):
     for name, default, help_text in specs:
         kind = runtime.str2bool if isinstance(default, bool) else type(default)
         extra = {"nargs": "?", "const": True} if kind is runtime.str2bool else {}
+        if name == "attn":
+            extra["choices"] = kernels.names()
         p.add_argument(f"--{name}", type=kind, help=help_text, **extra,
                        **({} if suppress else {"default": default}))
     return p
@@ -369,6 +371,11 @@ class Session:
 def start(flags):
     """The process: join the process group under torchrun, pick the device, dtype and attention
     backend, seed the RNG. Flag combinations that cannot work: UserError."""
+    for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
+        if flags[name] < 1:
+            raise UserError(f"--{name} must be at least 1, not {flags[name]}")
+    if flags["max_iters"] < 0:
+        raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
     kernels.set_backend(flags["attn"])
@@ -399,6 +406,7 @@ def build(s, module):
         s.model = module.Model(config)
     else:
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
+        keep_loaded_config(s, module)
         s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
         if f["init_from"] == "resume":
             state = load_train_state(s.out_dir, f["lora_rank"])
@@ -409,6 +417,21 @@ def build(s, module):
     if limit is not None and f["block_size"] > limit:
         raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions")
     return state
+
+
+def keep_loaded_config(s, module):
+    """A loaded model keeps its own file and configuration (config.json). The flags are set to what
+    it is, so the banner and the saved state say the truth; a model flag given with another value
+    is reported in one line (it cannot change a trained model)."""
+    f, config = s.flags, s.model.config
+    ignored = [f"--{k} {f[k]}" for k, default, _ in model_flags(module)
+               if f[k] != default and hasattr(config, k) and getattr(config, k) != f[k]]
+    if ignored:
+        s.say(f"note: {', '.join(ignored)} not applied: the loaded model keeps its config.json", flush=True)
+    for k, _, _ in model_flags(module):
+        del f[k]
+    f["model"] = type(s.model).__module__.rsplit(".", 1)[-1]
+    f.update({k: getattr(config, k) for k, _, _ in model_flags(models.get(f["model"]))})
 
 
 def load_model(flags, out_dir, dtype):

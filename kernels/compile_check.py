@@ -57,20 +57,21 @@ def jobs(targets=(80, 90)):
     """Every compile job: (kernel name, target, dtype, head_dim, causal, config or None)."""
     from kernels import flash_attention as fa
     out = []
+    passes = targets if len(targets) > 1 else targets * 2  # one target: it takes both passes
     for kernel, table in fa._CONFIGS.items():
         i = 0  # alternates dtypes and causal across this kernel's jobs
         for (block_d, size), configs in sorted(table.items()):
             dims = [d for d in HEAD_DIMS if fa.config_class(max(16, 1 << (d - 1).bit_length()), size)[0] == block_d]
             for r, config in enumerate(configs):
-                for target in targets:
-                    # the class's largest head dim on the first target (the most shared memory), the others in turn
-                    head_dim = dims[-1] if target == targets[0] else dims[r % len(dims)]
+                for n, target in enumerate(passes):
+                    # first pass: the class's largest head dim (the most shared memory); then the others in turn
+                    head_dim = dims[-1] if n == 0 else dims[r % len(dims)]
                     dtype = DTYPE_NAMES[size][i % len(DTYPE_NAMES[size])]
                     out.append((kernel, target, dtype, head_dim, (i // 2) % 2 == 0, config))
                     i += 1
     # the preprocess kernel has no configs (a fixed block of rows)
     out += [("preprocess", targets[0], "bf16", 256, True, None), ("preprocess", targets[-1], "fp32", 80, False, None)]
-    return out
+    return list(dict.fromkeys(out))  # one target: a class with one head dim would repeat a job
 
 
 def compile_one(job):
@@ -130,15 +131,22 @@ def check(targets=(80, 90), processes=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--targets", default="80,90", help="comma-separated compute capabilities")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--targets", default="80,90", help="comma-separated compute capabilities: 80 (A100), "
+                   f"90 (H100, H200); known limits: {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
     args = p.parse_args(argv)
     t0 = time.time()
-    failures, results = check(tuple(int(t) for t in args.targets.split(",")))
+    targets = tuple(int(t) for t in args.targets.split(","))
+    if unknown := [t for t in targets if t not in SHARED_MEMORY_LIMIT]:
+        p.error(f"no shared-memory limit known for sm_{unknown[0]}; known: {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
+    failures, results = check(targets)
+    print("target  kernel      dtype  head_dim  mask    (BLOCK_M, BLOCK_N, warps, stages)  shared memory / limit")
     for (kernel, target, dtype, head_dim, causal, config), result, seconds in results:
-        shared = f"{result / 1024:6.1f} KiB" if isinstance(result, int) else result
-        print(f"sm_{target} {kernel:10s} {dtype} D={head_dim:<3d} {'causal' if causal else 'full  '} "
-              f"{str(config):18s} {shared}  ({seconds:.1f} s)")
+        shared = (f"{result / 1024:6.1f} / {SHARED_MEMORY_LIMIT[target] // 1024} KiB" if isinstance(result, int)
+                  else result)
+        print(f"sm_{target}   {kernel:10s}  {dtype}   {head_dim:<8d}  {'causal' if causal else 'full  '}  "
+              f"{str(config or '(64 rows, -, 4, 1)'):33s}  {shared}  ({seconds:.1f} s)")
     print(f"{len(results)} compiled in {time.time() - t0:.0f} s; {len(failures)} failed")
     for line in failures:
         print("FAILED", line)
