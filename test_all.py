@@ -77,10 +77,17 @@ def hf_gpt2(n_positions=64, vocab=101, n_embd=32, n_layer=2, n_head=4, seed=0):
     return randomize(GPT2LMHeadModel(cfg), seed).eval()
 
 
-def tiny_gpt(pos="learned", bias=True, seed=0, **kw):
+def tiny_model(name, seed=0, std=None, **overrides):
+    """A tiny model of models/<name>.py, every parameter random: 2 layers, width 32, 4 heads,
+    block_size 64; gpt: vocab 97, std 0.1; the others: vocab V (100), MLP width 64, std 0.3.
+    The global RNG is seeded with `seed` before the model is built; overrides go to its Config."""
+    module = models.get(name)
+    base = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    if name != "gpt":
+        base.update(vocab_size=V, intermediate_size=64)
     torch.manual_seed(seed)
-    cfg = gpt.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, pos=pos, bias=bias, **kw)
-    return randomize(gpt.Model(cfg), seed, std=0.1).eval()
+    model = module.Model(module.Config(**{**base, **overrides}))
+    return randomize(model, seed, std=std or (0.1 if name == "gpt" else 0.3)).eval()
 
 
 # ----------------------------------------------------------------------------- attention
@@ -294,11 +301,9 @@ def loss_grads_and_greedy(model, backend, idx):
 @pytest.mark.parametrize("family", ["gpt", "gqa_llama"])
 def test_whole_model_same_loss_gradients_and_decoding_with_triton_attention(family):
     if family == "gpt":
-        model = tiny_gpt(pos="rope")
+        model = tiny_model("gpt", pos="rope")
     else:
-        torch.manual_seed(0)
-        model = randomize(llama.Model(llama.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                                                   n_embd=32, intermediate_size=64)), std=0.1)
+        model = tiny_model("llama", vocab_size=97, n_kv_head=2, std=0.1)
     idx = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(4))
     naive_loss, naive_grads, naive_greedy = loss_grads_and_greedy(model, "naive", idx)
     loss, grads, greedy = loss_grads_and_greedy(model, "triton", idx)
@@ -444,7 +449,7 @@ def test_gpt2_logits_match_transformers(tmp_path, layout):
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
     from transformers import GPT2LMHeadModel
-    ours = tiny_gpt(bias=bias)
+    ours = tiny_model("gpt", bias=bias)
     ours.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
@@ -458,7 +463,7 @@ def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
 
 @pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
 def test_gpt_other_positions_round_trip(tmp_path, pos):
-    ours = tiny_gpt(pos=pos)
+    ours = tiny_model("gpt", pos=pos)
     ours.save_pretrained(tmp_path)
     back = models.from_pretrained(tmp_path)
     idx = torch.randint(0, 97, (1, 20))
@@ -507,7 +512,7 @@ CHECKPOINT_KEYS = {"gpt2": ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.
                          + [("llama", p) for p in ("missing", "unexpected", "shape", "model_type")])
 def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
     from safetensors.torch import load_file, save_file
-    (tiny_gpt() if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
+    (tiny_model("gpt") if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
     missing, extra, reshaped = CHECKPOINT_KEYS[family]
     st = tmp_path / "model.safetensors"
     state = load_file(st)
@@ -534,7 +539,7 @@ def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
 def test_kv_cache_decoding_equals_recomputation(pos):
-    model = tiny_gpt(pos=pos)
+    model = tiny_model("gpt", pos=pos)
     prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         cached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0)), dim=1)
@@ -563,7 +568,7 @@ def refill_rule_greedy(model, prompt, n, keep):
 
 
 def test_generate_past_block_size_refills_the_cache():
-    model = tiny_gpt().double()  # block_size 64; float64: no near-ties between cached and recomputed logits
+    model = tiny_model("gpt").double()  # block_size 64; float64: no near-ties between cached and recomputed logits
     prompt = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
     out = list(generation.generate(model, prompt, 40, temperature=0))
     assert len(out) == 40
@@ -608,7 +613,7 @@ def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
 
 
 def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
-    model, caches = tiny_gpt(), []
+    model, caches = tiny_model("gpt"), []
     make_cache = model.init_cache
     model.init_cache = lambda *a, **kw: caches.append(make_cache(*a, **kw)) or caches[-1]
     idx, pad = generation.left_pad(PADDED_PROMPTS)
@@ -621,10 +626,7 @@ def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
 def test_compiled_decoding_equals_eager_and_compiles_once():
     """sample.py --compile: the one-token step compiled over a static cache, GQA, padded rows, past
     block_size (the cache is refilled); a second call with other prompts reuses the compiled step."""
-    llama = models.get("llama")
-    torch.manual_seed(0)
-    model = randomize(llama.Model(llama.Config(vocab_size=50, block_size=32, n_layer=1, n_head=4, n_kv_head=2,
-                                               n_embd=32, intermediate_size=64)), std=0.3).eval()
+    model = tiny_model("llama", vocab_size=50, block_size=32, n_layer=1, n_kv_head=2)
     idx, pad = generation.left_pad(PADDED_PROMPTS)
     eager = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad)), 1)
     compiled = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
@@ -687,13 +689,6 @@ def assert_same_logits(ours, hf, idx):
     assert (got - ref).abs().max().item() <= 1e-4
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
     return ref
-
-
-def tiny_ours(module, seed=0, **kw):
-    """Our model from a tiny Config (vocab 100, 2 layers, width 32, 4 heads), every parameter random."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)
-    return randomize(module.Model(module.Config(**{**base, **kw})), seed, std=0.3).eval()
 
 
 # ----------------------------------------------------------------------------- logits against transformers
@@ -764,12 +759,12 @@ def test_left_padded_batch_generation_matches_transformers(tmp_path, family):
 # ----------------------------------------------------------------------------- checkpoints in and out
 
 SAVE_CASES = {
-    "llama": (llama, dict(n_kv_head=2, tie_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=100.0,
+    "llama": ("llama", dict(n_kv_head=2, tie_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=100.0,
                           rope_type="llama3", rope_factor=8.0, rope_original_max_len=32)),
-    "qwen2": (qwen, dict(variant="qwen2", n_kv_head=1, tie_embeddings=True)),
-    "qwen3": (qwen, dict(variant="qwen3", head_dim=12, attention_bias=True, tie_embeddings=False, rope_type="yarn",
+    "qwen2": ("qwen", dict(variant="qwen2", n_kv_head=1, tie_embeddings=True)),
+    "qwen3": ("qwen", dict(variant="qwen3", head_dim=12, attention_bias=True, tie_embeddings=False, rope_type="yarn",
                          rope_factor=2.0, rope_original_max_len=32)),
-    "phi": (phi, dict(n_embd=40, n_head=2, n_kv_head=1, partial_rotary_factor=0.4, tie_embeddings=True,
+    "phi": ("phi", dict(n_embd=40, n_head=2, n_kv_head=1, partial_rotary_factor=0.4, tie_embeddings=True,
                       rope_type="linear", rope_factor=2.0)),
 }
 
@@ -777,8 +772,8 @@ SAVE_CASES = {
 @pytest.mark.parametrize("case", list(SAVE_CASES))
 def test_save_pretrained_loads_in_transformers(tmp_path, case):
     from transformers import AutoModelForCausalLM
-    module, kw = SAVE_CASES[case]
-    ours = tiny_ours(module, **kw)
+    name, kw = SAVE_CASES[case]
+    ours = tiny_model(name, **kw)
     ours.save_pretrained(tmp_path, metadata={"step": "7"})
     assert not list(tmp_path.glob("*.tmp"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -1122,7 +1117,7 @@ def test_hub_reads_and_writes_model_directories(tmp_path):
         hub.read_config(tmp_path)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         list(hub.read_tensors(tmp_path))
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     state = hub.checkpoint_state(model)  # tied once, Conv1D weights transposed
     assert "lm_head.weight" not in state and "transformer.wte.weight" in state
     assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
@@ -1591,7 +1586,7 @@ def test_run_from_python_equals_the_command_line_and_takes_a_loss_fn(corpus, tmp
 
 
 def test_lm_loss_adds_the_models_auxiliary_losses():
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, dims=1)
     loss, metrics = train.lm_loss(model, (x, y))
@@ -1636,7 +1631,7 @@ def test_learning_rate_schedule():
 
 
 def test_weight_decay_only_on_matrices():
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99}, "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
@@ -1657,7 +1652,7 @@ def test_config_file_and_command_line_precedence(tmp_path):
 
 
 def test_fine_tune_from_a_hugging_face_directory(corpus, tmp_path):
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     model.save_pretrained(tmp_path / "hf")
     data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "hf")
     train.main(train_args(corpus, tmp_path, "ft", init_from=tmp_path / "hf", max_iters=2, eval_interval=2))
@@ -1759,7 +1754,7 @@ def test_train_user_errors(args, message):
 
 
 def test_sample_corrupt_checkpoint_is_one_line(tmp_path):
-    tiny_gpt().save_pretrained(tmp_path)
+    tiny_model("gpt").save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     r = run_cli("sample.py", "--out_dir", str(tmp_path))
     assert r.returncode == 1 and r.stderr.startswith("error: cannot load") and "Traceback" not in r.stderr
@@ -1779,12 +1774,7 @@ def test_help_lists_every_flag_with_its_default():
 
 import bench  # noqa: E402
 
-FILES = {"gpt": gpt, "llama": llama, "qwen": qwen, "phi": phi}
-
-
-def tiny(name, seed=0):
-    """A tiny random model of models/<name>.py (2 layers, width 32; vocab 97 for gpt, 100 otherwise)."""
-    return tiny_gpt(seed=seed) if name == "gpt" else tiny_ours(FILES[name], seed=seed)
+FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
 
 
 def with_lora(model, targets="all", r=4, **kw):
@@ -1807,9 +1797,9 @@ def idx(vocab=97, B=2, T=16, seed=1):
 
 # ----------------------------------------------------------------------------- exactness
 
-@pytest.mark.parametrize("name", list(FILES))
+@pytest.mark.parametrize("name", FILES)
 def test_fresh_adapter_is_exactly_the_base_and_merge_matches(name):
-    model = tiny(name)
+    model = tiny_model(name)
     x = idx()
     with torch.no_grad():
         base_logits = model(x)[0]
@@ -1823,39 +1813,39 @@ def test_fresh_adapter_is_exactly_the_base_and_merge_matches(name):
     assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())  # a plain model again
 
 
-@pytest.mark.parametrize("name", list(FILES))
+@pytest.mark.parametrize("name", FILES)
 def test_all_targets_every_linear_layer_but_the_output_head(name):
-    model = tiny(name)
+    model = tiny_model(name)
     linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
     with_lora(model, "all")
     assert sorted(n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)) == linears
 
 
 def test_target_names_map_to_each_files_layers():
-    assert lora.resolve_targets(tiny("gpt"), "q,k,v") == ["c_attn"]  # GPT-2's fused projection, once
-    assert lora.resolve_targets(tiny("gpt"), "o,mlp") == ["attn.c_proj", "c_fc", "mlp.c_proj"]
-    assert lora.resolve_targets(tiny("llama"), "q,v") == ["q_proj", "v_proj"]
-    assert lora.resolve_targets(tiny("phi"), "o") == ["dense"]
-    model = with_lora(tiny("gpt"), "o")  # attn.c_proj only, not the MLP's c_proj
+    assert lora.resolve_targets(tiny_model("gpt"), "q,k,v") == ["c_attn"]  # GPT-2's fused projection, once
+    assert lora.resolve_targets(tiny_model("gpt"), "o,mlp") == ["attn.c_proj", "c_fc", "mlp.c_proj"]
+    assert lora.resolve_targets(tiny_model("llama"), "q,v") == ["q_proj", "v_proj"]
+    assert lora.resolve_targets(tiny_model("phi"), "o") == ["dense"]
+    model = with_lora(tiny_model("gpt"), "o")  # attn.c_proj only, not the MLP's c_proj
     wrapped = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
     assert wrapped == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
     with pytest.raises(ValueError, match="unknown target 'query'; choose from q, k, v, o, mlp or all"):
-        lora.resolve_targets(tiny("llama"), "q,query")
+        lora.resolve_targets(tiny_model("llama"), "q,query")
 
 
 def test_initialisation_and_scaling():
-    model = with_lora(tiny("llama"), "q", r=4)
+    model = with_lora(tiny_model("llama"), "q", r=4)
     layer = model.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.lora_B.weight, torch.zeros(32, 4))
     bound = 1 / 32 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 32: U(-1/sqrt(32), 1/sqrt(32))
     assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 3
     assert layer.scaling == 8.0 / 4
-    assert with_lora(tiny("llama"), "q", r=4, use_rslora=True).model.layers[0].self_attn.q_proj.scaling == 8.0 / 2
+    assert with_lora(tiny_model("llama"), "q", r=4, use_rslora=True).model.layers[0].self_attn.q_proj.scaling == 8.0 / 2
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])
 def test_only_adapters_train_and_the_base_stays_bit_identical(name):
-    model = tiny(name).train()
+    model = tiny_model(name).train()
     base = {n: p.detach().clone() for n, p in model.named_parameters()}
     with_lora(model, "all", lora_dropout=0.1)
     opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.99}, "cpu")
@@ -1875,7 +1865,7 @@ def test_only_adapters_train_and_the_base_stays_bit_identical(name):
 
 
 def test_bf16_base_weights_with_fp32_adapters():
-    model, x = tiny("llama"), idx()
+    model, x = tiny_model("llama"), idx()
     with torch.no_grad():
         reference = copy.deepcopy(model).to(torch.bfloat16)(x)[0]
     lora.apply(model, lora.LoRAConfig(4, 8.0, ["q_proj", "v_proj"]), base_dtype=torch.bfloat16)
@@ -1890,7 +1880,7 @@ def test_bf16_base_weights_with_fp32_adapters():
 # ----------------------------------------------------------------------------- files: ours and PEFT's
 
 def test_save_and_load_round_trip(tmp_path):
-    model = randomize_adapters(with_lora(tiny("llama"), "q,v,mlp", r=2, lora_dropout=0.05, use_rslora=True))
+    model = randomize_adapters(with_lora(tiny_model("llama"), "q,v,mlp", r=2, lora_dropout=0.05, use_rslora=True))
     lora.save_adapter(model, tmp_path, metadata={"step": "7"})
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 8.0 and cfg["use_rslora"] is True
@@ -1902,7 +1892,7 @@ def test_save_and_load_round_trip(tmp_path):
     assert metadata["step"] == "7" and len(keys) == 2 * 5 * 2  # layers x modules x (A, B)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
-    loaded = lora.load_adapter(tiny("llama"), tmp_path)
+    loaded = lora.load_adapter(tiny_model("llama"), tmp_path)
     assert not loaded.training  # the new layers follow the model's mode: dropout is off in eval
     x = idx()
     with torch.no_grad():
@@ -1912,11 +1902,11 @@ def test_save_and_load_round_trip(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.model\.layers\.0\.\S+\.lora_A\.weight' has "
                                          r"shape \(2, \d+\), the model needs \(3, \d+\)"):
-        lora.load_adapter(tiny("llama"), tmp_path)
+        lora.load_adapter(tiny_model("llama"), tmp_path)
     cfg.update(r=2, use_dora=True)
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="use_dora is not supported"):
-        lora.load_adapter(tiny("llama"), tmp_path)
+        lora.load_adapter(tiny_model("llama"), tmp_path)
 
 
 def hf_base(family, directory):
@@ -1924,7 +1914,7 @@ def hf_base(family, directory):
     save_pretrained, Llama by transformers' save_pretrained."""
     import transformers
     if family == "gpt2":
-        tiny_gpt().save_pretrained(directory)
+        tiny_model("gpt").save_pretrained(directory)
         hf = transformers.GPT2LMHeadModel.from_pretrained(directory)
     else:
         hf_model("llama").save_pretrained(directory)
@@ -1966,7 +1956,7 @@ def test_we_load_adapters_that_peft_made(tmp_path, family):
 
 def base_run(corpus, tmp_path):
     """A tiny GPT saved as a model directory with the corpus's char tokenizer: what LoRA starts from."""
-    tiny_gpt().save_pretrained(tmp_path / "base")
+    tiny_model("gpt").save_pretrained(tmp_path / "base")
     data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
     return tmp_path / "base"
 
