@@ -4,11 +4,15 @@ References are independent of our code: Hugging Face transformers for checkpoint
 explicit float64 math, and exact invariants (KV-cache decoding equals recomputation, a resumed run
 equals the run that never stopped).
 """
+import ast
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 import unicodedata
@@ -22,16 +26,31 @@ import torch.nn as nn
 if not torch.cuda.is_available():  # the Triton kernel runs under its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+import triton
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers import models as tk_models
+from torch.utils.flop_counter import FlopCounterMode
+from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
+
+import bench
 import data
+import generation
+import hub
 import kernels
 import lora
 import models
 import runtime
-import generation
 import sample
 import tokenization
 import train
+from kernels import compile_check
+from kernels import flash_attention as fa
+from kernels.flash_attention import flash_attention
 from models import gpt, llama, phi, qwen
+# transformers and peft are imported on first use, by hf_class and peft_api below: imported here,
+# they would add 2 s and 8 s to every collection (pytest --collect-only: 5 s without them)
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
@@ -70,11 +89,22 @@ def randomize(model, seed=0, std=0.2):
     return model
 
 
+def hf_class(name):
+    """transformers.<name>, transformers imported on first use (see the imports)."""
+    import transformers
+    return getattr(transformers, name)
+
+
+def peft_api(name):
+    """peft.<name>, peft imported on first use (see the imports)."""
+    import peft
+    return getattr(peft, name)
+
+
 def hf_gpt2(n_positions=64, vocab=101, n_embd=32, n_layer=2, n_head=4, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return randomize(GPT2LMHeadModel(cfg), seed).eval()
+    cfg = hf_class("GPT2Config")(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                 n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return randomize(hf_class("GPT2LMHeadModel")(cfg), seed).eval()
 
 
 def tiny_model(name, seed=0, std=None, **overrides):
@@ -108,8 +138,6 @@ def test_attention_backends_match_float64(backend, T, S, hq, hkv):
 
 
 # ----------------------------------------------------------------------------- FlashAttention (Triton)
-
-from kernels.flash_attention import flash_attention  # noqa: E402
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # Max error allowed, relative to the largest reference magnitude (see assert_matches).
@@ -242,11 +270,6 @@ def test_deterministic():
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """The interpreter is not a compiler: every kernel in kernels/ and every autotune config compiles
     ahead of time for sm_80 and sm_90 (no GPU needed) and fits the target's shared memory."""
-    import importlib
-    import pkgutil
-    import triton
-    from kernels import compile_check
-    from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
     kernel_types = (triton.runtime.JITFunction, triton.runtime.Autotuner, InterpretedFunction)
     defined = set()
     for module in pkgutil.iter_modules(kernels.__path__):
@@ -259,7 +282,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     kernel_names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel",
                     "preprocess": "_bwd_preprocess_kernel"}
     assert {kernel_names[j[0]] for j in jobs} == defined  # every kernel in kernels/ is compiled
-    from kernels import flash_attention as fa
     for kernel, table in fa._CONFIGS.items():  # every config of every class, at its largest head dim, on both targets
         for (block_d, size), configs in table.items():
             for config in configs:
@@ -276,7 +298,6 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
 
 
 def test_autotune_prunes_to_the_configs_of_the_launch_class():
-    from kernels import flash_attention as fa
     every = [fa._config(*c) for cfgs in fa._CONFIGS["dkdv"].values() for c in cfgs]
     prune = fa._autotune("dkdv")(fa._bwd_dkdv_kernel.fn).early_config_prune
     for block_d, dtype, size in ((16, torch.bfloat16, 2), (128, torch.float16, 2), (256, torch.float32, 4)):
@@ -313,7 +334,6 @@ def test_whole_model_same_loss_gradients_and_decoding_with_triton_attention(fami
 
 
 def test_bench_attention_runs_end_to_end(tmp_path):
-    import bench
     rows = bench.bench_attention(bench.parser().parse_args(
         ["attention", "--seq_lens", "16,40", "--backends", "naive,sdpa,triton", "--reps", "1", "--head_dim", "16",
          "--n_head", "4", "--gqa_group", "2", "--plot", ""]))
@@ -332,7 +352,6 @@ def test_bench_attention_runs_end_to_end(tmp_path):
 
 
 def test_bench_speed_runs_end_to_end(capsys):
-    import bench
     argv = ["speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
             "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false"]
     args = bench.parser(argv).parse_args(argv)
@@ -349,7 +368,6 @@ def test_bench_speed_runs_end_to_end(capsys):
 
 
 def test_bench_curves_reads_run_logs(corpus, tmp_path):
-    import bench
     train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=2))
     runs = bench.bench_curves(bench.parser(["curves"]).parse_args(
         ["curves", str(tmp_path / "run"), "--plot", str(tmp_path / "c.png")]))
@@ -358,7 +376,6 @@ def test_bench_curves_reads_run_logs(corpus, tmp_path):
 
 
 def test_bench_kvcache_mha_gqa_mqa():
-    import bench
     argv = ["kvcache", "--n_layer", "1", "--n_embd", "32", "--n_head", "4", "--block_size", "64",
             "--new_tokens", "4", "--prompt_len", "4"]
     rows = bench.bench_kvcache(bench.parser(argv).parse_args(argv))
@@ -368,8 +385,6 @@ def test_bench_kvcache_mha_gqa_mqa():
 
 def test_attention_flop_count():
     """bench.attention_flops against torch's FlopCounterMode on the naive attention's matrix products."""
-    import bench
-    from torch.utils.flop_counter import FlopCounterMode
     B, Hq, Hkv, D = 2, 6, 3, 8
 
     def counted(fn, T, S, backward=False):
@@ -402,7 +417,6 @@ def test_unknown_attention_backend_is_an_error():
 
 def write_shards(state, directory):
     """Two safetensors shards and the index that names each tensor's shard."""
-    from safetensors.torch import save_file
     keys = sorted(state)
     shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for name, ks in shards.items():
@@ -414,7 +428,6 @@ def write_shards(state, directory):
 def save_hub_layout(hf, directory, fmt):
     """Write a GPT-2 checkpoint in the Hub's original layout: unprefixed keys plus the attn.bias
     and attn.masked_bias buffers, as model.safetensors, pytorch_model.bin or two shards."""
-    from safetensors.torch import save_file
     directory.mkdir(parents=True, exist_ok=True)
     hf.config.save_pretrained(directory)
     n = hf.config.n_positions
@@ -448,11 +461,10 @@ def test_gpt2_logits_match_transformers(tmp_path, layout):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
-    from transformers import GPT2LMHeadModel
     ours = tiny_model("gpt", bias=bias)
     ours.save_pretrained(tmp_path)
     assert not list(tmp_path.glob("*.tmp"))
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    hf = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path).eval()
     idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
@@ -511,7 +523,6 @@ CHECKPOINT_KEYS = {"gpt2": ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.
                                                                   "corrupt", "no_weights")]
                          + [("llama", p) for p in ("missing", "unexpected", "shape", "model_type")])
 def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
-    from safetensors.torch import load_file, save_file
     (tiny_model("gpt") if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
     missing, extra, reshaped = CHECKPOINT_KEYS[family]
     st = tmp_path / "model.safetensors"
@@ -662,13 +673,12 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
 def hf_model(family, seed=0, **overrides):
     """A tiny transformers model of this family (hidden 32, 2 layers, 4 heads, 2 kv heads; qwen3
     head_dim 16), every parameter random; no bos/eos, so generation never stops early."""
-    import transformers
     config_cls, model_cls = HF_CLASSES[family]
     kw = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
               pad_token_id=None, **({"head_dim": 16} if family == "qwen3" else {}))
-    config = getattr(transformers, config_cls)(**{**kw, **overrides})
-    return randomize(getattr(transformers, model_cls)(config), seed, std=0.3).eval()
+    config = hf_class(config_cls)(**{**kw, **overrides})
+    return randomize(hf_class(model_cls)(config), seed, std=0.3).eval()
 
 
 def saved(hf, directory):
@@ -771,12 +781,11 @@ SAVE_CASES = {
 
 @pytest.mark.parametrize("case", list(SAVE_CASES))
 def test_save_pretrained_loads_in_transformers(tmp_path, case):
-    from transformers import AutoModelForCausalLM
     name, kw = SAVE_CASES[case]
     ours = tiny_model(name, **kw)
     ours.save_pretrained(tmp_path, metadata={"step": "7"})
     assert not list(tmp_path.glob("*.tmp"))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    hf = hf_class("AutoModelForCausalLM").from_pretrained(tmp_path).eval()
     assert type(hf).__name__ == HF_CLASSES[json.loads((tmp_path / "config.json").read_text())["model_type"]][1]
     idx = tokens(40)
     assert_same_logits(ours, hf, idx)
@@ -810,24 +819,22 @@ def to_hub_form(directory, family):
 def test_hub_config_form_loads(tmp_path, family, overrides):
     """The same checkpoint with its config.json in transformers 5's form and in the Hub's form:
     both load, in transformers and here, to the same logits."""
-    from transformers import AutoModelForCausalLM
     hf = hf_model(family, **overrides)
     idx = tokens(T_LONG)
     v5 = saved(hf, tmp_path / "v5")
-    hub = tmp_path / "hub"
-    hf.save_pretrained(hub)
-    to_hub_form(hub, family)
-    assert "rope_parameters" not in json.loads((hub / "config.json").read_text())
-    ours = models.from_pretrained(hub).eval()
+    hub_dir = tmp_path / "hub"
+    hf.save_pretrained(hub_dir)
+    to_hub_form(hub_dir, family)
+    assert "rope_parameters" not in json.loads((hub_dir / "config.json").read_text())
+    ours = models.from_pretrained(hub_dir).eval()
     assert ours.config == v5.config
-    ref = assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(hub).eval(), idx)
+    ref = assert_same_logits(ours, hf_class("AutoModelForCausalLM").from_pretrained(hub_dir).eval(), idx)
     assert (ref - hf(idx).logits).abs().max().item() == 0  # transformers read both forms alike
 
 
 def write_layout(directory, layout):
     """Turn transformers' model.safetensors into two shards with an index, or pytorch_model.bin
     (with the rotary_emb.inv_freq buffers that early Llama 2 conversions carry)."""
-    from safetensors.torch import load_file
     state = load_file(directory / "model.safetensors")
     (directory / "model.safetensors").unlink()
     if layout == "bin":
@@ -839,7 +846,6 @@ def write_layout(directory, layout):
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
 def test_file_layouts_load(tmp_path, layout):
-    from safetensors.torch import load_file, save_file
     hf = hf_model("llama", tie_word_embeddings=layout == "sharded")
     with torch.no_grad():  # bfloat16 weights (the reference keeps them in fp32)
         for p in hf.parameters():
@@ -900,7 +906,6 @@ def test_convert_kv_heads_to_n_head_is_the_identity(tmp_path, family):
 
 @pytest.mark.parametrize("family,old,new", [("llama", 4, 2), ("llama", 4, 1), ("qwen2", 4, 2), ("qwen3", 2, 1)])
 def test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, family, old, new):
-    from transformers import AutoModelForCausalLM
     ours = saved(hf_model(family, num_key_value_heads=old), tmp_path / "before")
     D, group = ours.config.head_dim, old // new
     before = {k: v.clone() for k, v in ours.state_dict().items()}
@@ -924,7 +929,7 @@ def test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, family, old, ne
         ours.convert_kv_heads(new + 1 if new > 1 else 0)
     # the converted model is a valid checkpoint with `new` key/value heads
     ours.save_pretrained(tmp_path / "after")
-    assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "after").eval(), tokens(20))
+    assert_same_logits(ours, hf_class("AutoModelForCausalLM").from_pretrained(tmp_path / "after").eval(), tokens(20))
     assert ours.init_cache(1, 8).k[0].shape[1] == new
 
 
@@ -956,12 +961,6 @@ def test_default_config_trains(module):
 # ----------------------------------------------------------------------------- model contract
 # What shared code relies on (DEVELOPERS.md, "The model contract"), checked for every models/NAME.py:
 # a new model file is covered the day it lands.
-
-import ast  # noqa: E402
-import re  # noqa: E402
-
-import hub  # noqa: E402
-
 
 def contract_model(module, seed=0):
     """A model of a model file from its Config defaults, with a small vocabulary and block_size,
@@ -1122,7 +1121,6 @@ def test_hub_reads_and_writes_model_directories(tmp_path):
     assert "lm_head.weight" not in state and "transformer.wte.weight" in state
     assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
     hub.write(tmp_path, {"model_type": "gpt2"}, state, metadata={"step": "5"})
-    from safetensors import safe_open
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt", "step": "5"}
     assert hub.read_config(tmp_path) == {"model_type": "gpt2"} and not list(tmp_path.glob("*.tmp"))
@@ -1261,9 +1259,6 @@ def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
 
 
 # ----------------------------------------------------------------------------- Hugging Face tokenizer.json
-
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers  # noqa: E402
-from tokenizers import models as tk_models  # noqa: E402
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # the Split regexes Llama 3 and Qwen2 ship (Qwen2 splits digits one by one)
@@ -1536,7 +1531,6 @@ def test_resume_between_evaluations_equals_the_uninterrupted_run(corpus, tmp_pat
 
 
 def test_torn_checkpoint_is_detected(corpus, tmp_path):
-    from safetensors.torch import load_file, save_file
     train.main(train_args(corpus, tmp_path, max_iters=4))
     st = tmp_path / "run" / "model.safetensors"
     save_file(load_file(st), st, metadata={"format": "pt", "step": "2"})
@@ -1710,8 +1704,7 @@ def test_train_and_sample_command_lines(corpus, tmp_path):
     assert len(rows) == 2 and rows[1].rstrip("\n") == "JULIET:" + expected.rstrip("\n")
     assert rows[0].startswith("ROMEO: O")
     # the run folder is a Hugging Face directory
-    from transformers import GPT2LMHeadModel
-    assert GPT2LMHeadModel.from_pretrained(out).config.n_layer == 2
+    assert hf_class("GPT2LMHeadModel").from_pretrained(out).config.n_layer == 2
 
 
 def test_fewshot_prompt_is_built_gpt3_style(tmp_path):
@@ -1771,8 +1764,6 @@ def test_help_lists_every_flag_with_its_default():
 
 
 # ----------------------------------------------------------------------------- LoRA
-
-import bench  # noqa: E402
 
 FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
 
@@ -1886,7 +1877,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 8.0 and cfg["use_rslora"] is True
     assert cfg["target_modules"] == ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
     assert cfg["lora_dropout"] == 0.05 and cfg["fan_in_fan_out"] is False
-    from safetensors import safe_open
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
     assert metadata["step"] == "7" and len(keys) == 2 * 5 * 2  # layers x modules x (A, B)
@@ -1912,19 +1902,17 @@ def test_save_and_load_round_trip(tmp_path):
 def hf_base(family, directory):
     """A tiny random transformers model and the same weights in our model: GPT-2 saved by our
     save_pretrained, Llama by transformers' save_pretrained."""
-    import transformers
     if family == "gpt2":
         tiny_model("gpt").save_pretrained(directory)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(directory)
+        hf = hf_class("GPT2LMHeadModel").from_pretrained(directory)
     else:
         hf_model("llama").save_pretrained(directory)
-        hf = transformers.LlamaForCausalLM.from_pretrained(directory)
+        hf = hf_class("LlamaForCausalLM").from_pretrained(directory)
     return hf.eval(), models.from_pretrained(directory).eval()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, family):
-    from peft import PeftModel
     hf, ours = hf_base(family, tmp_path / "base")
     config = lora.LoRAConfig(4, 8.0, lora.resolve_targets(ours, "all"), base_model_name_or_path=str(tmp_path / "base"))
     randomize_adapters(lora.apply(ours, config))
@@ -1932,7 +1920,7 @@ def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, family):
     x = idx()
     with torch.no_grad():
         base = hf(x).logits
-        reference = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
+        reference = peft_api("PeftModel").from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
         assert (reference - base).abs().max() > 0.1  # PEFT did load the adapter
         assert (ours(x)[0] - reference).abs().max() <= 1e-4
         assert (lora.merge(ours)(x)[0] - reference).abs().max() <= 1e-4
@@ -1940,11 +1928,10 @@ def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, family):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_we_load_adapters_that_peft_made(tmp_path, family):
-    from peft import LoraConfig, get_peft_model
     hf, ours = hf_base(family, tmp_path / "base")
     targets = ["c_attn", "mlp.c_proj"] if family == "gpt2" else ["q_proj", "o_proj", "up_proj"]
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=family == "gpt2",
-                                               init_lora_weights=False))  # B random too
+    peft_model = peft_api("get_peft_model")(hf, peft_api("LoraConfig")(
+        r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=family == "gpt2", init_lora_weights=False))  # B random too
     peft_model.save_pretrained(tmp_path / "adapter")
     lora.load_adapter(ours, tmp_path / "adapter")
     x = idx()
@@ -1975,15 +1962,13 @@ def test_train_lora_resumes_bit_for_bit_and_merges(corpus, tmp_path, capsys):
     assert full[-1]["val_loss"] < full[0]["val_loss"]
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "train_state.pt"]
-    from safetensors.torch import load_file
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("full", "split"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert lora.read_config(tmp_path / "split").base_model_name_or_path == str(base)
     assert (base / "model.safetensors").read_bytes() == base_bytes  # the base is never written
     # --merge on its own: the finished run, no more steps
     train.main(train_args(corpus, tmp_path, "split", max_iters=0) + ["--resume", "--merge"])
-    from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "split" / "merged").eval()
+    hf = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path / "split" / "merged").eval()
     adapted, tok = sample.load(tmp_path / "split")  # the base and the adapter, merged on loading
     x = idx(vocab=tok.vocab_size)
     with torch.no_grad():
@@ -1999,21 +1984,18 @@ def test_train_lora_resumes_bit_for_bit_and_merges(corpus, tmp_path, capsys):
 
 
 def test_train_lora_llama_in_bf16_loads_in_peft(corpus, tmp_path):
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
     hf_model("llama").save_pretrained(tmp_path / "base")
     data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
     result = train.train(*train.parse_args(train_args(corpus, tmp_path, init_from=tmp_path / "base", lora_rank=2,
                                                       lora_targets="all", dtype="bfloat16", max_iters=2,
                                                       eval_interval=2, learning_rate=1e-2)))
     assert result["step"] == 2 and result["val_loss"] < 10
-    from safetensors.torch import load_file
     assert {t.dtype for t in load_file(tmp_path / "run" / "adapter_model.safetensors").values()} == {torch.float32}
-    hf = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "base").eval()
     adapted, _ = sample.load(tmp_path / "run")
     x = idx(vocab=100)
     with torch.no_grad():
-        reference = PeftModel.from_pretrained(hf, tmp_path / "run").eval()(x).logits
+        reference = peft_api("PeftModel").from_pretrained(hf, tmp_path / "run").eval()(x).logits
         assert (adapted(x)[0] - reference).abs().max() <= 1e-4
 
 
