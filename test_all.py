@@ -65,6 +65,7 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
 T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
 PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
 FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
+CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu")]  # the registry's
 
 
 # corpora, processes
@@ -547,8 +548,10 @@ def randomize_adapters(model, seed=1):
 # ----------------------------------------------------------------------------- kernels: attention backends, Triton
 
 @pytest.mark.parametrize("T,S,hq,hkv", [(16, 16, 4, 4), (5, 16, 4, 2), (1, 9, 4, 1), (7, 7, 2, 1)])
-@pytest.mark.parametrize("backend", ["naive", "sdpa", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_attention_backends_match_float64(backend, T, S, hq, hkv):
+    """Every registered backend that runs on the CPU (sdpa_flash and sdpa_cudnn fall back inside torch)."""
+    assert {"naive", "sdpa", "triton"} <= set(CPU_BACKENDS)  # triton under its interpreter
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((hq, T), (hkv, S), (hkv, S)))
     ref_k, ref_v = (t.double().repeat_interleave(hq // hkv, dim=1) for t in (k, v))
