@@ -65,7 +65,7 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
 T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
 PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
 FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
-CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu")]  # the registry's
+CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu")]  # registered ones
 
 
 # corpora, processes
@@ -1928,15 +1928,17 @@ def test_bench_attention_runs_end_to_end(tmp_path):
         ["attention", "--seq_lens", "16,40", "--backends", "naive,sdpa,triton", "--reps", "1", "--head_dim", "16",
          "--n_head", "4", "--gqa_group", "2", "--plot", ""]))
     assert len(rows) == 18 and all(row["fwdbwd_ms"] > 0 for row in rows)  # triton under the interpreter
+    assert all(row["first_call_s"] > 0 for row in rows)  # every measured row: the first call, compilation included
     r = run_cli("bench.py", "attention", "--seq_lens", "64,128", "--reps", "1", "--plot", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr
-    for column in ("case", "heads", "backend", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
+    for column in ("case", "heads", "backend", "first call s", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
                    "fwd+bwd TFLOP/s", "fwd+bwd MiB"):
         assert column in r.stdout
     assert r.stdout.count("naive") == 6 and r.stdout.count("sdpa") == 6
     r = run_cli("bench.py", "attention", "--seq_lens", "256", "--reps", "1", "--json", "--plot", "")
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(rows) == 6 and all(row["fwdbwd_ms"] > 0 and row["fwd_tflops"] > 0 for row in rows)
+    assert all(row["first_call_s"] > 0 for row in rows)
     naive = [row for row in rows if row["backend"] == "naive" and row["case"] == "full"][0]
     assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
 
