@@ -9,6 +9,13 @@ transposed (Model.FAN_IN_FAN_OUT). This file does the rest, once:
                               and shape checked
   checkpoint_state(model)     the tensors to write (tied matrices once, FAN_IN_FAN_OUT transposed)
   write(dir, config, state)   config.json + model.safetensors, each written temp-then-rename
+  check_config(values, rules) the keys of config.json (or of its rope_parameters) that a model file
+                              refuses, each refused in one line naming it
+
+Every key of a supported configuration class is honoured or refused, never ignored while it changes
+the forward pass: each model file keeps a table, CONFIG_KEYS, of what it does with each key of its
+transformers configuration class (a test walks the class's keys and finds each in the table, or in
+COMMON_KEYS below); the sub-keys of rope_parameters / rope_scaling are in ROPE_KEYS.
 
 Loading never executes code: safetensors, or torch.load(weights_only=True) for pytorch_model.bin.
 """
@@ -21,6 +28,59 @@ from runtime import atomic_write
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
+
+
+# ----------------------------------------------------------------------------- config.json keys
+
+# What a model file does with a config.json key (the values of its CONFIG_KEYS table):
+HONOURED = "honoured"  # read into Config: the forward computes what transformers' does with it
+INERT = "inert"        # enters no forward pass: ids, initialisation, output flags, other tasks' heads
+TRAINING = "training"  # a dropout probability: changes no logits; see the model file for which one it applies
+CHECKED = "checked"    # read together with other keys; from_pretrained refuses what it cannot compute
+# a tuple: the values that are honoured; any other value is refused (check_config)
+
+# The keys of transformers' PreTrainedConfig (every model type has them) that no forward pass reads.
+COMMON_KEYS = {
+    "transformers_version": INERT, "architectures": INERT, "_name_or_path": INERT,
+    "model_type": HONOURED,               # picks the model file (models.MODEL_TYPES)
+    "dtype": INERT,                       # the tensors keep their stored dtype unless dtype= asks otherwise
+    "torch_dtype": INERT,                 # the Hub's older name of dtype
+    "output_hidden_states": INERT, "output_attentions": INERT, "return_dict": INERT,
+    "chunk_size_feed_forward": INERT,     # read by none of these model types (and chunking is exact anyway)
+    "is_encoder_decoder": INERT,          # a causal LM class ignores it
+    "id2label": INERT, "label2id": INERT, "problem_type": INERT,  # classification heads
+    "use_cache": INERT, "bos_token_id": INERT, "eos_token_id": INERT, "pad_token_id": INERT,
+    "initializer_range": INERT,
+}
+
+# The sub-keys of rope_parameters (transformers 5) or rope_scaling (the Hub's form): transformers'
+# RopeParameters, as rope_frequencies in models/llama.py, qwen.py and phi.py computes them. Strict:
+# an unknown sub-key (a per-layer-type nested dict, say) is refused too.
+ROPE_KEYS = {
+    "rope_type": HONOURED, "type": HONOURED,  # default, linear, dynamic, yarn, llama3 (Config refuses others)
+    "rope_theta": HONOURED, "factor": HONOURED, "original_max_position_embeddings": HONOURED,
+    "attention_factor": HONOURED, "beta_fast": HONOURED, "beta_slow": HONOURED,  # yarn
+    "low_freq_factor": HONOURED, "high_freq_factor": HONOURED,  # llama3
+    "short_factor": INERT, "long_factor": INERT,  # longrope only, whose rope_type is refused
+    "mscale": (None, 0), "mscale_all_dim": (None, 0),  # yarn's DeepSeek-style attention factor: not implemented
+    "truncate": (None, True),             # yarn without rounding the ramp's ends: not implemented
+    "partial_rotary_factor": (None, 1),   # Llama and Qwen rotate every dimension (models/phi.py honours it)
+    "mrope_section": (None,),             # multimodal rotary sections
+}
+
+
+def check_config(values, rules, where, strict=False):
+    """Refuse what `rules` (a CONFIG_KEYS or ROPE_KEYS table) refuses in `values` (config.json as a
+    dict, or its rope_parameters): a key whose rule is a tuple of the honoured values and whose value
+    is none of them or, when strict, a key the table does not list. `where` opens the message.
+    Raises ValueError, one line naming the key and its value."""
+    for key, value in values.items():
+        rule = rules.get(key)
+        if rule is None and strict:
+            raise ValueError(f"{where}: {key} ({value!r}) is not supported")
+        if isinstance(rule, tuple) and value not in rule:
+            raise ValueError(f"{where}: {key} {json.dumps(value)} is not supported "
+                             f"(supported: {', '.join(json.dumps(v) for v in rule)})")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -74,16 +134,21 @@ def load_weights(model, directory, dtype=None, device="cpu", rename=None):
     become the parameters, so the weights are never held twice), then re-tie shared parameters.
 
     rename(name) -> the model's name for a checkpoint tensor, or None to skip it (buffers that the
-    architecture recomputes, say); default: the same name. A checkpoint tensor under the name of a
-    tied alias (lm_head.weight of a tied model) is skipped, and weights whose names end with one of
-    model.FAN_IN_FAN_OUT are transposed. dtype: None keeps each tensor's own. Raises ValueError
-    naming the tensor when one is unexpected, has the wrong shape, or is missing."""
+    architecture recomputes, say); default: the same name. Weights whose names end with one of
+    model.FAN_IN_FAN_OUT are transposed. dtype: None keeps each tensor's own.
+
+    A parameter the model ties (lm_head.weight to the embedding) is read as transformers' loader
+    reads it: the checkpoint stores it once, under either name; stored under both names with equal
+    values, it stays tied; with different values, the two are untied, each its stored tensor (then
+    `model.lm_head.weight is not` the embedding: the model file sets its Config from that).
+    Raises ValueError naming the tensor when one is unexpected, has the wrong shape, or is missing."""
     names, aliases = _tied(model)
     expected = {k: v for k, v in model.state_dict().items() if k in set(names)}
-    state = {}
+    expected.update({alias: expected[name] for alias, name in aliases.items()})
+    state, stored_aliases = {}, {}
     for key, tensor in read_tensors(directory):
         key = rename(key) if rename else key
-        if key is None or key in aliases:
+        if key is None:
             continue
         if key not in expected:
             raise ValueError(f"unexpected tensor {key!r} in {directory}")
@@ -92,15 +157,25 @@ def load_weights(model, directory, dtype=None, device="cpu", rename=None):
         if tensor.shape != expected[key].shape:
             raise ValueError(f"tensor {key!r} has shape {tuple(tensor.shape)}, the config needs "
                              f"{tuple(expected[key].shape)}")
-        state[key] = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
-    missing = sorted(set(expected) - set(state))
+        tensor = tensor.to(device=device, dtype=dtype or tensor.dtype).contiguous()
+        (stored_aliases if key in aliases else state)[key] = tensor
+    untied = {}
+    for alias, tensor in stored_aliases.items():
+        name = aliases[alias]
+        if name not in state:  # stored under the alias only: tie to it (transformers swaps the two)
+            state[name] = tensor
+        elif not (tensor.dtype == state[name].dtype and torch.equal(tensor, state[name])):
+            untied[alias] = tensor  # two different matrices: transformers keeps both, untied
+    missing = sorted(set(expected) - set(state) - set(aliases))
     if missing:
         raise ValueError(f"tensor {missing[0]!r} is missing from {directory}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     model.load_state_dict(state, strict=False, assign=True)
     for alias, name in aliases.items():  # assign=True replaced the parameter under `name` only
         module, _, attr = alias.rpartition(".")
-        setattr(model.get_submodule(module), attr, model.get_parameter(name))
+        source = model.get_parameter(name)
+        tied = torch.nn.Parameter(untied[alias], source.requires_grad) if alias in untied else source
+        setattr(model.get_submodule(module), attr, tied)
     return model
 
 

@@ -4,7 +4,7 @@ Reads top to bottom: config, building blocks, model, generation hooks, Hugging F
 
   x = wte(idx) (+ positions)
   for each of n_layer blocks:   x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))     (pre-LayerNorm)
-  logits = ln_f(x) @ wte^T                                                       (tied embeddings)
+  logits = ln_f(x) @ wte^T                         (tied embeddings; untied: lm_head's own matrix)
 
 Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos) or `rope`
 (RoFormer's rotary embedding of q and k). Only `learned` exists in Hugging Face's GPT-2.
@@ -36,10 +36,17 @@ class Config:
     pos: str = "learned"            # learned | sinusoidal | rope
     rope_theta: float = 10000.0
     layer_norm_eps: float = 1e-5
+    n_inner: int = 0                # MLP width; 0: 4 * n_embd
+    activation: str = "gelu_new"    # the MLP's, by Hugging Face's name: a key of ACTIVATIONS
+    tie_embeddings: bool = True     # lm_head shares wte's matrix (every OpenAI GPT-2)
+    scale_attn_weights: bool = True  # scores q.k / sqrt(head_dim); False: q.k (Hugging Face's option)
+    scale_attn_by_inverse_layer_idx: bool = False  # layer i's scores also / (i + 1) (Stanford CRFM's Mistral runs)
 
     def __post_init__(self):
         if self.pos not in ("learned", "sinusoidal", "rope"):
             raise ValueError(f"pos must be learned, sinusoidal or rope, not {self.pos!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; not {self.activation!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
@@ -54,6 +61,25 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+def gelu_tanh(x):
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): GPT-2's."""
+    return F.gelu(x, approximate="tanh")
+
+
+def quick_gelu(x):
+    """x * sigmoid(1.702 x), a cheaper approximation of GELU (Hendrycks & Gimpel 2016)."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+# The MLP activations, by the names of transformers' ACT2FN (config.json's activation_function).
+ACTIVATIONS = {
+    "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_fast": gelu_tanh,  # the same formula with its constants rounded
+    "gelu": F.gelu,          # exact: x * Phi(x)
+    "quick_gelu": quick_gelu, "relu": F.relu, "silu": F.silu, "swish": F.silu,
+}
+
 
 def sinusoidal_positions(pos, dim):
     """Vaswani et al.: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)).
@@ -86,6 +112,10 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        # The kernels divide the scores by sqrt(head_dim); Hugging Face's GPT-2 options change that
+        # divisor, and multiplying q by this factor does the same to every score of the layer.
+        self.q_scale = ((1.0 if config.scale_attn_weights else math.sqrt(self.head_dim))
+                        / (layer + 1 if config.scale_attn_by_inverse_layer_idx else 1))
 
     def forward(self, x, rope=None, cache=None, mask=None):
         B, T, C = x.shape
@@ -93,6 +123,8 @@ class CausalSelfAttention(nn.Module):
                    for t in self.c_attn(x).split(C, dim=2))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         y = attention(q, k, v, causal=True, mask=mask)
@@ -102,12 +134,14 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -148,7 +182,8 @@ class Model(nn.Module):
         if config.pos == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale the residual projections by 1/sqrt(2 n_layer)
             if name.endswith("c_proj.weight"):
@@ -212,10 +247,14 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ counts
 
     def num_params(self, non_embedding=True):
-        """Parameters (tied weights once); without the position table when non_embedding."""
+        """Parameters (tied weights once); without the position table when non_embedding, and without
+        the token embedding too unless it is tied to lm_head (then it is the output layer's matrix,
+        which costs compute)."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
+        if non_embedding and not self.config.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()
         return n
 
     def flops_per_token(self, seq_len):
@@ -244,7 +283,8 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ Hugging Face import / export
     # Keys are `transformer.h.0.attn.c_attn.weight` (transformers 5) or, on the Hub's original
     # checkpoints, `h.0.attn.c_attn.weight` plus `h.0.attn.bias` causal-mask buffers (ignored); the
-    # FAN_IN_FAN_OUT weights are transposed on the way in and out (hub.py).
+    # FAN_IN_FAN_OUT weights are transposed on the way in and out (hub.py). What each config.json key
+    # becomes: CONFIG_KEYS, below the class.
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device="cpu"):
@@ -253,10 +293,15 @@ class Model(nn.Module):
         hf = hub.read_config(directory)
         if hf.get("model_type") != "gpt2":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'gpt2'")
+        hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=hf.get("bias", True),
-                        dropout=hf.get("resid_pdrop", 0.0), pos=hf.get("position_embedding_type", "learned"),
-                        rope_theta=hf.get("rope_theta", 10000.0), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+                        dropout=hf.get("resid_pdrop", 0.1), pos=hf.get("position_embedding_type", "learned"),
+                        rope_theta=hf.get("rope_theta", 10000.0), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                        n_inner=hf.get("n_inner") or 0, activation=hf.get("activation_function", "gelu_new"),
+                        tie_embeddings=hf.get("tie_word_embeddings", True),
+                        scale_attn_weights=hf.get("scale_attn_weights", True),
+                        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False))
 
         def rename(key):
             key = key.removeprefix("transformer.")
@@ -266,10 +311,13 @@ class Model(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
-        return hub.load_weights(model, directory, dtype, device, rename)
+        hub.load_weights(model, directory, dtype, device, rename)
+        config.tie_embeddings = model.lm_head.weight is model.transformer.wte.weight  # hub.load_weights may untie
+        return model
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' GPT2LMHeadModel loads (hub.write)."""
+        """config.json + model.safetensors that transformers' GPT2LMHeadModel loads (hub.write);
+        lm_head.weight is stored when it is not tied."""
         cfg = self.config
         state = hub.checkpoint_state(self)
         if not cfg.bias:  # Hugging Face's GPT-2 always has biases: give it zeros
@@ -280,9 +328,38 @@ class Model(nn.Module):
                     state[key[:-len("weight")] + "bias"] = tensor.new_zeros(tensor.shape[1])
         hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-              "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": cfg.layer_norm_eps,
-              "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": 0.0,
-              "initializer_range": 0.02, "tie_word_embeddings": True, "bos_token_id": cfg.vocab_size - 1,
+              "n_inner": cfg.n_inner or None, "activation_function": cfg.activation,
+              "layer_norm_epsilon": cfg.layer_norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+              "attn_pdrop": 0.0, "scale_attn_weights": cfg.scale_attn_weights,
+              "scale_attn_by_inverse_layer_idx": cfg.scale_attn_by_inverse_layer_idx,
+              "reorder_and_upcast_attn": False, "add_cross_attention": False,
+              "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.vocab_size - 1,
               "eos_token_id": cfg.vocab_size - 1, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
               "bias": cfg.bias, "position_embedding_type": cfg.pos, "rope_theta": cfg.rope_theta}
         hub.write(directory, hf, state, metadata)
+
+
+# ----------------------------------------------------------------------------- config.json
+
+# Every key of transformers' GPT2Config (beyond hub.COMMON_KEYS), and what from_pretrained does with
+# it (hub.HONOURED, INERT, TRAINING; a tuple: the values honoured, any other refused in one line).
+CONFIG_KEYS = {
+    "vocab_size": hub.HONOURED, "n_positions": hub.HONOURED, "n_embd": hub.HONOURED, "n_layer": hub.HONOURED,
+    "n_head": hub.HONOURED, "layer_norm_epsilon": hub.HONOURED,
+    "n_inner": hub.HONOURED,                    # Config.n_inner (None: 4 * n_embd)
+    "activation_function": tuple(ACTIVATIONS),  # Config.activation
+    "tie_word_embeddings": hub.HONOURED,        # Config.tie_embeddings (default true)
+    "scale_attn_weights": hub.HONOURED,         # CausalSelfAttention.q_scale
+    "scale_attn_by_inverse_layer_idx": hub.HONOURED,
+    # fp32 scores and softmax, scaling k first: the same function, in transformers only with eager attention
+    "reorder_and_upcast_attn": hub.INERT,
+    "add_cross_attention": (None, False),       # cross-attention layers need an encoder: not a causal LM's
+    "resid_pdrop": hub.HONOURED,                # Config.dropout: residual branches and embeddings, in training
+    "embd_pdrop": hub.TRAINING,                 # fine-tuning applies resid_pdrop to the embeddings too
+    "attn_pdrop": hub.TRAINING,                 # the attention kernels have no dropout: not applied
+    # GPT2DoubleHeadsModel's and GPT2ForSequenceClassification's summary head
+    "summary_type": hub.INERT, "summary_use_proj": hub.INERT, "summary_activation": hub.INERT,
+    "summary_proj_to_labels": hub.INERT, "summary_first_dropout": hub.INERT, "summary_last_dropout": hub.INERT,
+    # ours, written by save_pretrained (transformers ignores them: only their defaults load there)
+    "bias": hub.HONOURED, "position_embedding_type": hub.HONOURED, "rope_theta": hub.HONOURED,
+}

@@ -323,8 +323,7 @@ class Model(nn.Module):
         hf = hub.read_config(directory)
         if hf.get("model_type") != "llama":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'llama'")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{directory}/config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+        hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                         n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -335,8 +334,10 @@ class Model(nn.Module):
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        return hub.load_weights(model, directory, dtype, device,
-                                rename=lambda key: None if key.endswith("rotary_emb.inv_freq") else key)
+        hub.load_weights(model, directory, dtype, device,
+                         rename=lambda key: None if key.endswith("rotary_emb.inv_freq") else key)
+        config.tie_embeddings = model.lm_head.weight is model.model.embed_tokens.weight  # hub.load_weights may untie
+        return model
 
     def save_pretrained(self, directory, metadata=None):
         """config.json + model.safetensors that transformers' LlamaForCausalLM loads (hub.write)."""
@@ -355,18 +356,37 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- config.json
 
+# Every key of transformers' LlamaConfig (beyond hub.COMMON_KEYS), and what from_pretrained does with
+# it (hub.HONOURED, INERT, TRAINING; a tuple: the values honoured, any other refused in one line).
+CONFIG_KEYS = {
+    "vocab_size": hub.HONOURED, "hidden_size": hub.HONOURED, "intermediate_size": hub.HONOURED,
+    "num_hidden_layers": hub.HONOURED, "num_attention_heads": hub.HONOURED, "num_key_value_heads": hub.HONOURED,
+    "head_dim": hub.HONOURED, "rms_norm_eps": hub.HONOURED, "attention_bias": hub.HONOURED, "mlp_bias": hub.HONOURED,
+    "tie_word_embeddings": hub.HONOURED,   # Config.tie_embeddings (default false)
+    "max_position_embeddings": hub.HONOURED,  # Config.block_size: dynamic scaling's original context
+    "hidden_act": ("silu",),              # the SwiGLU gate: other activations are not implemented
+    # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): its sub-keys in
+    # hub.ROPE_KEYS; a top-level original_max_position_embeddings overrides the one inside (as there)
+    "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
+    "original_max_position_embeddings": hub.HONOURED,
+    "pretraining_tp": hub.INERT,          # transformers 5 reads it nowhere (earlier: the same products, sliced)
+    "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied
+}
+ROPE_KEYS = hub.ROPE_KEYS
+
+
 def _rope_config(hf, directory):
     """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
-    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too)."""
-    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
-    for key in ("mscale", "mscale_all_dim"):
-        if rope.get(key):
-            raise ValueError(f"{directory}/config.json: rope scaling option {key!r} is not supported")
-    if rope.get("truncate", True) is not True:
-        raise ValueError(f"{directory}/config.json: rope scaling option 'truncate': false is not supported")
+    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too), read as
+    transformers reads them: rope_scaling, when there, replaces rope_parameters; a top-level
+    original_max_position_embeddings wins over the one inside. ValueError naming a sub-key that
+    ROPE_KEYS refuses or does not list."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    hub.check_config(rope, ROPE_KEYS, f"{directory}/config.json: rope_parameters", strict=True)
     return dict(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                 rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor") or 1.0,
-                rope_original_max_len=rope.get("original_max_position_embeddings") or 0,
+                rope_original_max_len=hf.get("original_max_position_embeddings")
+                or rope.get("original_max_position_embeddings") or 0,
                 rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
                 rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
                 rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,

@@ -329,20 +329,22 @@ class Model(nn.Module):
         hf = hub.read_config(directory)
         if hf.get("model_type") != "phi":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'phi'")
-        if hf.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"{directory}/config.json: hidden_act {hf['hidden_act']!r} is not supported "
-                             f"(only the tanh GELU, 'gelu_new')")
-        if hf.get("qk_layernorm"):
-            raise ValueError(f"{directory}/config.json: qk_layernorm true is not supported")
+        hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+        if hf.get("head_dim", head_dim) != head_dim:
+            raise ValueError(f"{directory}/config.json: head_dim {hf['head_dim']} is not supported "
+                             f"(only hidden_size / num_attention_heads, {head_dim})")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                         n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
                         n_embd=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-                        layer_norm_eps=hf.get("layer_norm_eps", 1e-5), dropout=hf.get("resid_pdrop", 0.0),
+                        layer_norm_eps=hf.get("layer_norm_eps", 1e-5), dropout=hf.get("resid_pdrop") or 0.0,
                         tie_embeddings=hf.get("tie_word_embeddings", False), **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        return hub.load_weights(model, directory, dtype, device)
+        hub.load_weights(model, directory, dtype, device)
+        config.tie_embeddings = model.lm_head.weight is model.model.embed_tokens.weight  # hub.load_weights may untie
+        return model
 
     def save_pretrained(self, directory, metadata=None):
         """config.json + model.safetensors that transformers' PhiForCausalLM loads (hub.write)."""
@@ -362,20 +364,41 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- config.json
 
+# Every key of transformers' PhiConfig (beyond hub.COMMON_KEYS), and what from_pretrained does with it
+# (hub.HONOURED, INERT, TRAINING, CHECKED; a tuple: the values honoured, any other refused in one line).
+CONFIG_KEYS = {
+    "vocab_size": hub.HONOURED, "hidden_size": hub.HONOURED, "intermediate_size": hub.HONOURED,
+    "num_hidden_layers": hub.HONOURED, "num_attention_heads": hub.HONOURED, "num_key_value_heads": hub.HONOURED,
+    "layer_norm_eps": hub.HONOURED,
+    "tie_word_embeddings": hub.HONOURED,  # Config.tie_embeddings (default false); lm_head.bias stays its own
+    "max_position_embeddings": hub.HONOURED,  # Config.block_size: dynamic scaling's original context
+    "hidden_act": ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"),  # the tanh GELU (one formula, three names)
+    "qk_layernorm": (None, False),        # LayerNorms on q and k: not implemented
+    "head_dim": hub.CHECKED,              # not PhiConfig's, but read when there: only hidden_size / num_attention_heads
+    # rope_parameters (transformers 5) or rope_scaling + rope_theta + partial_rotary_factor (the Hub's
+    # form): sub-keys in ROPE_KEYS
+    "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
+    "partial_rotary_factor": hub.HONOURED, "original_max_position_embeddings": hub.HONOURED,
+    "resid_pdrop": hub.HONOURED,          # Config.dropout, on both branches, in training
+    "embd_pdrop": hub.TRAINING,           # not applied
+    "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied
+}
+ROPE_KEYS = {**hub.ROPE_KEYS, "partial_rotary_factor": hub.HONOURED}
+
+
 def _rope_config(hf, directory):
     """Our rope_* Config fields and partial_rotary_factor from config.json in the Hub's form (top-level
     rope_theta and partial_rotary_factor; rope_scaling with `type` or `rope_type`) or transformers 5's
-    (rope_parameters holding them all)."""
-    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
-    for key in ("mscale", "mscale_all_dim"):
-        if rope.get(key):
-            raise ValueError(f"{directory}/config.json: rope scaling option {key!r} is not supported")
-    if rope.get("truncate", True) is not True:
-        raise ValueError(f"{directory}/config.json: rope scaling option 'truncate': false is not supported")
+    (rope_parameters holding them all), read as transformers reads them: rope_scaling, when there,
+    replaces rope_parameters; a top-level original_max_position_embeddings wins over the one inside.
+    ValueError naming a sub-key that ROPE_KEYS refuses or does not list."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    hub.check_config(rope, ROPE_KEYS, f"{directory}/config.json: rope_parameters", strict=True)
     return dict(partial_rotary_factor=rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)),
                 rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                 rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor") or 1.0,
-                rope_original_max_len=rope.get("original_max_position_embeddings") or 0,
+                rope_original_max_len=hf.get("original_max_position_embeddings")
+                or rope.get("original_max_position_embeddings") or 0,
                 rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
                 rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
                 rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,

@@ -13,6 +13,7 @@ As in Llama: RMSNorm, a SwiGLU MLP, rotary embeddings (rope_theta 1e6) and group
          n_head * head_dim may differ from n_embd.
 Module and tensor names are Hugging Face's, so checkpoints load key for key.
 """
+import json
 import math
 from dataclasses import dataclass
 
@@ -354,10 +355,13 @@ class Model(nn.Module):
         variant = hf.get("model_type")
         if variant not in VARIANTS:
             raise ValueError(f"{directory}/config.json has model_type {variant!r}, not 'qwen2' or 'qwen3'")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{directory}/config.json: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
-        if hf.get("use_sliding_window") or any(t != "full_attention" for t in hf.get("layer_types") or []):
-            raise ValueError(f"{directory}/config.json: sliding-window attention is not supported")
+        hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"{directory}/config.json: use_sliding_window true (sliding-window attention) "
+                             f"is not supported")
+        if any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise ValueError(f"{directory}/config.json: layer_types {json.dumps(hf['layer_types'])} is not "
+                             f"supported (only full_attention)")
         # without head_dim: transformers' Qwen3Config default, 128; qwen2 n_embd // n_head
         default_head_dim = 128 if variant == "qwen3" else 0
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768),
@@ -370,7 +374,9 @@ class Model(nn.Module):
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        return hub.load_weights(model, directory, dtype, device)
+        hub.load_weights(model, directory, dtype, device)
+        config.tie_embeddings = model.lm_head.weight is model.model.embed_tokens.weight  # hub.load_weights may untie
+        return model
 
     def save_pretrained(self, directory, metadata=None):
         """config.json + model.safetensors that transformers' Qwen2ForCausalLM or Qwen3ForCausalLM
@@ -391,19 +397,43 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- config.json
 
+# Every key of transformers' Qwen2Config and Qwen3Config (beyond hub.COMMON_KEYS), and what
+# from_pretrained does with it (hub.HONOURED, INERT, TRAINING, CHECKED; a tuple: the values honoured,
+# any other refused in one line).
+CONFIG_KEYS = {
+    "vocab_size": hub.HONOURED, "hidden_size": hub.HONOURED, "intermediate_size": hub.HONOURED,
+    "num_hidden_layers": hub.HONOURED, "num_attention_heads": hub.HONOURED, "num_key_value_heads": hub.HONOURED,
+    "head_dim": hub.HONOURED,             # qwen2 reads it too when it is there (as transformers does)
+    "rms_norm_eps": hub.HONOURED,
+    "attention_bias": hub.HONOURED,       # qwen3's; qwen2 has q, k, v biases always and ignores the key, as there
+    "tie_word_embeddings": hub.HONOURED,  # Config.tie_embeddings (default false)
+    "max_position_embeddings": hub.HONOURED,  # Config.block_size: dynamic scaling's original context
+    "hidden_act": ("silu",),              # the SwiGLU gate: other activations are not implemented
+    # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): sub-keys in hub.ROPE_KEYS
+    "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
+    "original_max_position_embeddings": hub.HONOURED,
+    # sliding-window attention is not implemented: use_sliding_window true, or a layer_types entry other
+    # than full_attention, is refused; without them sliding_window and max_window_layers act nowhere
+    "use_sliding_window": hub.CHECKED, "layer_types": hub.CHECKED,
+    "sliding_window": hub.CHECKED, "max_window_layers": hub.CHECKED,
+    "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied
+}
+ROPE_KEYS = hub.ROPE_KEYS
+
+
 # Copied from models/llama.py:_rope_config
 def _rope_config(hf, directory):
     """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
-    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too)."""
-    rope = {**(hf.get("rope_parameters") or {}), **(hf.get("rope_scaling") or {})}
-    for key in ("mscale", "mscale_all_dim"):
-        if rope.get(key):
-            raise ValueError(f"{directory}/config.json: rope scaling option {key!r} is not supported")
-    if rope.get("truncate", True) is not True:
-        raise ValueError(f"{directory}/config.json: rope scaling option 'truncate': false is not supported")
+    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too), read as
+    transformers reads them: rope_scaling, when there, replaces rope_parameters; a top-level
+    original_max_position_embeddings wins over the one inside. ValueError naming a sub-key that
+    ROPE_KEYS refuses or does not list."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    hub.check_config(rope, ROPE_KEYS, f"{directory}/config.json: rope_parameters", strict=True)
     return dict(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                 rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor") or 1.0,
-                rope_original_max_len=rope.get("original_max_position_embeddings") or 0,
+                rope_original_max_len=hf.get("original_max_position_embeddings")
+                or rope.get("original_max_position_embeddings") or 0,
                 rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
                 rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
                 rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
