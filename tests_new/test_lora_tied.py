@@ -240,10 +240,11 @@ def test_peft_tied_adapters_on_the_embedding_are_refused_in_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- the kind: every sharing
 
-@pytest.mark.parametrize("name", ["llama", "qwen", "phi"])
+@pytest.mark.parametrize("name", ["gpt", "llama", "qwen", "phi"])
 def test_merge_on_a_tied_head_unties_it_and_keeps_the_embedding(name, tmp_path):
     model = tiny(name, tie_embeddings=True)
-    assert ties(model) == [["lm_head.weight", "model.embed_tokens.weight"]]
+    embedding = "transformer.wte.weight" if name == "gpt" else "model.embed_tokens.weight"
+    assert ties(model) == [["lm_head.weight", embedding]]
     targets = lora.resolve_targets(model, "all") + ["lm_head"]
     randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, targets)))
     x = idx()
@@ -264,11 +265,20 @@ def test_merge_keeps_a_tie_it_does_not_touch():
     assert ties(model) == [["lm_head.weight", "model.embed_tokens.weight"]] and model.config.tie_embeddings
 
 
-def test_merge_on_gpt2s_head_is_refused_and_changes_nothing():
-    """models/gpt.py ties its head to wte by construction (no config key unties it): merging an
-    adapter on lm_head would change wte or write a model its file cannot hold, so it is refused in
+class AlwaysTiedGPT(gpt.Model):
+    """A model file that ties its head to the embedding whatever its config says."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.weight = self.transformer.wte.weight
+
+
+def test_merge_on_a_head_its_file_cannot_untie_is_refused_and_changes_nothing():
+    """A file that ties its head by construction (no config key unties it): merging an adapter on
+    lm_head would change the embedding or write a model its file cannot hold, so it is refused in
     one line, before anything changes; the adapted model still runs unmerged."""
-    model = tiny("gpt")
+    torch.manual_seed(0)
+    model = randomize(AlwaysTiedGPT(gpt.Config(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32))).eval()
     targets = lora.resolve_targets(model, "all") + ["lm_head"]
     randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, targets)))
     x = idx()
@@ -276,7 +286,7 @@ def test_merge_on_gpt2s_head_is_refused_and_changes_nothing():
     with torch.no_grad():
         unmerged = model(x)[0]
     with pytest.raises(ValueError, match=r"^lora\.merge: lm_head\.weight shares its tensor with "
-                                         r"transformer\.wte\.weight and models/gpt\.py cannot untie them "
+                                         r"transformer\.wte\.weight and .* cannot untie them "
                                          r"\(no config key does\); use the adapter unmerged$"):
         lora.merge(model)
     assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
@@ -285,9 +295,9 @@ def test_merge_on_gpt2s_head_is_refused_and_changes_nothing():
         assert torch.equal(model(x)[0], unmerged)
 
 
-def test_peft_adapter_on_gpt2s_head_runs_unmerged(tmp_path):
-    """GPT2LMHeadModel (tied by construction) with a PEFT adapter on c_attn and lm_head, saved both
-    ways: our unmerged logits are PEFT's; merging is refused (above)."""
+def test_peft_adapter_on_gpt2s_head_runs_and_merges_untied(tmp_path):
+    """GPT2LMHeadModel (tied) with a PEFT adapter on c_attn and lm_head, saved both ways: our logits
+    are PEFT's, unmerged and merged; the merge unties the head (gpt.py's tie_embeddings) and wte stays."""
     import transformers
     from peft import LoraConfig, get_peft_model
     tiny("gpt").save_pretrained(tmp_path / "base")
@@ -305,8 +315,10 @@ def test_peft_adapter_on_gpt2s_head_runs_unmerged(tmp_path):
         for adapter in ("adapter_false", "adapter_auto"):
             ours = lora.load_adapter(models.from_pretrained(tmp_path / "base").eval(), tmp_path / adapter)
             assert (ours(x)[0] - reference).abs().max() <= 1e-4
-        with pytest.raises(ValueError, match="lora.merge: lm_head.weight shares its tensor with transformer.wte"):
+            wte = ours.transformer.wte.weight.detach().clone()
             lora.merge(ours)
+            assert (ours(x)[0] - reference).abs().max() <= 1e-4
+            assert torch.equal(ours.transformer.wte.weight, wte) and ours.config.tie_embeddings is False
 
 
 def test_merge_on_gpt2_without_the_head_keeps_wte():
