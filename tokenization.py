@@ -201,11 +201,26 @@ def _byte_decoder():
 
 
 def _hf_ranks(model, added):
-    """tiktoken's mergeable ranks {token bytes: id} from a byte-level BPE's vocab and merges.
-    Hugging Face applies merges in list order; tiktoken merges the adjacent pair whose concatenation
-    has the lowest rank and returns ranks as ids. They agree when the ids of merged tokens never
-    decrease along the merge list (several merges may make one token, as in Llama 3's) and every
-    longer token comes from a merge; a vocabulary that breaks this is refused, not approximated."""
+    """tiktoken's mergeable ranks {token bytes: id} from a byte-level BPE's vocab and merges, when
+    tiktoken gives exactly the ids that Hugging Face's BPE gives; else ValueError naming the first
+    token (or merge) at fault.
+
+    Hugging Face merges the adjacent pair of lowest rank among the listed merges (leftmost first);
+    tiktoken merges the adjacent pair whose concatenation is a token of lowest id (leftmost first),
+    listed or not, and returns a whole piece that is a token as that one token (what Hugging Face
+    does with `ignore_merges`). The two agree on every text when
+      1. every token longer than a byte comes from a merge, and the ids of merged tokens never
+         decrease along the merge list (several merges may make one token, as in Llama 3's), and
+      2. tiktoken's rule, applied to each token's own bytes (`_tiktoken_last_pair`), makes that
+         token by joining last a pair that is one of its listed merges, or never makes it; the
+         latter only with `ignore_merges` (such a token comes only from a whole piece: tiktoken
+         always returns it, Hugging Face only then).
+    (Inside any text, the bytes of a token that tiktoken forms go through the same merges as the
+    token alone, so by 2 every pair tiktoken joins is a listed merge and the only one tiktoken can
+    form for its token; by 1 the lowest id is then the lowest merge rank: both rules join the same
+    pairs.) A vocabulary that breaks either is refused, not approximated: e.g. merges `a b`, `b c`,
+    `a bc` with tokens ab < bc < abc, where Hugging Face encodes "abcx" as ab + c + x and tiktoken
+    as abc + x."""
     if model.get("type") != "BPE":
         raise ValueError(f"model type {model.get('type')} is not supported, only byte-level BPE")
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -213,10 +228,11 @@ def _hf_ranks(model, added):
     vocab, byte_of = {tok: i for tok, i in model["vocab"].items() if tok not in added}, _byte_decoder()
     if bad := next((tok for tok in vocab if not set(tok) <= byte_of.keys()), None):
         raise ValueError(f"token {bad!r} is not written in the GPT-2 byte alphabet: not a byte-level BPE")
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
+    as_bytes = {tok: bytes(byte_of[c] for c in tok) for tok in vocab}
+    ranks = {as_bytes[tok]: i for tok, i in vocab.items()}
     if sum(len(tok) == 1 for tok in vocab) != 256:
         raise ValueError("the vocabulary lacks some of the 256 byte tokens: not a byte-level BPE")
-    made, last = set(), -1
+    listed, last = set(), -1  # listed: the merges as pairs of token bytes
     for n, merge in enumerate(model["merges"]):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if len(pair) != 2 or not {pair[0], pair[1], pair[0] + pair[1]} <= vocab.keys():
@@ -225,11 +241,45 @@ def _hf_ranks(model, added):
         if vocab[tok] < last:
             raise ValueError(f"merge {n} {merge!r} makes token id {vocab[tok]} after a merge made id {last}: "
                              "the ids do not follow the merge order, which tiktoken's ranks need")
-        made.add(tok)
+        listed.add((as_bytes[pair[0]], as_bytes[pair[1]]))
         last = vocab[tok]
-    if unmade := [tok for tok in vocab if len(tok) > 1 and tok not in made]:
+    made = {a + b for a, b in listed}
+    if unmade := [tok for tok in vocab if len(tok) > 1 and as_bytes[tok] not in made]:
         raise ValueError(f"{len(unmade)} tokens (e.g. {unmade[0]!r}) come from no merge, tiktoken would make them")
+    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if len(tok) > 2:  # a two-byte token has one way to be made
+            pair = _tiktoken_last_pair(as_bytes[tok], ranks)
+            if pair is None and not model.get("ignore_merges"):
+                raise ValueError(f"token {tok!r} (id {i}): tiktoken's rule cannot make it from its bytes "
+                                 f"{as_bytes[tok]!r}, tiktoken returns it only for a whole piece, which "
+                                 "Hugging Face does only with ignore_merges=true")
+            if pair is not None and pair not in listed:
+                raise ValueError(f"token {tok!r} (id {i}): tiktoken's rule on its bytes {as_bytes[tok]!r} joins "
+                                 f"{pair[0]!r} + {pair[1]!r} last, which is not one of its merges: Hugging Face's "
+                                 "merges give other ids than tiktoken would")
     return ranks
+
+
+def _tiktoken_last_pair(piece, ranks):
+    """The two parts tiktoken joins last when it byte-pair-encodes `piece` (bytes) on its own,
+    without its whole-piece shortcut: the adjacent pair whose concatenation has the lowest rank is
+    joined first, the leftmost among equals (tiktoken's _byte_pair_merge); None if it gets stuck
+    with more than two parts. `piece` is at least 2 bytes."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    never = float("inf")
+    pair_ranks = [ranks.get(piece[i:i + 2], never) for i in range(len(piece) - 1)]
+    while len(parts) > 2:
+        best = min(pair_ranks)
+        if best == never:
+            return None
+        i = pair_ranks.index(best)  # the leftmost
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], never)
+        if i < len(parts) - 1:
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], never)
+    return parts[0], parts[1]
 
 
 def _hf_pattern(pre):
