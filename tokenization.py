@@ -1,9 +1,11 @@
 """Tokenizers: text <-> token ids, and the files that save them beside a model.
 
 Shared by data.py (tokenizing corpora), train.py, sample.py and bench.py. Every tokenizer has
-`encode(text) -> list of ids`, `decode(ids) -> text`, `vocab_size`, `spec` (what `--tokenizer`
-names it), `key()` (a name for its tokenized caches) and `save(directory)` (tokenizer_omnitron.json,
-plus the file of merges it needs).
+`encode(text, add_special_tokens=True) -> list of ids` (transformers' argument: the special tokens
+that the tokenizer puts around one sequence, `template`, e.g. Llama 3's BOS; only a Hugging Face
+tokenizer.json has any), `decode(ids) -> text`, `vocab_size`, `spec` (what `--tokenizer` names it),
+`template` ((ids before, ids after) the text), `key()` (a name for its tokenized caches) and
+`save(directory)` (tokenizer_omnitron.json, plus the file of merges it needs).
 
 Tokenizers (`--tokenizer`):
   char                  one token per character of the corpus (default for small runs)
@@ -55,8 +57,10 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
         self.spec = "char"
+        self.template = ((), ())
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
+        """Ids of text's characters (no special tokens: the argument is the shared signature's)."""
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
@@ -77,23 +81,27 @@ class TiktokenTokenizer:
     Hugging Face byte-level BPE (`hf:tokenizer.json`, see hf_tokenizer). Special tokens are found
     first, the longest one at the leftmost place, as Hugging Face finds added tokens (tiktoken's
     own pick among overlapping ones, e.g. runs of spaces, is arbitrary); the text between them is
-    Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded."""
+    Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded. `template`:
+    (ids before, ids after) the text that encode adds by default, a tokenizer.json post-processor's."""
 
-    def __init__(self, encoding, spec, ranks_file=None, normalizer=None):
+    def __init__(self, encoding, spec, ranks_file=None, normalizer=None, template=((), ())):
         self.enc, self.spec, self.ranks_file, self.normalizer = encoding, spec, ranks_file, normalizer
+        self.template = tuple(tuple(ids) for ids in template)
         self.vocab_size = encoding.n_vocab
         specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
         self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
-    def encode(self, text):
-        ids = []
+    def encode(self, text, add_special_tokens=True):
+        """Token ids of text; with add_special_tokens (the default, as transformers' tokenizer(text)
+        and tokenizers' Tokenizer.encode), the template's ids around them (Llama 3: BOS first)."""
+        ids = list(self.template[0]) if add_special_tokens else []
         for i, part in enumerate(self._specials.split(text) if self._specials else [text]):
             if i % 2:  # split() puts the special tokens at odd places
                 ids.append(self.enc._special_tokens[part])
             elif part:
                 ids += self.enc.encode_ordinary(unicodedata.normalize(self.normalizer, part) if self.normalizer
                                                 else part)
-        return ids
+        return ids + list(self.template[1]) if add_special_tokens else ids
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -101,7 +109,10 @@ class TiktokenTokenizer:
     def key(self):
         if not self.ranks_file:
             return self.spec
-        return self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
+        key = self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
+        if any(self.template):  # documents are tokenized with it (data.py): not the caches made without
+            key += "-template" + hashlib.sha1(repr(self.template).encode()).hexdigest()[:6]
+        return key
 
     def save(self, directory):
         meta = {"type": "tiktoken", "spec": self.spec, "pat_str": self.enc._pat_str}
@@ -304,12 +315,44 @@ def _hf_pattern(pre):
     return rf"(?:{patterns[0]})|(?:(?!{patterns[0]})[\s\S])+"
 
 
+def _hf_template(post):
+    """(ids before, ids after) the text: the special tokens that a tokenizer.json post-processor
+    puts around one sequence when tokenizers encodes with add_special_tokens=True (the default, as
+    transformers' tokenizer(text)). TemplateProcessing: its `single` template, which holds the
+    sequence `$A` once (Llama 3: BOS, $A); RobertaProcessing, BertProcessing: cls, $A, sep;
+    ByteLevel: no tokens (it only moves offsets); Sequence: each in turn (tokenizers runs at most
+    one that adds tokens). Pair templates do not concern one sequence. Anything else: ValueError."""
+    kind = post and post.get("type")
+    if kind is None or kind == "ByteLevel":
+        return (), ()
+    if kind == "Sequence":
+        parts = [_hf_template(p) for p in post["processors"]]
+        adding = [p for p in parts if any(p)]
+        if len(adding) > 1:
+            raise ValueError("a Sequence post-processor in which several add special tokens is not supported "
+                             "(tokenizers itself fails on it)")
+        return adding[0] if adding else ((), ())
+    if kind in ("RobertaProcessing", "BertProcessing"):
+        return (post["cls"][1],), (post["sep"][1],)
+    if kind != "TemplateProcessing":
+        raise ValueError(f"post-processor {kind} is not supported (only TemplateProcessing, RobertaProcessing, "
+                         "BertProcessing, ByteLevel and a Sequence of them)")
+    single = post["single"]
+    if [p.get("Sequence", {}).get("id") for p in single if "Sequence" in p] != ["A"]:
+        raise ValueError(f"the post-processor's single template {single} does not hold the sequence $A once")
+    at = next(i for i, p in enumerate(single) if "Sequence" in p)
+    ids = [post["special_tokens"][p["SpecialToken"]["id"]]["ids"] for p in single if "SpecialToken" in p]
+    return tuple(i for part in ids[:at] for i in part), tuple(i for part in ids[at:] for i in part)
+
+
 def hf_tokenizer(directory):
     """A Hugging Face byte-level BPE (directory/tokenizer.json, as GPT-2, Llama 3, Qwen2/3 and Phi-2
     ship it) as a tiktoken.Encoding giving the same ids: vocab and merges become mergeable ranks,
     the pre-tokenizer the split pattern, added_tokens the special tokens (with their ids); an NFC
-    normalizer is applied between special tokens. Post-processor templates (a BOS) are not added, as
-    with encode(..., add_special_tokens=False). What tiktoken cannot reproduce exactly: ValueError."""
+    normalizer is applied between special tokens; the post-processor's special tokens (Llama 3's
+    BOS) go around the text, unless encode(..., add_special_tokens=False). tokenizer_config.json is
+    not read (transformers 5 takes these from tokenizer.json). What tiktoken cannot reproduce
+    exactly: ValueError naming it."""
     import tiktoken
     path = Path(directory) / "tokenizer.json"
     try:
@@ -324,14 +367,18 @@ def hf_tokenizer(directory):
                              "(with a normalizer), which tiktoken cannot express")
         ranks, pat_str = _hf_ranks(spec["model"], added), _hf_pattern(spec["pre_tokenizer"])
         specials = {c: t["id"] for c, t in added.items()}
-        if len({*ranks.values(), *specials.values()}) != len(ranks) + len(specials):
+        known = {*ranks.values(), *specials.values()}
+        if len(known) != len(ranks) + len(specials):
             raise ValueError("token ids are not unique")
+        template = _hf_template(spec.get("post_processor"))
+        if bad := [i for part in template for i in part if i not in known]:
+            raise ValueError(f"the post-processor adds token id {bad[0]}, which is not in the vocabulary")
         enc = tiktoken.Encoding(name="hf", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer)
+    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer, template)
 
 
 def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):

@@ -7,6 +7,9 @@
 References: tokenizers (Tokenizer.encode) and transformers (AutoTokenizer, LlamaForCausalLM.generate),
 every parameter random. Run from the repository root: python -m pytest tests_new/test_tokenizer_exact.py
 """
+import contextlib
+import functools
+import io
 import itertools
 import json
 import os
@@ -23,9 +26,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import tiktoken  # noqa: E402
-from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers, processors, trainers  # noqa: E402
 from tokenizers import models as tk_models  # noqa: E402
 
+import data  # noqa: E402
+import generation  # noqa: E402
+import sample  # noqa: E402
 import tokenization  # noqa: E402
 
 BYTE_OF = tokenization._byte_decoder()  # byte-level character -> byte
@@ -167,3 +173,204 @@ def test_bpes_trained_by_tokenizers_are_accepted_and_exact(tmp_path, seed):
     for _ in range(20):
         text = random_text(rng, 200, alphabet + "q")
         assert tok.encode(text) == ref.encode(text).ids
+
+
+# ----------------------------------------------------------------------------- case 6: the post-processor
+
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<s>", "</s>"]
+TEXT = "Hello world, it's a test: 12 345 <|end_of_text|> and more\n\nwords"
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """A Llama-3 style byte-level BPE (Split + ByteLevel) trained here, without a post-processor."""
+    rng = random.Random(1)
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    return train_bpe_with_tokenizers([random_text(rng, 2000, "abcdefghij") + TEXT * 5], 400, pre, SPECIALS)
+
+
+def with_post_processor(base, name):
+    """A copy of base with one of the post-processors Hugging Face checkpoints ship."""
+    ref = Tokenizer.from_str(base.to_str())
+    ids = {t: ref.token_to_id(t) for t in SPECIALS}
+    bos = ("<|begin_of_text|>", ids["<|begin_of_text|>"])
+    eos = ("<|end_of_text|>", ids["<|end_of_text|>"])
+    llama3 = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                           pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1", special_tokens=[bos])
+    ref.post_processor = {
+        "none": None,
+        "byte_level": processors.ByteLevel(trim_offsets=False),
+        "bos": llama3,
+        # Llama 3's: ByteLevel (offsets only), then the BOS template
+        "llama3": processors.Sequence([processors.ByteLevel(trim_offsets=False), llama3]),
+        "bos_eos": processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[bos, eos]),
+        "eos": processors.TemplateProcessing(single="$A:0 <|end_of_text|>:0", special_tokens=[eos]),
+        "plain": processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[]),
+        "roberta": processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])),
+        "bert": processors.BertProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])),
+        "roberta_then_byte_level": processors.Sequence([processors.RobertaProcessing(("</s>", ids["</s>"]),
+                                                                                     ("<s>", ids["<s>"])),
+                                                        processors.ByteLevel()]),
+    }[name]
+    return ref
+
+
+POST_PROCESSORS = ["none", "byte_level", "bos", "llama3", "bos_eos", "eos", "plain", "roberta", "bert",
+                   "roberta_then_byte_level"]
+
+
+@pytest.mark.parametrize("name", POST_PROCESSORS)
+def test_encode_adds_the_post_processors_special_tokens_as_tokenizers_does(base_tokenizer, tmp_path, name):
+    """encode(text) is tokenizers' Tokenizer.encode(text).ids (add_special_tokens=True by default);
+    add_special_tokens=False leaves them out. Before: never added ("llama3": no BOS)."""
+    ref = with_post_processor(base_tokenizer, name)
+    ref.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenization.hf_tokenizer(tmp_path)
+    for text in [TEXT, "", " ", "a", "<|end_of_text|>"]:
+        assert tok.encode(text) == ref.encode(text).ids, text
+        assert tok.encode(text, add_special_tokens=True) == ref.encode(text, add_special_tokens=True).ids
+        assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False).ids
+    if name == "llama3":
+        assert tok.encode("a")[0] == ref.token_to_id("<|begin_of_text|>")
+        assert tok.template == ((ref.token_to_id("<|begin_of_text|>"),), ())
+
+
+@pytest.mark.parametrize("post_processor, message", [
+    ({"type": "Sequence", "processors": [
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [258], "tokens": ["<s>"]}}},
+        {"type": "BertProcessing", "sep": ["</s>", 259], "cls": ["<s>", 258]}]}, "several add special tokens"),
+    ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "B", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "does not hold the sequence"),
+    ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "does not hold the sequence"),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<x>", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {"<x>": {"id": "<x>", "ids": [999], "tokens": ["<x>"]}}}, "adds token id 999"),
+    ({"type": "BertProcessing", "sep": ["</s>", 259], "cls": ["<s>", 777]}, "adds token id 777"),
+    ({"type": "Somethingelse"}, "post-processor Somethingelse is not supported"),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<y>", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "not a valid tokenizer.json"),
+])
+def test_post_processors_we_do_not_implement_are_refused_in_one_line(tmp_path, post_processor, message):
+    vocab = GPT2_BYTE_IDS | {"ab": 256, "abc": 257}
+    spec = bpe_spec(vocab, ["a b", "ab c"], post_processor=post_processor, added=[("<s>", 258), ("</s>", 259)])
+    folder = write(tmp_path / "t", spec)
+    with pytest.raises(ValueError, match=message) as err:
+        tokenization.hf_tokenizer(folder)
+    assert str(err.value).startswith(str(folder / "tokenizer.json") + ": ") and "\n" not in str(err.value)
+
+
+def test_every_tokenizer_takes_add_special_tokens_and_has_a_template(tmp_path):
+    """The shared signature: char and bpe:N tokenizers add nothing either way."""
+    char = tokenization.CharTokenizer("abc ")
+    tokenization.write_tiktoken_file(tokenization.train_bpe(TEXT * 4, 300), tmp_path / "t.tiktoken")
+    bpe = tokenization.bpe_tokenizer(tmp_path / "t.tiktoken", "bpe:300")
+    for tok, text in [(char, "a cab"), (bpe, TEXT)]:
+        assert tok.template == ((), ())
+        assert tok.encode(text) == tok.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=False)
+
+
+def test_a_corpus_gets_the_special_tokens_around_each_document(base_tokenizer, tmp_path):
+    """Fine-tuning data: each file is one document in the template ([BOS] file [EOS] here), as
+    tokenizers encodes each; without a template the joined text is tokenized as before. The cache
+    made without the template is not reused."""
+    docs = ["First document.\nTwo lines.", "Second, <|end_of_text|> inside.", "Third"]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, d in enumerate(docs):
+        (corpus / f"{i}.txt").write_text("\n" + d + "\n")
+    keys = set()
+    for name in ["bos_eos", "llama3", "none"]:
+        ref = with_post_processor(base_tokenizer, name)
+        (tmp_path / name).mkdir()
+        ref.save(str(tmp_path / name / "tokenizer.json"))
+        tok = tokenization.hf_tokenizer(tmp_path / name)
+        ds = data.prepare(corpus, tok, tmp_path / "d", quiet=True)
+        got = ds.tokens("train").tolist() + ds.tokens("val").tolist()
+        if name == "none":
+            assert got == ref.encode("\n\n".join(docs)).ids
+        else:
+            assert got == [i for d in docs for i in ref.encode(d).ids]
+            assert got[0] == ref.token_to_id("<|begin_of_text|>")
+        keys.add(tok.key())
+    assert len(keys) == 3
+
+
+# ----------------------------------------------------------------------------- sample.py against transformers
+
+def tiny_llama(vocab_size, seed=1):
+    """transformers' LlamaForCausalLM, 2 layers, width 32, every parameter random; no bos/eos ids
+    in its config, so generation never stops early."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def run_sample(monkeypatch, *argv):
+    """sample.py's output (its stream() writes to the sys.stdout it was imported with: given here)."""
+    out = io.StringIO()
+    monkeypatch.setattr(sample, "stream", functools.partial(generation.stream, out=out))
+    with contextlib.redirect_stdout(out):
+        assert sample.main([*argv, "--device", "cpu", "--dtype", "float32", "--attn", "naive"]) == 0
+    return out.getvalue()
+
+
+def test_sample_greedy_equals_transformers_generate_with_llama3_bos(base_tokenizer, tmp_path, monkeypatch):
+    """A random tiny Llama saved with a Llama 3 tokenizer (BOS by its post-processor): sample.py's
+    greedy text, plain and few-shot, is transformers' generate on tokenizer(prompt). Before: the
+    prompt had no BOS and the text differed."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    hf_dir = tmp_path / "llama"
+    ref = with_post_processor(base_tokenizer, "llama3")
+    PreTrainedTokenizerFast(tokenizer_object=ref, bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>").save_pretrained(hf_dir)
+    model = tiny_llama(ref.get_vocab_size())  # every id a token, as real checkpoints have
+    model.save_pretrained(hf_dir)
+    hf_tok = AutoTokenizer.from_pretrained(hf_dir)
+    records = [{"input": "abc", "output": "cab"}, {"input": "hij", "output": "jih"}]
+    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    def generate(prompt, n, add_special_tokens=True):
+        ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
+        assert (ids.input_ids[0, 0].item() == hf_tok.bos_token_id) == add_special_tokens
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+        return hf_tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=False)
+
+    prompt = "Hello world, abc def"
+    expected = prompt + generate(prompt, 12)
+    assert generate(prompt, 12, add_special_tokens=False) != expected[len(prompt):]  # the BOS matters here
+    assert run_sample(monkeypatch, "--out_dir", str(hf_dir), "--prompt", prompt, "--temperature", "0",
+                      "--max_new_tokens", "12") == expected + "\n"
+    few = sample.fewshot_prompt(records[:1], "hij")
+    completion = generate(few, 12).split("\n")[0]
+    assert run_sample(monkeypatch, "--out_dir", str(hf_dir), "--fewshot", str(tmp_path / "f.jsonl"), "--shots", "1",
+                      "--temperature", "0", "--max_new_tokens", "12") == few + completion + "\n"
+
+
+@pytest.mark.parametrize("name", ["none", "llama3"])
+def test_tokenizer_config_add_bos_token_does_not_change_transformers_ids(base_tokenizer, tmp_path, name):
+    """tokenizer.json alone decides: transformers 5 encodes with its post-processor whatever
+    tokenizer_config.json's add_bos_token / add_eos_token say (which is why we do not read them)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    ref = with_post_processor(base_tokenizer, name)
+    PreTrainedTokenizerFast(tokenizer_object=ref, bos_token="<|begin_of_text|>",
+                            eos_token="<|end_of_text|>").save_pretrained(tmp_path)
+    tok = tokenization.hf_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for cls in ["PreTrainedTokenizerFast", "GPT2Tokenizer"]:
+        for flags in [{}, {"add_bos_token": True, "add_eos_token": True}, {"add_bos_token": False}]:
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | flags | {"tokenizer_class": cls}))
+            assert AutoTokenizer.from_pretrained(tmp_path)(TEXT).input_ids == tok.encode(TEXT), (cls, flags)
