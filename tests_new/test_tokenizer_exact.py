@@ -145,10 +145,10 @@ def train_bpe_with_tokenizers(texts, vocab_size, pre, seed_specials=()):
     return tok
 
 
-def random_text(rng, n_words, alphabet):
+def random_text(rng, n_words, alphabet, n_stems=40):
     """Words of random letters (Zipf-like repeats, so that long tokens form), spaces, newlines, digits."""
-    stems = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(40)]
-    words = [stems[min(int(rng.paretovariate(1.0)) - 1, 39)] + rng.choice(["", "", "s", "ing", "é"])
+    stems = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(n_stems)]
+    words = [stems[min(int(rng.paretovariate(1.0)) - 1, n_stems - 1)] + rng.choice(["", "", "s", "ing", "é"])
              for _ in range(n_words)]
     seps = [" ", " ", " ", "  ", "\n", ", ", ". ", " 12 ", "\t"]
     return "".join(w + rng.choice(seps) for w in words)
@@ -172,6 +172,28 @@ def test_bpes_trained_by_tokenizers_are_accepted_and_exact(tmp_path, seed):
     assert max(len(t) for t in spec["model"]["vocab"]) >= 6  # long tokens were learned
     for _ in range(20):
         text = random_text(rng, 200, alphabet + "q")
+        assert tok.encode(text) == ref.encode(text).ids
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_tiktoken_bpes_converted_by_transformers_are_accepted_and_exact(tmp_path, ignore_merges):
+    """Llama 3's tokenizer.json was converted from tiktoken by transformers' TikTokenConverter: every
+    split of a token into two tokens is a merge, so a token has several. Such a file (from a BPE
+    trained here) is accepted and gives the ids of tokenizers."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    rng = random.Random(5)
+    ranks = tokenization.train_bpe(random_text(rng, 20000, "abcdefgh", n_stems=400), 1500)
+    tokenization.write_tiktoken_file(ranks, tmp_path / "t.tiktoken")
+    converter = TikTokenConverter(vocab_file=str(tmp_path / "t.tiktoken"), pattern=LLAMA3_SPLIT)
+    spec = json.loads(converter.converted().to_str())
+    made = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert len(made) > 1.3 * (len(spec["model"]["vocab"]) - 256)  # several merges per token
+    spec["model"]["ignore_merges"] = ignore_merges
+    folder = write(tmp_path / "t", spec)
+    ref = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = tokenization.hf_tokenizer(folder)
+    for _ in range(20):
+        text = random_text(rng, 200, "abcdefghq", n_stems=400)
         assert tok.encode(text) == ref.encode(text).ids
 
 
@@ -204,7 +226,8 @@ def with_post_processor(base, name):
         "bos": llama3,
         # Llama 3's: ByteLevel (offsets only), then the BOS template
         "llama3": processors.Sequence([processors.ByteLevel(trim_offsets=False), llama3]),
-        "bos_eos": processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>", special_tokens=[bos, eos]),
+        "bos_eos": processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>",
+                                                 special_tokens=[bos, eos]),
         "eos": processors.TemplateProcessing(single="$A:0 <|end_of_text|>:0", special_tokens=[eos]),
         "plain": processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[]),
         "roberta": processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])),
@@ -272,7 +295,8 @@ def test_every_tokenizer_takes_add_special_tokens_and_has_a_template(tmp_path):
     bpe = tokenization.bpe_tokenizer(tmp_path / "t.tiktoken", "bpe:300")
     for tok, text in [(char, "a cab"), (bpe, TEXT)]:
         assert tok.template == ((), ())
-        assert tok.encode(text) == tok.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=False)
+        ids = tok.encode(text)
+        assert ids == tok.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=False)
 
 
 def test_a_corpus_gets_the_special_tokens_around_each_document(base_tokenizer, tmp_path):
