@@ -6,6 +6,10 @@ the first 90% of tokens are `train`, the last 10% are `val` (as nanoGPT does for
 tinyshakespeare). Tokenized once into `<data_dir>/<corpus>/<tokenizer>/{train,val}.bin` with a
 `manifest.json` (tokenizer, source hash, sizes); reused while both match, rebuilt otherwise.
 The tokenizers (`--tokenizer char`, `bpe:N`, OpenAI's named encodings) are in tokenization.py.
+A tokenizer that puts special tokens around a text (`tokenizer.template`: a Hugging Face
+tokenizer.json whose post-processor adds Llama 3's BOS, say) puts them around each file, its own
+document, as transformers' tokenizer(text) does to each text it is given and as Llama's
+pretraining data has a BOS before each document; the others tokenize the joined text.
 """
 import hashlib
 import json
@@ -69,7 +73,8 @@ def corpus_files(path):
 
 
 def read_corpus(files):
-    """The corpus text (files joined by a blank line) and a sha256 of names and bytes."""
+    """The corpus text (files joined by a blank line), a sha256 of names and bytes, and the files'
+    texts (its documents, with leading and trailing newlines stripped)."""
     digest, parts = hashlib.sha256(), []
     for f in files:
         raw = f.read_bytes()
@@ -78,10 +83,11 @@ def read_corpus(files):
             parts.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
             raise UserError(f"{f} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r})")
-    text = "\n\n".join(p.strip("\n") for p in parts)
+    docs = [p.strip("\n") for p in parts]
+    text = "\n\n".join(docs)
     if not text.strip():
         raise UserError(f"the corpus is empty: {', '.join(str(f) for f in files[:3])}")
-    return text, digest.hexdigest()
+    return text, digest.hexdigest(), docs
 
 
 # ----------------------------------------------------------------------------- prepared datasets
@@ -135,7 +141,7 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
     if fixed is not None:
         tokenizer = fixed.key()
     folder = data_dir / name / tokenizer.replace(":", "-")
-    text, source_hash = read_corpus(files)
+    text, source_hash, docs = read_corpus(files)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -159,7 +165,10 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
     else:
         tok = named_tiktoken(tokenizer, data_dir)
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    ids = np.array(tok.encode(text), dtype=dtype)
+    if any(tok.template):  # each file is a document in the tokenizer's special tokens (Llama 3: BOS first)
+        ids = np.array([i for doc in docs for i in tok.encode(doc)], dtype=dtype)
+    else:
+        ids = np.array(tok.encode(text), dtype=dtype)
     n_val = int(len(ids) * VAL_FRACTION)
     splits = {"train": ids[:len(ids) - n_val], "val": ids[len(ids) - n_val:]}
     for split, arr in splits.items():

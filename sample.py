@@ -8,7 +8,9 @@
 
 Several prompts (and --num_samples > 1) are decoded together as one batch, left-padded to the
 longest (kernels.KVCache masks the padding): greedy decoding gives each row the tokens it would
-get alone, up to block_size tokens of prompt and completion.
+get alone, up to block_size tokens of prompt and completion. A prompt (a few-shot one too) is
+encoded as transformers' tokenizer(prompt) encodes it: with the special tokens that the tokenizer
+puts around a text (a Hugging Face tokenizer.json's post-processor: Llama 3's BOS first).
 
 Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task description line,
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
@@ -128,7 +130,7 @@ def main(argv=None):
                                  f"{need} (the query included)")
         queries = prompts if args.prompt else [records[args.shots]["input"]]
         prompts, stop = [fewshot_prompt(records[:args.shots], q, description) for q in queries], "\n"
-    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    prompt_ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]  # Llama 3: BOS first
     if not all(prompt_ids):
         raise UserError("the prompt is empty")
     generator = torch.Generator(device=device).manual_seed(args.seed)

@@ -1,9 +1,11 @@
 """Tokenizers: text <-> token ids, and the files that save them beside a model.
 
 Shared by data.py (tokenizing corpora), train.py, sample.py and bench.py. Every tokenizer has
-`encode(text) -> list of ids`, `decode(ids) -> text`, `vocab_size`, `spec` (what `--tokenizer`
-names it), `key()` (a name for its tokenized caches) and `save(directory)` (tokenizer_omnitron.json,
-plus the file of merges it needs).
+`encode(text, add_special_tokens=True) -> list of ids` (transformers' argument: the special tokens
+that the tokenizer puts around one sequence, `template`, e.g. Llama 3's BOS; only a Hugging Face
+tokenizer.json has any), `decode(ids) -> text`, `vocab_size`, `spec` (what `--tokenizer` names it),
+`template` ((ids before, ids after) the text), `key()` (a name for its tokenized caches) and
+`save(directory)` (tokenizer_omnitron.json, plus the file of merges it needs).
 
 Tokenizers (`--tokenizer`):
   char                  one token per character of the corpus (default for small runs)
@@ -55,8 +57,10 @@ class CharTokenizer:
         self.stoi = {c: i for i, c in enumerate(self.chars)}
         self.vocab_size = len(self.chars)
         self.spec = "char"
+        self.template = ((), ())
 
-    def encode(self, text):
+    def encode(self, text, add_special_tokens=True):
+        """Ids of text's characters (no special tokens: the argument is the shared signature's)."""
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
@@ -77,23 +81,27 @@ class TiktokenTokenizer:
     Hugging Face byte-level BPE (`hf:tokenizer.json`, see hf_tokenizer). Special tokens are found
     first, the longest one at the leftmost place, as Hugging Face finds added tokens (tiktoken's
     own pick among overlapping ones, e.g. runs of spaces, is arbitrary); the text between them is
-    Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded."""
+    Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded. `template`:
+    (ids before, ids after) the text that encode adds by default, a tokenizer.json post-processor's."""
 
-    def __init__(self, encoding, spec, ranks_file=None, normalizer=None):
+    def __init__(self, encoding, spec, ranks_file=None, normalizer=None, template=((), ())):
         self.enc, self.spec, self.ranks_file, self.normalizer = encoding, spec, ranks_file, normalizer
+        self.template = tuple(tuple(ids) for ids in template)
         self.vocab_size = encoding.n_vocab
         specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
         self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
 
-    def encode(self, text):
-        ids = []
+    def encode(self, text, add_special_tokens=True):
+        """Token ids of text; with add_special_tokens (the default, as transformers' tokenizer(text)
+        and tokenizers' Tokenizer.encode), the template's ids around them (Llama 3: BOS first)."""
+        ids = list(self.template[0]) if add_special_tokens else []
         for i, part in enumerate(self._specials.split(text) if self._specials else [text]):
             if i % 2:  # split() puts the special tokens at odd places
                 ids.append(self.enc._special_tokens[part])
             elif part:
                 ids += self.enc.encode_ordinary(unicodedata.normalize(self.normalizer, part) if self.normalizer
                                                 else part)
-        return ids
+        return ids + list(self.template[1]) if add_special_tokens else ids
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
@@ -101,7 +109,10 @@ class TiktokenTokenizer:
     def key(self):
         if not self.ranks_file:
             return self.spec
-        return self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
+        key = self.spec.replace(":", "-") + "-" + hashlib.sha1(Path(self.ranks_file).read_bytes()).hexdigest()[:8]
+        if any(self.template):  # documents are tokenized with it (data.py): not the caches made without
+            key += "-template" + hashlib.sha1(repr(self.template).encode()).hexdigest()[:6]
+        return key
 
     def save(self, directory):
         meta = {"type": "tiktoken", "spec": self.spec, "pat_str": self.enc._pat_str}
@@ -201,11 +212,26 @@ def _byte_decoder():
 
 
 def _hf_ranks(model, added):
-    """tiktoken's mergeable ranks {token bytes: id} from a byte-level BPE's vocab and merges.
-    Hugging Face applies merges in list order; tiktoken merges the adjacent pair whose concatenation
-    has the lowest rank and returns ranks as ids. They agree when the ids of merged tokens never
-    decrease along the merge list (several merges may make one token, as in Llama 3's) and every
-    longer token comes from a merge; a vocabulary that breaks this is refused, not approximated."""
+    """tiktoken's mergeable ranks {token bytes: id} from a byte-level BPE's vocab and merges, when
+    tiktoken gives exactly the ids that Hugging Face's BPE gives; else ValueError naming the first
+    token (or merge) at fault.
+
+    Hugging Face merges the adjacent pair of lowest rank among the listed merges (leftmost first);
+    tiktoken merges the adjacent pair whose concatenation is a token of lowest id (leftmost first),
+    listed or not, and returns a whole piece that is a token as that one token (what Hugging Face
+    does with `ignore_merges`). The two agree on every text when
+      1. every token longer than a byte comes from a merge, and the ids of merged tokens never
+         decrease along the merge list (several merges may make one token, as in Llama 3's), and
+      2. tiktoken's rule, applied to each token's own bytes (`_tiktoken_last_pair`), makes that
+         token by joining last a pair that is one of its listed merges, or never makes it; the
+         latter only with `ignore_merges` (such a token comes only from a whole piece: tiktoken
+         always returns it, Hugging Face only then).
+    (Inside any text, the bytes of a token that tiktoken forms go through the same merges as the
+    token alone, so by 2 every pair tiktoken joins is a listed merge and the only one tiktoken can
+    form for its token; by 1 the lowest id is then the lowest merge rank: both rules join the same
+    pairs.) A vocabulary that breaks either is refused, not approximated: e.g. merges `a b`, `b c`,
+    `a bc` with tokens ab < bc < abc, where Hugging Face encodes "abcx" as ab + c + x and tiktoken
+    as abc + x."""
     if model.get("type") != "BPE":
         raise ValueError(f"model type {model.get('type')} is not supported, only byte-level BPE")
     if model.get("dropout") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -213,10 +239,11 @@ def _hf_ranks(model, added):
     vocab, byte_of = {tok: i for tok, i in model["vocab"].items() if tok not in added}, _byte_decoder()
     if bad := next((tok for tok in vocab if not set(tok) <= byte_of.keys()), None):
         raise ValueError(f"token {bad!r} is not written in the GPT-2 byte alphabet: not a byte-level BPE")
-    ranks = {bytes(byte_of[c] for c in tok): i for tok, i in vocab.items()}
+    as_bytes = {tok: bytes(byte_of[c] for c in tok) for tok in vocab}
+    ranks = {as_bytes[tok]: i for tok, i in vocab.items()}
     if sum(len(tok) == 1 for tok in vocab) != 256:
         raise ValueError("the vocabulary lacks some of the 256 byte tokens: not a byte-level BPE")
-    made, last = set(), -1
+    listed, last = set(), -1  # listed: the merges as pairs of token bytes
     for n, merge in enumerate(model["merges"]):
         pair = merge.split(" ") if isinstance(merge, str) else merge
         if len(pair) != 2 or not {pair[0], pair[1], pair[0] + pair[1]} <= vocab.keys():
@@ -225,11 +252,45 @@ def _hf_ranks(model, added):
         if vocab[tok] < last:
             raise ValueError(f"merge {n} {merge!r} makes token id {vocab[tok]} after a merge made id {last}: "
                              "the ids do not follow the merge order, which tiktoken's ranks need")
-        made.add(tok)
+        listed.add((as_bytes[pair[0]], as_bytes[pair[1]]))
         last = vocab[tok]
-    if unmade := [tok for tok in vocab if len(tok) > 1 and tok not in made]:
+    made = {a + b for a, b in listed}
+    if unmade := [tok for tok in vocab if len(tok) > 1 and as_bytes[tok] not in made]:
         raise ValueError(f"{len(unmade)} tokens (e.g. {unmade[0]!r}) come from no merge, tiktoken would make them")
+    for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if len(tok) > 2:  # a two-byte token has one way to be made
+            pair = _tiktoken_last_pair(as_bytes[tok], ranks)
+            if pair is None and not model.get("ignore_merges"):
+                raise ValueError(f"token {tok!r} (id {i}): tiktoken's rule cannot make it from its bytes "
+                                 f"{as_bytes[tok]!r}, tiktoken returns it only for a whole piece, which "
+                                 "Hugging Face does only with ignore_merges=true")
+            if pair is not None and pair not in listed:
+                raise ValueError(f"token {tok!r} (id {i}): tiktoken's rule on its bytes {as_bytes[tok]!r} joins "
+                                 f"{pair[0]!r} + {pair[1]!r} last, which is not one of its merges: Hugging Face's "
+                                 "merges give other ids than tiktoken would")
     return ranks
+
+
+def _tiktoken_last_pair(piece, ranks):
+    """The two parts tiktoken joins last when it byte-pair-encodes `piece` (bytes) on its own,
+    without its whole-piece shortcut: the adjacent pair whose concatenation has the lowest rank is
+    joined first, the leftmost among equals (tiktoken's _byte_pair_merge); None if it gets stuck
+    with more than two parts. `piece` is at least 2 bytes."""
+    parts = [piece[i:i + 1] for i in range(len(piece))]
+    never = float("inf")
+    pair_ranks = [ranks.get(piece[i:i + 2], never) for i in range(len(piece) - 1)]
+    while len(parts) > 2:
+        best = min(pair_ranks)
+        if best == never:
+            return None
+        i = pair_ranks.index(best)  # the leftmost
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        del pair_ranks[i]
+        if i > 0:
+            pair_ranks[i - 1] = ranks.get(parts[i - 1] + parts[i], never)
+        if i < len(parts) - 1:
+            pair_ranks[i] = ranks.get(parts[i] + parts[i + 1], never)
+    return parts[0], parts[1]
 
 
 def _hf_pattern(pre):
@@ -254,12 +315,44 @@ def _hf_pattern(pre):
     return rf"(?:{patterns[0]})|(?:(?!{patterns[0]})[\s\S])+"
 
 
+def _hf_template(post):
+    """(ids before, ids after) the text: the special tokens that a tokenizer.json post-processor
+    puts around one sequence when tokenizers encodes with add_special_tokens=True (the default, as
+    transformers' tokenizer(text)). TemplateProcessing: its `single` template, which holds the
+    sequence `$A` once (Llama 3: BOS, $A); RobertaProcessing, BertProcessing: cls, $A, sep;
+    ByteLevel: no tokens (it only moves offsets); Sequence: each in turn (tokenizers runs at most
+    one that adds tokens). Pair templates do not concern one sequence. Anything else: ValueError."""
+    kind = post and post.get("type")
+    if kind is None or kind == "ByteLevel":
+        return (), ()
+    if kind == "Sequence":
+        parts = [_hf_template(p) for p in post["processors"]]
+        adding = [p for p in parts if any(p)]
+        if len(adding) > 1:
+            raise ValueError("a Sequence post-processor in which several add special tokens is not supported "
+                             "(tokenizers itself fails on it)")
+        return adding[0] if adding else ((), ())
+    if kind in ("RobertaProcessing", "BertProcessing"):
+        return (post["cls"][1],), (post["sep"][1],)
+    if kind != "TemplateProcessing":
+        raise ValueError(f"post-processor {kind} is not supported (only TemplateProcessing, RobertaProcessing, "
+                         "BertProcessing, ByteLevel and a Sequence of them)")
+    single = post["single"]
+    if [p.get("Sequence", {}).get("id") for p in single if "Sequence" in p] != ["A"]:
+        raise ValueError(f"the post-processor's single template {single} does not hold the sequence $A once")
+    at = next(i for i, p in enumerate(single) if "Sequence" in p)
+    ids = [post["special_tokens"][p["SpecialToken"]["id"]]["ids"] for p in single if "SpecialToken" in p]
+    return tuple(i for part in ids[:at] for i in part), tuple(i for part in ids[at:] for i in part)
+
+
 def hf_tokenizer(directory):
     """A Hugging Face byte-level BPE (directory/tokenizer.json, as GPT-2, Llama 3, Qwen2/3 and Phi-2
     ship it) as a tiktoken.Encoding giving the same ids: vocab and merges become mergeable ranks,
     the pre-tokenizer the split pattern, added_tokens the special tokens (with their ids); an NFC
-    normalizer is applied between special tokens. Post-processor templates (a BOS) are not added, as
-    with encode(..., add_special_tokens=False). What tiktoken cannot reproduce exactly: ValueError."""
+    normalizer is applied between special tokens; the post-processor's special tokens (Llama 3's
+    BOS) go around the text, unless encode(..., add_special_tokens=False). tokenizer_config.json is
+    not read (transformers 5 takes these from tokenizer.json). What tiktoken cannot reproduce
+    exactly: ValueError naming it."""
     import tiktoken
     path = Path(directory) / "tokenizer.json"
     try:
@@ -274,14 +367,18 @@ def hf_tokenizer(directory):
                              "(with a normalizer), which tiktoken cannot express")
         ranks, pat_str = _hf_ranks(spec["model"], added), _hf_pattern(spec["pre_tokenizer"])
         specials = {c: t["id"] for c, t in added.items()}
-        if len({*ranks.values(), *specials.values()}) != len(ranks) + len(specials):
+        known = {*ranks.values(), *specials.values()}
+        if len(known) != len(ranks) + len(specials):
             raise ValueError("token ids are not unique")
+        template = _hf_template(spec.get("post_processor"))
+        if bad := [i for part in template for i in part if i not in known]:
+            raise ValueError(f"the post-processor adds token id {bad[0]}, which is not in the vocabulary")
         enc = tiktoken.Encoding(name="hf", pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer)
+    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer, template)
 
 
 def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):
