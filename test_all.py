@@ -1931,7 +1931,7 @@ def test_bench_attention_runs_end_to_end(tmp_path):
     assert all(row["first_call_s"] > 0 for row in rows)  # every measured row: the first call, compilation included
     r = run_cli("bench.py", "attention", "--seq_lens", "64,128", "--reps", "1", "--plot", str(tmp_path / "a.png"))
     assert r.returncode == 0, r.stderr
-    for column in ("case", "heads", "backend", "first call s", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
+    for column in ("case", "heads", "backend", "first fwd+bwd s", "fwd ms", "fwd TFLOP/s", "fwd MiB", "fwd+bwd ms",
                    "fwd+bwd TFLOP/s", "fwd+bwd MiB"):
         assert column in r.stdout
     assert r.stdout.count("naive") == 6 and r.stdout.count("sdpa") == 6
