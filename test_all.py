@@ -5,17 +5,24 @@ explicit float64 math, and exact invariants (KV-cache decoding equals recomputat
 equals the run that never stopped).
 """
 import ast
+import contextlib
 import copy
 import dataclasses
+import functools
 import importlib
+import io
+import itertools
 import json
 import math
 import os
 import pkgutil
+import random
 import re
+import shutil
 import subprocess
 import sys
 import unicodedata
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +33,11 @@ import torch.nn as nn
 if not torch.cuda.is_available():  # the Triton kernel runs under its interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
+import tiktoken
 import triton
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors, trainers
 from tokenizers import models as tk_models
 from torch.utils.flop_counter import FlopCounterMode
 from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
@@ -210,6 +218,96 @@ def assert_same_logits(ours, hf, idx):
     assert (got - ref).abs().max().item() <= 1e-4
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
     return ref
+
+
+# config.json keys and output heads
+V_HEADS = 101  # the vocabulary of their models (hf_gpt2's default too); inputs: idx(V_HEADS, T=40)
+FAMILIES = {  # model_type -> (our file, transformers' config class, its causal LM class)
+    "gpt2": (gpt, "GPT2Config", "GPT2LMHeadModel"), "llama": (llama, "LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": (qwen, "Qwen2Config", "Qwen2ForCausalLM"), "qwen3": (qwen, "Qwen3Config", "Qwen3ForCausalLM"),
+    "phi": (phi, "PhiConfig", "PhiForCausalLM")}
+
+
+def hf_gpt2_configured(seed=0, **overrides):
+    """A tiny transformers GPT2LMHeadModel (vocab V_HEADS, width 32, 3 layers, 4 heads), every parameter
+    random (std 0.5), its config changed by overrides; no dropout, no bos/eos ids."""
+    kw = dict(vocab_size=V_HEADS, n_positions=64, n_embd=32, n_layer=3, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
+              attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    config = hf_class("GPT2Config")(**{**kw, **overrides})
+    return randomize(hf_class("GPT2LMHeadModel")(config), seed, std=0.5).eval()
+
+
+def hf_model_of_type(family, seed=0, **overrides):
+    """A tiny transformers model of any FAMILIES model_type with vocab V_HEADS: GPT-2 is
+    hf_gpt2_configured's (3 layers), the others hf_model's (2 layers, 2 kv heads)."""
+    if family == "gpt2":
+        return hf_gpt2_configured(seed, **overrides)
+    return hf_model(family, seed, **{"vocab_size": V_HEADS, **overrides})
+
+
+@torch.no_grad()
+def max_diff(ours, hf, x):
+    """The largest logit difference of our model from transformers' on ids x (whose logits are not near zero)."""
+    ref = hf(x).logits
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero numbers
+    return (ours(x)[0] - ref).abs().max().item()
+
+
+def load_hf(directory):
+    return hf_class("AutoModelForCausalLM").from_pretrained(directory).eval()
+
+
+def edit_config(directory, **changes):
+    path = Path(directory) / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def tied(model):
+    """Whether the output head's matrix is the token embedding's (a transformers model or ours)."""
+    if hasattr(model, "get_input_embeddings"):
+        embedding = model.get_input_embeddings()
+    else:
+        embedding = model.transformer.wte if hasattr(model, "transformer") else model.model.embed_tokens
+    return model.lm_head.weight is embedding.weight
+
+
+def key_rules(family):
+    """The model file's CONFIG_KEYS over hub.COMMON_KEYS."""
+    return {**hub.COMMON_KEYS, **FAMILIES[family][0].CONFIG_KEYS}
+
+
+def bad_value(rule):
+    """A value outside a tuple of accepted values: a real name where the values are names."""
+    accepted = [v for v in rule if v is not None]
+    if not accepted:
+        return [1, 2]
+    if isinstance(accepted[0], bool):
+        return not accepted[0]
+    if isinstance(accepted[0], str):
+        return "relu6"  # a transformers activation that no model file implements
+    return 0.5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One saved tiny transformers checkpoint per family (its config.json is edited by copies)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    for family in FAMILIES:
+        hf_model_of_type(family).save_pretrained(root / family)
+    return root
+
+
+def copy_of(checkpoints_root, family, directory):
+    """A copy of the checkpoints fixture's saved checkpoint of this family, at directory."""
+    shutil.copytree(checkpoints_root / family, directory)
+    return directory
+
+
+def assert_refused(directory, *words):
+    with pytest.raises(ValueError) as error:
+        models.from_pretrained(directory)
+    message = str(error.value)
+    assert "\n" not in message and all(w in message for w in words), message
 
 
 # checkpoint files
@@ -504,6 +602,125 @@ def edit_spec(spec, **changes):
     return spec
 
 
+# tokenizer.json: exact BPE (tiktoken's rank rule) and post-processors
+BYTE_OF = tokenization._byte_decoder()  # byte-level character -> byte
+GPT2_BYTE_IDS = {c: i for i, c in enumerate(BYTE_OF)}  # GPT-2's encoder.json order: "!" is 0, "a" is 64
+TEMPLATE_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<s>", "</s>"]  # base_tokenizer's special tokens
+TEMPLATE_TEXT = "Hello world, it's a test: 12 345 <|end_of_text|> and more\n\nwords"
+
+
+def bpe_spec(vocab, merges, ignore_merges=False, use_regex=True, post_processor=None, added=()):
+    """A byte-level BPE tokenizer.json as a dict: vocab {byte-level string: id}, merges ["a b", ...]."""
+    return {"version": "1.0", "truncation": None, "padding": None, "normalizer": None,
+            "added_tokens": [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": False, "special": True} for c, i in added],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                              "use_regex": use_regex},
+            "post_processor": post_processor,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
+                      "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}}
+
+
+def raw_tiktoken(spec):
+    """tiktoken run on the vocabulary as it is (no checks): ranks are the ids, one piece per text."""
+    ranks = {bytes(BYTE_OF[c] for c in tok): i for tok, i in spec["model"]["vocab"].items()}
+    return tiktoken.Encoding(name="raw", pat_str=r"[\s\S]+", mergeable_ranks=ranks, special_tokens={})
+
+
+def random_bpe(rng, n_merges, alphabet="abc", max_len=5):
+    """A hand-made byte-level BPE over a few letters: each merge joins two random tokens (old or
+    new) into a token of at most max_len bytes; a concatenation already made gets a second merge
+    when it is the newest token (ids still follow the merge order), else is skipped."""
+    pieces, merges, vocab = list(alphabet), [], dict(GPT2_BYTE_IDS)
+    for _ in range(20 * n_merges):
+        if len(merges) == n_merges:
+            break
+        a, b = rng.choice(pieces), rng.choice(pieces)
+        t = a + b
+        if len(t) > max_len or f"{a} {b}" in merges:
+            continue
+        if t not in vocab:
+            vocab[t] = len(vocab)
+            pieces.append(t)
+        elif vocab[t] != len(vocab) - 1:
+            continue
+        merges.append(f"{a} {b}")
+    return vocab, merges
+
+
+def all_strings(alphabet="abc", max_len=6):
+    return ["".join(p) for n in range(1, max_len + 1) for p in itertools.product(alphabet, repeat=n)]
+
+
+def train_bpe_with_tokenizers(texts, vocab_size, pre, seed_specials=()):
+    """A byte-level BPE trained by tokenizers' BpeTrainer on texts, with the pre-tokenizer pre."""
+    tok = Tokenizer(tk_models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre, decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(seed_specials), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def random_text(rng, n_words, alphabet, n_stems=40):
+    """Words of random letters (Zipf-like repeats, so that long tokens form), spaces, newlines, digits."""
+    stems = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 9))) for _ in range(n_stems)]
+    words = [stems[min(int(rng.paretovariate(1.0)) - 1, n_stems - 1)] + rng.choice(["", "", "s", "ing", "é"])
+             for _ in range(n_words)]
+    seps = [" ", " ", " ", "  ", "\n", ", ", ". ", " 12 ", "\t"]
+    return "".join(w + rng.choice(seps) for w in words)
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer():
+    """A Llama-3 style byte-level BPE (Split + ByteLevel) trained here, without a post-processor."""
+    rng = random.Random(1)
+    return train_bpe_with_tokenizers([random_text(rng, 2000, "abcdefghij") + TEMPLATE_TEXT * 5], 400,
+                                     split_then_byte_level(LLAMA3_SPLIT), TEMPLATE_SPECIALS)
+
+
+def with_post_processor(base, name):
+    """A copy of base with one of the post-processors Hugging Face checkpoints ship."""
+    ref = Tokenizer.from_str(base.to_str())
+    ids = {t: ref.token_to_id(t) for t in TEMPLATE_SPECIALS}
+    bos = ("<|begin_of_text|>", ids["<|begin_of_text|>"])
+    eos = ("<|end_of_text|>", ids["<|end_of_text|>"])
+    llama3 = processors.TemplateProcessing(single="<|begin_of_text|> $A",
+                                           pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1", special_tokens=[bos])
+    ref.post_processor = {
+        "none": None,
+        "byte_level": processors.ByteLevel(trim_offsets=False),
+        "bos": llama3,
+        # Llama 3's: ByteLevel (offsets only), then the BOS template
+        "llama3": processors.Sequence([processors.ByteLevel(trim_offsets=False), llama3]),
+        "bos_eos": processors.TemplateProcessing(single="<|begin_of_text|> $A <|end_of_text|>",
+                                                 special_tokens=[bos, eos]),
+        "eos": processors.TemplateProcessing(single="$A:0 <|end_of_text|>:0", special_tokens=[eos]),
+        "plain": processors.TemplateProcessing(single="$A", pair="$A $B:1", special_tokens=[]),
+        "roberta": processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])),
+        "bert": processors.BertProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"])),
+        "roberta_then_byte_level": processors.Sequence([processors.RobertaProcessing(("</s>", ids["</s>"]),
+                                                                                     ("<s>", ids["<s>"])),
+                                                        processors.ByteLevel()]),
+    }[name]
+    return ref
+
+
+def run_sample(monkeypatch, *argv):
+    """sample.py's output (its stream() writes to the sys.stdout it was imported with: given here);
+    the attention backend it sets (--attn naive) is put back to auto afterwards."""
+    out = io.StringIO()
+    monkeypatch.setattr(sample, "stream", functools.partial(generation.stream, out=out))
+    try:
+        with contextlib.redirect_stdout(out):
+            assert sample.main([*argv, "--device", "cpu", "--dtype", "float32", "--attn", "naive"]) == 0
+    finally:
+        kernels.set_backend("auto")
+    return out.getvalue()
+
+
 # training runs and LoRA
 def train_flags(corpus, tmp_path, out="run", **overrides):
     """A tiny, fast run's flags (train.run's keyword arguments); None leaves a flag out."""
@@ -543,6 +760,82 @@ def randomize_adapters(model, seed=1):
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+# LoRA and tied weights
+def plain_name(name):
+    """A parameter's name in the model without adapters (a wrapped layer's weight lives under .base)."""
+    return name.replace(".base.", ".")
+
+
+def base_tensors(model):
+    """{name: a copy} of every parameter that is not an adapter, under the unadapted model's names
+    (a tied tensor under each of its names)."""
+    return {plain_name(n): p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)
+            if "lora_" not in n}
+
+
+def check_merge(model, x, adapted):
+    """Merge; the logits equal the unmerged ones, the adapted weights moved and every other tensor
+    (a tied embedding included) is bit for bit what it was."""
+    before = base_tensors(model)
+    with torch.no_grad():
+        unmerged = model(x)[0]
+        lora.merge(model)
+        merged = model(x)[0]
+    assert (merged - unmerged).abs().max() <= 1e-5
+    after = base_tensors(model)
+    assert after.keys() == before.keys()
+    for name in before:
+        if name.rpartition(".")[0] in adapted and name.endswith(".weight"):
+            assert not torch.equal(after[name], before[name]), name
+        else:
+            assert torch.equal(after[name], before[name]), name
+    return merged
+
+
+def tied_names(model):
+    """shared_parameters with each group's names sorted: the sets of names that share one tensor."""
+    return sorted(sorted(group) for group in shared_parameters(model))
+
+
+def tied_llama_and_peft_adapter(tmp_path, targets=("q_proj", "v_proj", "down_proj", "lm_head")):
+    """A tiny random tied LlamaForCausalLM (hf_model's) saved in tmp_path/base, and a PEFT model on it
+    with random A and B, saved both ways: adapter_false (save_embedding_layers=False) and adapter_auto
+    (PEFT's default, which stores the base head too). Returns the PEFT model (unmerged, eval)."""
+    hf = hf_model("llama", tie_word_embeddings=True)
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = peft_api("get_peft_model")(hf, peft_api("LoraConfig")(r=4, lora_alpha=16,
+                                                                       target_modules=list(targets)))
+    randomize_adapters(peft_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(tmp_path / "adapter_false", save_embedding_layers=False)
+        peft_model.save_pretrained(tmp_path / "adapter_auto")  # "auto": the base head is stored too
+    for d in ("adapter_false", "adapter_auto"):  # the base directory, as our files name it
+        cfg = json.loads((tmp_path / d / "adapter_config.json").read_text())
+        cfg["base_model_name_or_path"] = str(tmp_path / "base")
+        (tmp_path / d / "adapter_config.json").write_text(json.dumps(cfg))
+    return peft_model.eval()
+
+
+def peft_untied_merged(tmp_path, adapter):
+    """PEFT's merge done the way PEFT documents for a tied model (tuners_utils._check_merge_allowed):
+    load the base untied, the head a copy of the embedding, then merge_and_unload."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "base", tie_word_embeddings=False)
+    hf.lm_head.weight.data = hf.model.embed_tokens.weight.data.clone()
+    return peft_api("PeftModel").from_pretrained(hf, tmp_path / adapter).merge_and_unload().eval()
+
+
+class AlwaysTiedGPT(gpt.Model):
+    """A model file that ties its head to the embedding whatever its config says."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head.weight = self.transformer.wte.weight
+
 
 
 # ----------------------------------------------------------------------------- kernels: attention backends, Triton
@@ -1112,6 +1405,193 @@ def test_copied_from_markers_match_their_source():
     assert "not right above" in copied_from_problems(moved, "qwen.py")[1][0]
 
 
+# --- config.json keys and output heads: every key of a supported model_type that changes the forward pass is
+# honoured or refused in one line naming it; output heads, tied or not, load and save as transformers does
+
+def test_case1_gpt2_scale_attn_by_inverse_layer_idx_is_honoured(tmp_path):
+    hf = hf_gpt2_configured(scale_attn_by_inverse_layer_idx=True)
+    hf.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["scale_attn_by_inverse_layer_idx"] is True
+    ours = models.from_pretrained(tmp_path).eval()
+    assert max_diff(ours, hf, idx(V_HEADS, T=40)) <= 1e-4
+
+
+def test_case2_untied_gpt2_keeps_its_own_head(tmp_path):
+    hf = hf_gpt2_configured(tie_word_embeddings=False)
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    hf.save_pretrained(tmp_path)
+    ours = models.from_pretrained(tmp_path).eval()
+    assert max_diff(ours, hf, idx(V_HEADS, T=40)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_config_key_is_honoured_inert_or_refused(family):
+    """Each key of transformers' configuration class (its to_dict()) is in the model file's table or in
+    hub.COMMON_KEYS; each rope sub-key of transformers' RopeParameters is in its ROPE_KEYS."""
+    module, config_cls, _ = FAMILIES[family]
+    kinds = (hub.HONOURED, hub.INERT, hub.TRAINING, hub.CHECKED)
+    keys = hf_class(config_cls)().to_dict()
+    undecided = [k for k in keys if k not in module.CONFIG_KEYS and k not in hub.COMMON_KEYS]
+    assert not undecided
+    for table in (module.CONFIG_KEYS, hub.COMMON_KEYS, hub.ROPE_KEYS):
+        assert all(rule in kinds or isinstance(rule, tuple) for rule in table.values())
+    if family != "gpt2":
+        assert set(hf_class("RopeParameters").__annotations__) <= set(module.ROPE_KEYS)
+
+
+REFUSED = [(family, key) for family in FAMILIES for key, rule in key_rules(family).items() if isinstance(rule, tuple)]
+ROPE_REFUSED = [(family, key) for family in ("llama", "qwen3", "phi")
+                for key, rule in FAMILIES[family][0].ROPE_KEYS.items() if isinstance(rule, tuple)]
+
+
+@pytest.mark.parametrize("family,key", REFUSED)
+def test_refused_keys_raise_one_line_naming_the_key(checkpoints, tmp_path, family, key):
+    rule = key_rules(family)[key]
+    directory = copy_of(checkpoints, family, tmp_path / "c")
+    edit_config(directory, **{key: bad_value(rule)})
+    assert_refused(directory, key, json.dumps(bad_value(rule)))
+
+
+@pytest.mark.parametrize("family,key", ROPE_REFUSED)
+def test_refused_rope_keys_raise_one_line_naming_the_key(checkpoints, tmp_path, family, key):
+    directory = copy_of(checkpoints, family, tmp_path / "c")
+    rope = json.loads((directory / "config.json").read_text())["rope_parameters"]
+    edit_config(directory, rope_parameters={**rope, "rope_type": "yarn", "factor": 2.0,
+                                            key: bad_value(FAMILIES[family][0].ROPE_KEYS[key])})
+    assert_refused(directory, key)
+
+
+@pytest.mark.parametrize("family,changes,words", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, ["use_sliding_window"]),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types"]),
+    ("phi", {"head_dim": 16}, ["head_dim"]),
+    ("llama", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+     ["full_attention"]),  # rope parameters nested by layer type
+])
+def test_checked_keys_are_refused_when_they_change_the_forward(checkpoints, tmp_path, family, changes, words):
+    directory = copy_of(checkpoints, family, tmp_path / "c")
+    edit_config(directory, **changes)
+    assert_refused(directory, *words)
+
+
+IMPLEMENTED = {  # family, constructor overrides of the transformers model
+    "gpt2-no-scale": ("gpt2", dict(scale_attn_weights=False)),
+    "gpt2-both-scales": ("gpt2", dict(scale_attn_weights=False, scale_attn_by_inverse_layer_idx=True)),
+    "gpt2-n_inner": ("gpt2", dict(n_inner=48)),
+    "gpt2-eps": ("gpt2", dict(layer_norm_epsilon=0.5)),
+    "gpt2-resid_pdrop": ("gpt2", dict(resid_pdrop=0.3, embd_pdrop=0.2, attn_pdrop=0.1)),  # eval: no dropout
+    **{f"gpt2-{act}": ("gpt2", dict(activation_function=act)) for act in gpt.ACTIVATIONS if act != "gelu_new"},
+    "gpt2-untied-relu": ("gpt2", dict(tie_word_embeddings=False, activation_function="relu")),
+    "llama-pretraining_tp": ("llama", dict(pretraining_tp=2, rms_norm_eps=0.01)),
+    "llama-attention_dropout": ("llama", dict(attention_dropout=0.5)),
+    "qwen2-window-unused": ("qwen2", dict(use_sliding_window=False, sliding_window=4, max_window_layers=0)),
+    "qwen3-window-off": ("qwen3", dict(use_sliding_window=False, sliding_window=4, max_window_layers=1)),
+    "phi-gelu_fast": ("phi", dict(hidden_act="gelu_fast", layer_norm_eps=0.5)),
+    "phi-gelu_pytorch_tanh": ("phi", dict(hidden_act="gelu_pytorch_tanh", resid_pdrop=0.2, embd_pdrop=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPLEMENTED))
+def test_honoured_keys_give_transformers_logits_and_round_trip(tmp_path, case):
+    family, overrides = IMPLEMENTED[case]
+    hf = hf_model_of_type(family, **overrides)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = models.from_pretrained(tmp_path / "hf").eval()
+    x = idx(V_HEADS, T=40)
+    assert max_diff(ours, hf, x) <= 1e-4
+    ours.save_pretrained(tmp_path / "ours")  # and back: transformers reads what we write alike
+    assert max_diff(ours, load_hf(tmp_path / "ours"), x) <= 1e-4
+    assert models.from_pretrained(tmp_path / "ours").config == ours.config
+
+
+def test_gpt2_inverse_layer_scaling_really_changes_the_logits(tmp_path):
+    """The case-1 checkpoint, read as if the key were absent, gives other logits: the key matters."""
+    hf = hf_gpt2_configured(scale_attn_by_inverse_layer_idx=True)
+    hf.save_pretrained(tmp_path)
+    ours = models.from_pretrained(tmp_path).eval()
+    for block in ours.transformer.h:
+        block.attn.q_scale = 1.0
+    assert max_diff(ours, hf, idx(V_HEADS, T=40)) > 1e-2
+
+
+def test_gpt2_reorder_and_upcast_attn_is_the_same_function(tmp_path):
+    """transformers applies reorder_and_upcast_attn with eager attention only: fp32 scores, the same
+    logits (hub.INERT)."""
+    hf = hf_gpt2_configured(reorder_and_upcast_attn=True, scale_attn_by_inverse_layer_idx=True)
+    hf.save_pretrained(tmp_path)
+    eager = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config.reorder_and_upcast_attn
+    assert max_diff(models.from_pretrained(tmp_path).eval(), eager, idx(V_HEADS, T=40)) <= 1e-4
+
+
+def test_rope_scaling_replaces_rope_parameters_and_top_level_original_length_wins(tmp_path):
+    """transformers reads rope_scaling in place of rope_parameters when both are there, and a top-level
+    original_max_position_embeddings over the one inside (llama3, yarn): so do we."""
+    hf = hf_model_of_type("llama", max_position_embeddings=256, rope_theta=100.0)
+    hf.save_pretrained(tmp_path)
+    edit_config(tmp_path, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+                original_max_position_embeddings=32)
+    ref = load_hf(tmp_path)
+    ours = models.from_pretrained(tmp_path).eval()
+    assert (ours.config.rope_type, ours.config.rope_original_max_len) == ("yarn", 32)
+    x = idx(V_HEADS, T=80)
+    assert max_diff(ours, ref, x) <= 1e-4
+    assert (ref(x).logits - hf(x).logits).abs().max() > 1e-3  # the edit changed transformers' logits too
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_heads_load_and_save_as_transformers_does(tmp_path, family, tie):
+    hf = hf_model_of_type(family, tie_word_embeddings=tie)
+    assert tied(hf) == tie
+    hf.save_pretrained(tmp_path / "hf")
+    ours = models.from_pretrained(tmp_path / "hf").eval()
+    assert tied(ours) == tie and ours.config.tie_embeddings == tie
+    x = idx(V_HEADS, T=40)
+    assert max_diff(ours, hf, x) <= 1e-4
+    ours.save_pretrained(tmp_path / "ours")
+    with safe_open(tmp_path / "ours" / "model.safetensors", "pt") as f:
+        assert ("lm_head.weight" in f.keys()) == (not tie)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] == tie
+    back = load_hf(tmp_path / "ours")
+    assert tied(back) == tie and max_diff(ours, back, x) <= 1e-4
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_our_gpt_untied_option_saves_for_transformers(tmp_path, tie):
+    ours = tiny_model("gpt", std=0.5, vocab_size=V_HEADS, tie_embeddings=tie)
+    assert tied(ours) == tie
+    n_embedding = V_HEADS * 32
+    assert ours.num_params() == sum(p.numel() for p in ours.parameters()) - 64 * 32 - (0 if tie else n_embedding)
+    ours.save_pretrained(tmp_path)
+    hf = load_hf(tmp_path)
+    assert tied(hf) == tie and max_diff(ours, hf, idx(V_HEADS, T=40)) <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "phi"])
+@pytest.mark.parametrize("stored", ["both-different", "both-equal", "head-only"])
+def test_tied_config_with_a_stored_head_reads_as_transformers_does(tmp_path, family, stored):
+    """tie_word_embeddings true, but the file stores lm_head.weight: transformers keeps both when they
+    differ (untied), ties them when equal, and ties to the head when the embedding is absent."""
+    hf_model_of_type(family, tie_word_embeddings=True).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    embed = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+    head = torch.randn(state[embed].shape, generator=torch.Generator().manual_seed(9)) * 0.5
+    if stored == "both-different":
+        state["lm_head.weight"] = head
+    elif stored == "both-equal":
+        state["lm_head.weight"] = state[embed].clone()
+    else:
+        state["lm_head.weight"] = head
+        del state[embed]
+    save_file(state, path, metadata={"format": "pt"})
+    ref = load_hf(tmp_path)
+    ours = models.from_pretrained(tmp_path).eval()
+    assert tied(ref) == tied(ours) == (stored != "both-different") == ours.config.tie_embeddings
+    assert max_diff(ours, ref, idx(V_HEADS, T=40)) <= 1e-4
+
+
 # ----------------------------------------------------------------------------- decoding (generation.py)
 
 @pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
@@ -1429,6 +1909,228 @@ def test_a_tokenizer_saves_into_the_directory_it_was_loaded_from(tmp_path):
     before = tokenization.load_tokenizer(tmp_path)
     before.save(tmp_path)
     assert tokenization.load_tokenizer(tmp_path).encode(TRAIN_TEXT) == before.encode(TRAIN_TEXT)
+
+
+# --- tokenizer.json: exact BPE and post-processors. A byte-level BPE whose merges tiktoken's rank rule cannot
+# reproduce is refused, naming the token (BPEs trained by tokenizers' BpeTrainer are still accepted, the same ids);
+# a post-processor's special tokens around one sequence (Llama 3's BOS) are added as tokenizers and transformers
+# add them: in encode, in sample.py prompts (few-shot ones too) and around each document of a fine-tuning corpus
+
+@pytest.mark.parametrize("ignore_merges", [False, True])
+def test_merges_that_tiktoken_cannot_reproduce_are_refused(tmp_path, ignore_merges):
+    """Tokens ab (256), bc (257), abc (258) from merges `a b`, `b c`, `a bc`: Hugging Face never joins
+    ab + c, tiktoken does (abc is a token of the next rank). Before: accepted, "abc" -> [258]."""
+    vocab = GPT2_BYTE_IDS | {"ab": 256, "bc": 257, "abc": 258}
+    spec = bpe_spec(vocab, ["a b", "b c", "a bc"], ignore_merges)
+    folder = write_tokenizer(tmp_path, spec, "t")
+    ref = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert ref.encode("abcx").ids == [256, 66, 87]  # what the tokenizer gives ...
+    assert raw_tiktoken(spec).encode_ordinary("abcx") == [258, 87]  # ... and what tiktoken would
+    assert ref.encode("abc").ids == ([258] if ignore_merges else [256, 66])
+    with pytest.raises(ValueError, match=r"token 'abc' \(id 258\).*joins b'ab' \+ b'c' last") as err:
+        tokenization.hf_tokenizer(folder)
+    assert str(err.value).startswith(str(folder / "tokenizer.json") + ": ") and "\n" not in str(err.value)
+
+
+def test_hand_made_bpes_are_refused_exactly_when_tiktoken_would_differ(tmp_path):
+    """Random BPEs over a, b, c (ignore_merges either way), every string up to 6 letters one piece:
+    one that is accepted gives the ids of tokenizers on all of them; one that is refused has a
+    string on which tiktoken's rule, run on its vocabulary, gives other ids than tokenizers."""
+    rng, texts = random.Random(0), all_strings()
+    seen = {"accepted": 0, "refused": 0}
+    for n in range(60):
+        vocab, merges = random_bpe(rng, rng.randint(3, 12))
+        spec = bpe_spec(vocab, merges, ignore_merges=rng.random() < 0.5, use_regex=False)
+        folder = write_tokenizer(tmp_path, spec, str(n))
+        ref = [e.ids for e in Tokenizer.from_file(str(folder / "tokenizer.json")).encode_batch(texts)]
+        raw = list(map(raw_tiktoken(spec).encode_ordinary, texts))
+        witness = next((t for t, r, w in zip(texts, ref, raw) if w != r), None)
+        try:
+            tok = tokenization.hf_tokenizer(folder)
+        except ValueError as e:
+            assert "\n" not in str(e) and ("token '" in str(e) or "merge order" in str(e)), e
+            assert witness is not None, (merges, spec["model"]["ignore_merges"], str(e))
+            seen["refused"] += 1
+            continue
+        assert witness is None, (merges, spec["model"]["ignore_merges"], witness)
+        assert [tok.encode(t) for t in texts] == ref, merges
+        seen["accepted"] += 1
+    assert seen["accepted"] >= 15 and seen["refused"] >= 15, seen
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_bpes_trained_by_tokenizers_are_accepted_and_exact(tmp_path, seed):
+    """BpeTrainer's merges are what tiktoken's rule does: accepted, the same ids on fresh random text
+    (GPT-2's pre-tokenizer and Llama 3's Split + ByteLevel, ignore_merges either way)."""
+    rng = random.Random(seed)
+    alphabet = rng.choice(["ab", "abc", "abcdefgh", "aeiou rst", "xyz日本"])
+    pre = rng.choice([byte_level(True), split_then_byte_level(LLAMA3_SPLIT)])
+    ref = train_bpe_with_tokenizers([random_text(rng, 3000, alphabet)], rng.choice([300, 600, 1200]), pre)
+    spec = json.loads(ref.to_str())
+    spec["model"]["ignore_merges"] = bool(seed % 2)
+    folder = write_tokenizer(tmp_path, spec, "t")
+    ref = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = tokenization.hf_tokenizer(folder)
+    assert max(len(t) for t in spec["model"]["vocab"]) >= 6  # long tokens were learned
+    for _ in range(20):
+        text = random_text(rng, 200, alphabet + "q")
+        assert tok.encode(text) == ref.encode(text).ids
+
+
+@pytest.mark.parametrize("ignore_merges", [True, False])
+def test_tiktoken_bpes_converted_by_transformers_are_accepted_and_exact(tmp_path, ignore_merges):
+    """Llama 3's tokenizer.json was converted from tiktoken by transformers' TikTokenConverter: every
+    split of a token into two tokens is a merge, so a token has several. Such a file (from a BPE
+    trained here) is accepted and gives the ids of tokenizers."""
+    converter_cls = importlib.import_module("transformers.convert_slow_tokenizer").TikTokenConverter
+    rng = random.Random(5)
+    ranks = tokenization.train_bpe(random_text(rng, 20000, "abcdefgh", n_stems=400), 1500)
+    tokenization.write_tiktoken_file(ranks, tmp_path / "t.tiktoken")
+    converter = converter_cls(vocab_file=str(tmp_path / "t.tiktoken"), pattern=LLAMA3_SPLIT)
+    spec = json.loads(converter.converted().to_str())
+    made = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    assert len(made) > 1.3 * (len(spec["model"]["vocab"]) - 256)  # several merges per token
+    spec["model"]["ignore_merges"] = ignore_merges
+    folder = write_tokenizer(tmp_path, spec, "t")
+    ref = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok = tokenization.hf_tokenizer(folder)
+    for _ in range(20):
+        text = random_text(rng, 200, "abcdefghq", n_stems=400)
+        assert tok.encode(text) == ref.encode(text).ids
+
+
+POST_PROCESSORS = ["none", "byte_level", "bos", "llama3", "bos_eos", "eos", "plain", "roberta", "bert",
+                   "roberta_then_byte_level"]
+
+
+@pytest.mark.parametrize("name", POST_PROCESSORS)
+def test_encode_adds_the_post_processors_special_tokens_as_tokenizers_does(base_tokenizer, tmp_path, name):
+    """encode(text) is tokenizers' Tokenizer.encode(text).ids (add_special_tokens=True by default);
+    add_special_tokens=False leaves them out. Before: never added ("llama3": no BOS)."""
+    ref = with_post_processor(base_tokenizer, name)
+    ref.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenization.hf_tokenizer(tmp_path)
+    for text in [TEMPLATE_TEXT, "", " ", "a", "<|end_of_text|>"]:
+        assert tok.encode(text) == ref.encode(text).ids, text
+        assert tok.encode(text, add_special_tokens=True) == ref.encode(text, add_special_tokens=True).ids
+        assert tok.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False).ids
+    if name == "llama3":
+        assert tok.encode("a")[0] == ref.token_to_id("<|begin_of_text|>")
+        assert tok.template == ((ref.token_to_id("<|begin_of_text|>"),), ())
+
+
+@pytest.mark.parametrize("post_processor, message", [
+    ({"type": "Sequence", "processors": [
+        {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                  {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [], "special_tokens": {"<s>": {"id": "<s>", "ids": [258], "tokens": ["<s>"]}}},
+        {"type": "BertProcessing", "sep": ["</s>", 259], "cls": ["<s>", 258]}]}, "several add special tokens"),
+    ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "B", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "does not hold the sequence"),
+    ({"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "does not hold the sequence"),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<x>", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {"<x>": {"id": "<x>", "ids": [999], "tokens": ["<x>"]}}}, "adds token id 999"),
+    ({"type": "BertProcessing", "sep": ["</s>", 259], "cls": ["<s>", 777]}, "adds token id 777"),
+    ({"type": "Somethingelse"}, "post-processor Somethingelse is not supported"),
+    ({"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<y>", "type_id": 0}},
+                                               {"Sequence": {"id": "A", "type_id": 0}}], "pair": [],
+      "special_tokens": {}}, "not a valid tokenizer.json"),
+])
+def test_post_processors_we_do_not_implement_are_refused_in_one_line(tmp_path, post_processor, message):
+    vocab = GPT2_BYTE_IDS | {"ab": 256, "abc": 257}
+    spec = bpe_spec(vocab, ["a b", "ab c"], post_processor=post_processor, added=[("<s>", 258), ("</s>", 259)])
+    folder = write_tokenizer(tmp_path, spec, "t")
+    with pytest.raises(ValueError, match=message) as err:
+        tokenization.hf_tokenizer(folder)
+    assert str(err.value).startswith(str(folder / "tokenizer.json") + ": ") and "\n" not in str(err.value)
+
+
+def test_every_tokenizer_takes_add_special_tokens_and_has_a_template(tmp_path):
+    """The shared signature: char and bpe:N tokenizers add nothing either way."""
+    char = tokenization.CharTokenizer("abc ")
+    tokenization.write_tiktoken_file(tokenization.train_bpe(TEMPLATE_TEXT * 4, 300), tmp_path / "t.tiktoken")
+    bpe = tokenization.bpe_tokenizer(tmp_path / "t.tiktoken", "bpe:300")
+    for tok, text in [(char, "a cab"), (bpe, TEMPLATE_TEXT)]:
+        assert tok.template == ((), ())
+        ids = tok.encode(text)
+        assert ids == tok.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=False)
+
+
+def test_a_corpus_gets_the_special_tokens_around_each_document(base_tokenizer, tmp_path):
+    """Fine-tuning data: each file is one document in the template ([BOS] file [EOS] here), as
+    tokenizers encodes each; without a template the joined text is tokenized as before. The cache
+    made without the template is not reused."""
+    docs = ["First document.\nTwo lines.", "Second, <|end_of_text|> inside.", "Third"]
+    corpus_dir = tmp_path / "corpus"
+    corpus_dir.mkdir()
+    for i, d in enumerate(docs):
+        (corpus_dir / f"{i}.txt").write_text("\n" + d + "\n")
+    keys = set()
+    for name in ["bos_eos", "llama3", "none"]:
+        ref = with_post_processor(base_tokenizer, name)
+        (tmp_path / name).mkdir()
+        ref.save(str(tmp_path / name / "tokenizer.json"))
+        tok = tokenization.hf_tokenizer(tmp_path / name)
+        ds = data.prepare(corpus_dir, tok, tmp_path / "d", quiet=True)
+        got = ds.tokens("train").tolist() + ds.tokens("val").tolist()
+        if name == "none":
+            assert got == ref.encode("\n\n".join(docs)).ids
+        else:
+            assert got == [i for d in docs for i in ref.encode(d).ids]
+            assert got[0] == ref.token_to_id("<|begin_of_text|>")
+        keys.add(tok.key())
+    assert len(keys) == 3
+
+
+def test_sample_greedy_equals_transformers_generate_with_llama3_bos(base_tokenizer, tmp_path, monkeypatch):
+    """A random tiny Llama saved with a Llama 3 tokenizer (BOS by its post-processor): sample.py's
+    greedy text, plain and few-shot, is transformers' generate on tokenizer(prompt). Before: the
+    prompt had no BOS and the text differed."""
+    hf_dir = tmp_path / "llama"
+    ref = with_post_processor(base_tokenizer, "llama3")
+    hf_class("PreTrainedTokenizerFast")(tokenizer_object=ref, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>").save_pretrained(hf_dir)
+    # every id a token, as real checkpoints have; no bos/eos ids in its config: generation never stops early
+    model = hf_model("llama", seed=1, vocab_size=ref.get_vocab_size(), max_position_embeddings=128)
+    model.save_pretrained(hf_dir)
+    hf_tok = hf_class("AutoTokenizer").from_pretrained(hf_dir)
+    records = [{"input": "abc", "output": "cab"}, {"input": "hij", "output": "jih"}]
+    (tmp_path / "f.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+
+    def generate(prompt, n, add_special_tokens=True):
+        ids = hf_tok(prompt, return_tensors="pt", add_special_tokens=add_special_tokens)
+        assert (ids.input_ids[0, 0].item() == hf_tok.bos_token_id) == add_special_tokens
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False)
+        return hf_tok.decode(out[0, ids.input_ids.shape[1]:], skip_special_tokens=False)
+
+    prompt = "Hello world, abc def"
+    expected = prompt + generate(prompt, 12)
+    assert generate(prompt, 12, add_special_tokens=False) != expected[len(prompt):]  # the BOS matters here
+    assert run_sample(monkeypatch, "--out_dir", str(hf_dir), "--prompt", prompt, "--temperature", "0",
+                      "--max_new_tokens", "12") == expected + "\n"
+    few = sample.fewshot_prompt(records[:1], "hij")
+    completion = generate(few, 12).split("\n")[0]
+    assert run_sample(monkeypatch, "--out_dir", str(hf_dir), "--fewshot", str(tmp_path / "f.jsonl"), "--shots", "1",
+                      "--temperature", "0", "--max_new_tokens", "12") == few + completion + "\n"
+
+
+@pytest.mark.parametrize("name", ["none", "llama3"])
+def test_tokenizer_config_add_bos_token_does_not_change_transformers_ids(base_tokenizer, tmp_path, name):
+    """tokenizer.json alone decides: transformers 5 encodes with its post-processor whatever
+    tokenizer_config.json's add_bos_token / add_eos_token say (which is why we do not read them)."""
+    ref = with_post_processor(base_tokenizer, name)
+    hf_class("PreTrainedTokenizerFast")(tokenizer_object=ref, bos_token="<|begin_of_text|>",
+                                        eos_token="<|end_of_text|>").save_pretrained(tmp_path)
+    tok = tokenization.hf_tokenizer(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for cls in ["PreTrainedTokenizerFast", "GPT2Tokenizer"]:
+        for flags in [{}, {"add_bos_token": True, "add_eos_token": True}, {"add_bos_token": False}]:
+            (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | flags | {"tokenizer_class": cls}))
+            auto = hf_class("AutoTokenizer").from_pretrained(tmp_path)
+            assert auto(TEMPLATE_TEXT).input_ids == tok.encode(TEMPLATE_TEXT), (cls, flags)
 
 
 # ----------------------------------------------------------------------------- train (train.py)
@@ -1806,6 +2508,216 @@ def test_lora_user_errors_are_one_line(corpus, tmp_path, args, message):
     if args[-1] == "q,query":  # through the command line: one line, exit 1
         r = run_cli("train.py", *train_args(corpus, tmp_path, init_from=base), *args)
         assert r.returncode == 1 and r.stderr.strip() == f"error: --lora_targets: {message}; choose from q, k, v, o, mlp or all"
+
+
+# --- tied weights: LoRA on a tied output head, and merges that never change a tensor shared with another module
+# (references: transformers' LlamaForCausalLM and GPT2LMHeadModel with PEFT)
+
+def test_peft_adapter_on_a_tied_head_merges_into_its_own_head(tmp_path):
+    """save_embedding_layers=False; unmerged and merged logits equal PEFT's unmerged ones, the
+    embedding does not move, and the merged model is saved untied."""
+    peft_model = tied_llama_and_peft_adapter(tmp_path)
+    x = idx(V)
+    ours = models.from_pretrained(tmp_path / "base").eval()
+    embedding = ours.model.embed_tokens.weight.detach().clone()
+    lora.load_adapter(ours, tmp_path / "adapter_false")
+    with torch.no_grad():
+        reference = peft_model(x).logits
+        assert (ours(x)[0] - reference).abs().max() <= 1e-4
+        merged = check_merge(ours, x, adapted={"lm_head"} | {f"model.layers.{i}.{m}" for i in range(2) for m in
+                                                             ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")})
+        assert (merged - reference).abs().max() <= 1e-4
+        assert torch.equal(ours.model.embed_tokens.weight, embedding)
+        assert ours.lm_head.weight is not ours.model.embed_tokens.weight and not ours.config.tie_embeddings
+        untied = peft_untied_merged(tmp_path, "adapter_false")
+        assert (untied(x).logits - merged).abs().max() <= 1e-4
+        assert (untied.lm_head.weight - ours.lm_head.weight).abs().max() <= 1e-5
+    ours.save_pretrained(tmp_path / "merged")  # tie_word_embeddings false, lm_head.weight stored
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (hf(x).logits - merged).abs().max() <= 1e-4
+        assert (models.from_pretrained(tmp_path / "merged").eval()(x)[0] - merged).abs().max() <= 1e-5
+
+
+def test_peft_default_save_with_the_base_head_loads(tmp_path):
+    """PEFT's default save (save_embedding_layers="auto") stores lm_head.base_layer.weight, equal to
+    the base model's: it loads, and the logits are PEFT's, unmerged and merged."""
+    peft_model = tied_llama_and_peft_adapter(tmp_path)
+    stored = load_file(tmp_path / "adapter_auto" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.base_layer.weight" in stored
+    x = idx(V)
+    ours = lora.load_adapter(models.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter_auto")
+    with torch.no_grad():
+        reference = peft_model(x).logits
+        assert (ours(x)[0] - reference).abs().max() <= 1e-4
+        assert (lora.merge(ours)(x)[0] - reference).abs().max() <= 1e-4
+
+
+def test_a_stored_base_head_that_differs_is_honoured_as_peft_does(tmp_path):
+    """PEFT's loader writes a stored base tensor into the model (load_state_dict), into the tied
+    embedding too: so do we, and a save of the adapter keeps it."""
+    tied_llama_and_peft_adapter(tmp_path)
+    path = tmp_path / "adapter_auto" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors[key] = tensors[key] + 0.25 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(3))
+    save_file(tensors, path, metadata={"format": "pt"})
+    x = idx(V)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "base")
+        reference_model = peft_api("PeftModel").from_pretrained(hf, tmp_path / "adapter_auto").eval()
+    ours = lora.load_adapter(models.from_pretrained(tmp_path / "base").eval(), tmp_path / "adapter_auto")
+    with torch.no_grad():
+        reference = reference_model(x).logits
+        assert torch.equal(ours.model.embed_tokens.weight, reference_model.base_model.model.model.embed_tokens.weight)
+        assert (ours(x)[0] - reference).abs().max() <= 1e-4
+        lora.save_adapter(ours, tmp_path / "again")  # what was honoured is written back
+        assert torch.equal(load_file(tmp_path / "again" / "adapter_model.safetensors")[key], tensors[key])
+        again = lora.load_adapter(models.from_pretrained(tmp_path / "base").eval(), tmp_path / "again")
+        assert torch.equal(again(x)[0], ours(x)[0])
+        assert (lora.merge(ours)(x)[0] - reference).abs().max() <= 1e-4
+
+
+def test_a_stored_base_tensor_of_the_wrong_shape_or_name_is_refused(tmp_path):
+    tied_llama_and_peft_adapter(tmp_path)
+    path = tmp_path / "adapter_auto" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    for bad, message in [({key: tensors[key][:-1]}, r"tensor '.*lm_head\.base_layer\.weight' has shape \(99, 32\), "
+                                                     r"the model needs \(100, 32\)"),
+                         ({"base_model.model.model.norm.base_layer.weight": torch.ones(32)},
+                          r"unexpected tensor 'base_model\.model\.model\.norm\.base_layer\.weight'")]:
+        save_file({**tensors, **bad}, path, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=message):
+            lora.load_adapter(models.from_pretrained(tmp_path / "base"), tmp_path / "adapter_auto")
+
+
+def test_peft_tied_adapters_on_the_embedding_are_refused_in_one_line(tmp_path):
+    """ensure_weight_tying=True on a tied model makes PEFT adapt embed_tokens (an nn.Embedding): not
+    supported here, and said so instead of ignoring the target."""
+    tied_llama_and_peft_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = hf_class("LlamaForCausalLM").from_pretrained(tmp_path / "base")
+        config = peft_api("LoraConfig")(r=4, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True)
+        peft_api("get_peft_model")(hf, config).save_pretrained(tmp_path / "tied_adapters", save_embedding_layers=False)
+    with pytest.raises(ValueError, match=r"the LoRA target model\.embed_tokens is an Embedding: LoRA here adapts "
+                                         r"linear layers \(nn\.Linear\) only"):
+        lora.load_adapter(models.from_pretrained(tmp_path / "base"), tmp_path / "tied_adapters")
+
+
+@pytest.mark.parametrize("name", ["gpt", "llama", "qwen", "phi"])
+def test_merge_on_a_tied_head_unties_it_and_keeps_the_embedding(name, tmp_path):
+    model = tiny_model(name, std=0.3, vocab_size=V, tie_embeddings=True)
+    embedding = "transformer.wte.weight" if name == "gpt" else "model.embed_tokens.weight"
+    assert tied_names(model) == [["lm_head.weight", embedding]]
+    targets = lora.resolve_targets(model, "all") + ["lm_head"]
+    randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, targets)))
+    x = idx(V)
+    adapted = {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    merged = check_merge(model, x, adapted)
+    assert tied_names(model) == [] and model.config.tie_embeddings is False
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        assert (models.from_pretrained(tmp_path).eval()(x)[0] - merged).abs().max() <= 1e-5
+
+
+def test_merge_keeps_a_tie_it_does_not_touch():
+    """Adapting every layer but the head of a tied model: the tie stays, and so does the config."""
+    model = tiny_model("llama", tie_embeddings=True)
+    randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, lora.resolve_targets(model, "all"))))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    check_merge(model, idx(V), adapted)
+    assert tied_names(model) == [["lm_head.weight", "model.embed_tokens.weight"]] and model.config.tie_embeddings
+
+
+def test_merge_on_a_head_its_file_cannot_untie_is_refused_and_changes_nothing():
+    """A file that ties its head by construction (no config key unties it): merging an adapter on
+    lm_head would change the embedding or write a model its file cannot hold, so it is refused in
+    one line, before anything changes; the adapted model still runs unmerged."""
+    torch.manual_seed(0)
+    model = randomize(AlwaysTiedGPT(gpt.Config(vocab_size=V, block_size=64, n_layer=2, n_head=4, n_embd=32)),
+                      std=0.3).eval()
+    targets = lora.resolve_targets(model, "all") + ["lm_head"]
+    randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, targets)))
+    x = idx(V)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    with torch.no_grad():
+        unmerged = model(x)[0]
+    with pytest.raises(ValueError, match=r"^lora\.merge: lm_head\.weight shares its tensor with "
+                                         r"transformer\.wte\.weight and .* cannot untie them "
+                                         r"\(no config key does\); use the adapter unmerged$"):
+        lora.merge(model)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    assert hasattr(model, "lora_config") and isinstance(model.lm_head, lora.LoRALinear)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], unmerged)
+
+
+def test_peft_adapter_on_gpt2s_head_runs_and_merges_untied(tmp_path):
+    """GPT2LMHeadModel (tied) with a PEFT adapter on c_attn and lm_head, saved both ways: our logits
+    are PEFT's, unmerged and merged; the merge unties the head (gpt.py's tie_embeddings) and wte stays."""
+    tiny_model("gpt", std=0.3, vocab_size=V).save_pretrained(tmp_path / "base")
+    hf = hf_class("GPT2LMHeadModel").from_pretrained(tmp_path / "base").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft_api("get_peft_model")(hf, peft_api("LoraConfig")(
+            r=4, lora_alpha=16, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True))
+        randomize_adapters(peft_model).eval()
+        peft_model.save_pretrained(tmp_path / "adapter_false", save_embedding_layers=False)
+        peft_model.save_pretrained(tmp_path / "adapter_auto")
+    x = idx(V)
+    with torch.no_grad():
+        reference = peft_model(x).logits
+        for adapter in ("adapter_false", "adapter_auto"):
+            ours = lora.load_adapter(models.from_pretrained(tmp_path / "base").eval(), tmp_path / adapter)
+            assert (ours(x)[0] - reference).abs().max() <= 1e-4
+            wte = ours.transformer.wte.weight.detach().clone()
+            lora.merge(ours)
+            assert (ours(x)[0] - reference).abs().max() <= 1e-4
+            assert torch.equal(ours.transformer.wte.weight, wte) and ours.config.tie_embeddings is False
+
+
+def test_merge_on_gpt2_without_the_head_keeps_wte():
+    model = tiny_model("gpt", std=0.3, vocab_size=V)
+    randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, lora.resolve_targets(model, "all"))))
+    adapted = {n for n, m in model.named_modules() if isinstance(m, lora.LoRALinear)}
+    check_merge(model, idx(V), adapted)
+    assert tied_names(model) == [["lm_head.weight", "transformer.wte.weight"]]
+
+
+def test_merge_unties_any_shared_weight_not_only_the_head():
+    """A weight shared by two layers (tied by hand; the file does not tie them): adapting one layer
+    gives it its own merged weight and leaves the other's as it was."""
+    model = tiny_model("llama", tie_embeddings=False)
+    layers = model.model.layers
+    layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight
+    randomize_adapters(lora.apply(model, lora.LoRAConfig(4, 8.0, ["layers.0.mlp.up_proj"])))
+    check_merge(model, idx(V), adapted={"model.layers.0.mlp.up_proj"})
+    assert layers[0].mlp.up_proj.weight is not layers[1].mlp.up_proj.weight
+
+
+def test_a_target_that_is_not_a_linear_layer_is_refused():
+    model = tiny_model("llama")
+    for targets, kind in [(["q_proj", "embed_tokens"], "Embedding"), (["mlp"], "MLP"), (["norm"], "RMSNorm")]:
+        with pytest.raises(ValueError, match=rf"the LoRA target \S+ is an? \w*{kind}\w*: LoRA here adapts linear"):
+            lora.apply(tiny_model("llama"), lora.LoRAConfig(4, 8.0, targets))
+    assert isinstance(lora.apply(model, lora.LoRAConfig(4, 8.0, ["q_proj"])).model.layers[0].self_attn.q_proj,
+                      lora.LoRALinear)
+
+
+@pytest.mark.parametrize("key,value", [("alora_invocation_tokens", [1, 2]), ("use_qalora", True),
+                                       ("use_bdlora", {"nblocks": 2}), ("arrow_config", {"top_k": 2}),
+                                       ("kasa_config", {"any": 1}), ("monteclora_config", {"n": 2})])
+def test_peft_variants_that_change_the_computation_are_refused(tmp_path, key, value):
+    model = randomize_adapters(lora.apply(tiny_model("llama"), lora.LoRAConfig(4, 8.0, ["q_proj"])))
+    lora.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(ValueError, match=f"the PEFT option {key} is not supported"):
+        lora.read_config(tmp_path)
 
 
 # ----------------------------------------------------------------------------- command lines end to end
