@@ -2,36 +2,94 @@
 A library module (sample.py is its command line; train.py and bench.py use it too).
 
   tokens = generate(model, idx, max_new_tokens, temperature=0.8, top_k=200)  # yields (B,) tensors
+  ids = sample_next(logits, temperature=1.0, top_p=0.9, min_p=0.05)          # transformers' warpers
   text = stream(model, tokenizer, prompt_ids, 300)                            # one prompt, printed as it comes
   texts = complete(model, tokenizer, [ids_a, ids_b], 100, stop="\n")        # a left-padded batch
 
 Shapes: idx (B, T) token ids; logits (B, V). Decoding fills a pre-allocated kernels.KVCache once
 with the prompt (prefill), then feeds one token per step (decode_one_token); compile=True runs that
-step through torch.compile over a static cache (gpt-fast's recipe).
+step through torch.compile over a static cache (gpt-fast's recipe). stream and complete draw only
+ids their tokenizer has, and the tokenizers decode an id they do not have to ''.
 """
 import sys
 
 import torch
 
 
-# ----------------------------------------------------------------------------- decoding
+# ----------------------------------------------------------------------------- sampling
 
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token per row of logits (B, V): greedy at temperature 0, otherwise a draw from the
-    softmax at that temperature, restricted to the top_k tokens and/or the top_p nucleus."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+def check_sampling(temperature=1.0, top_k=None, top_p=None, min_p=None):
+    """Refuse (ValueError, naming the setting) sampling settings outside their range, which would
+    otherwise be silently changed: temperature >= 0 (0: greedy), top_k >= 0 (0 or None: off),
+    0 <= top_p <= 1 and 0 <= min_p <= 1 (None: off), the ranges of transformers' warpers."""
+    if not temperature >= 0:  # NaN too
+        raise ValueError(f"temperature must be >= 0 (0: greedy), not {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), not {top_k}")
+    for name, value in (("top_p", top_p), ("min_p", min_p)):
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{name} must be between 0 and 1, not {value}")
+
+
+def filter_logits(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, allowed=None):
+    """The logits (B, V) that sampling draws from (softmax), in fp32: ids outside `allowed` ((V,)
+    bool, None: all) set to -inf, then divided by temperature (> 0), then the top-k, top-p and
+    min-p filters, each setting the tokens it removes to -inf, in transformers' order and with its
+    semantics (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper,
+    min_tokens_to_keep=1; each filter sees what the one before left):
+      top_k: keep the tokens whose logit is >= the k-th largest (ties at the k-th are all kept);
+      top_p (Holtzman et al. 2020): sort ascending and drop the tokens whose cumulative probability
+        is <= 1 - top_p; the most likely token is always kept. A token that brings the nucleus to
+        exactly top_p ends it: probabilities (0.5, 0.25, 0.25) at top_p 0.5 keep the first alone.
+        Among tokens tied at the boundary, which survive follows torch.sort's order, as in
+        transformers;
+      min_p (Nguyen et al. 2024): drop the tokens whose probability is < min_p times the largest.
+    top_k None or 0, top_p None or 1 and min_p None or 0 are off."""
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # tokens after the nucleus is full
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+        drop[..., -1:] = False  # the most likely token stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p:
+        probs = logits.softmax(dim=-1)
+        drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+        drop.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)  # the most likely token stays
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, generator=None, allowed=None):
+    """One token id per row of logits (B, V) -> (B,): greedy (the largest logit among the allowed
+    ids) at temperature 0, otherwise a draw from the softmax of filter_logits (see there for
+    temperature, top_k, top_p, min_p and allowed)."""
+    if temperature == 0:
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits, temperature, top_k, top_p, min_p, allowed)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
+
+def decodable(tokenizer, vocab_size, device="cpu"):
+    """(vocab_size,) bool: True at the ids that `tokenizer` has (tokenizer.known_ids), the ids that
+    sampling may propose. A model's vocabulary can be larger than its tokenizer's ids (Qwen2.5:
+    151,936 rows, 151,665 ids; padded rows are never trained): the ids beyond are never drawn."""
+    known = tokenizer.known_ids
+    if isinstance(known, range) and known.start == 0 and known.step == 1:
+        return torch.arange(vocab_size, device=device) < known.stop
+    ids = torch.tensor(sorted(i for i in known if 0 <= i < vocab_size), dtype=torch.long, device=device)
+    return torch.zeros(vocab_size, dtype=torch.bool, device=device).index_fill_(0, ids, True)
+
+
+# ----------------------------------------------------------------------------- decoding
 
 def left_pad(prompts, pad_id=0, device="cpu"):
     """Prompts of different lengths (lists of token ids) -> idx (B, T), each row padded on the
@@ -116,8 +174,11 @@ def decode_n_tokens(model, seq, logits, cache, n, pad=None, use_cache=True, comp
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             use_cache=True, pad=None, compile=False):
-    """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T).
+             use_cache=True, pad=None, compile=False, min_p=None, allowed=None):
+    """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T). Sampling:
+    sample_next's temperature, top_k, top_p, min_p (settings out of range: ValueError, see
+    check_sampling), generator, and allowed ((V,) bool: the ids that may be drawn, e.g.
+    decodable(tokenizer, V); None: all).
 
     Rows may be prompts of different lengths, left-padded: pad (B,) says how many padding tokens
     each row starts with (left_pad makes idx and pad); each row then decodes as it would alone, as
@@ -128,6 +189,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     refilled from the last half block of the sequence.
     compile=True runs the one-token steps through compiled_decoder over a static cache.
     use_cache=False (for comparison) recomputes the last block_size tokens at every step."""
+    check_sampling(temperature, top_k, top_p, min_p)
     block = model.config.block_size
     if pad is not None:  # no padding at all: the unmasked path
         pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
@@ -141,14 +203,20 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
         max_len = min(block, max_len)  # real checkpoints have block_size up to 128k
     logits, cache = prefill(model, seq, pad, max_len, static=compile)
     yield from decode_n_tokens(model, seq, logits, cache, max_new_tokens, pad, use_cache, compile,
-                               temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                               temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator,
+                               allowed=allowed)
 
 
-def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=None, **sampling):
-    """Generate from one prompt, writing the text to `out` as it comes, and return it. With
-    `stop`, generation ends where that string first appears (it is not included)."""
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out=None, stop=None, **sampling):
+    """Generate from one prompt, writing the text to `out` (None: sys.stdout at the time of the
+    call) as it comes, and return it. With
+    `stop`, generation ends where that string first appears (it is not included). sampling:
+    generate's keywords; only ids that the tokenizer has are drawn (decodable), unless
+    `allowed` says otherwise."""
+    out = sys.stdout if out is None else out
     device = model.lm_head.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    sampling.setdefault("allowed", decodable(tokenizer, model.config.vocab_size, device))
     ids, shown, text = [], "", ""
     for tok in generate(model, idx, max_new_tokens, **sampling):
         ids.append(tok.item())
@@ -169,8 +237,10 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, out=sys.stdout, stop=No
 def complete(model, tokenizer, prompts, max_new_tokens, stop=None, **sampling):
     """Completions (texts) of several prompts (lists of token ids), decoded together as one
     left-padded batch. With `stop`, each ends where that string first appears (not included), and
-    decoding ends when every row has it."""
-    idx, pad = left_pad(prompts, device=model.lm_head.weight.device)
+    decoding ends when every row has it. sampling: as in stream."""
+    device = model.lm_head.weight.device
+    idx, pad = left_pad(prompts, device=device)
+    sampling.setdefault("allowed", decodable(tokenizer, model.config.vocab_size, device))
     ids, open_rows = [[] for _ in prompts], set(range(len(prompts)))
     for tok in generate(model, idx, max_new_tokens, pad=pad, **sampling):
         for row, t in zip(ids, tok.tolist()):

@@ -2,6 +2,7 @@
 
   python sample.py --out_dir out/gpt --prompt "ROMEO:"
   python sample.py --out_dir out/gpt --prompt @prompt.txt --num_samples 3 --temperature 0.9 --top_p 0.95
+  python sample.py --out_dir out/gpt --prompt "ROMEO:" --temperature 1.0 --top_k 0 --min_p 0.05
   python sample.py --out_dir out/gpt --fewshot tasks.jsonl --shots 3 --prompt "query text"
   python sample.py --out_dir out/lora --prompt "ROMEO:"   # a LoRA adapter on its base model
   python sample.py --out_dir out/gpt --prompt "ROMEO:" --prompt "JULIET: O" --compile   # one batch, compiled steps
@@ -16,6 +17,10 @@ Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task des
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
 generated up to the end of its line. The .jsonl file holds one {"input": ..., "output": ...}
 object per line, and optionally one {"description": ...} line.
+
+Sampling filters the logits as transformers' warpers do, in their order: temperature, top-k,
+top-p, min-p (generation.filter_logits); ids the tokenizer does not have (a model's vocabulary can
+be larger than its tokenizer's: Qwen2.5's 151,936 rows for 151,665 ids) are never drawn.
 """
 import json
 import sys
@@ -28,7 +33,7 @@ import lora
 import models
 import runtime
 import tokenization
-from generation import complete, stream
+from generation import check_sampling, complete, stream
 from runtime import UserError, autocast, resolve_device, resolve_dtype
 
 
@@ -94,8 +99,10 @@ def parser():
     p.add_argument("--max_new_tokens", type=int, default=500, help="tokens to generate per sample")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
-                   "whose probability reaches p (1.0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: the smallest set of most likely "
+                   "tokens whose probability reaches p (1.0: all)")
+    p.add_argument("--min_p", type=float, default=0.0, help="min-p sampling (Nguyen et al. 2024): drop the tokens "
+                   "less likely than min_p times the most likely one (0: off)")
     p.add_argument("--seed", type=int, default=1337, help="random seed")
     runtime.add_device_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decoding step (a static "
@@ -116,6 +123,10 @@ def read_prompt(text):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    check_sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+    for flag, least in (("num_samples", 1), ("max_new_tokens", 0)):
+        if getattr(args, flag) < least:
+            raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
     kernels.set_backend(args.attn)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -134,8 +145,8 @@ def main(argv=None):
     if not all(prompt_ids):
         raise UserError("the prompt is empty")
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, generator=generator,
-                    compile=args.compile)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p or None,
+                    generator=generator, compile=args.compile)
     with autocast(device, dtype):
         if len(prompts) == 1 and args.num_samples == 1:  # one row: show it as it comes
             print(prompts[0], end="", flush=True)

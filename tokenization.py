@@ -17,6 +17,7 @@ Tokenizers (`--tokenizer`):
 A model directory's Hugging Face tokenizer.json (a byte-level BPE) is read by hf_tokenizer.
 """
 import base64
+import functools
 import hashlib
 import heapq
 import json
@@ -67,7 +68,13 @@ class CharTokenizer:
             raise UserError(f"character {e.args[0]!r} is not in this model's character vocabulary")
 
     def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+        """The text of ids; an id it does not have decodes to '' (as tokenizers' decode skips it)."""
+        return "".join(self.chars[i] for i in ids if i in self.known_ids)
+
+    @property
+    def known_ids(self):
+        """The ids it has: 0 to vocab_size - 1."""
+        return range(self.vocab_size)
 
     def key(self):
         return "char-" + hashlib.sha1(self.chars.encode()).hexdigest()[:8]
@@ -104,7 +111,14 @@ class TiktokenTokenizer:
         return ids + list(self.template[1]) if add_special_tokens else ids
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        """The text of ids (bytes that are not UTF-8 become U+FFFD); an id it does not have (at or
+        past vocab_size, or in a gap between ids) decodes to '', as tokenizers' decode skips it."""
+        return self.enc.decode([i for i in ids if i in self.known_ids])
+
+    @functools.cached_property
+    def known_ids(self):
+        """The ids it has: its BPE tokens' and its special tokens' (a set)."""
+        return frozenset(self.enc._mergeable_ranks.values()) | frozenset(self.enc._special_tokens.values())
 
     def key(self):
         if not self.ranks_file:
