@@ -11,7 +11,6 @@ Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memo
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
 /proc/self/clear_refs, minus the resident size at the reset.
 """
-import argparse
 import ctypes
 import json
 import statistics
@@ -484,7 +483,7 @@ def add_model_flags(p, model_name, block_size=None):
 
 def parser(argv=()):
     """The command line; the model flags are those of the file named by --model in argv."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = runtime.ArgumentParser(add_help=False)  # its errors too are one line
     pre.add_argument("--model", default="llama" if list(argv[:1]) == ["kvcache"] else "gpt")  # kvcache needs kv heads
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")

@@ -20,13 +20,13 @@ compiled kernel needs. This module compiles:
 Jobs run in parallel processes. The tests call `check()` (test_all.py); a new kernel module adds
 its kernels to `jobs()`.
 """
-import argparse
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+
+import runtime
 
 # Max shared memory per block, bytes (CUDA C Programming Guide, "Technical Specifications per
 # Compute Capability": 163 KiB on 8.0 (A100), 227 KiB on 9.0 (H100, H200)).
@@ -131,13 +131,15 @@ def check(targets=(80, 90), processes=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = runtime.ArgumentParser(description=__doc__.splitlines()[0])  # its errors: one error: line, exit 1
     p.add_argument("--targets", default="80,90", help="comma-separated compute capabilities: 80 (A100), "
                    f"90 (H100, H200); known limits: {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
     args = p.parse_args(argv)
     t0 = time.time()
-    targets = tuple(int(t) for t in args.targets.split(","))
+    try:
+        targets = tuple(int(t) for t in args.targets.split(","))
+    except ValueError:
+        p.error(f"--targets: expected comma-separated compute capabilities (80,90), not {args.targets!r}")
     if unknown := [t for t in targets if t not in SHARED_MEMORY_LIMIT]:
         p.error(f"no shared-memory limit known for sm_{unknown[0]}; known: {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
     failures, results = check(targets)
@@ -154,4 +156,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    runtime.run_cli(main)
