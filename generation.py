@@ -11,6 +11,7 @@ with the prompt (prefill), then feeds one token per step (decode_one_token); com
 step through torch.compile over a static cache (gpt-fast's recipe). stream and complete draw only
 ids their tokenizer has, and the tokenizers decode an id they do not have to ''.
 """
+import numbers
 import sys
 
 import torch
@@ -24,7 +25,7 @@ def check_sampling(temperature=1.0, top_k=None, top_p=None, min_p=None):
     0 <= top_p <= 1 and 0 <= min_p <= 1 (None: off), the ranges of transformers' warpers."""
     if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature must be >= 0 (0: greedy), not {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0):
         raise ValueError(f"top_k must be an integer >= 0 (0: off), not {top_k}")
     for name, value in (("top_p", top_p), ("min_p", min_p)):
         if value is not None and not 0 <= value <= 1:
@@ -71,9 +72,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, gen
     ids) at temperature 0, otherwise a draw from the softmax of filter_logits (see there for
     temperature, top_k, top_p, min_p and allowed)."""
     if temperature == 0:
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        return logits.argmax(dim=-1)
+        return filter_logits(logits, allowed=allowed).argmax(dim=-1)
     logits = filter_logits(logits, temperature, top_k, top_p, min_p, allowed)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
