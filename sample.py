@@ -23,7 +23,6 @@ top-p, min-p (generation.filter_logits); ids the tokenizer does not have (a mode
 be larger than its tokenizer's: Qwen2.5's 151,936 rows for 151,665 ids) are never drawn.
 """
 import json
-import sys
 from pathlib import Path
 
 import torch
