@@ -1051,7 +1051,8 @@ def test_deterministic():
 
 def test_triton_kernels_compile_for_sm80_and_sm90():
     """The interpreter is not a compiler: every kernel in kernels/ and every autotune config compiles
-    ahead of time for sm_80 and sm_90 (no GPU needed) and fits the target's shared memory."""
+    ahead of time for sm_80 and sm_90 (no GPU needed: kernels/compile_check.py runs triton.compile with a
+    GPUTarget) and fits the target's shared memory."""
     kernel_types = (triton.runtime.JITFunction, triton.runtime.Autotuner, InterpretedFunction)
     defined = set()
     for module in pkgutil.iter_modules(kernels.__path__):
