@@ -72,7 +72,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, gen
     ids) at temperature 0, otherwise a draw from the softmax of filter_logits (see there for
     temperature, top_k, top_p, min_p and allowed)."""
     if temperature == 0:
-        return filter_logits(logits, allowed=allowed).argmax(dim=-1)
+        return (logits if allowed is None else filter_logits(logits, allowed=allowed)).argmax(dim=-1)
     logits = filter_logits(logits, temperature, top_k, top_p, min_p, allowed)
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
@@ -80,11 +80,15 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, gen
 def decodable(tokenizer, vocab_size, device="cpu"):
     """(vocab_size,) bool: True at the ids that `tokenizer` has (tokenizer.known_ids), the ids that
     sampling may propose. A model's vocabulary can be larger than its tokenizer's ids (Qwen2.5:
-    151,936 rows, 151,665 ids; padded rows are never trained): the ids beyond are never drawn."""
+    151,936 rows, 151,665 ids; padded rows are never trained): the ids beyond are never drawn.
+    None when the tokenizer has every id: nothing to mask at each decoding step."""
     known = tokenizer.known_ids
     if isinstance(known, range) and known.start == 0 and known.step == 1:
-        return torch.arange(vocab_size, device=device) < known.stop
-    ids = torch.tensor(sorted(i for i in known if 0 <= i < vocab_size), dtype=torch.long, device=device)
+        return None if known.stop >= vocab_size else torch.arange(vocab_size, device=device) < known.stop
+    ids = sorted(i for i in known if 0 <= i < vocab_size)
+    if len(ids) == vocab_size:
+        return None
+    ids = torch.tensor(ids, dtype=torch.long, device=device)
     return torch.zeros(vocab_size, dtype=torch.bool, device=device).index_fill_(0, ids, True)
 
 
