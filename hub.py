@@ -129,13 +129,15 @@ def _tied(model):
     return list(first.values()), aliases
 
 
-def load_weights(model, directory, dtype=None, device="cpu", rename=None):
+def load_weights(model, directory, dtype=None, device="cpu", rename=None, tensors=None):
     """Fill `model`, built on the meta device, with the tensors of `directory` (assign=True: they
     become the parameters, so the weights are never held twice), then re-tie shared parameters.
 
     rename(name) -> the model's name for a checkpoint tensor, or None to skip it (buffers that the
     architecture recomputes, say); default: the same name. Weights whose names end with one of
-    model.FAN_IN_FAN_OUT are transposed. dtype: None keeps each tensor's own.
+    model.FAN_IN_FAN_OUT are transposed. dtype: None keeps each tensor's own. tensors: the (name,
+    tensor) pairs to load, default read_tensors(directory) (a model file that regroups the stored
+    tensors passes its own stream: models/switch.py stacks per-expert matrices).
 
     A parameter the model ties (lm_head.weight to the embedding) is read as transformers' loader
     reads it: the checkpoint stores it once, under either name; stored under both names with equal
@@ -146,7 +148,7 @@ def load_weights(model, directory, dtype=None, device="cpu", rename=None):
     expected = {k: v for k, v in model.state_dict().items() if k in set(names)}
     expected.update({alias: expected[name] for alias, name in aliases.items()})
     state, stored_aliases = {}, {}
-    for key, tensor in read_tensors(directory):
+    for key, tensor in read_tensors(directory) if tensors is None else tensors:
         key = rename(key) if rename else key
         if key is None:
             continue

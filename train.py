@@ -217,17 +217,18 @@ def lm_loss(model, batch):
     """The default training loss: the language-model loss (mean cross-entropy of next tokens, nats)
     of batch = (x, y), both (B, T) token ids, plus the model's auxiliary losses of that forward
     (model.aux_losses(): name -> scalar tensor, e.g. a mixture of experts' load balancing).
-    Returns (loss, metrics): metrics is {} without auxiliary losses, else each of them and lm_loss.
+    Returns (loss, metrics): metrics is {} for a dense model, else lm_loss, each auxiliary loss and
+    the model's aux_metrics() (a router's dropped fraction and largest expert load).
 
     Any function of this form can train instead (train.run(..., loss_fn=f)): it gets the module that
     trains (wrapped by DDP or torch.compile: unwrap() reaches the model) and a batch of
     dataset.get_batch, and returns a scalar loss to minimise and a dict of scalar metrics to log."""
     x, y = batch
     _, loss = model(x, y)
-    aux = unwrap(model).aux_losses()
-    if not aux:
+    aux, stats = unwrap(model).aux_losses(), unwrap(model).aux_metrics()
+    if not aux and not stats:
         return loss, {}
-    metrics = {"lm_loss": loss.detach(), **{name: value.detach() for name, value in aux.items()}}
+    metrics = {"lm_loss": loss.detach(), **{name: value.detach() for name, value in {**aux, **stats}.items()}}
     return loss + sum(aux.values()), metrics
 
 

@@ -1,7 +1,7 @@
 """One file per architecture. Each file defines `Config` (a dataclass), `Model(config)` with
 `forward(idx, targets=None, cache=None) -> (logits, loss)`, `init_cache(...)` for decoding,
 `num_params()` / `flops_per_token(seq_len)`, what shared code relies on (fsdp_units, max_positions,
-aux_losses, FAN_IN_FAN_OUT, LORA_TARGETS, config.head_dim / n_kv_head) and Hugging Face
+aux_losses, aux_metrics, FAN_IN_FAN_OUT, LORA_TARGETS, config.head_dim / n_kv_head) and Hugging Face
 `from_pretrained(dir)` / `save_pretrained(dir)` (the files themselves: hub.py). DEVELOPERS.md's
 "model contract" is the list; this package only finds the file."""
 import importlib
@@ -10,7 +10,8 @@ from pathlib import Path
 import hub
 
 # Hugging Face `model_type` -> the file in models/ that implements it
-MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi"}
+MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi",
+               "mixtral": "switch", "qwen2_moe": "switch", "qwen3_moe": "switch", "olmoe": "switch"}
 
 
 def available():

@@ -244,6 +244,11 @@ class Model(nn.Module):
         """Auxiliary losses of the last forward, by name: none in a dense model."""
         return {}
 
+    # Copied from models/llama.py:Model.aux_metrics
+    def aux_metrics(self):
+        """Statistics of the last forward to log, not to train on (a router's dropped tokens): none here."""
+        return {}
+
     # ------------------------------------------------------------------ counts
 
     def num_params(self, non_embedding=True):

@@ -257,6 +257,10 @@ class Model(nn.Module):
         """Auxiliary losses of the last forward, by name: none in a dense model."""
         return {}
 
+    def aux_metrics(self):
+        """Statistics of the last forward to log, not to train on (a router's dropped tokens): none here."""
+        return {}
+
     @torch.no_grad()
     def convert_kv_heads(self, n_kv_head):
         """Grouped-query attention from a checkpoint with more key/value heads (Ainslie et al. 2023,
