@@ -6,6 +6,7 @@
   python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
   python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
   python bench.py lora                      # full fine-tuning vs LoRA: trainable params, optimizer state, memory, time
+  python bench.py moe                       # dense vs MoE at equal active parameters; loop vs grouped_mm; expert load
   python bench.py switch                    # Switch Transformer vs dense at equal FLOPs: tokens to the same loss
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
@@ -505,6 +506,7 @@ def switch_run(args, arm, seed):
         train.run(model="switch", out_dir=str(out), seed=seed, max_iters=steps, batch_size=args.batch_size,
                   block_size=args.block_size, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
                   log_interval=args.eval_interval, sample_tokens=0, device=args.device, data=args.data,
+                  data_dir=args.data_dir,
                   **SWITCH_ARMS[arm])
         runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -602,6 +604,114 @@ def plot_switch(runs, curves, tokens_per_step, path):
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------- mixture of experts
+
+def bench_moe(args):
+    """Dense vs mixture of experts (models/switch.py) at equal active parameters per token: training
+    tokens/s and peak memory; the experts computed by a per-expert loop vs torch's grouped_mm; and the
+    expert-load histogram of a trained run (--run_dir) or of the random model."""
+    device = resolve_device(args.device)
+    rows = []
+    for name, overrides in [("dense", {"n_experts": 0}), (f"MoE E={args.n_experts} k={args.top_k}", {})]:
+        model = build_model(args, device, **overrides)
+        t = train_step_timings(model, args, device, torch.float32, compiled=False)
+        rows.append({"model": name, "params": model.num_params() / 1e6, "active": model.num_active_params() / 1e6,
+                     "tok_s": args.batch_size * args.block_size / (t["step_ms"] / 1e3), **t})
+        del model
+    print_table(rows, [("model", "model", "{}"), ("params", "params (M)", "{:.2f}"), ("active", "active (M)", "{:.2f}"),
+                       ("tok_s", "train tok/s", "{:,.0f}"), ("step_ms", "step ms", "{:.0f}"), ("peak_mib", "peak MiB", "{:.0f}"),
+                       ("opt_state_mib", "optimizer MiB", "{:.1f}")])
+    print(f"MoE / dense: {rows[1]['tok_s'] / rows[0]['tok_s']:.2f}x the tokens/s, {rows[1]['params'] / rows[0]['params']:.2f}x "
+          f"the parameters at {rows[1]['active'] / rows[0]['active']:.3f}x the active parameters")
+    layer_rows = bench_experts(args, device)
+    loads = expert_loads(args, device)
+    if args.plot:
+        plot_expert_loads(loads, args.plot, args.run_dir or "a random model")
+    return rows, layer_rows, loads
+
+
+def bench_experts(args, device):
+    """Forward and forward + backward time of one layer's experts over args.tokens tokens routed top-k
+    at random: the per-expert loop against grouped_mm (on CPU too: torch runs it there, slower or not)."""
+    switch = models.get("switch")
+    g = torch.Generator().manual_seed(0)
+    N, k, E = args.tokens, args.top_k, args.n_experts
+    x = torch.randn(N, args.n_embd, generator=g).to(device).requires_grad_()
+    experts = torch.randint(0, E, (N * k,), generator=g).to(device)
+    tokens, gates = torch.arange(N, device=device).repeat_interleave(k), torch.rand(N * k, generator=g).to(device)
+    rows = []
+    for impl in ("loop", "grouped_mm"):
+        cfg = switch.Config(n_embd=args.n_embd, n_experts=E, top_k=k, moe_intermediate_size=args.moe_intermediate_size,
+                            experts_implementation=impl)
+        layer = switch.Experts(cfg).to(device)
+        layer.load_state_dict({n: torch.randn(p.shape, generator=g).mul(0.02).to(device) for n, p in layer.state_dict().items()})
+        fwd, _ = measure(lambda: layer(x, tokens, experts, gates), device, args.reps)
+        both, _ = measure(lambda: layer(x, tokens, experts, gates).sum().backward(), device, args.reps)
+        rows.append({"implementation": impl, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": both * 1e3})
+    print(f"\none layer's experts: {E} experts, width {args.moe_intermediate_size}, d {args.n_embd}, {N:,} tokens, top-{k}")
+    print_table(rows, [("implementation", "experts", "{}"), ("fwd_ms", "forward ms", "{:.1f}"),
+                       ("fwd_bwd_ms", "forward + backward ms", "{:.1f}")])
+    return rows
+
+
+@torch.no_grad()
+def expert_loads(args, device):
+    """Per sparse layer, the share of the routing assignments (the router's top-k, before the capacity)
+    that each expert gets over `args.eval_batches` batches of the default corpus's val split (char level;
+    a run of bench.py switch or train.py --model switch)."""
+    if args.run_dir:
+        model = models.from_pretrained(args.run_dir).to(device).eval()
+        dataset = data.prepare(args.data or None, "char", quiet=True)
+        batches = [dataset.get_batch("val", 8, args.block_size, torch.Generator().manual_seed(i), device)[0]
+                   for i in range(args.eval_batches)]
+    else:
+        model = build_model(args, device)
+        batches = [torch.randint(args.vocab_size, (8, args.block_size), generator=torch.Generator().manual_seed(i)).to(device)
+                   for i in range(args.eval_batches)]
+    counts = {}
+
+    def count(layer):
+        def hook(module, inputs):
+            _, probs = module.route(inputs[0].reshape(-1, inputs[0].shape[-1]))
+            top = probs.topk(module.config.top_k, dim=-1).indices.reshape(-1)
+            counts[layer] = counts.get(layer, 0) + torch.bincount(top, minlength=module.config.n_experts).cpu()
+        return hook
+    handles = [block.mlp.register_forward_pre_hook(count(i)) for i, block in enumerate(model.model.layers) if block.sparse]
+    for x in batches:
+        model(x)
+    for h in handles:
+        h.remove()
+    loads = {layer: (c / c.sum()).tolist() for layer, c in counts.items()}
+    print(f"\nexpert load ({args.run_dir or 'random model'}): each expert's share of a layer's assignments "
+          f"(uniform: {1 / model.config.n_experts:.3f})")
+    for layer, share in loads.items():
+        print(f"layer {layer}: " + " ".join(f"{s:.3f}" for s in share) + f"   max / uniform {max(share) * len(share):.2f}")
+    return loads
+
+
+def plot_expert_loads(loads, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(loads), 1)
+    for i, (layer, share) in enumerate(loads.items()):
+        ax.bar([e + i * width for e in range(len(share))], share, width, label=f"layer {layer}")
+    n = len(next(iter(loads.values())))
+    ax.axhline(1 / n, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="expert", ylabel="share of assignments", title=f"expert load: {title}")
+    ax.set_xticks([e + 0.4 - width / 2 for e in range(n)], [str(e) for e in range(n)])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 # ----------------------------------------------------------------------------- command line
 
 def parser(argv=()):
@@ -666,6 +776,18 @@ def parser(argv=()):
     cv.add_argument("--plot", default="out/curves.png", help="PNG plot path")
     cv.set_defaults(run=bench_curves)
 
+    mo = sub.add_parser("moe", help="dense vs mixture of experts at equal active parameters: training tokens/s "
+                        "and memory; per-expert loop vs grouped_mm; the expert-load histogram")
+    add_model_flags(mo, "switch")
+    mo.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    mo.add_argument("--tokens", type=int, default=8192, help="tokens routed through one layer's experts")
+    mo.add_argument("--run_dir", default="", help="a trained switch run folder for the load histogram (empty: the random model)")
+    mo.add_argument("--data", default="", help="the run's corpus (empty: Shakespeare's complete works), char-level")
+    mo.add_argument("--eval_batches", type=int, default=8, help="val batches of 8 sequences for the load histogram")
+    mo.add_argument("--plot", default="out/bench_moe_load.png", help="PNG plot path of the load histogram (empty: none)")
+    add_run_flags(mo, reps=3)
+    mo.set_defaults(run=bench_moe)
+
     sw = sub.add_parser("switch", help="Switch Transformer vs dense at equal FLOPs per token: val loss against "
                         "tokens over seeds, tokens to reach the dense model's loss, ablations (trains; cached by settings)")
     sw.add_argument("--arms", default=",".join(SWITCH_ARMS), help=f"comma-separated from {', '.join(SWITCH_ARMS)}")
@@ -677,6 +799,7 @@ def parser(argv=()):
     sw.add_argument("--eval_interval", type=int, default=50, help="steps between val-loss evaluations")
     sw.add_argument("--eval_iters", type=int, default=10, help="batches per evaluation")
     sw.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    sw.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
     sw.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sw.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     sw.add_argument("--out", default="out/switch", help="the runs' folders and summary.json")
