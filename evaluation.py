@@ -58,6 +58,7 @@ class Task:
     description: str = None
     sep: str = DEFAULT_SEP
     answer_context: str = None  # the context of GPT-3's calibration (acc_mutual_info); None: not used
+    normalize: str = "squad"  # free-form answers: NORMALIZERS' name
 
     @property
     def multiple_choice(self):
@@ -66,7 +67,8 @@ class Task:
 
 def read_task(path, what="task file"):
     """A task file (.jsonl, one JSON object a line): an optional header {"description": text,
-    "sep": text between input and output (default " =>"), "answer_context": text} and records
+    "sep": text between input and output (default " =>"), "answer_context": text, "normalize":
+    "squad" (default) or "strip" (NORMALIZERS)} and records
     {"input", "output"} or {"input", "choices": [...], "answer": index}, each optionally with
     "split": "train" or "test". Without splits, every record is both a test item and a possible
     demonstration (never for itself). Not found, not JSON, a bad record: UserError naming the line."""
@@ -88,9 +90,11 @@ def read_task(path, what="task file"):
         if not isinstance(obj, dict):
             raise UserError(f"{path}:{n}: expected a JSON object")
         if "input" not in obj:
-            if set(obj) - {"description", "sep", "answer_context"}:
+            if set(obj) - {"description", "sep", "answer_context", "normalize"}:
                 raise UserError(f"{path}:{n}: expected a record {{\"input\", \"output\"}} or {{\"input\", \"choices\", "
-                                f"\"answer\"}}, or a header with description, sep, answer_context")
+                                f"\"answer\"}}, or a header with description, sep, answer_context, normalize")
+            if obj.get("normalize", "squad") not in NORMALIZERS:
+                raise UserError(f"{path}:{n}: normalize must be one of {', '.join(NORMALIZERS)}")
             header.update(obj)
             continue
         obj = dict(obj)
@@ -113,7 +117,7 @@ def read_task(path, what="task file"):
     if len({"choices" in r for r in train + test}) > 1:
         raise UserError(f"{path}: mixes free-form and multiple-choice records")
     return Task(path.stem, train, test, header.get("description"), header.get("sep", DEFAULT_SEP),
-                header.get("answer_context"))
+                header.get("answer_context"), header.get("normalize", "squad"))
 
 
 def read_fewshot(path):
@@ -316,9 +320,15 @@ def _in_number(text, i):
     return text[i] == "." and follows and i > 0 and text[i - 1].isdigit()
 
 
-def exact_match(prediction, reference):
-    """1.0 when the normalised strings are equal, else 0.0 (normalize_answer)."""
-    return float(normalize_answer(prediction) == normalize_answer(reference))
+NORMALIZERS = {"squad": normalize_answer, "strip": str.strip}  # strip: surrounding whitespace only
+
+
+def exact_match(prediction, reference, normalize="squad"):
+    """1.0 when the strings are equal after normalisation, else 0.0. normalize: "squad"
+    (normalize_answer: GPT-3's for question answering) or "strip" (surrounding whitespace only:
+    GPT-3's arithmetic and word tasks, where the answer must be exact; lm-eval's exact_match
+    without ignore_case / ignore_punctuation)."""
+    return float(NORMALIZERS[normalize](prediction) == NORMALIZERS[normalize](reference))
 
 
 # ----------------------------------------------------------------------------- one task at K shots
@@ -390,7 +400,7 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
     if task.multiple_choice:
         per_metric = _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar)
     else:
-        per_metric = _score_generations(model, tokenizer, items, contexts, answer_tokens, batch_size, bar)
+        per_metric = _score_generations(model, tokenizer, task, items, contexts, answer_tokens, batch_size, bar)
     described = bool(use_description and task.description)
     rows = []
     for metric, values in per_metric.items():
@@ -442,9 +452,9 @@ def _argmax(values):
     return max(range(len(values)), key=values.__getitem__)
 
 
-def _score_generations(model, tokenizer, items, contexts, max_new_tokens, batch_size, bar):
-    """exact_match of greedy completions, stopped at the end of the line; items batched by the
-    length of their prompt (left-padded batches)."""
+def _score_generations(model, tokenizer, task, items, contexts, max_new_tokens, batch_size, bar):
+    """exact_match (task.normalize) of greedy completions, stopped at the end of the line; items
+    batched by the length of their prompt (left-padded batches)."""
     prompts = [list(tokenizer.template[0]) + tokenizer.encode(c, add_special_tokens=False) for c in contexts]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     scores = [0.0] * len(items)
@@ -452,7 +462,7 @@ def _score_generations(model, tokenizer, items, contexts, max_new_tokens, batch_
         batch = order[start:start + batch_size]
         texts = complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop="\n", temperature=0.0)
         for i, text in zip(batch, texts):
-            scores[i] = exact_match(text, items[i]["output"])
+            scores[i] = exact_match(text, items[i]["output"], task.normalize)
         bar.update(len(batch))
     return {"exact_match": scores}
 

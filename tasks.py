@@ -24,7 +24,7 @@ corpus_cloze test lines come from the corpus's val part (its last 10%, data.VAL_
 train lines from the rest.
 
 File format (one JSON object per line): an optional header {"description": ..., "sep": ...,
-"answer_context": ...} (evaluation.read_task), then records {"input", "output", "split"} (free-form)
+"answer_context": ..., "normalize": ...} (evaluation.read_task), then records {"input", "output", "split"} (free-form)
 or {"input", "choices", "answer", "split"} (multiple choice; answer is an index into choices).
 """
 import json
@@ -143,9 +143,9 @@ def generate(text, out_dir, seed=1234, n_train=1000, n_test=500, val_fraction=0.
     paths = []
     for name in names or NAMES:
         rng = random.Random(f"{seed}:{name}")  # each task its own stream: one task's size changes no other
-        header = {"sep": " ="}
+        header = {"sep": " =", "normalize": "strip"}  # GPT-3: the answer must be exact
         if name.startswith("arithmetic"):
-            header = {"sep": " A:"}
+            header = {"sep": " A:", "normalize": "strip"}
             seen, records = set(), []
             for _ in range(50 * (n_train + n_test)):
                 if len(records) == n_train + n_test:

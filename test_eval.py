@@ -153,13 +153,17 @@ def test_sample_eval_command_line(planted, tmp_path, capsys, monkeypatch):
 
 def test_exact_match_normalisation():
     """GPT-3's (SQuAD's) normalisation: case, punctuation, articles and whitespace do not count; a
-    number's sign and decimal point do."""
+    number's sign and decimal point do. "strip": only the surrounding whitespace does not."""
     same = [("The Rose.", "rose"), (" 124\n", "124"), ("Hello,  World!", "hello world"), ("an apple", "Apple"),
             ("-19", " -19."), ("3.5", "3.5"), ("it's", "its")]
     differ = [("-19", "19"), ("3.5", "35"), ("rose", "roses"), ("1 2", "12")]
     assert all(evaluation.exact_match(a, b) == 1.0 for a, b in same)
     assert all(evaluation.exact_match(a, b) == 0.0 for a, b in differ)
     assert evaluation.normalize_answer("Q: What is 6+(4*8)? A: -38") == "q what is 648 -38"
+    # GPT-3's arithmetic and word tasks: the answer exactly, surrounding whitespace aside
+    assert evaluation.exact_match(" succession\n", "succession", "strip") == 1.0
+    assert evaluation.exact_match("s.uccession", "succession", "strip") == 0.0 == evaluation.exact_match("Rose", "rose",
+                                                                                                         "strip")
 
 
 def test_demonstrations_never_include_the_item():
@@ -192,7 +196,7 @@ def test_task_files_and_fewshot_prompts(tmp_path):
     assert sample.fewshot_prompt is evaluation.fewshot_prompt
     for body, words in (('{"input": "a", "choices": ["x"], "answer": 0}', "2 or more"),
                         ('{"input": "a", "output": "b", "split": "dev"}', "split"), ("[1]", "JSON object"),
-                        ('{"split": "train"}', "header"), ("{", "not JSON"),
+                        ('{"split": "train"}', "header"), ("{", "not JSON"), ('{"normalize": "x"}', "normalize"),
                         ('{"input": "a", "output": "b", "split": "train"}', "no test records")):
         f.write_text(body + "\n")
         with pytest.raises(UserError, match=words):
@@ -219,7 +223,7 @@ def test_generator_is_deterministic_and_follows_gpt3(tmp_path):
     assert any(p.read_bytes() != q.read_bytes() for p, q in zip(a, c))
     for path in a:
         task = evaluation.read_task(path)
-        assert task.train and task.test
+        assert task.train and task.test and task.normalize == ("squad" if task.multiple_choice else "strip")
         if task.name in tasks.WORD_TASKS:
             assert not {r["output"] for r in task.train} & {r["output"] for r in task.test}
         for r in task.train + task.test:
