@@ -551,21 +551,28 @@ def bench_icl(args):
 
 
 def print_icl(rows, shots):
-    """One line per (task, size, description): exact match at every K, with its standard error."""
-    table = {}
-    for r in rows:
-        key = (r["task"], r["size"], r["description"])
-        table.setdefault(key, {"task": r["task"], "size": r["size"], "params": r["params_m"],
-                               "description": "yes" if r["description"] else "no", "n": r["n"]})
-        table[key][f"k{r['shots']}"] = f"{100 * r['value']:.0f} ±{100 * (r['stderr'] or 0):.0f}"
-    columns = [("task", "task", "{}"), ("size", "layers x width", "{}"), ("params", "params (M)", "{:.2f}"),
-               ("description", "description", "{}")] + [(f"k{k}", f"K={k}", "{}") for k in shots] + [("n", "n", "{}")]
-    print("exact match (%) on held-out items, ± standard error")
-    print_table(list(table.values()), columns)
+    """Per metric, one line per (task, size, description) with its value at every K: exact match
+    in % ± standard error, and the reference answers' perplexity."""
+    for metric, title, fmt in (("exact_match", "exact match (%) on held-out items, ± standard error",
+                                lambda r: f"{100 * r['value']:.0f} ±{100 * (r['stderr'] or 0):.0f}"),
+                               ("perplexity", "perplexity of the reference answers (lm-eval's lambada metric)",
+                                lambda r: f"{r['value']:.3g}")):
+        table = {}
+        for r in (r for r in rows if r["metric"] == metric):
+            key = (r["task"], r["size"], r["description"])
+            table.setdefault(key, {"task": r["task"], "size": r["size"], "params": r["params_m"],
+                                   "description": "yes" if r["description"] else "no", "n": r["n"]})
+            table[key][f"k{r['shots']}"] = fmt(r)
+        if table:
+            columns = [("task", "task", "{}"), ("size", "layers x width", "{}"), ("params", "params (M)", "{:.2f}"),
+                       ("description", "description", "{}")] + [(f"k{k}", f"K={k}", "{}") for k in shots]
+            print(title)
+            print_table(list(table.values()), columns + [("n", "n", "{}")])
 
 
 def plot_icl(rows, shots, path):
-    """Accuracy against K (symlog axis: K = 0 shown) per size: solid with the description, dashed without."""
+    """Exact match (top) and the answers' perplexity (bottom, log scale) against K (symlog axis:
+    K = 0 shown), per task and size: solid with the description, dashed without."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -575,22 +582,29 @@ def plot_icl(rows, shots, path):
         return
     names = list(dict.fromkeys(r["task"] for r in rows))
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4), squeeze=False)
+    metrics = [m for m in ("exact_match", "perplexity") if any(r["metric"] == m for r in rows)]
+    fig, axes = plt.subplots(len(metrics), len(names), figsize=(5.5 * len(names), 4 * len(metrics)), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, name in zip(axes[0], names):
-        for c, size in enumerate(sizes):
-            for described, style in ((True, "-"), (False, "--")):
-                mine = sorted((r for r in rows if r["task"] == name and r["size"] == size
-                               and r["description"] == described), key=lambda r: r["shots"])
-                if mine:
-                    ax.plot([r["shots"] for r in mine], [100 * r["value"] for r in mine], style, marker="o",
-                            color=colors[c % len(colors)],
-                            label=f"{size} ({mine[0]['params_m']:.2f}M){'' if described else ', no description'}")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xticks(shots, [str(k) for k in shots])
-        ax.minorticks_off()
-        ax.set(xlabel="number of examples in context (K)", ylabel="exact match (%)", ylim=(-2, 102), title=name)
-        ax.legend(fontsize=7)
+    for row_axes, metric in zip(axes, metrics):
+        scale = 100 if metric == "exact_match" else 1
+        for ax, name in zip(row_axes, names):
+            for c, size in enumerate(sizes):
+                for described, style in ((True, "-"), (False, "--")):
+                    mine = sorted((r for r in rows if r["task"] == name and r["size"] == size and r["metric"] == metric
+                                   and r["description"] == described), key=lambda r: r["shots"])
+                    if mine:
+                        ax.plot([r["shots"] for r in mine], [scale * r["value"] for r in mine], style, marker="o",
+                                color=colors[c % len(colors)],
+                                label=f"{size} ({mine[0]['params_m']:.2f}M){'' if described else ', no description'}")
+            ax.set_xscale("symlog", linthresh=1)
+            ax.set_xticks(shots, [str(k) for k in shots])
+            ax.minorticks_off()
+            if metric == "exact_match":
+                ax.set(ylabel="exact match (%)", ylim=(-2, 102))
+            else:
+                ax.set(ylabel="perplexity of the answer", yscale="log")
+            ax.set(xlabel="number of examples in context (K)", title=f"{name}: {metric}")
+            ax.legend(fontsize=7)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -687,18 +701,18 @@ def parser(argv=()):
                         "the task description")
     ic.add_argument("--sizes", default="2x64,3x96,4x128", help="GPT models to train, n_layer x n_embd, comma-separated")
     ic.add_argument("--n_head", type=int, default=4, help="attention heads of every size")
-    ic.add_argument("--train_tasks", default="cycle_letters,anagrams1,anagrams2,random_insertion,reversed_words",
+    ic.add_argument("--train_tasks", default="cycle_letters,anagrams1,random_insertion,reversed_words",
                     help="tasks of the training episodes (tasks.NAMES or .jsonl files)")
     ic.add_argument("--eval_tasks", default="reversed_words,random_insertion", help="tasks scored (held-out items)")
     ic.add_argument("--shots", default="0,1,2,4,8,16", help="the K evaluated, comma-separated")
     ic.add_argument("--k_max", type=int, default=20, help="training episodes have 0..k_max demonstrations")
-    ic.add_argument("--corpus_fraction", type=float, default=0.5, help="share of corpus characters in the mixture")
+    ic.add_argument("--corpus_fraction", type=float, default=0.25, help="share of corpus characters in the mixture")
     ic.add_argument("--mixture_chars", type=int, default=3_000_000, help="characters of training text")
     ic.add_argument("--block_size", type=int, default=384, help="tokens (characters) per training sequence and context")
     ic.add_argument("--batch_size", type=int, default=16, help="training sequences per step")
-    ic.add_argument("--max_iters", type=int, default=300, help="training steps of every size")
+    ic.add_argument("--max_iters", type=int, default=400, help="training steps of every size")
     ic.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
-    ic.add_argument("--limit", type=int, default=100, help="test items per task and K")
+    ic.add_argument("--limit", type=int, default=80, help="test items per task and K")
     ic.add_argument("--eval_batch_size", type=int, default=50, help="items per evaluation batch")
     ic.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: evaluate the runs already "
                     "in --out_dir)")

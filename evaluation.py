@@ -19,7 +19,9 @@ for ARC, OpenBookQA, RACE), `acc_mutual_info`: GPT-3's calibrated score
 log P(choice | context) - log P(choice | answer_context).
 
 Free-form (records with "output"): greedy decoding (generation.complete, a left-padded batch) up
-to the end of the line; `exact_match` after normalize_answer.
+to the end of the line; `exact_match` after the task's normalisation (normalize_answer, GPT-3's
+for question answering, or surrounding whitespace only for its arithmetic and word tasks); and
+`perplexity` of the reference answer (lm-eval's lambada metric).
 
 Speed: requests are batched; each distinct context runs once (one prefill into a KV cache, for
 a batch of contexts at once) and its cache is repeated for all its candidates, which then run
@@ -379,7 +381,10 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
     items (None: all). Returns the result rows: {"task", "shots" (asked), "shots_used" (the mean K
     that fitted), "description" (bool), "metric", "value" (0..1), "stderr", "n"}; metrics:
     exact_match (free-form) or acc, acc_norm and, with an answer_context, acc_mutual_info
-    (multiple choice). Run it under the autocast the caller wants; the model in eval mode."""
+    (multiple choice). Free-form tasks also report `perplexity` of the reference answers, as
+    lm-eval's lambada: exp(-mean over items of the answer's summed log-likelihood given the
+    context), a smooth measure where exact match is still 0 (no standard error). Run it under the
+    autocast the caller wants; the model in eval mode."""
     if shots < 0:
         raise UserError(f"--shots must be >= 0, not {shots}")
     items = task.test[:limit] if limit else task.test
@@ -401,10 +406,19 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
         per_metric = _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar)
     else:
         per_metric = _score_generations(model, tokenizer, task, items, contexts, answer_tokens, batch_size, bar)
+        try:
+            answers = [encode_pair(tokenizer, c, TARGET_DELIMITER + r["output"]) for c, r in zip(contexts, items)]
+        except UserError:  # a reference the tokenizer cannot encode (a char model's vocabulary): no perplexity
+            answers = None
+        if answers:
+            per_metric["perplexity"] = loglikelihoods(model, answers, batch_size, reuse_context)
     described = bool(use_description and task.description)
     rows = []
     for metric, values in per_metric.items():
-        value, err = mean_stderr(values)
+        if metric == "perplexity":  # lm-eval's (lambada): exp(-mean of the answers' log-likelihoods)
+            value, err = math.exp(-mean_stderr(values)[0]), None
+        else:
+            value, err = mean_stderr(values)
         rows.append({"task": task.name, "shots": shots, "shots_used": sum(used) / len(used), "description": described,
                      "metric": metric, "value": value, "stderr": err, "n": len(values)})
     return rows

@@ -125,10 +125,14 @@ def test_scoring_picks_the_planted_answer(planted):
         rows = {r["metric"]: r for r in evaluation.evaluate(model, tokenizer, task, shots, progress=False)}
         assert set(rows) == {"acc", "acc_norm", "acc_mutual_info"}
         assert all(r["value"] == 1.0 and r["n"] == 4 and r["shots"] == shots for r in rows.values())
-        free = evaluation.Task("free", task.train, [{"input": r["input"], "output": "Yes."} for r in task.test],
+        free = evaluation.Task("free", task.train, [{"input": r["input"], "output": "yes"} for r in task.test],
                                sep=" =>")
-        row, = evaluation.evaluate(model, tokenizer, free, shots, batch_size=3, progress=False)
-        assert (row["metric"], row["value"], row["n"]) == ("exact_match", 1.0, 4)
+        em, ppl = evaluation.evaluate(model, tokenizer, free, shots, batch_size=3, progress=False)
+        assert (em["metric"], em["value"], em["n"]) == ("exact_match", 1.0, 4)
+        assert ppl["metric"] == "perplexity" and ppl["n"] == 4 and 1.0 < ppl["value"] < 5.0  # " yes" is likely
+        free.test = [{**r, "output": "no"} for r in free.test]
+        em_no, ppl_no = evaluation.evaluate(model, tokenizer, free, shots, progress=False)
+        assert em_no["value"] == 0.0 and ppl_no["value"] > 10 * ppl["value"]
 
 
 def test_sample_eval_command_line(planted, tmp_path, capsys, monkeypatch):
