@@ -535,9 +535,9 @@ def bench_icl(args):
         for task in eval_tasks:
             for described in (True, False):
                 for k in shots:
-                    row, = evaluation.evaluate(model, tokenizer, task, k, seed=args.seed, limit=args.limit,
-                                               batch_size=args.eval_batch_size, use_description=described)
-                    rows.append({**row, "size": f"{n_layer}x{n_embd}", "params_m": params / 1e6})
+                    for row in evaluation.evaluate(model, tokenizer, task, k, seed=args.seed, limit=args.limit,
+                                                   batch_size=args.eval_batch_size, use_description=described):
+                        rows.append({**row, "size": f"{n_layer}x{n_embd}", "params_m": params / 1e6})
     elapsed = time.time() - t0
     print_icl(rows, shots)
     meta = {**{k: v for k, v in vars(args).items() if k != "run"}, "elapsed_s": round(elapsed, 1)}

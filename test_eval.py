@@ -263,9 +263,9 @@ def test_bench_icl_end_to_end(tmp_path, shakespeare_texts, capsys):
             "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "icl"), "--plot", "", "--device", "cpu"]
     assert bench.main(argv) == 0
     results = json.loads((tmp_path / "icl" / "results.json").read_text())["results"]
-    assert len(results) == 2 * 2 * 2 and {r["n"] for r in results} == {3}
-    assert {(r["size"], r["description"], r["shots"]) for r in results} == {
-        (s, d, k) for s in ("1x16", "1x32") for d in (True, False) for k in (0, 2)}
+    assert len(results) == 2 * 2 * 2 * 2 and {r["n"] for r in results} == {3}
+    assert {(r["size"], r["description"], r["shots"], r["metric"]) for r in results} == {
+        (s, d, k, m) for s in ("1x16", "1x32") for d in (True, False) for k in (0, 2) for m in ("exact_match", "perplexity")}
     mixture = (tmp_path / "icl" / "mixture.txt").read_text()
     test_words = {r["output"] for r in evaluation.read_task(data_dir / "tasks" / "reversed_words.jsonl").test}
     assert not any(f"{w[::-1]} = {w}\n" in mixture for w in test_words)
