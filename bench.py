@@ -29,7 +29,6 @@ import evaluation
 import kernels
 import lora
 import models
-import tasks
 import tokenization
 import train
 import runtime

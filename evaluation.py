@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import tasks as task_generator
 from generation import complete, left_pad, prefill
 from runtime import UserError, atomic_write, format_eta, print_table
@@ -169,7 +170,6 @@ def find_task(name, data_dir):
 
 def generate_default_tasks(data_dir, seed=1234):
     """tasks.generate on the default corpus (Shakespeare's complete works) into DATA_DIR/tasks/."""
-    import data  # the corpus: imported here, only when the tasks are made
     text = data.read_corpus(data.corpus_files(data.shakespeare_dir(data_dir)))[0]
     paths = task_generator.generate(text, Path(data_dir) / "tasks", seed=seed, val_fraction=data.VAL_FRACTION)
     print(f"generated {len(paths)} tasks in {Path(data_dir) / 'tasks'} (seed {seed})", file=sys.stderr)
@@ -379,7 +379,7 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
              reuse_context=True, max_new_tokens=None, progress=True):
     """Evaluate `task` (read_task's) at `shots` demonstrations per item on its first `limit` test
     items (None: all). Returns the result rows: {"task", "shots" (asked), "shots_used" (the mean K
-    that fitted), "description" (bool), "metric", "value" (0..1), "stderr", "n"}; metrics:
+    that fitted), "description" (bool), "metric", "value" (a fraction; perplexity: >= 1), "stderr", "n"}; metrics:
     exact_match (free-form) or acc, acc_norm and, with an answer_context, acc_mutual_info
     (multiple choice). Free-form tasks also report `perplexity` of the reference answers, as
     lm-eval's lambada: exp(-mean over items of the answer's summed log-likelihood given the
@@ -394,7 +394,7 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
     else:
         answer_tokens = max_new_tokens or max(_n_tokens(tokenizer, TARGET_DELIMITER + r["output"] + "\n")
                                               for r in task.train + items) + 2
-    label = f"{task.name} {shots}-shot{'' if use_description and task.description else ''}"
+    label = f"{task.name} {shots}-shot{' (no description)' if task.description and not use_description else ''}"
     bar = Progress(label, len(items), progress)
     contexts, used = [], []
     for index, item in enumerate(items):

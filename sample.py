@@ -83,8 +83,9 @@ def parser():
     p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
     p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt (and "
                    "per item with --eval)")
-    p.add_argument("--eval", default=None, metavar="TASK", help="evaluate the model on a task at --shots K instead "
-                   "of generating: a name of tasks.NAMES (data/tasks/NAME.jsonl, generated if missing) or a .jsonl file")
+    p.add_argument("--eval", default=None, metavar="TASK", help="evaluate the model on a task at --shots K "
+                   "instead of generating: a name of tasks.NAMES (data/tasks/NAME.jsonl, generated if missing) "
+                   "or a .jsonl file")
     p.add_argument("--limit", type=int, default=0, help="--eval: the first N test items only (0: all)")
     p.add_argument("--batch_size", type=int, default=16, help="--eval: items per batch")
     p.add_argument("--description", type=runtime.str2bool, default=True, help="--eval: start the prompt with the "

@@ -12,13 +12,12 @@ import torch
 
 import bench
 import evaluation
-import generation
 import sample
 import tasks
 import train
 from runtime import UserError
 from tokenization import CharTokenizer
-from test_all import hf_class, hf_gpt2, hf_model, run_entry_point, saved, shakespeare_texts  # noqa: F401 (a fixture)
+from test_all import hf_gpt2, hf_model, run_entry_point, saved, shakespeare_texts  # noqa: F401 (a fixture)
 
 BLOCK = 64  # the tiny models' block (n_positions / max_position_embeddings)
 
@@ -179,7 +178,8 @@ def test_demonstrations_never_include_the_item():
             demos = evaluation.sample_demos(records, item, k, seed=7, index=index)
             assert item not in demos and len(demos) == min(k, 11 if item["input"] == "w3" else 12)
             assert demos == evaluation.sample_demos(records, item, k, seed=7, index=index)
-    assert evaluation.sample_demos(records, records[0], 5, 7, 0) != evaluation.sample_demos(records, records[0], 5, 8, 0)
+    other_seed = evaluation.sample_demos(records, records[0], 5, seed=8, index=0)
+    assert other_seed != evaluation.sample_demos(records, records[0], 5, seed=7, index=0)
     tok = CharTokenizer("".join(sorted(set("Describe:\n =>wo0123456789"))))
     task = evaluation.Task("t", records, records, description="Describe:")
     context, kept = evaluation.fit_demos(tok, task, records[:10], "w11", 40, answer_tokens=4)
@@ -265,7 +265,8 @@ def test_bench_icl_end_to_end(tmp_path, shakespeare_texts, capsys):
     results = json.loads((tmp_path / "icl" / "results.json").read_text())["results"]
     assert len(results) == 2 * 2 * 2 * 2 and {r["n"] for r in results} == {3}
     assert {(r["size"], r["description"], r["shots"], r["metric"]) for r in results} == {
-        (s, d, k, m) for s in ("1x16", "1x32") for d in (True, False) for k in (0, 2) for m in ("exact_match", "perplexity")}
+        (s, d, k, m) for s in ("1x16", "1x32") for d in (True, False) for k in (0, 2)
+        for m in ("exact_match", "perplexity")}
     mixture = (tmp_path / "icl" / "mixture.txt").read_text()
     test_words = {r["output"] for r in evaluation.read_task(data_dir / "tasks" / "reversed_words.jsonl").test}
     assert not any(f"{w[::-1]} = {w}\n" in mixture for w in test_words)
