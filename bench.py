@@ -468,7 +468,8 @@ def icl_mixture(args, path):
     while n_corpus + n_tasks < args.mixture_chars:
         if n_corpus < args.corpus_fraction * (n_corpus + n_tasks + 1):
             start = rng.randrange(len(corpus) - 1000)
-            start = corpus.find("\n\n", start) + 2 or start
+            blank = corpus.find("\n\n", start)  # start at a paragraph when there is one after
+            start = blank + 2 if blank >= 0 else start
             chunk = corpus[start:start + 1000].rsplit("\n", 1)[0] + "\n\n"
             n_corpus += len(chunk)
             parts.append(chunk)
