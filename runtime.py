@@ -101,6 +101,24 @@ def run_cli(main):
         sys.exit(130)
 
 
+def format_eta(seconds):
+    """Seconds as 1h05m or 4m09s."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def print_table(rows, columns):
+    """Print rows (dicts) as a table of columns ((key, header, format) triples), right-aligned; a
+    missing or None value is '-'."""
+    cells = [[h for _, h, _ in columns]] + [[fmt.format(r[k]) if r.get(k) is not None else "-"
+                                             for k, _, fmt in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 # ----------------------------------------------------------------------------- files
 
 def atomic_write(path, write_fn):

@@ -4,6 +4,7 @@
   python sample.py --out_dir out/gpt --prompt @prompt.txt --num_samples 3 --temperature 0.9 --top_p 0.95
   python sample.py --out_dir out/gpt --prompt "ROMEO:" --temperature 1.0 --top_k 0 --min_p 0.05
   python sample.py --out_dir out/gpt --fewshot tasks.jsonl --shots 3 --prompt "query text"
+  python sample.py --out_dir out/gpt --eval arithmetic_2da --shots 8   # k-shot accuracy (evaluation.py)
   python sample.py --out_dir out/lora --prompt "ROMEO:"   # a LoRA adapter on its base model
   python sample.py --out_dir out/gpt --prompt "ROMEO:" --prompt "JULIET: O" --compile   # one batch, compiled steps
 
@@ -16,58 +17,31 @@ puts around a text (a Hugging Face tokenizer.json's post-processor: Llama 3's BO
 Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task description line,
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
 generated up to the end of its line. The .jsonl file holds one {"input": ..., "output": ...}
-object per line, and optionally one {"description": ...} line.
+object per line, and optionally one {"description": ...} line (evaluation.read_task: the format of
+the tasks in data/tasks/ too).
+
+--eval TASK scores the model on a task at --shots K (evaluation.py: GPT-3's k-shot evaluation with
+lm-evaluation-harness's request semantics) and prints a table (task, K, metric, value, stderr, n);
+TASK is a task of tasks.py (generated into data/tasks/ the first time) or a .jsonl file.
 
 Sampling filters the logits as transformers' warpers do, in their order: temperature, top-k,
 top-p, min-p (generation.filter_logits); ids the tokenizer does not have (a model's vocabulary can
 be larger than its tokenizer's: Qwen2.5's 151,936 rows for 151,665 ids) are never drawn.
 """
-import json
 from pathlib import Path
 
 import torch
 
+import evaluation
 import kernels
 import lora
 import models
 import runtime
 import tokenization
+from evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
 from generation import check_sampling, complete, stream
 from runtime import UserError, autocast, resolve_device, resolve_dtype
-
-
-# ----------------------------------------------------------------------------- few-shot prompts
-
-def read_fewshot(path):
-    """(description or None, list of {"input", "output"} records) from a .jsonl file."""
-    description, records = None, []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"few-shot file not found: {path}") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if "description" in obj:
-            description = obj["description"]
-        elif "input" in obj and "output" in obj:
-            records.append(obj)
-        else:
-            raise UserError(f"{path}:{n}: expected {{\"input\": ..., \"output\": ...}} or {{\"description\": ...}}")
-    return description, records
-
-
-def fewshot_prompt(demos, query, description=None, sep=" =>"):
-    """GPT-3's format: description, then `input => output` demonstrations, then `query =>`,
-    blocks separated by blank lines."""
-    blocks = [description] if description else []
-    blocks += [f"{d['input']}{sep} {d['output']}" for d in demos]
-    blocks.append(f"{query}{sep}")
-    return "\n\n".join(blocks)
+from tokenization import DEFAULT_DATA_DIR
 
 
 # ----------------------------------------------------------------------------- command line
@@ -107,7 +81,18 @@ def parser():
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decoding step (a static "
                    "KV cache; the first call compiles, about 40 s on a laptop CPU)")
     p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
-    p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt")
+    p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt (and "
+                   "per item with --eval)")
+    p.add_argument("--eval", default=None, metavar="TASK", help="evaluate the model on a task at --shots K "
+                   "instead of generating: a name of tasks.NAMES (data/tasks/NAME.jsonl, generated if missing) "
+                   "or a .jsonl file")
+    p.add_argument("--limit", type=int, default=0, help="--eval: the first N test items only (0: all)")
+    p.add_argument("--batch_size", type=int, default=16, help="--eval: items per batch")
+    p.add_argument("--description", type=runtime.str2bool, default=True, help="--eval: start the prompt with the "
+                   "task's description line, when it has one")
+    p.add_argument("--json", default="", help="--eval: also write the results to this JSON file")
+    p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="--eval: where data/tasks/ and the default "
+                   "corpus live")
     return p
 
 
@@ -129,17 +114,20 @@ def main(argv=None):
     kernels.set_backend(args.attn)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.eval:
+        return run_eval(args, device, dtype)
     model, tokenizer = load(args.out_dir, device=device)
     prompts = [read_prompt(p) for p in args.prompt or ["\n"]]
     stop = None
     if args.fewshot:
-        description, records = read_fewshot(args.fewshot)
+        task = read_task(args.fewshot, what="few-shot file")
+        records = evaluation.all_records(task)
         need = args.shots + (0 if args.prompt else 1)  # without --prompt, the next record is the query
         if args.shots < 0 or len(records) < need:
             raise UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
                                  f"{need} (the query included)")
         queries = prompts if args.prompt else [records[args.shots]["input"]]
-        prompts, stop = [fewshot_prompt(records[:args.shots], q, description) for q in queries], "\n"
+        prompts, stop = [fewshot_prompt(records[:args.shots], q, task.description, task.sep) for q in queries], "\n"
     prompt_ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]  # Llama 3: BOS first
     if not all(prompt_ids):
         raise UserError("the prompt is empty")
@@ -156,6 +144,21 @@ def main(argv=None):
         texts = complete(model, tokenizer, [prompt_ids[i] for i in rows], args.max_new_tokens, stop=stop, **sampling)
         for n, (i, text) in enumerate(zip(rows, texts)):
             print(prompts[i] + text + ("\n" + "-" * 40 if n + 1 < len(rows) else ""))
+    return 0
+
+
+def run_eval(args, device, dtype):
+    """--eval TASK: the model's k-shot scores on the task's test items (evaluation.evaluate)."""
+    for flag, least in (("shots", 0), ("limit", 0), ("batch_size", 1)):
+        if getattr(args, flag) < least:
+            raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
+    task = read_task(evaluation.find_task(args.eval, args.data_dir))
+    model, tokenizer = load(args.out_dir, device=device)
+    with autocast(device, dtype):
+        rows = evaluation.evaluate(model, tokenizer, task, args.shots, seed=args.seed, limit=args.limit or None,
+                                   batch_size=args.batch_size, use_description=args.description)
+    evaluation.report(rows, args.json or None, meta={"model": args.out_dir, "task": str(args.eval),
+                                                      "seed": args.seed, "dtype": str(dtype)})
     return 0
 
 

@@ -42,7 +42,7 @@ import models
 import runtime
 import tokenization
 from generation import stream
-from runtime import UserError, autocast, resolve_device, resolve_dtype
+from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -607,12 +607,6 @@ def write_log(log_file, record):
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
-
-
-def format_eta(seconds):
-    """Seconds as 1h05m or 4m09s."""
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 # ----------------------------------------------------------------------------- checkpoints

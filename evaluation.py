@@ -1,0 +1,499 @@
+"""Few-shot evaluation, GPT-3's way (Brown et al. 2020, §2 and §3), with lm-evaluation-harness's
+request semantics: k-shot scoring of any model that sample.load loads (a run folder, a Hugging Face
+model directory, a LoRA adapter). A library module: sample.py --eval and bench.py icl use it.
+
+Prompts. A task (read_task) has a train and a test split. For a test item, K demonstrations are
+drawn from the train split with a seed, never the item itself (sample_demos); the context is the
+optional task description, the demonstrations `input{sep} output` and the item's `input{sep}`,
+joined by "\\n\\n" (fewshot_prompt: lm-eval's fewshot_delimiter; GPT-3's format). K is lowered to
+what fits the model's block with the longest answer (fit_demos); the table reports the mean K used.
+
+Multiple choice (records with "choices"): the log-likelihood of each candidate continuation
+TARGET_DELIMITER + choice given the context (loglikelihoods), as lm-eval's `loglikelihood`
+requests: trailing spaces of the context moved onto the continuation, context and continuation
+tokenized together (the continuation's tokens are those of the whole after the context's), the
+whole left-truncated to block_size + 1 tokens, only the continuation's tokens scored. Metrics
+(lm-eval's names): `acc` (the largest summed log-likelihood is the answer), `acc_norm` (divided by
+the choice's length in characters), and, for a task with an `answer_context` (GPT-3: "Answer:"
+for ARC, OpenBookQA, RACE), `acc_mutual_info`: GPT-3's calibrated score
+log P(choice | context) - log P(choice | answer_context).
+
+Free-form (records with "output"): greedy decoding (generation.complete, a left-padded batch) up
+to the end of the line; `exact_match` after the task's normalisation (normalize_answer, GPT-3's
+for question answering, or surrounding whitespace only for its arithmetic and word tasks); and
+`perplexity` of the reference answer (lm-eval's lambada metric).
+
+Speed: requests are batched; each distinct context runs once (one prefill into a KV cache, for
+a batch of contexts at once) and its cache is repeated for all its candidates, which then run
+together in one forward (reuse_context=True; False runs every request whole, for comparison).
+"""
+import dataclasses
+import json
+import math
+import random
+import re
+import string
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import tasks as task_generator
+from generation import complete, left_pad, prefill
+from runtime import UserError, atomic_write, format_eta, print_table
+
+TARGET_DELIMITER = " "  # between the context and a continuation (lm-eval's target_delimiter)
+FEWSHOT_DELIMITER = "\n\n"  # between the description, the demonstrations and the query
+DEFAULT_SEP = " =>"  # between a record's input and its output, unless the task file says otherwise
+
+
+# ----------------------------------------------------------------------------- tasks and prompts
+
+@dataclasses.dataclass
+class Task:
+    """A task file's contents. Records: {"input", "output"} (free-form) or {"input", "choices",
+    "answer"} (multiple choice; "output" is then filled in as choices[answer])."""
+    name: str
+    train: list
+    test: list
+    description: str = None
+    sep: str = DEFAULT_SEP
+    answer_context: str = None  # the context of GPT-3's calibration (acc_mutual_info); None: not used
+    normalize: str = "squad"  # free-form answers: NORMALIZERS' name
+
+    @property
+    def multiple_choice(self):
+        return "choices" in (self.test or self.train)[0]
+
+
+def read_task(path, what="task file"):
+    """A task file (.jsonl, one JSON object a line): an optional header {"description": text,
+    "sep": text between input and output (default " =>"), "answer_context": text, "normalize":
+    "squad" (default) or "strip" (NORMALIZERS)} and records
+    {"input", "output"} or {"input", "choices": [...], "answer": index}, each optionally with
+    "split": "train" or "test". Without splits, every record is both a test item and a possible
+    demonstration (never for itself). Not found, not JSON, a bad record: UserError naming the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+    header, splits, unsplit = {}, {"train": [], "test": []}, []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object")
+        if "input" not in obj:
+            if set(obj) - {"description", "sep", "answer_context", "normalize"}:
+                raise UserError(f"{path}:{n}: expected a record {{\"input\", \"output\"}} or {{\"input\", \"choices\", "
+                                f"\"answer\"}}, or a header with description, sep, answer_context, normalize")
+            if obj.get("normalize", "squad") not in NORMALIZERS:
+                raise UserError(f"{path}:{n}: normalize must be one of {', '.join(NORMALIZERS)}")
+            header.update(obj)
+            continue
+        obj = dict(obj)
+        if "choices" in obj:
+            ok = (isinstance(obj["choices"], list) and len(obj["choices"]) >= 2 and isinstance(obj.get("answer"), int)
+                  and 0 <= obj["answer"] < len(obj["choices"]))
+            if not ok:
+                raise UserError(f"{path}:{n}: a multiple-choice record needs \"choices\" (2 or more) and \"answer\" "
+                                "(an index into them)")
+            obj.setdefault("output", obj["choices"][obj["answer"]])
+        elif "output" not in obj:
+            raise UserError(f"{path}:{n}: a record needs \"output\" (free-form) or \"choices\" and \"answer\"")
+        split = obj.pop("split", None)
+        if split not in (None, "train", "test"):
+            raise UserError(f"{path}:{n}: split must be train or test, not {split!r}")
+        (splits[split] if split else unsplit).append(obj)
+    train, test = splits["train"] + unsplit, splits["test"] + unsplit
+    if not test:
+        raise UserError(f"{path}: no test records (records with \"split\": \"test\", or without a split)")
+    if len({"choices" in r for r in train + test}) > 1:
+        raise UserError(f"{path}: mixes free-form and multiple-choice records")
+    return Task(path.stem, train, test, header.get("description"), header.get("sep", DEFAULT_SEP),
+                header.get("answer_context"), header.get("normalize", "squad"))
+
+
+def read_fewshot(path):
+    """(description or None, every record of a task file: all_records): sample.py --fewshot's
+    demonstrations. Errors: read_task's."""
+    task = read_task(path, what="few-shot file")
+    return task.description, all_records(task)
+
+
+def all_records(task):
+    """Every record of a task once, the train split first (a record without a split is in both)."""
+    return list({id(r): r for r in task.train + task.test}.values())
+
+
+def fewshot_prompt(demos, query, description=None, sep=DEFAULT_SEP):
+    """GPT-3's format: the description, the demonstrations `input{sep} output`, then `query{sep}`,
+    joined by FEWSHOT_DELIMITER (a blank line). The output follows TARGET_DELIMITER, as the
+    continuation that is scored or generated does."""
+    blocks = [description] if description else []
+    blocks += [f"{d['input']}{sep}{TARGET_DELIMITER}{d['output']}" for d in demos]
+    blocks.append(f"{query}{sep}")
+    return FEWSHOT_DELIMITER.join(blocks)
+
+
+def sample_demos(pool, item, k, seed, index):
+    """k demonstrations for `item` drawn without replacement from pool (the train split), never
+    the item itself (nor a record equal to it); seeded by (seed, index), so an item's demonstrations
+    do not depend on which other items are evaluated. Fewer than k when the pool is short."""
+    rng = random.Random(f"{seed}:{index}")
+    others = [r for r in pool if r is not item and r != item]
+    return rng.sample(others, min(k, len(others)))
+
+
+def find_task(name, data_dir):
+    """The task file for `name`: a path to a .jsonl file, or a task of tasks.NAMES in
+    DATA_DIR/tasks/ (all generated, from the default corpus, the first time one is asked for).
+    Neither: UserError listing the tasks."""
+    if name.endswith(".jsonl") or Path(name).is_file():
+        return Path(name)
+    if name not in task_generator.NAMES:
+        raise UserError(f"unknown task {name!r}: give a .jsonl file or one of {', '.join(task_generator.NAMES)}")
+    path = Path(data_dir) / "tasks" / f"{name}.jsonl"
+    if not path.is_file():
+        generate_default_tasks(data_dir)
+    return path
+
+
+def generate_default_tasks(data_dir, seed=1234):
+    """tasks.generate on the default corpus (Shakespeare's complete works) into DATA_DIR/tasks/."""
+    text = data.read_corpus(data.corpus_files(data.shakespeare_dir(data_dir)))[0]
+    paths = task_generator.generate(text, Path(data_dir) / "tasks", seed=seed, val_fraction=data.VAL_FRACTION)
+    print(f"generated {len(paths)} tasks in {Path(data_dir) / 'tasks'} (seed {seed})", file=sys.stderr)
+    return paths
+
+
+# ----------------------------------------------------------------------------- log-likelihoods
+
+def encode_pair(tokenizer, context, continuation):
+    """(context ids, continuation ids) as lm-eval's _encode_pair makes them: trailing spaces of the
+    context moved to the start of the continuation; the continuation's ids are those of
+    tokenize(context + continuation) after the first len(tokenize(context)). The special tokens
+    that the tokenizer puts before a text (Llama 3's BOS) start the context; none go after."""
+    n_spaces = len(context) - len(context.rstrip(" "))
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    before = list(tokenizer.template[0])
+    ctx = before + tokenizer.encode(context, add_special_tokens=False)
+    whole = before + tokenizer.encode(context + continuation, add_special_tokens=False)
+    if not ctx:
+        raise ValueError("the context is empty: a continuation needs at least one token before it")
+    if len(whole) <= len(ctx):
+        raise ValueError(f"the continuation {continuation!r} has no tokens")
+    return ctx, whole[len(ctx):]
+
+
+def truncate(ctx, cont, block_size):
+    """lm-eval's left truncation: the last block_size + 1 tokens of ctx + cont (the model reads
+    all but the last); returns (the context left, cont). A continuation longer than block_size:
+    ValueError."""
+    if len(cont) > block_size:
+        raise ValueError(f"a continuation of {len(cont)} tokens does not fit block_size {block_size}")
+    keep = block_size + 1 - len(cont)
+    return ctx[-keep:], cont
+
+
+def _device(model):
+    return model.lm_head.weight.device
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests, batch_size=16, reuse_context=True):
+    """Summed log-probabilities (nats, floats, in fp32) of each request's continuation given its
+    context. requests: (context ids, continuation ids) pairs (encode_pair's), left-truncated here
+    to the model's block_size (truncate). Only the continuation's tokens are scored.
+
+    reuse_context=True: each distinct (truncated) context runs once: up to batch_size contexts
+    are prefilled together (left-padded, into a kernels.KVCache), the log-probability of each
+    continuation's first token is read from the logits after its context, and the cache's rows are
+    repeated for the candidates of every context, whose other tokens then run together in one
+    forward. False: every request runs whole, batch_size at a time (right-padded), as lm-eval's
+    HFLM does; the same numbers up to rounding."""
+    block = model.config.block_size
+    reqs = [truncate(list(c), list(x), block) for c, x in requests]
+    scores = [0.0] * len(reqs)
+    if reuse_context:
+        by_context = {}
+        for i, (ctx, _) in enumerate(reqs):
+            by_context.setdefault(tuple(ctx), []).append(i)
+        for chunk in _context_chunks(by_context, reqs, batch_size, block):
+            _score_shared(model, chunk, by_context, reqs, scores)
+    else:
+        order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]) - len(reqs[i][1]))
+        for start in range(0, len(order), batch_size):
+            _score_whole(model, order[start:start + batch_size], reqs, scores)
+    return scores
+
+
+def _context_chunks(by_context, reqs, batch_size, block):
+    """Groups of up to batch_size distinct contexts, longest first, such that the longest context
+    plus the longest remaining continuation of the group fits the block (the cache's slots)."""
+    contexts = sorted(by_context, key=len, reverse=True)
+    chunk, longest_ctx, longest_rest = [], 0, 0
+    for ctx in contexts:
+        rest = max(len(reqs[i][1]) - 1 for i in by_context[ctx])
+        lc, lr = max(longest_ctx, len(ctx)), max(longest_rest, rest)
+        if chunk and (len(chunk) == batch_size or lc + lr > block):
+            yield chunk
+            chunk, lc, lr = [], len(ctx), rest
+        chunk.append(ctx)
+        longest_ctx, longest_rest = lc, lr
+    if chunk:
+        yield chunk
+
+
+def _score_shared(model, contexts, by_context, reqs, scores):
+    """One prefill of `contexts` (left-padded), then one forward of all their candidates' tokens
+    after the first, against the cache's rows repeated per candidate (right-padded)."""
+    device = _device(model)
+    idx, pad = left_pad(contexts, device=device)
+    pad = pad if int(pad.max()) > 0 else None
+    members = [(row, i) for row, ctx in enumerate(contexts) for i in by_context[ctx]]
+    rest = max(len(reqs[i][1]) - 1 for _, i in members)
+    logits, cache = prefill(model, idx, pad, max_len=idx.shape[1] + rest if rest else None)
+    first = torch.log_softmax(logits.float(), dim=-1)
+    for row, i in members:
+        scores[i] += first[row, reqs[i][1][0]].item()
+    if not rest:
+        return
+    rows = torch.tensor([row for row, _ in members], device=device)
+    cand = model.init_cache(len(members), cache.max_len, dtype=cache.k[0].dtype, device=device,
+                            pad=None if pad is None else pad[rows])
+    for layer in range(len(cache.k)):
+        cand.k[layer].copy_(cache.k[layer][rows])
+        cand.v[layer].copy_(cache.v[layer][rows])
+    cand.advance(idx.shape[1])
+    tokens = torch.tensor([reqs[i][1][:-1] + [0] * (rest + 1 - len(reqs[i][1])) for _, i in members], device=device)
+    out = torch.log_softmax(model(tokens, cache=cand)[0].float(), dim=-1)  # (R, rest, V)
+    for r, (_, i) in enumerate(members):
+        cont = reqs[i][1][1:]
+        if cont:
+            pos = torch.arange(len(cont), device=device)
+            scores[i] += out[r, pos, torch.tensor(cont, device=device)].sum().item()
+
+
+def _score_whole(model, batch, reqs, scores):
+    """Requests run whole: input ctx + cont[:-1], right-padded; the continuation's log-probs."""
+    device = _device(model)
+    seqs = [reqs[i][0] + reqs[i][1][:-1] for i in batch]
+    T = max(len(s) for s in seqs)
+    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
+    out = torch.log_softmax(model(idx)[0].float(), dim=-1)
+    for r, i in enumerate(batch):
+        ctx, cont = reqs[i]
+        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
+        scores[i] += out[r, pos, torch.tensor(cont, device=device)].sum().item()
+
+
+# ----------------------------------------------------------------------------- free-form answers
+
+ARTICLES = re.compile(r"\b(a|an|the)\b")
+PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text):
+    """The exact-match normalisation of GPT-3's free-form scoring (SQuAD's and TriviaQA's, which
+    GPT-3 used: lowercase, punctuation removed, the articles a / an / the removed, whitespace
+    collapsed), except that a sign or a decimal point belonging to a number is kept, so that an
+    arithmetic answer "-19" is not "19". Returns the normalised string."""
+    text = text.lower()
+    text = "".join(c for i, c in enumerate(text) if c not in PUNCTUATION or _in_number(text, i))
+    return " ".join(ARTICLES.sub(" ", text).split())
+
+
+def _in_number(text, i):
+    """Whether text[i] ('-', '+' or '.') is a sign or decimal point: a digit follows, and a '.' has one before."""
+    follows = i + 1 < len(text) and text[i + 1].isdigit()
+    if text[i] in "+-":
+        return follows and (i == 0 or not text[i - 1].isalnum())
+    return text[i] == "." and follows and i > 0 and text[i - 1].isdigit()
+
+
+NORMALIZERS = {"squad": normalize_answer, "strip": str.strip}  # strip: surrounding whitespace only
+
+
+def exact_match(prediction, reference, normalize="squad"):
+    """1.0 when the strings are equal after normalisation, else 0.0. normalize: "squad"
+    (normalize_answer: GPT-3's for question answering) or "strip" (surrounding whitespace only:
+    GPT-3's arithmetic and word tasks, where the answer must be exact; lm-eval's exact_match
+    without ignore_case / ignore_punctuation)."""
+    return float(NORMALIZERS[normalize](prediction) == NORMALIZERS[normalize](reference))
+
+
+# ----------------------------------------------------------------------------- one task at K shots
+
+def fit_demos(tokenizer, task, demos, query, block_size, answer_tokens, use_description=True):
+    """(context text, the demonstrations kept): the first demonstrations are dropped until the
+    context and answer_tokens more fit block_size (GPT-3: K is at most what the context window
+    holds). With none left and still too long, the context is left-truncated later (truncate)."""
+    description = task.description if use_description else None
+    while True:
+        context = fewshot_prompt(demos, query, description, task.sep)
+        n = len(tokenizer.template[0]) + len(tokenizer.encode(context, add_special_tokens=False))
+        if not demos or n + answer_tokens <= block_size:
+            return context, demos
+        demos = demos[1:]
+
+
+class Progress:
+    """Items done out of a total, with the rate and an ETA, on one line of stderr (rewritten)."""
+
+    def __init__(self, label, total, enabled=True):
+        self.label, self.total, self.enabled, self.t0, self.done = label, total, enabled, time.time(), 0
+
+    def update(self, n):
+        self.done += n
+        if self.enabled:
+            elapsed = time.time() - self.t0
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0
+            end = "\n" if self.done >= self.total else ""
+            print(f"\r{self.label}: {self.done}/{self.total} items, {self.done / max(elapsed, 1e-9):.1f}/s, "
+                  f"ETA {format_eta(eta)}", end=end, file=sys.stderr, flush=True)
+
+
+def mean_stderr(values):
+    """(mean, standard error of the mean: sample standard deviation / sqrt(n), as lm-eval's
+    mean_stderr); the error is None for fewer than 2 values."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16, use_description=True,
+             reuse_context=True, max_new_tokens=None, progress=True):
+    """Evaluate `task` (read_task's) at `shots` demonstrations per item on its first `limit` test
+    items (None: all). Returns the result rows: {"task", "shots" (asked), "shots_used" (the mean K
+    that fitted), "description" (bool), "metric", "value" (a fraction; perplexity: >= 1), "stderr", "n"}; metrics:
+    exact_match (free-form) or acc, acc_norm and, with an answer_context, acc_mutual_info
+    (multiple choice). Free-form tasks also report `perplexity` of the reference answers, as
+    lm-eval's lambada: exp(-mean over items of the answer's summed log-likelihood given the
+    context), a smooth measure where exact match is still 0 (no standard error). Run it under the
+    autocast the caller wants; the model in eval mode."""
+    if shots < 0:
+        raise UserError(f"--shots must be >= 0, not {shots}")
+    items = task.test[:limit] if limit else task.test
+    block = model.config.block_size
+    if task.multiple_choice:
+        answer_tokens = max(_n_tokens(tokenizer, TARGET_DELIMITER + c) for r in items for c in r["choices"])
+    else:
+        answer_tokens = max_new_tokens or max(_n_tokens(tokenizer, TARGET_DELIMITER + r["output"] + "\n")
+                                              for r in task.train + items) + 2
+    label = f"{task.name} {shots}-shot{' (no description)' if task.description and not use_description else ''}"
+    bar = Progress(label, len(items), progress)
+    contexts, used = [], []
+    for index, item in enumerate(items):
+        demos = sample_demos(task.train, item, shots, seed, index)
+        context, kept = fit_demos(tokenizer, task, demos, item["input"], block, answer_tokens, use_description)
+        contexts.append(context)
+        used.append(len(kept))
+    if task.multiple_choice:
+        per_metric = _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar)
+    else:
+        per_metric = _score_generations(model, tokenizer, task, items, contexts, answer_tokens, batch_size, bar)
+        try:
+            answers = [encode_pair(tokenizer, c, TARGET_DELIMITER + r["output"]) for c, r in zip(contexts, items)]
+        except UserError:  # a reference the tokenizer cannot encode (a char model's vocabulary): no perplexity
+            answers = None
+        if answers:
+            per_metric["perplexity"] = loglikelihoods(model, answers, batch_size, reuse_context)
+    described = bool(use_description and task.description)
+    rows = []
+    for metric, values in per_metric.items():
+        if metric == "perplexity":  # lm-eval's (lambada): exp(-mean of the answers' log-likelihoods)
+            value, err = math.exp(-mean_stderr(values)[0]), None
+        else:
+            value, err = mean_stderr(values)
+        rows.append({"task": task.name, "shots": shots, "shots_used": sum(used) / len(used), "description": described,
+                     "metric": metric, "value": value, "stderr": err, "n": len(values)})
+    return rows
+
+
+def _n_tokens(tokenizer, text):
+    """Tokens of text; for a text the tokenizer cannot encode (a reference answer with a character
+    that a char vocabulary lacks), its UTF-8 bytes, an upper bound for char and byte-level tokenizers."""
+    try:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+    except UserError:
+        return len(text.encode("utf-8"))
+
+
+def _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar):
+    """acc, acc_norm (and acc_mutual_info) of multiple-choice items, batch_size items at a time."""
+    metrics = {"acc": [], "acc_norm": [], **({"acc_mutual_info": []} if task.answer_context else {})}
+    for start in range(0, len(items), batch_size):
+        chunk = range(start, min(start + batch_size, len(items)))
+        requests, owners = [], []
+        for i in chunk:
+            for c in items[i]["choices"]:
+                requests.append(encode_pair(tokenizer, contexts[i], TARGET_DELIMITER + c))
+                owners.append(i)
+                if task.answer_context:
+                    requests.append(encode_pair(tokenizer, task.answer_context, TARGET_DELIMITER + c))
+                    owners.append(i)
+        lls = loglikelihoods(model, requests, batch_size, reuse_context)
+        step = 2 if task.answer_context else 1
+        k = 0
+        for i in chunk:
+            choices, gold = items[i]["choices"], items[i]["answer"]
+            cond = lls[k:k + step * len(choices):step]
+            metrics["acc"].append(float(_argmax(cond) == gold))
+            metrics["acc_norm"].append(float(_argmax([s / len(c) for s, c in zip(cond, choices)]) == gold))
+            if task.answer_context:
+                uncond = lls[k + 1:k + step * len(choices):step]
+                metrics["acc_mutual_info"].append(float(_argmax([a - b for a, b in zip(cond, uncond)]) == gold))
+            k += step * len(choices)
+        bar.update(len(chunk))
+    return metrics
+
+
+def _argmax(values):
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _score_generations(model, tokenizer, task, items, contexts, max_new_tokens, batch_size, bar):
+    """exact_match (task.normalize) of greedy completions, stopped at the end of the line; items
+    batched by the length of their prompt (left-padded batches)."""
+    prompts = [list(tokenizer.template[0]) + tokenizer.encode(c, add_special_tokens=False) for c in contexts]
+    order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
+    scores = [0.0] * len(items)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        texts = complete(model, tokenizer, [prompts[i] for i in batch], max_new_tokens, stop="\n", temperature=0.0)
+        for i, text in zip(batch, texts):
+            scores[i] = exact_match(text, items[i]["output"], task.normalize)
+        bar.update(len(batch))
+    return {"exact_match": scores}
+
+
+# ----------------------------------------------------------------------------- results
+
+COLUMNS = [("task", "task", "{}"), ("shots", "K", "{}"), ("shots_used", "K used", "{:.1f}"),
+           ("description", "description", "{}"), ("metric", "metric", "{}"), ("value", "value", "{:.4f}"),
+           ("stderr", "stderr", "{:.4f}"), ("n", "n", "{}")]
+
+
+def report(rows, json_path=None, meta=None):
+    """Print the result rows as a table (task, K, metric, value, standard error, n) and, with
+    json_path, write {"meta": meta, "results": rows} there (temp-then-rename)."""
+    print_table(rows, COLUMNS)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"meta": meta or {}, "results": rows}, indent=1) + "\n"
+        atomic_write(json_path, lambda tmp: Path(tmp).write_text(body))
+        print(f"results: {json_path}")
