@@ -642,6 +642,7 @@ SWITCH_ARMS = {  # name -> models/switch.py Config overrides; the first two are 
     "switch_alpha0": {"router_aux_loss_coef": 0.0},  # no load-balancing loss
     "switch_init1": {"init_scale": 1.0},  # the usual initialisation scale instead of Switch's 0.1
     "switch_top2": {"top_k": 2},          # two experts per token (twice the expert FLOPs)
+    "switch_baseline": {},                # switch again, for the ablations to compare with (their length)
 }
 
 
