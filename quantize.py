@@ -17,7 +17,7 @@ AVX2 CPU it is several times slower in fp32 than the fp32 matmul it replaces), s
 enter it in bf16 and its bf16 output is scaled in the input's dtype (fp32 scales). Elsewhere (CUDA) the product is
 gpt-fast's F.linear(x, W_int8.to(x.dtype)) * s, which torch.compile fuses into one kernel.
 
-What is quantized: every nn.Linear, the output head included (for tied embeddings the head gets
+What is quantized: every nn.Linear but a mixture of experts' routers (KEEP), the output head included (for tied embeddings the head gets
 its own int8 copy; the embedding table stays in its dtype: a lookup reads one row per token).
 Not quantized: embeddings, norms, and models/switch.py's stacked expert matrices (parameters
 (E, 2I, H), not nn.Linear layers). Quantizing at load is cheap (one pass over the weights);
@@ -28,6 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SCHEMES = ("none", "int8", "bf16")
+# Routers stay in full precision (gpt-fast's mixtral-moe leaves its gate too): models/switch.py's
+# mixture-of-experts `gate` and `shared_expert_gate`. A router's choice is discrete, so a small
+# error flips a token to another expert; they are a few columns wide and cost no bandwidth.
+KEEP = ("gate", "shared_expert_gate")
 
 
 def int8_per_channel(weight):
@@ -83,7 +87,7 @@ class BF16Linear(nn.Module):
 
 @torch.no_grad()
 def quantize(model, scheme="int8"):
-    """Replace every nn.Linear of model (in place) by its Int8Linear (scheme "int8") or BF16Linear
+    """Replace every nn.Linear of model but the routers (KEEP), in place, by its Int8Linear (scheme "int8") or BF16Linear
     ("bf16"); "none" leaves the model as it is. Returns the model. ValueError for another scheme.
     Decoding code reads the compute dtype from generation.compute_dtype (the first floating-point
     parameter), not from lm_head.weight, which becomes int8."""
@@ -94,7 +98,7 @@ def quantize(model, scheme="int8"):
     kind = Int8Linear if scheme == "int8" else BF16Linear
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear:
+            if type(child) is nn.Linear and child_name not in KEEP:
                 setattr(module, child_name, kind(child))
     return model
 
