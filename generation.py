@@ -118,10 +118,16 @@ def compiled_decoder(model):
     """model's forward under torch.compile, made once per model, for one-token steps against a
     static KV cache: every step has the same shapes and inputs, so it compiles on the first step and
     never again. On CPU the compiled graph is driven from C++ (inductor's cpp_wrapper), which cuts
-    the per-step overhead of small models."""
+    the per-step overhead of small models. On CUDA it is replayed as a CUDA graph
+    (mode="reduce-overhead", gpt-fast's setting): prefill marks a static cache's tensors as static
+    addresses (torch._dynamo.mark_static_address), so the graph updates them in place instead of
+    copying them in and out (not measured in this project: no GPU in its CI). Other shapes (the
+    (k+1)-token verification of speculative_decode) compile their own graph once."""
     if "_compiled_decoder" not in model.__dict__:  # outside nn.Module's registry: not a submodule
-        options = {"cpp_wrapper": True} if model.lm_head.weight.device.type == "cpu" else {}
-        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, options=options)
+        cpu = model.lm_head.weight.device.type == "cpu"
+        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, dynamic=False,
+                                                            options={"cpp_wrapper": True} if cpu else None,
+                                                            mode=None if cpu else "reduce-overhead")
     return model.__dict__["_compiled_decoder"]
 
 
@@ -149,6 +155,9 @@ def prefill(model, seq, pad=None, max_len=None, static=False):
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else compute_dtype(model)
     cache = model.init_cache(seq.shape[0], seq.shape[1] if max_len is None else max_len, dtype=dtype, pad=pad,
                              static=static)
+    if static and kind == "cuda":  # CUDA graphs (compiled_decoder) update these in place, at fixed addresses
+        for t in cache.k + cache.v + [cache.pos]:
+            torch._dynamo.mark_static_address(t)
     return model(seq, cache=cache)[0][:, -1], cache
 
 
