@@ -583,7 +583,7 @@ def decode_modes(args, model, device):
         elif mode.startswith("speculative"):
             compiled, scheme = mode.endswith("compile"), "int8" if "int8" in mode else "none"
             main = quantized(scheme)
-            draft = self_draft(main, args.draft_layers)
+            draft = quantize.quantize(self_draft(model, args.draft_layers), scheme)
             stats = {}
             slots = static_slots if compiled else dynamic_slots
 

@@ -95,15 +95,15 @@ def test_speculative_greedy_equals_plain_greedy(name):
 
 
 def test_speculative_greedy_equals_transformers_generate(tmp_path):
-    """Greedy tokens of ours (plain, compiled, speculative with a 1-layer draft) are transformers'
-    generate's on a tiny random Llama."""
+    """Greedy tokens of ours (plain, and speculative with a 1-layer draft) are transformers'
+    generate's on a tiny random Llama (compiled = eager: test_all.py's compiled-decoding test)."""
     hf = hf_model("llama", seed=3)
     ours = saved(hf, tmp_path)
     prompt = tokens(8, seed=4)
     with torch.no_grad():
         want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=20)[:, 8:]
     draft = tiny_model("llama", seed=5, n_layer=1, n_kv_head=2)
-    for kw in ({}, {"compile": True}, {"draft": draft, "speculate_k": 3}):
+    for kw in ({}, {"draft": draft, "speculate_k": 3}):
         assert torch.equal(torch.stack(list(generation.generate(ours, prompt, 20, temperature=0, **kw)), 1), want), kw
 
 
