@@ -633,6 +633,7 @@ def bench_decode(args):
             started = time.perf_counter()
             tokens[name] = run(idx)
             first[name] = time.perf_counter() - started
+            print(f"batch {batch}, {label}: first call {first[name]:.0f} s", file=sys.stderr, flush=True)
         reference = tokens.get("cache")
         times = {name: [] for name, *_ in modes}
         for _ in range(args.reps):
