@@ -673,7 +673,48 @@ def bench_decode(args):
                            ("first_s", "first call s", "{:.0f}")])
     if args.run_dir:
         rows.append(quantized_perplexity(args, device))
+    if args.run_dir and args.draft_dir:
+        rows.append(speculative_on_run(args, device))
     return rows
+
+
+def speculative_on_run(args, device, n_prompts=4, new_tokens=128):
+    """Speculative decoding of a trained run (args.run_dir) with a trained draft (args.draft_dir,
+    the same tokenizer), greedy at batch 1 from n_prompts val windows of 16 tokens: acceptance
+    (drafted tokens kept; the same in every repetition), tokens/s of the model alone and with the draft (eager), median of
+    args.reps round-robin repetitions, and whether the tokens are the model's own."""
+    from sample import load, load_draft
+    model, tokenizer = load(args.run_dir, device=device)
+    draft = load_draft(args.draft_dir, model, tokenizer, device)
+    dataset = data.prepare(args.data or None, tokenizer.spec, quiet=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = dataset.get_batch("val", n_prompts, 16, g, device)[0]
+    new_tokens = min(new_tokens, min(model.config.block_size, draft.config.block_size) - 16 - args.speculate_k - 1)
+    stats, times = {}, {"alone": [], "speculative": []}
+    outputs = {}
+    for rep in range(args.reps + 1):  # the first: warm-up
+        for name in times:
+            kw = {"draft": draft, "speculate_k": args.speculate_k, "stats": stats} if name == "speculative" else {}
+            started = time.perf_counter()
+            with torch.no_grad():
+                outputs[name] = [torch.stack(list(generate(model, p[None], new_tokens, temperature=0, **kw)), dim=1)
+                                 for p in prompts]
+            if rep:
+                times[name].append(time.perf_counter() - started)
+    alone, spec = (statistics.median(times[n]) for n in ("alone", "speculative"))
+    result = {"draft_dir": args.draft_dir, "acceptance": stats["accepted"] / stats["drafted"],
+              "tok_s_alone": n_prompts * new_tokens / alone, "tok_s_speculative": n_prompts * new_tokens / spec,
+              "speedup": alone / spec, "identical": all(torch.equal(a, b) for a, b in
+                                                         zip(outputs["alone"], outputs["speculative"]))}
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"\nspeculative decoding of {args.run_dir} ({model.num_params() / 1e6:.2f}M) with the draft "
+              f"{args.draft_dir} ({draft.num_params() / 1e6:.2f}M), k={args.speculate_k}, greedy, batch 1, "
+              f"{n_prompts} val prompts x {new_tokens} tokens, eager: {stats['accepted'] / stats['drafted']:.0%} of "
+              f"drafted tokens kept; {result['tok_s_alone']:.0f} tokens/s alone, {result['tok_s_speculative']:.0f} "
+              f"with the draft ({result['speedup']:.2f}x); tokens identical: {result['identical']}")
+    return result
 
 
 def quantized_perplexity(args, device):
@@ -1030,6 +1071,8 @@ def parser(argv=()):
     de.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     de.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
                     "fp32, bf16 and int8 weights (empty: skip)")
+    de.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "
+                    "speculative decoding's acceptance and speed-up on real text (empty: skip)")
     de.add_argument("--data", default="", help="--run_dir's corpus (empty: the default corpus)")
     de.add_argument("--eval_batches", type=int, default=10, help="val batches of 8 sequences for the perplexity")
     add_run_flags(de, reps=3)

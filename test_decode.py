@@ -2,6 +2,7 @@
 against transformers); to be folded into test_all.py. `python -m pytest test_decode.py -q`.
 Nothing here is timed: speed figures come from `bench.py decode`."""
 import copy
+import json
 
 import pytest
 import torch
@@ -205,3 +206,25 @@ def test_sample_py_decoding_user_errors_are_one_line(model_dirs, extra, words):
     with pytest.raises((UserError, ValueError)) as error:
         sample.main(["--out_dir", str(model_dirs / "main"), "--max_new_tokens", "4", "--device", "cpu", *extra])
     assert "\n" not in str(error.value) and words in str(error.value), error.value
+
+
+# ----------------------------------------------------------------------------- bench.py decode
+
+def test_bench_decode_runs_and_reports_the_roofline(capsys):
+    """bench.py decode end to end on a tiny model (no figure is checked: speed comes from bench.py
+    only): every non-compiled mode of ours, greedy tokens equal to fp32 where they must be, bytes
+    per token from the weights' dtypes."""
+    import bench
+    rows = bench.main(["decode", "--vocab_size", "100", "--n_layer", "3", "--n_embd", "64", "--n_head", "4",
+                       "--n_kv_head", "2", "--intermediate_size", "128", "--block_size", "256", "--batches", "1,2",
+                       "--new_tokens", "8", "--reps", "1", "--modes", "cache,bf16,int8,speculative", "--json"])
+    assert rows == 0
+    out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rows = [json.loads(line) for line in out]
+    assert [r["mode"] for r in rows] == ["cache", "bf16", "int8", "speculative"] * 2
+    by = {(r["batch"], r["mode"]): r for r in rows}
+    for batch in (1, 2):
+        assert by[batch, "speculative"]["same_tokens"] == 1.0 and 0 <= by[batch, "speculative"]["acceptance"] <= 1
+        assert by[batch, "int8"]["mb_per_token"] < 0.5 * by[batch, "cache"]["mb_per_token"]
+        assert 0 < by[batch, "cache"]["roofline"] and by[batch, "cache"]["bandwidth_gb_s"] > 0
+    assert by[2, "cache"]["mb_per_token"] < by[1, "cache"]["mb_per_token"]  # weights read once for both rows
