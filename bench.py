@@ -658,24 +658,30 @@ def bench_decode(args):
             rows.append(row)
             if args.json:
                 print(json.dumps(row), flush=True)
-    if not args.json:
-        cfg = model.config
-        print(f"{args.model} on {device} ({torch.get_num_threads()} threads): {model.num_params() / 1e6:.1f}M parameters "
-              f"({quantize.weight_bytes(model) / 1e6:.0f} MB in fp32), {cfg.n_layer} layers, width {cfg.n_embd}, "
-              f"vocabulary {cfg.vocab_size}; greedy, {args.new_tokens} new tokens after {args.prompt_len}; median of "
-              f"{args.reps} round-robin repetitions")
-        print(f"memory bandwidth (a {256} MiB copy, read + write): {bandwidth / 1e9:.1f} GB/s; MB/token = weights "
-              f"(int8/bf16 where quantized; per row of the batch) + KV cache read per generated token")
-        print_table(rows, [("batch", "batch", "{}"), ("label", "decoding", "{}"), ("tok_s", "tokens/s", "{:,.1f}"),
-                           ("vs_static", "vs transformers static", "{:.2f}x"), ("mb_per_token", "MB/token", "{:.1f}"),
-                           ("gb_s", "GB/s", "{:.1f}"), ("roofline", "of bandwidth", "{:.0%}"),
-                           ("same_tokens", "tokens = ours fp32", "{:.1%}"), ("acceptance", "accepted", "{:.0%}"),
-                           ("first_s", "first call s", "{:.0f}")])
+        if not args.json:  # each batch size as soon as it is measured
+            print_decode_table(args, model, device, bandwidth, [r for r in rows if r["batch"] == batch])
     if args.run_dir:
         rows.append(quantized_perplexity(args, device))
     if args.run_dir and args.draft_dir:
         rows.append(speculative_on_run(args, device))
     return rows
+
+
+def print_decode_table(args, model, device, bandwidth, rows):
+    """The table of one batch size's rows (bench_decode), with the settings it was measured under."""
+    cfg = model.config
+    print(f"{args.model} on {device} ({torch.get_num_threads()} threads): {model.num_params() / 1e6:.1f}M parameters "
+          f"({quantize.weight_bytes(model) / 1e6:.0f} MB in fp32), {cfg.n_layer} layers, width {cfg.n_embd}, "
+          f"vocabulary {cfg.vocab_size}; greedy, {args.new_tokens} new tokens after {args.prompt_len}; median of "
+          f"{args.reps} round-robin repetitions")
+    print(f"memory bandwidth (a 256 MiB copy, read + write): {bandwidth / 1e9:.1f} GB/s; MB/token = weights "
+          f"(int8/bf16 where quantized; per row of the batch) + KV cache read per generated token")
+    print_table(rows, [("batch", "batch", "{}"), ("label", "decoding", "{}"), ("tok_s", "tokens/s", "{:,.1f}"),
+                       ("vs_static", "vs transformers static", "{:.2f}x"), ("mb_per_token", "MB/token", "{:.1f}"),
+                       ("gb_s", "GB/s", "{:.1f}"), ("roofline", "of bandwidth", "{:.0%}"),
+                       ("same_tokens", "tokens = ours fp32", "{:.1%}"), ("acceptance", "accepted", "{:.0%}"),
+                       ("first_s", "first call s", "{:.0f}")])
+    print(flush=True)
 
 
 def speculative_on_run(args, device, n_prompts=4, new_tokens=128):
