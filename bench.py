@@ -492,7 +492,7 @@ def add_model_flags(p, model_name, block_size=None):
 DECODE_MODEL = dict(vocab_size=32000, block_size=2048, n_layer=8, n_embd=512, n_head=8, n_kv_head=2,
                     intermediate_size=1408, tie_embeddings=False)
 DECODE_MODES = ("hf_dynamic", "hf_static", "cache", "compile", "bf16", "bf16_compile", "int8", "int8_compile",
-                "speculative", "speculative_compile", "speculative_int8_compile")
+                "speculative", "speculative_compile", "speculative_int8draft_compile")
 
 
 def memory_bandwidth(device, nbytes=256 * 2 ** 20, reps=5):
@@ -578,26 +578,30 @@ def decode_modes(args, model, device):
                     return hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=N,
                                        **kw)[:, P:]
             slots = P + N if mode == "hf_static" else dynamic_slots
-            label = "transformers generate, " + ("static cache (compiled)" if mode == "hf_static" else "dynamic cache")
+            # transformers compiles a static cache's forward by itself on cuda/xpu/neuron/tpu only (GenerationMixin.
+            # _valid_auto_compile_criteria): on CPU its static cache runs eager
+            label = "transformers generate, " + ("static cache" if mode == "hf_static" else "dynamic cache")
             modes.append((mode, label, run, lambda B, s=slots: step_bytes(fp32, B, s)))
         elif mode.startswith("speculative"):
-            compiled, scheme = mode.endswith("compile"), "int8" if "int8" in mode else "none"
-            main = quantized(scheme)
-            draft = quantize.quantize(self_draft(model, args.draft_layers), scheme)
+            compiled = mode.endswith("compile")
+            if "int8draft" in mode:  # gpt-fast's pairing: the model's own weights, quantized, draft for it
+                draft, name = quantized("int8"), "the model in int8"
+            else:
+                draft, name = self_draft(model, args.draft_layers), f"its first {args.draft_layers} layers"
             stats = {}
             slots = static_slots if compiled else dynamic_slots
 
-            def run(idx, main=main, draft=draft, stats=stats, compiled=compiled):
+            def run(idx, draft=draft, stats=stats, compiled=compiled):
                 stats.clear()
                 with torch.no_grad():
-                    return torch.stack(list(speculative_decode(main, draft, idx, N, args.speculate_k, compile=compiled,
+                    return torch.stack(list(speculative_decode(model, draft, idx, N, args.speculate_k, compile=compiled,
                                                                stats=stats, temperature=0)), dim=1)
-            label = (f"speculative, draft = first {args.draft_layers} layers, k={args.speculate_k}"
-                     + (", int8" if scheme == "int8" else "") + (" + compile" if compiled else ""))
-            modes.append((mode, label, run, (lambda B, m=main, d=draft, s=slots, st=stats:
-                                             (st["rounds"] * (args.speculate_k * step_bytes(d, B, s) + step_bytes(m, B, s))
-                                              / (N / B)) if st else None)))
-            modes[-1] += (stats,)
+
+            def per_step(B, draft=draft, stats=stats, slots=slots):  # a round: k draft steps and one verification
+                rounds = stats.get("rounds")
+                return rounds and rounds * (args.speculate_k * step_bytes(draft, B, slots) + step_bytes(model, B, slots)) / N
+            label = f"speculative, draft = {name}, k={args.speculate_k}" + (" + compile" if compiled else "")
+            modes.append((mode, label, run, per_step, stats))
         else:
             compiled = mode.endswith("compile")
             scheme = mode.split("_")[0] if mode.split("_")[0] in quantize.SCHEMES else "none"
@@ -605,7 +609,7 @@ def decode_modes(args, model, device):
             label = "ours, KV cache" + (f", {scheme} weights" if scheme != "none" else "") + (" + compile" if compiled else "")
             slots = static_slots if compiled else dynamic_slots
             modes.append((mode, label, ours(m, compile=compiled), lambda B, m=m, s=slots: step_bytes(m, B, s)))
-    return [m if len(m) == 5 else m + (None,) for m in modes]
+    return [m if len(m) == 5 else m + (None,) for m in modes]  # (name, label, run, bytes, stats or None)
 
 
 def bench_decode(args):
@@ -670,7 +674,7 @@ def bench_decode(args):
 def print_decode_table(args, model, device, bandwidth, rows):
     """The table of one batch size's rows (bench_decode), with the settings it was measured under."""
     cfg = model.config
-    print(f"{args.model} on {device} ({torch.get_num_threads()} threads): {model.num_params() / 1e6:.1f}M parameters "
+    print(f"{args.model} on {device} ({torch.get_num_threads()} threads): {model.num_params(False) / 1e6:.1f}M parameters "
           f"({quantize.weight_bytes(model) / 1e6:.0f} MB in fp32), {cfg.n_layer} layers, width {cfg.n_embd}, "
           f"vocabulary {cfg.vocab_size}; greedy, {args.new_tokens} new tokens after {args.prompt_len}; median of "
           f"{args.reps} round-robin repetitions")
