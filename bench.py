@@ -627,7 +627,7 @@ def bench_decode(args):
     device = resolve_device(args.device)
     bandwidth = memory_bandwidth(device)
     model = build_model(args, device)
-    rows = []
+    rows = bench_step_variants(args, model, device) if args.step_variants and device == "cpu" else []
     for batch in [int(b) for b in args.batches.split(",")]:
         idx = torch.randint(model.config.vocab_size, (batch, args.prompt_len), device=device,
                             generator=torch.Generator(device=device).manual_seed(0))
@@ -663,11 +663,53 @@ def bench_decode(args):
             if args.json:
                 print(json.dumps(row), flush=True)
         if not args.json:  # each batch size as soon as it is measured
-            print_decode_table(args, model, device, bandwidth, [r for r in rows if r["batch"] == batch])
+            print_decode_table(args, model, device, bandwidth, [r for r in rows if r.get("batch") == batch])
     if args.run_dir:
         rows.append(quantized_perplexity(args, device))
     if args.run_dir and args.draft_dir:
         rows.append(speculative_on_run(args, device))
+    return rows
+
+
+STEP_VARIANTS = {  # issue 19's candidates for the compiled one-token step: (inductor options, cache slots: 0 = rounded)
+    "compiled (cpp_wrapper, cache rounded to a power of two)": ({"cpp_wrapper": True}, 0),
+    "+ freezing (weights constant-folded, prepacked)": ({"cpp_wrapper": True, "freezing": True}, 0),
+    "without cpp_wrapper": ({}, 0),
+    "cache of exactly prompt + new tokens slots": ({"cpp_wrapper": True}, -1),
+}
+
+
+def bench_step_variants(args, model, device, steps=40):
+    """The one-token step at batch 1 eager and compiled with each of STEP_VARIANTS: median ms of
+    `steps` steps timed round-robin (one step of every variant in turn), each against its own cache
+    rewound to the prompt plus a few tokens."""
+    P, N = args.prompt_len, args.new_tokens
+    idx = torch.randint(model.config.vocab_size, (1, P), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    variants = {"eager": (model, P + N, False)}
+    for name, (options, slots) in STEP_VARIANTS.items():
+        slots = P + N if slots else min(model.config.block_size, 1 << (P + N - 1).bit_length())
+        variants[name] = (torch.compile(model.forward, dynamic=False, options=options), slots, True)
+    states, times = {}, {name: [] for name in variants}
+    with torch.no_grad():
+        for name, (step, slots, static) in variants.items():
+            logits, cache = generation.prefill(model, idx, None, slots, static=static)
+            states[name] = (step, cache, logits.argmax(-1))
+            generation.decode_one_token(step, states[name][2], cache)  # compiles
+        for i in range(steps):
+            for name, (step, cache, token) in states.items():
+                generation._rewind(cache, P + i % 8)
+                started = time.perf_counter()
+                generation.decode_one_token(step, token, cache)
+                times[name].append(time.perf_counter() - started)
+    rows = [{"step": name, "ms": statistics.median(t) * 1e3} for name, t in times.items()]
+    if args.json:
+        for row in rows:
+            print(json.dumps({"kind": "step", **row}), flush=True)
+    else:
+        print(f"the one-token step at batch 1 ({torch.get_num_threads()} threads), median of {steps} round-robin steps:")
+        print_table(rows, [("step", "step", "{}"), ("ms", "ms", "{:.1f}")])
+        print(flush=True)
     return rows
 
 
@@ -1079,6 +1121,8 @@ def parser(argv=()):
                     "layers (bench.self_draft)")
     de.add_argument("--speculate_k", type=int, default=4, help="tokens drafted per verification")
     de.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    de.add_argument("--step_variants", type=runtime.str2bool, default=True, help="on CPU, first time the compiled "
+                    "one-token step with each of issue 19's candidate settings (bench.STEP_VARIANTS)")
     de.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
                     "fp32, bf16 and int8 weights (empty: skip)")
     de.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "

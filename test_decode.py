@@ -217,7 +217,8 @@ def test_bench_decode_runs_and_reports_the_roofline(capsys):
     import bench
     rows = bench.main(["decode", "--vocab_size", "100", "--n_layer", "3", "--n_embd", "64", "--n_head", "4",
                        "--n_kv_head", "2", "--intermediate_size", "128", "--block_size", "256", "--batches", "1,2",
-                       "--new_tokens", "8", "--reps", "1", "--modes", "cache,bf16,int8,speculative", "--json"])
+                       "--new_tokens", "8", "--reps", "1", "--modes", "cache,bf16,int8,speculative", "--step_variants",
+                       "false", "--json"])
     assert rows == 0
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     rows = [json.loads(line) for line in out]
