@@ -9,11 +9,13 @@
   python bench.py moe                       # dense vs MoE at equal active parameters; loop vs grouped_mm; expert load
   python bench.py switch                    # Switch Transformer vs dense at equal FLOPs: tokens to the same loss
   python bench.py icl                       # in-context learning: accuracy against K shots for 3 model sizes
+  python bench.py decode                    # decoding vs transformers, int8/bf16 weights, speculative; the roofline
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
 /proc/self/clear_refs, minus the resident size at the reset.
 """
+import copy
 import ctypes
 import json
 import random
@@ -25,17 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 import data
 import evaluation
+import generation
 import kernels
 import lora
 import models
+import quantize
 import tokenization
 import train
 import runtime
 from runtime import UserError, autocast, format_eta, print_table, resolve_device, resolve_dtype
-from generation import generate
+from generation import generate, speculative_decode
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -634,6 +639,322 @@ def add_model_flags(p, model_name, block_size=None):
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
 
 
+# ----------------------------------------------------------------------------- decoding against the roofline (issue 19)
+
+# the model of issue 19's table: a Llama of 55.3M parameters (221 MB in fp32), untied output head
+DECODE_MODEL = dict(vocab_size=32000, block_size=2048, n_layer=8, n_embd=512, n_head=8, n_kv_head=2,
+                    intermediate_size=1408, tie_embeddings=False)
+DECODE_MODES = ("hf_dynamic", "hf_static", "cache", "compile", "bf16", "bf16_compile", "int8", "int8_compile",
+                "speculative", "speculative_compile", "speculative_int8draft_compile")
+
+
+def memory_bandwidth(device, nbytes=256 * 2 ** 20, reps=5):
+    """The machine's memory bandwidth in bytes/s as this process sees it: a copy of nbytes (larger
+    than any CPU cache) into another buffer, counted as 2 * nbytes moved (read + write: STREAM's
+    Copy convention), median of reps."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds, _ = measure(lambda: dst.copy_(src), device, reps)
+    return 2 * nbytes / seconds
+
+
+def step_bytes(model, batch, kv_slots):
+    """Bytes one decoding step of `batch` rows reads: every parameter and buffer once
+    (quantize.weight_bytes; an embedding table only for its `batch` looked-up rows, unless a layer
+    multiplies by it: a tied output head), plus the keys and values of kv_slots cache slots of
+    every layer and row (the dtype of generation.compute_dtype)."""
+    matrices = {id(m.weight) for m in model.modules() if not isinstance(m, nn.Embedding) and hasattr(m, "weight")}
+    tables = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Embedding)}
+    total = quantize.weight_bytes(model)
+    total -= sum(w.nbytes - batch * w[0].nbytes for key, w in tables.items() if key not in matrices)
+    cfg = model.config
+    element = torch.finfo(generation.compute_dtype(model)).bits // 8
+    return total + 2 * cfg.n_layer * batch * cfg.n_kv_head * kv_slots * cfg.head_dim * element
+
+
+def self_draft(model, n_layer):
+    """A draft model for speculative decoding made from model itself (LayerSkip's early exit,
+    Elhoushi et al. 2024, without its training): its first n_layer blocks, its final norm and
+    output head, the same weight tensors (shared, no copy)."""
+    config = copy.deepcopy(model.config)
+    config.n_layer = n_layer
+    with torch.device("meta"):
+        draft = type(model)(config)
+    draft.load_state_dict(model.state_dict(), strict=False, assign=True)  # blocks past n_layer: not loaded
+    return draft.eval()
+
+
+def hf_twin(model):
+    """The same weights as a transformers model (save_pretrained, then AutoModelForCausalLM), or
+    None when transformers is not installed (a test-only dependency)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    hf.generation_config.eos_token_id = hf.generation_config.bos_token_id = None  # never stop early
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+def decode_modes(args, model, device):
+    """(label, run(idx) -> tokens (B, N), bytes_per_step(B) or None, model) for each of
+    args.modes; speculative modes fill a stats dict that the caller reads."""
+    N, P = args.new_tokens, args.prompt_len
+    dynamic_slots, static_slots = P + N // 2, min(model.config.block_size, 1 << (P + N - 1).bit_length())
+    fp32 = model
+    variants = {"none": model}
+    modes = []
+    hf = hf_twin(model) if {"hf_dynamic", "hf_static"} & set(args.modes) else None
+
+    def ours(m, **kw):
+        def run(idx):
+            with torch.no_grad():
+                return torch.stack(list(generate(m, idx, N, temperature=0, **kw)), dim=1)
+        return run
+
+    def quantized(scheme):
+        if scheme not in variants:
+            variants[scheme] = quantize.quantize(copy.deepcopy(model), scheme)
+        return variants[scheme]
+    for mode in args.modes:
+        if mode.startswith("hf_"):
+            if hf is None:
+                print(f"{mode}: skipped (transformers is not installed)")
+                continue
+            kw = {"cache_implementation": "static"} if mode == "hf_static" else {}
+
+            def run(idx, kw=kw):
+                with torch.no_grad():
+                    return hf.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=N,
+                                       **kw)[:, P:]
+            slots = P + N if mode == "hf_static" else dynamic_slots
+            # transformers compiles a static cache's forward by itself on cuda/xpu/neuron/tpu only (GenerationMixin.
+            # _valid_auto_compile_criteria): on CPU its static cache runs eager
+            label = "transformers generate, " + ("static cache" if mode == "hf_static" else "dynamic cache")
+            modes.append((mode, label, run, lambda B, s=slots: step_bytes(fp32, B, s)))
+        elif mode.startswith("speculative"):
+            compiled = mode.endswith("compile")
+            if "int8draft" in mode:  # gpt-fast's pairing: the model's own weights, quantized, draft for it
+                draft, name = quantized("int8"), "the model in int8"
+            else:
+                draft, name = self_draft(model, args.draft_layers), f"its first {args.draft_layers} layers"
+            stats = {}
+            slots = static_slots if compiled else dynamic_slots
+
+            def run(idx, draft=draft, stats=stats, compiled=compiled):
+                stats.clear()
+                with torch.no_grad():
+                    return torch.stack(list(speculative_decode(model, draft, idx, N, args.speculate_k, compile=compiled,
+                                                               stats=stats, temperature=0)), dim=1)
+
+            def per_step(B, draft=draft, stats=stats, slots=slots):  # a round: k draft steps and one verification
+                rounds = stats.get("rounds")
+                return rounds and rounds * (args.speculate_k * step_bytes(draft, B, slots) + step_bytes(model, B, slots)) / N
+            label = f"speculative, draft = {name}, k={args.speculate_k}" + (" + compile" if compiled else "")
+            modes.append((mode, label, run, per_step, stats))
+        else:
+            compiled = mode.endswith("compile")
+            scheme = mode.split("_")[0] if mode.split("_")[0] in quantize.SCHEMES else "none"
+            m = quantized(scheme)
+            label = "ours, KV cache" + (f", {scheme} weights" if scheme != "none" else "") + (" + compile" if compiled else "")
+            slots = static_slots if compiled else dynamic_slots
+            modes.append((mode, label, ours(m, compile=compiled), lambda B, m=m, s=slots: step_bytes(m, B, s)))
+    return [m if len(m) == 5 else m + (None,) for m in modes]  # (name, label, run, bytes, stats or None)
+
+
+def bench_decode(args):
+    """Greedy decoding of args.new_tokens after args.prompt_len on one random model (DECODE_MODEL
+    by default): transformers' generate and ours in every mode, timed round-robin (each repetition
+    runs every mode once, so a change in the machine's load hits every mode alike), with the bytes
+    read per token, the achieved bytes/s and its fraction of the measured copy bandwidth, and the
+    greedy tokens compared with ours in fp32."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in args.modes if m not in DECODE_MODES]
+    if unknown:
+        raise UserError(f"unknown --modes {', '.join(unknown)}; choose from {', '.join(DECODE_MODES)}")
+    device = resolve_device(args.device)
+    bandwidth = memory_bandwidth(device)
+    model = build_model(args, device)
+    rows = bench_step_variants(args, model, device) if args.step_variants and device == "cpu" else []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        idx = torch.randint(model.config.vocab_size, (batch, args.prompt_len), device=device,
+                            generator=torch.Generator(device=device).manual_seed(0))
+        modes = decode_modes(args, model, device)
+        tokens, first = {}, {}
+        for name, label, run, _, _ in modes:  # warm-up: compiles, and the tokens
+            started = time.perf_counter()
+            tokens[name] = run(idx)
+            first[name] = time.perf_counter() - started
+            print(f"batch {batch}, {label}: first call {first[name]:.0f} s", file=sys.stderr, flush=True)
+        reference = tokens.get("cache")
+        times = {name: [] for name, *_ in modes}
+        for _ in range(args.reps):
+            for name, label, run, _, _ in modes:
+                started = time.perf_counter()
+                run(idx)
+                times[name].append(time.perf_counter() - started)
+        static = statistics.median(times["hf_static"]) if "hf_static" in times else None
+        for name, label, run, bytes_fn, stats in modes:
+            seconds = statistics.median(times[name])
+            tok_s = batch * args.new_tokens / seconds
+            per_token = bytes_fn(batch)
+            per_token = None if per_token is None else per_token / batch
+            row = {"batch": batch, "mode": name, "label": label, "tok_s": tok_s, "first_s": first[name],
+                   "vs_static": None if static is None else static / seconds,
+                   "mb_per_token": None if per_token is None else per_token / 1e6,
+                   "gb_s": None if per_token is None else per_token * tok_s / 1e9,
+                   "bandwidth_gb_s": bandwidth / 1e9,
+                   "same_tokens": None if reference is None else (tokens[name] == reference).float().mean().item(),
+                   "acceptance": stats["accepted"] / stats["drafted"] if stats else None}
+            row["roofline"] = None if row["gb_s"] is None else row["gb_s"] / row["bandwidth_gb_s"]
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+        if not args.json:  # each batch size as soon as it is measured
+            print_decode_table(args, model, device, bandwidth, [r for r in rows if r.get("batch") == batch])
+    if args.run_dir:
+        rows.append(quantized_perplexity(args, device))
+    if args.run_dir and args.draft_dir:
+        rows.append(speculative_on_run(args, device))
+    return rows
+
+
+STEP_VARIANTS = {  # issue 19's candidates for the compiled one-token step: (inductor options, cache slots: 0 = rounded)
+    "compiled (cpp_wrapper, cache rounded to a power of two)": ({"cpp_wrapper": True}, 0),
+    "+ freezing (weights constant-folded, prepacked)": ({"cpp_wrapper": True, "freezing": True}, 0),
+    "without cpp_wrapper": ({}, 0),
+    "cache of exactly prompt + new tokens slots": ({"cpp_wrapper": True}, -1),
+}
+
+
+def bench_step_variants(args, model, device, steps=40):
+    """The one-token step at batch 1 eager and compiled with each of STEP_VARIANTS: median ms of
+    `steps` steps timed round-robin (one step of every variant in turn), each against its own cache
+    rewound to the prompt plus a few tokens."""
+    P, N = args.prompt_len, args.new_tokens
+    idx = torch.randint(model.config.vocab_size, (1, P), device=device,
+                        generator=torch.Generator(device=device).manual_seed(0))
+    variants = {"eager": (model, P + N, False)}
+    for name, (options, slots) in STEP_VARIANTS.items():
+        slots = P + N if slots else min(model.config.block_size, 1 << (P + N - 1).bit_length())
+        variants[name] = (torch.compile(model.forward, dynamic=False, options=options), slots, True)
+    states, times = {}, {name: [] for name in variants}
+    with torch.no_grad():
+        for name, (step, slots, static) in variants.items():
+            logits, cache = generation.prefill(model, idx, None, slots, static=static)
+            states[name] = (step, cache, logits.argmax(-1))
+            generation.decode_one_token(step, states[name][2], cache)  # compiles
+        for i in range(steps):
+            for name, (step, cache, token) in states.items():
+                generation._rewind(cache, P + i % 8)
+                started = time.perf_counter()
+                generation.decode_one_token(step, token, cache)
+                times[name].append(time.perf_counter() - started)
+    rows = [{"step": name, "ms": statistics.median(t) * 1e3} for name, t in times.items()]
+    if args.json:
+        for row in rows:
+            print(json.dumps({"kind": "step", **row}), flush=True)
+    else:
+        print(f"the one-token step at batch 1 ({torch.get_num_threads()} threads), median of {steps} round-robin steps:")
+        print_table(rows, [("step", "step", "{}"), ("ms", "ms", "{:.1f}")])
+        print(flush=True)
+    return rows
+
+
+def print_decode_table(args, model, device, bandwidth, rows):
+    """The table of one batch size's rows (bench_decode), with the settings it was measured under."""
+    cfg = model.config
+    print(f"{args.model} on {device} ({torch.get_num_threads()} threads): {model.num_params(False) / 1e6:.1f}M parameters "
+          f"({quantize.weight_bytes(model) / 1e6:.0f} MB in fp32), {cfg.n_layer} layers, width {cfg.n_embd}, "
+          f"vocabulary {cfg.vocab_size}; greedy, {args.new_tokens} new tokens after {args.prompt_len}; median of "
+          f"{args.reps} round-robin repetitions")
+    print(f"memory bandwidth (a 256 MiB copy, read + write): {bandwidth / 1e9:.1f} GB/s; MB/token = weights "
+          f"(int8/bf16 where quantized; per row of the batch) + KV cache read per generated token")
+    print_table(rows, [("batch", "batch", "{}"), ("label", "decoding", "{}"), ("tok_s", "tokens/s", "{:,.1f}"),
+                       ("vs_static", "vs transformers static", "{:.2f}x"), ("mb_per_token", "MB/token", "{:.1f}"),
+                       ("gb_s", "GB/s", "{:.1f}"), ("roofline", "of bandwidth", "{:.0%}"),
+                       ("same_tokens", "tokens = ours fp32", "{:.1%}"), ("acceptance", "accepted", "{:.0%}"),
+                       ("first_s", "first call s", "{:.0f}")])
+    print(flush=True)
+
+
+def speculative_on_run(args, device, n_prompts=4, new_tokens=128):
+    """Speculative decoding of a trained run (args.run_dir) with a trained draft (args.draft_dir,
+    the same tokenizer), greedy at batch 1 from n_prompts val windows of 16 tokens: acceptance
+    (drafted tokens kept; the same in every repetition), tokens/s of the model alone and with the draft (eager), median of
+    args.reps round-robin repetitions, and whether the tokens are the model's own."""
+    from sample import load, load_draft
+    model, tokenizer = load(args.run_dir, device=device)
+    draft = load_draft(args.draft_dir, model, tokenizer, device)
+    dataset = data.prepare(args.data or None, tokenizer.spec, quiet=True)
+    g = torch.Generator().manual_seed(1)
+    prompts = dataset.get_batch("val", n_prompts, 16, g, device)[0]
+    new_tokens = min(new_tokens, min(model.config.block_size, draft.config.block_size) - 16 - args.speculate_k - 1)
+    stats, times = {}, {"alone": [], "speculative": []}
+    outputs = {}
+    for rep in range(args.reps + 1):  # the first: warm-up
+        for name in times:
+            kw = {"draft": draft, "speculate_k": args.speculate_k, "stats": stats} if name == "speculative" else {}
+            started = time.perf_counter()
+            with torch.no_grad():
+                outputs[name] = [torch.stack(list(generate(model, p[None], new_tokens, temperature=0, **kw)), dim=1)
+                                 for p in prompts]
+            if rep:
+                times[name].append(time.perf_counter() - started)
+    alone, spec = (statistics.median(times[n]) for n in ("alone", "speculative"))
+    result = {"draft_dir": args.draft_dir, "acceptance": stats["accepted"] / stats["drafted"],
+              "tok_s_alone": n_prompts * new_tokens / alone, "tok_s_speculative": n_prompts * new_tokens / spec,
+              "speedup": alone / spec, "identical": all(torch.equal(a, b) for a, b in
+                                                         zip(outputs["alone"], outputs["speculative"]))}
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"\nspeculative decoding of {args.run_dir} ({model.num_params() / 1e6:.2f}M) with the draft "
+              f"{args.draft_dir} ({draft.num_params() / 1e6:.2f}M), k={args.speculate_k}, greedy, batch 1, "
+              f"{n_prompts} val prompts x {new_tokens} tokens, eager: {stats['accepted'] / stats['drafted']:.0%} of "
+              f"drafted tokens kept; {result['tok_s_alone']:.0f} tokens/s alone, {result['tok_s_speculative']:.0f} "
+              f"with the draft ({result['speedup']:.2f}x); tokens identical: {result['identical']}")
+    return result
+
+
+def quantized_perplexity(args, device):
+    """Val-split perplexity of a trained run folder (args.run_dir, its own corpus and tokenizer)
+    with fp32, bf16 and int8 weights, on the same args.eval_batches batches; and the greedy-token
+    agreement of the quantized models with fp32 over 8 x 128 tokens continuing val windows."""
+    from sample import load
+    model, tokenizer = load(args.run_dir, device=device)
+    dataset = data.prepare(args.data or None, tokenizer.spec, quiet=True)
+    if dataset.tokenizer.key() != tokenizer.key():
+        raise UserError(f"--data tokenizes to another vocabulary than {args.run_dir}'s: give the run's corpus")
+    g = torch.Generator().manual_seed(0)
+    block = min(model.config.block_size, 256)
+    batches = [dataset.get_batch("val", 8, block, g, device) for _ in range(args.eval_batches)]
+    prompts = batches[0][0][:, :16]
+    result, reference = {"run_dir": args.run_dir}, None
+    for scheme in ("none", "bf16", "int8"):
+        m = quantize.quantize(copy.deepcopy(model), scheme)
+        with torch.no_grad():
+            loss = statistics.fmean(m(x, y)[1].item() for x, y in batches)
+            greedy = torch.stack(list(generate(m, prompts, min(128, block - 16), temperature=0)), dim=1)
+        reference = greedy if reference is None else reference
+        result[scheme] = {"val_loss": loss, "perplexity": float(np.exp(loss)),
+                          "same_tokens": (greedy == reference).float().mean().item()}
+    if args.json:
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"\nval split of {args.run_dir} ({args.eval_batches} batches of 8 x {block} tokens); greedy tokens "
+              f"compared over 8 prompts x {min(128, block - 16)} tokens:")
+        print_table([{"weights": k, **v} for k, v in result.items() if k != "run_dir"],
+                    [("weights", "weights", "{}"), ("val_loss", "val loss", "{:.4f}"),
+                     ("perplexity", "perplexity", "{:.3f}"), ("same_tokens", "greedy tokens = fp32", "{:.1%}")])
+    return result
+
+
 # ----------------------------------------------------------------------------- Switch vs dense (Fedus et al. 2021)
 
 SWITCH_ARMS = {  # name -> models/switch.py Config overrides; the first two are the comparison, the rest ablations
@@ -871,7 +1192,7 @@ def plot_expert_loads(loads, path, title):
 def parser(argv=()):
     """The command line; the model flags are those of the file named by --model in argv."""
     pre = runtime.ArgumentParser(add_help=False)  # its errors too are one line
-    pre.add_argument("--model", default="llama" if list(argv[:1]) == ["kvcache"] else "gpt")  # kvcache needs kv heads
+    pre.add_argument("--model", default="llama" if list(argv[:1]) in (["kvcache"], ["decode"]) else "gpt")  # kv heads
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -941,6 +1262,29 @@ def parser(argv=()):
     mo.add_argument("--plot", default="out/bench_moe_load.png", help="PNG plot path of the load histogram (empty: none)")
     add_run_flags(mo, reps=3)
     mo.set_defaults(run=bench_moe)
+
+    de = sub.add_parser("decode", help="greedy decoding against transformers' generate: tokens/s, bytes read per token "
+                        "and the fraction of the measured memory bandwidth; int8/bf16 weights; speculative decoding")
+    add_model_flags(de, model_name)
+    de.set_defaults(**{k: v for k, v in DECODE_MODEL.items() if k in {a.dest for a in de._actions}})
+    de.add_argument("--modes", default=",".join(DECODE_MODES), help="comma-separated, from: " + ", ".join(DECODE_MODES))
+    de.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    de.add_argument("--prompt_len", type=int, default=32, help="prompt tokens")
+    de.add_argument("--new_tokens", type=int, default=128, help="generated tokens")
+    de.add_argument("--draft_layers", type=int, default=2, help="the speculative modes' draft: the model's first N "
+                    "layers (bench.self_draft)")
+    de.add_argument("--speculate_k", type=int, default=4, help="tokens drafted per verification")
+    de.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    de.add_argument("--step_variants", type=runtime.str2bool, default=True, help="on CPU, first time the compiled "
+                    "one-token step with each of issue 19's candidate settings (bench.STEP_VARIANTS)")
+    de.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
+                    "fp32, bf16 and int8 weights (empty: skip)")
+    de.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "
+                    "speculative decoding's acceptance and speed-up on real text (empty: skip)")
+    de.add_argument("--data", default="", help="--run_dir's corpus (empty: the default corpus)")
+    de.add_argument("--eval_batches", type=int, default=10, help="val batches of 8 sequences for the perplexity")
+    add_run_flags(de, reps=3)
+    de.set_defaults(run=bench_decode)
 
     sw = sub.add_parser("switch", help="Switch Transformer vs dense at equal FLOPs per token: val loss against "
                         "tokens over seeds, tokens to reach the dense model's loss, ablations (trains; cached by settings)")

@@ -5,16 +5,21 @@ A library module (sample.py is its command line; train.py and bench.py use it to
   ids = sample_next(logits, temperature=1.0, top_p=0.9, min_p=0.05)          # transformers' warpers
   text = stream(model, tokenizer, prompt_ids, 300)                            # one prompt, printed as it comes
   texts = complete(model, tokenizer, [ids_a, ids_b], 100, stop="\n")        # a left-padded batch
+  tokens = generate(model, idx, 100, draft=small_model, speculate_k=4)       # speculative decoding
 
 Shapes: idx (B, T) token ids; logits (B, V). Decoding fills a pre-allocated kernels.KVCache once
 with the prompt (prefill), then feeds one token per step (decode_one_token); compile=True runs that
-step through torch.compile over a static cache (gpt-fast's recipe). stream and complete draw only
-ids their tokenizer has, and the tokenizers decode an id they do not have to ''.
+step through torch.compile over a static cache (gpt-fast's recipe). With a draft model, a small
+model proposes speculate_k tokens that the model verifies in one forward (speculative_decode).
+stream and complete draw only ids their tokenizer has, and the tokenizers decode an id they do not
+have to ''.
 """
+import functools
 import numbers
 import sys
 
 import torch
+import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -102,14 +107,27 @@ def left_pad(prompts, pad_id=0, device="cpu"):
     return idx, torch.tensor([T - len(p) for p in prompts], dtype=torch.long, device=device)
 
 
+def compute_dtype(model):
+    """The dtype of model's activations (and KV cache) without autocast: that of its first
+    floating-point parameter (the embedding table). Not lm_head.weight's: quantize.py's int8 layers
+    hold int8 weights."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def compiled_decoder(model):
     """model's forward under torch.compile, made once per model, for one-token steps against a
     static KV cache: every step has the same shapes and inputs, so it compiles on the first step and
     never again. On CPU the compiled graph is driven from C++ (inductor's cpp_wrapper), which cuts
-    the per-step overhead of small models."""
+    the per-step overhead of small models. On CUDA it is replayed as a CUDA graph
+    (mode="reduce-overhead", gpt-fast's setting): prefill marks a static cache's tensors as static
+    addresses (torch._dynamo.mark_static_address), so the graph updates them in place instead of
+    copying them in and out (not measured in this project: no GPU in its CI). Other shapes (the
+    (k+1)-token verification of speculative_decode) compile their own graph once."""
     if "_compiled_decoder" not in model.__dict__:  # outside nn.Module's registry: not a submodule
-        options = {"cpp_wrapper": True} if model.lm_head.weight.device.type == "cpu" else {}
-        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, options=options)
+        cpu = model.lm_head.weight.device.type == "cpu"
+        model.__dict__["_compiled_decoder"] = torch.compile(model.forward, dynamic=False,
+                                                            options={"cpp_wrapper": True} if cpu else None,
+                                                            mode=None if cpu else "reduce-overhead")
     return model.__dict__["_compiled_decoder"]
 
 
@@ -134,9 +152,12 @@ def prefill(model, seq, pad=None, max_len=None, static=False):
     if max_len is None and pad is None:
         return model(seq)[0][:, -1], None
     kind = seq.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else compute_dtype(model)
     cache = model.init_cache(seq.shape[0], seq.shape[1] if max_len is None else max_len, dtype=dtype, pad=pad,
                              static=static)
+    if static and kind == "cuda":  # CUDA graphs (compiled_decoder) update these in place, at fixed addresses
+        for t in cache.k + cache.v + [cache.pos]:
+            torch._dynamo.mark_static_address(t)
     return model(seq, cache=cache)[0][:, -1], cache
 
 
@@ -177,7 +198,8 @@ def decode_n_tokens(model, seq, logits, cache, n, pad=None, use_cache=True, comp
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, generator=None,
-             use_cache=True, pad=None, compile=False, min_p=None, allowed=None):
+             use_cache=True, pad=None, compile=False, min_p=None, allowed=None, draft=None, speculate_k=4,
+             stats=None):
     """Yield max_new_tokens new tokens, a (B,) tensor at a time, continuing idx (B, T). Sampling:
     sample_next's temperature, top_k, top_p, min_p (settings out of range: ValueError, see
     check_sampling), generator, and allowed ((V,) bool: the ids that may be drawn, e.g.
@@ -191,12 +213,20 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     then each step feeds one token (decode_n_tokens). When the cache reaches block_size, it is
     refilled from the last half block of the sequence.
     compile=True runs the one-token steps through compiled_decoder over a static cache.
-    use_cache=False (for comparison) recomputes the last block_size tokens at every step."""
+    use_cache=False (for comparison) recomputes the last block_size tokens at every step.
+    draft (a model with the same vocabulary): speculative decoding, speculate_k tokens drafted per
+    round (speculative_decode, which says what it needs and what `stats` collects)."""
     check_sampling(temperature, top_k, top_p, min_p)
     block = model.config.block_size
     if pad is not None:  # no padding at all: the unmasked path
         pad = torch.as_tensor(pad, dtype=torch.long, device=idx.device)
         pad = pad if int(pad.max()) > 0 else None
+    if draft is not None:
+        if not use_cache:
+            raise ValueError("speculative decoding (a draft model) needs the KV cache")
+        yield from speculative_decode(model, draft, idx, max_new_tokens, speculate_k, pad, compile, stats, generator,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, allowed=allowed)
+        return
     seq, pad = _window(idx, pad, block)
     max_len = None  # the cache's slots; None: recomputing
     if use_cache:
@@ -208,6 +238,117 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None
     yield from decode_n_tokens(model, seq, logits, cache, max_new_tokens, pad, use_cache, compile,
                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator,
                                allowed=allowed)
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+
+def token_probabilities(logits, temperature=1.0, top_k=None, top_p=None, min_p=None, allowed=None):
+    """The distribution (..., V) in fp32 that sample_next draws from for logits (..., V): the
+    softmax of filter_logits, or at temperature 0 the one-hot of the greedy token (so that greedy
+    decoding is the special case of the rejection rule below that never draws at random)."""
+    if temperature == 0:
+        return F.one_hot(sample_next(logits, 0, allowed=allowed), logits.shape[-1]).float()
+    return filter_logits(logits, temperature, top_k, top_p, min_p, allowed).softmax(dim=-1)
+
+
+def speculative_accept(p, q, drafted, generator=None):
+    """The rejection rule of speculative sampling (Leviathan et al. 2023, Algorithm 1; Chen et al.
+    2023; gpt-fast's speculative_decode). p (B, k+1, V): the model's probabilities at the k drafted
+    positions and one past them; q (B, k, V): the draft's probabilities; drafted (B, k): the draft's
+    tokens, drawn from q. Drafted token i is kept with probability min(1, p_i(d_i) / q_i(d_i)), and
+    each row keeps its tokens up to its first rejection. Returns (accepted (B,): how many leading
+    drafted tokens each row keeps, 0..k; next (B,): the token after them, drawn from
+    max(0, p - q) renormalised at the rejected position, or from p at position k when all k are
+    kept). Each row's kept tokens and next token are then a draw from p, token by token, whatever
+    q is (the paper's Theorem 1; tested statistically)."""
+    B, k = drafted.shape
+    p_d = p[:, :k].gather(-1, drafted[..., None]).squeeze(-1)
+    q_d = q.gather(-1, drafted[..., None]).squeeze(-1)
+    u = torch.rand(B, k, device=p.device, generator=generator)
+    keep = u * q_d < p_d  # u < p/q, without dividing; q_d > 0 since d was drawn from q
+    accepted = keep.long().cumprod(dim=-1).sum(dim=-1)
+    rows = torch.arange(B, device=p.device)
+    p_next = p[rows, accepted]
+    residual = (p_next - F.pad(q, (0, 0, 0, 1))[rows, accepted]).clamp(min=0)  # q is 0 past the draft
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q there: draw from p
+    return accepted, torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+
+
+def _rewind(cache, length):
+    """Forget the cache's slots from `length` on: a dynamic cache attends to its first pos slots,
+    a static one masks the slots past each query, and both overwrite them on the next write."""
+    if cache.static:
+        cache.pos.fill_(length)
+    else:
+        cache.pos = length
+
+
+@torch.no_grad()
+def speculative_decode(model, draft, seq, max_new_tokens, speculate_k=4, pad=None, compile=False, stats=None,
+                       generator=None, **settings):
+    """Speculative decoding (Leviathan et al. 2023; gpt-fast's generate.py): yield max_new_tokens
+    new tokens, a (B,) tensor at a time, continuing seq (B, T) (pad (B,): left padding, as in
+    generate). Each round the draft model (same vocabulary) proposes speculate_k tokens one step at
+    a time, the model scores all of them in one forward of speculate_k + 1 tokens, and
+    speculative_accept keeps a prefix of them plus one token of the model's own; both KV caches
+    are rewound past the rejected tokens. At temperature 0 the tokens are the model's greedy tokens
+    (as generate without a draft gives them, up to float rounding between a one-token and a
+    (k+1)-token forward); when sampling, they are a draw from the model's filtered distribution.
+    In a batch every row advances by the fewest tokens any row kept plus one: a row that kept more
+    takes its next drafted token (itself a draw from p), so each row stays a draw from the model.
+    settings: sample_next's temperature, top_k, top_p, min_p, allowed. stats (a dict, optional)
+    accumulates "rounds", "drafted" and "accepted" (drafted tokens kept, counting each row).
+    No cache refill: T + max_new_tokens + speculate_k + 1 must fit both models' block_size
+    (ValueError otherwise, as for a draft whose vocabulary differs). compile=True runs the draft's
+    one-token steps and the model's (k+1)-token verification through compiled_decoder over static
+    caches."""
+    V = model.config.vocab_size
+    if draft.config.vocab_size != V:
+        raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the model's ({V})")
+    if speculate_k < 1:
+        raise ValueError(f"speculate_k must be >= 1, not {speculate_k}")
+    B, T = seq.shape
+    block = min(model.config.block_size, draft.config.block_size)
+    max_len = T + max_new_tokens + speculate_k + 1
+    if max_len > block:
+        raise ValueError(f"speculative decoding keeps the prompt and every new token in the KV cache: prompt ({T}) + "
+                         f"max_new_tokens ({max_new_tokens}) + speculate_k + 1 must be <= block_size ({block})")
+    if max_new_tokens == 0:
+        return
+    if compile:
+        max_len = min(block, 1 << (max_len - 1).bit_length())
+    probabilities = functools.partial(token_probabilities, **settings)
+    sampling = settings["temperature"] > 0
+    verify, propose = (compiled_decoder(model), compiled_decoder(draft)) if compile else (model, draft)
+    logits, cache = prefill(model, seq, pad, max_len, static=compile)
+    _, draft_cache = prefill(draft, seq, pad, max_len, static=compile)
+    token, filled, done = sample_next(logits, generator=generator, **settings), T, 1
+    yield token
+    stats = {} if stats is None else stats
+    while done < max_new_tokens:
+        drafted, q, x = [], [], token
+        for _ in range(speculate_k):
+            qi = probabilities(decode_one_token(propose, x, draft_cache))
+            x = torch.multinomial(qi, 1, generator=generator).squeeze(-1) if sampling else qi.argmax(dim=-1)
+            drafted.append(x)
+            q.append(qi)
+        drafted = torch.stack(drafted, dim=1)  # (B, k)
+        p = probabilities(verify(torch.cat([token[:, None], drafted], dim=1), cache=cache)[0])  # (B, k+1, V)
+        accepted, nxt = speculative_accept(p, torch.stack(q, dim=1), drafted, generator)
+        m = int(accepted.min())
+        if m < speculate_k:  # rows that kept more than m go on with their drafted token m
+            nxt = torch.where(accepted > m, drafted[:, m], nxt)
+        for key, value in (("rounds", 1), ("drafted", B * speculate_k), ("accepted", int(accepted.sum()))):
+            stats[key] = stats.get(key, 0) + value
+        for t in [*drafted[:, :m].unbind(dim=1), nxt][:max_new_tokens - done]:
+            yield t
+        done += m + 1
+        filled += m + 1  # token and drafted[:, :m] are in both caches from here on
+        _rewind(cache, filled)
+        if m == speculate_k:  # the draft never fed its last token
+            decode_one_token(propose, drafted[:, -1], draft_cache)
+        _rewind(draft_cache, filled)
+        token = nxt
 
 
 def stream(model, tokenizer, prompt_ids, max_new_tokens, out=None, stop=None, **sampling):

@@ -7,6 +7,8 @@
   python sample.py --out_dir out/gpt --eval arithmetic_2da --shots 8   # k-shot accuracy (evaluation.py)
   python sample.py --out_dir out/lora --prompt "ROMEO:"   # a LoRA adapter on its base model
   python sample.py --out_dir out/gpt --prompt "ROMEO:" --prompt "JULIET: O" --compile   # one batch, compiled steps
+  python sample.py --out_dir out/llama --prompt "ROMEO:" --quantize int8 --compile       # int8 weights (quantize.py)
+  python sample.py --out_dir out/llama --prompt "ROMEO:" --draft out/llama_small        # speculative decoding
 
 Several prompts (and --num_samples > 1) are decoded together as one batch, left-padded to the
 longest (kernels.KVCache masks the padding): greedy decoding gives each row the tokens it would
@@ -27,6 +29,12 @@ TASK is a task of tasks.py (generated into data/tasks/ the first time) or a .jso
 Sampling filters the logits as transformers' warpers do, in their order: temperature, top-k,
 top-p, min-p (generation.filter_logits); ids the tokenizer does not have (a model's vocabulary can
 be larger than its tokenizer's: Qwen2.5's 151,936 rows for 151,665 ids) are never drawn.
+
+Faster decoding (issue 19; figures from `bench.py decode`): --quantize int8 stores every linear
+layer's weights in int8 with per-output-channel scales (gpt-fast's scheme, quantized at load;
+quantize.py), --quantize bf16 in bf16; --draft DIR decodes speculatively (Leviathan et al. 2023):
+a small model with the same tokenizer proposes --speculate_k tokens that the model verifies in one
+forward; greedy output is the model's own, and sampling keeps the model's distribution.
 """
 from pathlib import Path
 
@@ -36,6 +44,7 @@ import evaluation
 import kernels
 import lora
 import models
+import quantize
 import runtime
 import tokenization
 from evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
@@ -60,6 +69,19 @@ def load(directory, device="cpu", dtype=None):
     return model, tokenization.tokenizer_for_model(base, model.config.vocab_size)
 
 
+def load_draft(directory, model, tokenizer, device="cpu"):
+    """The draft model of speculative decoding (--draft): a model directory like --out_dir's whose
+    tokenizer is the model's and whose vocabulary has the model's size; else UserError."""
+    if not Path(directory).is_dir():
+        raise UserError(f"draft model directory not found: {directory}")
+    draft, draft_tokenizer = load(directory, device=device)
+    if draft.config.vocab_size != model.config.vocab_size or draft_tokenizer.key() != tokenizer.key():
+        raise UserError(f"the draft model in {directory} has another tokenizer or vocabulary "
+                        f"({draft_tokenizer.key()}, {draft.config.vocab_size} rows) than the model "
+                        f"({tokenizer.key()}, {model.config.vocab_size} rows)")
+    return draft
+
+
 def parser():
     p = runtime.ArgumentParser(description="Generate text from a trained model.")
     p.add_argument("--out_dir", default="out/gpt", help="a training run folder, a Hugging Face model directory, "
@@ -80,6 +102,11 @@ def parser():
     runtime.add_device_flags(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the one-token decoding step (a static "
                    "KV cache; the first call compiles, about 40 s on a laptop CPU)")
+    p.add_argument("--quantize", default="none", choices=quantize.SCHEMES, help="weight-only quantization at load: "
+                   "int8 (per-output-channel scales, gpt-fast's scheme) or bf16 weights; applied to the draft too")
+    p.add_argument("--draft", default="", help="a draft model directory (same tokenizer) for speculative decoding "
+                   "(empty: none)")
+    p.add_argument("--speculate_k", type=int, default=4, help="tokens the draft proposes per verification")
     p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
     p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt (and "
                    "per item with --eval)")
@@ -108,7 +135,7 @@ def read_prompt(text):
 def main(argv=None):
     args = parser().parse_args(argv)
     check_sampling(args.temperature, args.top_k, args.top_p, args.min_p)
-    for flag, least in (("num_samples", 1), ("max_new_tokens", 0)):
+    for flag, least in (("num_samples", 1), ("max_new_tokens", 0), ("speculate_k", 1)):
         if getattr(args, flag) < least:
             raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
     kernels.set_backend(args.attn)
@@ -117,6 +144,10 @@ def main(argv=None):
     if args.eval:
         return run_eval(args, device, dtype)
     model, tokenizer = load(args.out_dir, device=device)
+    draft = load_draft(args.draft, model, tokenizer, device) if args.draft else None
+    for m in (model, draft):
+        if m is not None:
+            quantize.quantize(m, args.quantize)
     prompts = [read_prompt(p) for p in args.prompt or ["\n"]]
     stop = None
     if args.fewshot:
@@ -134,6 +165,8 @@ def main(argv=None):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     sampling = dict(temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p or None,
                     generator=generator, compile=args.compile)
+    if draft is not None:
+        sampling.update(draft=draft, speculate_k=args.speculate_k)
     with autocast(device, dtype):
         if len(prompts) == 1 and args.num_samples == 1:  # one row: show it as it comes
             print(prompts[0], end="", flush=True)
