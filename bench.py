@@ -100,6 +100,19 @@ def first_call_seconds(fn, device):
     return time.perf_counter() - t
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (and a one-line hint) when
+    matplotlib, an optional dependency, is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return None
+    return plt
+
+
 # ----------------------------------------------------------------------------- attention
 
 def attention_flops(B, Hq, T, S, D, causal, backward):
@@ -179,12 +192,8 @@ def bench_attention(args):
 
 
 def plot_attention(rows, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for the plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for backend in dict.fromkeys(r["backend"] for r in rows):
@@ -437,12 +446,8 @@ def bench_curves(args):
         runs[run] = [r for r in map(json.loads, path.read_text().splitlines()) if "val_loss" in r]
         for r in runs[run]:
             print(f"{run}\tstep {r['step']}\t{r['elapsed_s']:.0f} s\tval loss {r['val_loss']:.4f}")
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for the plot)")
+    plt = pyplot()
+    if plt is None:
         return runs
     fig, ax = plt.subplots(figsize=(6, 4))
     for run, records in runs.items():
@@ -580,12 +585,8 @@ def print_icl(rows, shots):
 def plot_icl(rows, shots, path):
     """Exact match (top) and the answers' perplexity (bottom, log scale) against K (symlog axis:
     K = 0 shown), per task and size: solid with the description, dashed without."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for the plot)")
+    plt = pyplot()
+    if plt is None:
         return
     names = list(dict.fromkeys(r["task"] for r in rows))
     sizes = list(dict.fromkeys(r["size"] for r in rows))
@@ -1049,12 +1050,8 @@ def bench_switch(args):
 def plot_switch(runs, curves, tokens_per_step, path):
     """Val loss against tokens (each arm's seeds: mean line, min-max band) and the largest expert load
     against tokens (one seed per arm)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for the plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, by_seed in runs.items():
@@ -1114,12 +1111,13 @@ def bench_experts(args, device):
     x = torch.randn(N, args.n_embd, generator=g).to(device).requires_grad_()
     experts = torch.randint(0, E, (N * k,), generator=g).to(device)
     tokens, gates = torch.arange(N, device=device).repeat_interleave(k), torch.rand(N * k, generator=g).to(device)
-    rows = []
+    rows, weights = [], None
     for impl in ("loop", "grouped_mm"):
         cfg = switch.Config(n_embd=args.n_embd, n_experts=E, top_k=k, moe_intermediate_size=args.moe_intermediate_size,
                             experts_implementation=impl)
         layer = switch.Experts(cfg).to(device)
-        layer.load_state_dict({n: torch.randn(p.shape, generator=g).mul(0.02).to(device) for n, p in layer.state_dict().items()})
+        weights = weights or {n: torch.randn(p.shape, generator=g).mul(0.02).to(device) for n, p in layer.state_dict().items()}
+        layer.load_state_dict(weights)  # the same weights for both implementations
         fwd, _ = measure(lambda: layer(x, tokens, experts, gates), device, args.reps)
         both, _ = measure(lambda: layer(x, tokens, experts, gates).sum().backward(), device, args.reps)
         rows.append({"implementation": impl, "fwd_ms": fwd * 1e3, "fwd_bwd_ms": both * 1e3})
@@ -1165,12 +1163,8 @@ def expert_loads(args, device):
 
 
 def plot_expert_loads(loads, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(pip install matplotlib for the plot)")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(len(loads), 1)
