@@ -225,7 +225,8 @@ def lm_loss(model, batch):
     dataset.get_batch, and returns a scalar loss to minimise and a dict of scalar metrics to log."""
     x, y = batch
     _, loss = model(x, y)
-    aux, stats = unwrap(model).aux_losses(), unwrap(model).aux_metrics()
+    inner = unwrap(model)
+    aux, stats = inner.aux_losses(), inner.aux_metrics()
     if not aux and not stats:
         return loss, {}
     metrics = {"lm_loss": loss.detach(), **{name: value.detach() for name, value in {**aux, **stats}.items()}}
