@@ -1298,9 +1298,10 @@ def test_sinusoidal_and_rope_formulas_float64():
     # rotary: each pair (x_i, x_{i+d/2}) turns by p * theta^(-2i/d); dot products depend on p - q only
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, 8, generator=g), torch.randn(1, 1, 1, 8, generator=g)
+    cfg = gpt.Config(n_embd=16, n_head=2, pos="rope")
     def rotated_dot(p, r):
-        cq, sq = gpt.rope_tables(torch.tensor([p]), 8, 10000.0)
-        ck, sk = gpt.rope_tables(torch.tensor([r]), 8, 10000.0)
+        cq, sq = gpt.rope_tables(cfg, 8, torch.tensor([[p]]), 1)
+        ck, sk = gpt.rope_tables(cfg, 8, torch.tensor([[r]]), 1)
         return (gpt.apply_rope(q, cq, sq) * gpt.apply_rope(k, ck, sk)).sum().item()
     assert abs(rotated_dot(3, 1) - rotated_dot(12, 10)) < 1e-5
     assert abs(rotated_dot(0, 0) - (q * k).sum().item()) < 1e-6

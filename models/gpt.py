@@ -6,8 +6,11 @@ Reads top to bottom: config, building blocks, model, generation hooks, Hugging F
   for each of n_layer blocks:   x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))     (pre-LayerNorm)
   logits = ln_f(x) @ wte^T                         (tied embeddings; untied: lm_head's own matrix)
 
-Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos) or `rope`
-(RoFormer's rotary embedding of q and k). Only `learned` exists in Hugging Face's GPT-2.
+Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos), `rope`
+(RoFormer's rotary embedding of q and k) or `none` (NoPE: no position input at all; the causal mask
+alone tells a token how far in it is: Haviv et al. 2022, Kazemnejad et al. 2023). Only `learned`
+exists in Hugging Face's GPT-2. With `rope`, rope_type rescales the rotary frequencies for a context
+longer than block_size (linear interpolation, dynamic NTK, YaRN, Llama 3.1's), as models/llama.py does.
 """
 import math
 from dataclasses import dataclass
@@ -22,6 +25,10 @@ from kernels import KVCache, attention
 
 # ----------------------------------------------------------------------------- config
 
+POSITIONS = ("learned", "sinusoidal", "rope", "none")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
 @dataclass
 class Config:
     # Defaults: a small model that trains on a laptop CPU in minutes. GPT-2 small (124M) is
@@ -33,8 +40,16 @@ class Config:
     n_embd: int = 128
     dropout: float = 0.0            # on embeddings and on each residual branch
     bias: bool = True               # biases in the linear layers and LayerNorms
-    pos: str = "learned"            # learned | sinusoidal | rope
+    pos: str = "learned"            # learned | sinusoidal | rope | none (NoPE)
     rope_theta: float = 10000.0
+    rope_type: str = "default"      # pos rope: default | linear | dynamic | yarn | llama3 (see rope_frequencies)
+    rope_factor: float = 1.0        # s: how many times the context is extended
+    rope_original_max_len: int = 0  # yarn, llama3: the pretraining context; 0: block_size
+    rope_low_freq_factor: float = 1.0   # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0    # yarn
+    rope_beta_slow: float = 1.0     # yarn
+    rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0: 0.1 ln(s) + 1
     layer_norm_eps: float = 1e-5
     n_inner: int = 0                # MLP width; 0: 4 * n_embd
     activation: str = "gelu_new"    # the MLP's, by Hugging Face's name: a key of ACTIVATIONS
@@ -43,8 +58,13 @@ class Config:
     scale_attn_by_inverse_layer_idx: bool = False  # layer i's scores also / (i + 1) (Stanford CRFM's Mistral runs)
 
     def __post_init__(self):
-        if self.pos not in ("learned", "sinusoidal", "rope"):
-            raise ValueError(f"pos must be learned, sinusoidal or rope, not {self.pos!r}")
+        self.rope_original_max_len = self.rope_original_max_len or self.block_size
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos must be {', '.join(POSITIONS)}; not {self.pos!r}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
+        if self.rope_type != "default" and self.pos != "rope":
+            raise ValueError(f"rope_type {self.rope_type} rescales rotary positions: it needs pos rope, not {self.pos}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; not {self.activation!r}")
         if self.n_embd % self.n_head:
@@ -89,13 +109,53 @@ def sinusoidal_positions(pos, dim):
     return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # interleave sin, cos
 
 
-def rope_tables(pos, head_dim, theta):
-    """cos and sin of the rotary angles p * theta^(-2i/d) for positions pos (B, T), shaped
-    (B, 1, T, head_dim) to broadcast over heads; rotate-half layout."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device).float() / head_dim)
+# Copied from models/llama.py:rope_frequencies
+def rope_frequencies(config, dim, seq_len, device=None):
+    """Rotary inverse frequencies theta^(-2i/dim), i < dim/2 (RoFormer), rescaled for a longer context
+    by config.rope_type, and the factor that multiplies cos and sin. The formulas of transformers'
+    modeling_rope_utils.py, with s = rope_factor and L = the original context:
+      linear   position interpolation (Chen et al. 2023): every frequency / s
+      dynamic  dynamic NTK: once seq_len passes block_size the base grows to
+               theta * (s * seq_len / block_size - (s - 1)) ** (dim / (dim - 2)); with a KV cache
+               the cached keys keep the angles they were written with, as in transformers
+      llama3   Llama 3.1: frequencies whose wavelength exceeds L / low_freq_factor are divided by s,
+               those under L / high_freq_factor kept, those between interpolated smoothly
+      yarn     YaRN (Peng et al. 2023): dimensions that turn fewer than beta_slow times in L are
+               interpolated (/ s), more than beta_fast times kept, a linear ramp between; cos and sin
+               are scaled by 0.1 ln(s) + 1 (the attention temperature)"""
+    cfg, s, L = config, config.rope_factor, config.rope_original_max_len
+    theta = cfg.rope_theta
+    if cfg.rope_type == "dynamic" and seq_len > cfg.block_size:
+        theta = theta * (s * seq_len / cfg.block_size - (s - 1)) ** (dim / (dim - 2))
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    if cfg.rope_type == "linear":
+        return inv_freq / s, 1.0
+    if cfg.rope_type == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        smooth = ((L / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long wavelength, 1: short
+        return (1 - smooth) * inv_freq / s + smooth * inv_freq, 1.0
+    if cfg.rope_type == "yarn":
+        def dim_turning(turns):  # the dimension whose frequency turns `turns` times in L positions
+            return dim * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+        low = max(math.floor(dim_turning(cfg.rope_beta_fast)), 0)
+        high = min(math.ceil(dim_turning(cfg.rope_beta_slow)), dim - 1)
+        i = torch.arange(dim // 2, device=device).float()
+        ramp = ((i - low) / (high - low if high != low else 0.001)).clamp(0, 1)  # 0: keep, 1: interpolate
+        scale = cfg.rope_attention_factor or (0.1 * math.log(s) + 1.0 if s > 1 else 1.0)
+        return inv_freq / s * ramp + inv_freq * (1 - ramp), scale
+    return inv_freq, 1.0
+
+
+# Copied from models/llama.py:rope_tables
+def rope_tables(config, dim, pos, seq_len):
+    """cos and sin of the rotary angles p * inv_freq for positions pos (1 or B, T), shaped
+    (1 or B, 1, T, dim) to broadcast over heads; rotate-half layout (pair i is dimensions i and
+    i + dim/2). seq_len, the longest sequence so far, matters to dynamic scaling only."""
+    inv_freq, scale = rope_frequencies(config, dim, seq_len, pos.device)
     angles = pos.float()[..., None] * inv_freq
     angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos(), angles.sin()
+    return angles.cos() * scale, angles.sin() * scale
 
 
 # Copied from models/llama.py:apply_rope
@@ -204,19 +264,21 @@ class Model(nn.Module):
         B, T = idx.shape
         end = cache.end(T) if cache is not None else T
         if cfg.pos == "learned" and end > cfg.block_size:
-            raise ValueError(f"sequence of {end} tokens is longer than block_size {cfg.block_size}")
+            raise ValueError(f"sequence of {end} tokens is longer than the learned position table "
+                             f"(block_size {cfg.block_size})")
         if cache is None:
-            pos, mask = torch.arange(T, device=idx.device)[None], None
+            pos, mask, seq_len = torch.arange(T, device=idx.device)[None], None, T
         else:
             pos, mask = cache.positions(T, idx.device), cache.mask(T, idx.device)
+            seq_len = cache.end(T) - cache.min_pad
         x = self.transformer.wte(idx)
         rope = None
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(pos)
         elif cfg.pos == "sinusoidal":
             x = x + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
-        else:
-            rope = rope_tables(pos, cfg.head_dim, cfg.rope_theta)
+        elif cfg.pos == "rope":
+            rope = rope_tables(cfg, cfg.head_dim, pos, seq_len)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             x = block(x, rope, cache, mask)
@@ -232,7 +294,7 @@ class Model(nn.Module):
 
     @property
     def max_positions(self):
-        """The learned position table's length; None for sinusoidal and rotary positions (any length)."""
+        """The learned position table's length; None for sinusoidal, rotary and no positions (any length)."""
         return self.config.block_size if self.config.pos == "learned" else None
 
     def fsdp_units(self):
@@ -302,11 +364,12 @@ class Model(nn.Module):
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
                         n_head=hf["n_head"], n_embd=hf["n_embd"], bias=hf.get("bias", True),
                         dropout=hf.get("resid_pdrop", 0.1), pos=hf.get("position_embedding_type", "learned"),
-                        rope_theta=hf.get("rope_theta", 10000.0), layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                        layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                         n_inner=hf.get("n_inner") or 0, activation=hf.get("activation_function", "gelu_new"),
                         tie_embeddings=hf.get("tie_word_embeddings", True),
                         scale_attn_weights=hf.get("scale_attn_weights", True),
-                        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False))
+                        scale_attn_by_inverse_layer_idx=hf.get("scale_attn_by_inverse_layer_idx", False),
+                        **_rope_config(hf, directory))
 
         def rename(key):
             key = key.removeprefix("transformer.")
@@ -340,7 +403,9 @@ class Model(nn.Module):
               "reorder_and_upcast_attn": False, "add_cross_attention": False,
               "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": cfg.vocab_size - 1,
               "eos_token_id": cfg.vocab_size - 1, "dtype": str(self.lm_head.weight.dtype).removeprefix("torch."),
-              "bias": cfg.bias, "position_embedding_type": cfg.pos, "rope_theta": cfg.rope_theta}
+              "bias": cfg.bias, "position_embedding_type": cfg.pos}
+        if cfg.pos == "rope":
+            hf["rope_parameters"] = _rope_parameters(cfg)
         hub.write(directory, hf, state, metadata)
 
 
@@ -366,5 +431,46 @@ CONFIG_KEYS = {
     "summary_type": hub.INERT, "summary_use_proj": hub.INERT, "summary_activation": hub.INERT,
     "summary_proj_to_labels": hub.INERT, "summary_first_dropout": hub.INERT, "summary_last_dropout": hub.INERT,
     # ours, written by save_pretrained (transformers ignores them: only their defaults load there)
-    "bias": hub.HONOURED, "position_embedding_type": hub.HONOURED, "rope_theta": hub.HONOURED,
+    "bias": hub.HONOURED, "position_embedding_type": hub.HONOURED,  # Config.pos: learned, sinusoidal, rope, none
+    # pos rope: rope_parameters (transformers 5's form, as models/llama.py writes it) or rope_scaling + rope_theta
+    # (the Hub's form; older files of ours wrote a top-level rope_theta): sub-keys in hub.ROPE_KEYS
+    "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
+    "original_max_position_embeddings": hub.HONOURED,
 }
+ROPE_KEYS = hub.ROPE_KEYS
+
+
+# Copied from models/llama.py:_rope_config
+def _rope_config(hf, directory):
+    """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
+    with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too), read as
+    transformers reads them: rope_scaling, when there, replaces rope_parameters; a top-level
+    original_max_position_embeddings wins over the one inside. ValueError naming a sub-key that
+    ROPE_KEYS refuses or does not list."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    hub.check_config(rope, ROPE_KEYS, f"{directory}/config.json: rope_parameters", strict=True)
+    return dict(rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                rope_type=rope.get("rope_type", rope.get("type", "default")), rope_factor=rope.get("factor") or 1.0,
+                rope_original_max_len=hf.get("original_max_position_embeddings")
+                or rope.get("original_max_position_embeddings") or 0,
+                rope_low_freq_factor=rope.get("low_freq_factor", 1.0),
+                rope_high_freq_factor=rope.get("high_freq_factor", 4.0),
+                rope_beta_fast=rope.get("beta_fast") or 32.0, rope_beta_slow=rope.get("beta_slow") or 1.0,
+                rope_attention_factor=rope.get("attention_factor") or 0.0)
+
+
+# Copied from models/llama.py:_rope_parameters
+def _rope_parameters(cfg):
+    """transformers 5's rope_parameters for config.json."""
+    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type != "default":
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor)
+    if cfg.rope_type == "yarn":
+        rope.update(beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow)
+        if cfg.rope_attention_factor:
+            rope["attention_factor"] = cfg.rope_attention_factor
+    if cfg.rope_type in ("llama3", "yarn"):
+        rope["original_max_position_embeddings"] = cfg.rope_original_max_len
+    return rope
