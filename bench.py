@@ -1551,7 +1551,7 @@ def parser(argv=()):
     po.add_argument("--methods", default=",".join(POSITION_METHODS), help="comma-separated from "
                     f"{', '.join(POSITION_METHODS)} (models/gpt.py --pos; none: NoPE)")
     po.add_argument("--seeds", type=int, default=3, help="seeds per method")
-    po.add_argument("--max_iters", type=int, default=300, help="training steps per run")
+    po.add_argument("--max_iters", type=int, default=600, help="training steps per run")
     po.add_argument("--batch_size", type=int, default=8, help="sequences per step")
     po.add_argument("--block_size", type=int, default=256, help="training length L")
     po.add_argument("--n_layer", type=int, default=4, help="the GPT's layers")

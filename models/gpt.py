@@ -276,7 +276,9 @@ class Model(nn.Module):
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(pos)
         elif cfg.pos == "sinusoidal":
-            x = x + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
+            # Vaswani et al. 3.4 multiply the embeddings by sqrt(d_model) before adding the sinusoids (whose
+            # entries are of size 1): without it a GPT-initialised embedding (std 0.02) is lost under them
+            x = x * math.sqrt(cfg.n_embd) + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
         elif cfg.pos == "rope":
             rope = rope_tables(cfg, cfg.head_dim, pos, seq_len)
         x = self.transformer.drop(x)
