@@ -84,6 +84,21 @@ def test_learned_table_refuses_longer_sequences_in_one_line():
             assert tiny_gpt(pos=pos)(tokens(1, 40))[0].shape == (1, 40, 50)
 
 
+def test_sinusoidal_input_is_scaled_embedding_plus_sinusoids():
+    """Vaswani et al. 3.4: the embedding times sqrt(d_model), plus PE[p, 2i] = sin(p / 10000^(2i/d)),
+    PE[p, 2i+1] = cos(...): the first block's input against that formula in float64."""
+    model, x = tiny_gpt(pos="sinusoidal", std=0.02), tokens(1, 10)
+    seen = []
+    model.transformer.drop.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+    with torch.no_grad():
+        model(x)
+    p = torch.arange(10, dtype=torch.float64)[:, None]
+    angles = p / 10000 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    pe = torch.stack((angles.sin(), angles.cos()), -1).flatten(-2)
+    want = model.transformer.wte.weight.double()[x[0]] * math.sqrt(32) + pe
+    assert (seen[0][0].double() - want).abs().max() < 1e-5
+
+
 # ----------------------------------------------------------------------------- RoPE's context extension
 
 ROPE_CASES = {  # rope_type: gpt.Config overrides; transformers' rope_parameters

@@ -6,7 +6,7 @@ Reads top to bottom: config, building blocks, model, generation hooks, Hugging F
   for each of n_layer blocks:   x = x + attn(ln_1(x));   x = x + mlp(ln_2(x))     (pre-LayerNorm)
   logits = ln_f(x) @ wte^T                         (tied embeddings; untied: lm_head's own matrix)
 
-Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos), `rope`
+Positions: `learned` (GPT-2's table), `sinusoidal` (Vaswani et al.'s fixed sin/cos, added to sqrt(n_embd) wte), `rope`
 (RoFormer's rotary embedding of q and k) or `none` (NoPE: no position input at all; the causal mask
 alone tells a token how far in it is: Haviv et al. 2022, Kazemnejad et al. 2023). Only `learned`
 exists in Hugging Face's GPT-2. With `rope`, rope_type rescales the rotary frequencies for a context
