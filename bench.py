@@ -1317,7 +1317,8 @@ def plot_positions(curves, names, L, T, bucket, unigram, path):
         ax.axvline(L, color="gray", linewidth=0.8)
         ax.axhline(unigram, color="gray", linestyle=":", linewidth=0.8)
         ax.set(xlabel=f"position in the sequence (training length {L})", xlim=(0, T))
-        ax.legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.87))  # under PI's line
     axes[0].set(ylabel="val loss (nats per char)", title="position methods (x: the learned table ends)")
     axes[1].set(title="RoPE past its training length: dashed, at evaluation only")
     top = max(np.nanmax([c.mean().item() for c in curves.values()]), unigram) + 0.3
