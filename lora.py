@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from runtime import atomic_write
+from runtime import atomic_write, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before our module names
@@ -267,7 +267,7 @@ def read_config(directory):
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key in PEFT_UNSUPPORTED:

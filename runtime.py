@@ -4,6 +4,7 @@ choice, their command-line flags, user errors that end in one line, and atomic f
 A library module: it imports nothing from the project but kernels (for the --attn choices).
 """
 import argparse
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -31,6 +32,8 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not a device to run on (cpu, cuda, cuda:N, mps or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -120,6 +123,14 @@ def print_table(rows, columns):
 
 
 # ----------------------------------------------------------------------------- files
+
+def read_json(path):
+    """A JSON file as Python objects; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
 
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
