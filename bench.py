@@ -18,6 +18,7 @@ on CPU, the process's resident high-water mark (VmHWM), reset before each measur
 """
 import copy
 import ctypes
+import functools
 import json
 import random
 import statistics
@@ -1202,14 +1203,15 @@ SCALING_PRESETS = {
 }
 
 
-def scaling_shape_counts(preset, n_layer, n_embd, vocab_size):
+@functools.lru_cache(maxsize=None)
+def scaling_shape_counts(n_layer, n_embd, vocab_size, block_size, head_dim):
     """(N total, N non-embedding, training FLOPs per token) of the GPT shape, from the model itself on
     the meta device: num_params(False), scaling.non_embedding_params and flops_per_token(block_size)."""
     module = models.get("gpt")
     with torch.device("meta"):
-        model = module.Model(module.Config(vocab_size=vocab_size, block_size=preset["block_size"], n_layer=n_layer,
-                                           n_head=n_embd // preset["head_dim"], n_embd=n_embd))
-    return model.num_params(False), scaling.non_embedding_params(model), model.flops_per_token(preset["block_size"])
+        model = module.Model(module.Config(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                                           n_head=n_embd // head_dim, n_embd=n_embd))
+    return model.num_params(False), scaling.non_embedding_params(model), model.flops_per_token(block_size)
 
 
 def scaling_grid(preset, vocab_size, n_train):
@@ -1220,7 +1222,7 @@ def scaling_grid(preset, vocab_size, n_train):
     runs = []
     for budget in preset["budgets"]:
         for n_layer, n_embd in preset["ladder"]:
-            n, n_ne, fpt = scaling_shape_counts(preset, n_layer, n_embd, vocab_size)
+            n, n_ne, fpt = scaling_shape_counts(n_layer, n_embd, vocab_size, preset["block_size"], preset["head_dim"])
             steps = round(budget / fpt / tokens_per_step)
             if not preset["window"][0] <= steps * tokens_per_step / n <= preset["window"][1]:
                 continue
@@ -1368,9 +1370,10 @@ def scaling_prediction(fits, preset, vocab, n_train):
     L(N, D), Kaplan's L(N, D) and the frontier L_opt(C) (nats per char)."""
     budget = 4 * max(preset["budgets"])
     n_target = scaling.optimal_n(fits["approach2"], budget)
-    shapes = [(abs(np.log(scaling_shape_counts(preset, *s, vocab)[0] / n_target)), s) for s in preset["ladder"]]
+    shapes = [(abs(np.log(scaling_shape_counts(*s, vocab, preset["block_size"], preset["head_dim"])[0] / n_target)), s)
+              for s in preset["ladder"]]
     n_layer, n_embd = min(shapes)[1]
-    n, n_ne, fpt = scaling_shape_counts(preset, n_layer, n_embd, vocab)
+    n, n_ne, fpt = scaling_shape_counts(n_layer, n_embd, vocab, preset["block_size"], preset["head_dim"])
     steps = round(budget / fpt / (preset["batch_size"] * preset["block_size"]))
     run = scaling_run_spec(preset, n_layer, n_embd, budget, steps, n, n_ne, fpt, n_train)
     out = {"budget": budget, "N_opt": n_target, "run": run,
@@ -1389,7 +1392,7 @@ def print_scaling_fits(fits):
     Chinchilla's, R², the leave-one-budget-out errors."""
     bits = 1 / np.log(2)
     two, three, kap = fits["approach2"], fits["approach3"], fits["kaplan"]
-    print("approach 2: IsoFLOP minima")
+    print("approach 2: IsoFLOP minima (parabolas through the 5 sizes nearest each budget's lowest loss)")
     print_table([{**m, "ratio": m["D_opt"] / m["N_opt"], "L_bits": m["L_opt"] * bits,
                   "interior": "yes" if m["interior"] else "NO (at the edge: extrapolated)"} for m in two["budgets"]],
                 [("C", "C FLOPs", "{:.3g}"), ("N_opt", "N_opt", "{:,.0f}"), ("D_opt", "D_opt", "{:,.0f}"),
@@ -1436,8 +1439,9 @@ def plot_scaling(results, fits, prediction, path):
         color = colors[i % len(colors)]
         n = np.array([r["N"] for r in mine], float)
         ax1.plot(n, [r["val_bpc"] for r in mine], "o", color=color, label=f"C = {m['C']:.2g}")
-        grid = np.geomspace(n.min(), n.max(), 100)
+        grid = np.geomspace(min(m["sizes"]), max(m["sizes"]), 100)
         ax1.plot(grid, np.polyval(m["coef"], np.log(grid)) * bits, "-", color=color, linewidth=1)
+        grid = np.geomspace(n.min(), n.max(), 100)
         d_of_n = np.exp(np.polyval(np.polyfit(np.log(n), np.log([r["D"] for r in mine]), 1), np.log(grid)))
         ax1.plot(grid, scaling.predict_chinchilla(fits["approach3"], grid, d_of_n) * bits, ":", color=color, linewidth=1)
         ax1.plot(m["N_opt"], m["L_opt"] * bits, "*", color=color, markersize=12,

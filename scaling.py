@@ -56,18 +56,31 @@ def power_law(x, y):
 
 def isoflop_minimum(N, L):
     """Chinchilla's approach 2 for one budget: the parabola L = p0 (log N)^2 + p1 log N + p2 fitted by least
-    squares, its minimum (N_opt, L_opt), whether that minimum lies strictly inside the sizes trained (a
-    minimum at or beyond the edge is an extrapolation, or no minimum at all when p0 <= 0), and R²."""
+    squares, its minimum (N_opt, L_opt), whether that minimum is interior (the parabola's minimum strictly
+    inside the sizes trained and the lowest loss measured not at the smallest or largest size: else the
+    minimum is not bracketed by the data, or there is none when p0 <= 0), and R²."""
     x = np.log(np.asarray(N, float))
     p = np.polyfit(x, L, 2)
     x_min = -p[1] / (2 * p[0]) if p[0] > 0 else (x.min() if L[np.argmin(x)] < L[np.argmax(x)] else x.max())
-    interior = bool(p[0] > 0 and x.min() < x_min < x.max())
+    lowest = x[np.argmin(L)]  # the best run measured: at the smallest or largest size, the minimum is not bracketed
+    interior = bool(p[0] > 0 and x.min() < x_min < x.max() and x.min() < lowest < x.max())
     return {"N_opt": float(math.exp(x_min)), "L_opt": float(np.polyval(p, x_min)), "interior": interior,
             "coef": p.tolist(), "r2": r_squared(L, np.polyval(p, x))}
 
 
-def approach2(N, D, C, L, budget, n_boot=1000, seed=0):
-    """Hoffmann et al. 2022, approach 2 (section 3.2): for each budget an IsoFLOP parabola in log N, its
+def nearest_sizes(N, L, group, window):
+    """The `window` runs of a budget's profile (indices `group`) nearest in size to its lowest loss: that
+    run and its neighbours in N, shifted inward at the ends of the profile (so a lowest loss at the smallest
+    or largest size stays at the edge of the window)."""
+    order = group[np.argsort(N[group])]
+    k = min(window, len(order))
+    first = min(max(int(np.argmin(L[order])) - k // 2, 0), len(order) - k)
+    return order[first:first + k]
+
+
+def approach2(N, D, C, L, budget, n_boot=1000, seed=0, window=5):
+    """Hoffmann et al. 2022, approach 2 (section 3.2): for each budget an IsoFLOP parabola in log N (through
+    the `window` sizes nearest the lowest loss: a parabola is a local shape, and far runs bend it), its
     minimum N_opt (D_opt: the tokens at N_opt on that profile, from a line of log D on log N; L_opt:
     the parabola's minimum), then N_opt = G C^a, D_opt ∝ C^b and Kaplan's frontier L_opt = (C_c / C)^alpha_C
     by least squares in log-log. C of a budget: the mean of its runs' C (whole steps make them differ by a
@@ -77,8 +90,8 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0):
     budgets = sorted(set(budget))
     if len(budgets) < 2 or any((budget == b).sum() < 3 for b in budgets):
         raise ValueError("approach 2 needs 2 or more budgets with 3 or more sizes each")
-    groups = [np.flatnonzero(budget == b) for b in budgets]
-    c = np.array([C[g].mean() for g in groups])
+    groups = [nearest_sizes(N, L, np.flatnonzero(budget == b), window) for b in budgets]
+    c = np.array([C[np.flatnonzero(budget == b)].mean() for b in budgets])
 
     def fit(losses):
         mins = [isoflop_minimum(N[g], losses[g]) for g in groups]
@@ -105,8 +118,8 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0):
         boot.append((-bn["alpha"], -bd["alpha"], bl["alpha"]))
     boot = np.array(boot)
     return {"budgets": [{"budget": b, "C": float(cb), "N_opt": float(n), "D_opt": float(d), "L_opt": float(lo),
-                         "interior": m["interior"], "r2": m["r2"], "coef": m["coef"]}
-                        for b, cb, n, d, lo, m in zip(budgets, c, n_opt, d_opt, l_opt, mins)],
+                         "interior": m["interior"], "r2": m["r2"], "coef": m["coef"], "sizes": [float(N[i]) for i in g]}
+                        for b, cb, n, d, lo, m, g in zip(budgets, c, n_opt, d_opt, l_opt, mins, groups)],
             "a": -fn["alpha"], "a_ci": interval(boot[:, 0]), "G": fn["k"], "a_r2": r2_log(c, n_opt, fn),
             "b": -fd["alpha"], "b_ci": interval(boot[:, 1]), "b_k": fd["k"],
             "alpha_C": fl["alpha"], "alpha_C_ci": interval(boot[:, 2]), "C_c": fl["k"] ** (1 / fl["alpha"])
@@ -147,7 +160,7 @@ def huber_fit(log_model, starts, logN, logD, logL, delta=1e-3, top=4, max_iter=2
     best_theta, best = None, float("inf")
     for i in np.argsort(scores, kind="stable")[:top]:
         theta = torch.tensor(starts[i], dtype=torch.float64, requires_grad=True)
-        opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15,
+        opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-13,
                                 history_size=20, line_search_fn="strong_wolfe")
 
         def closure():
@@ -202,7 +215,7 @@ def fit_law(law, logN, logD, logL, delta=1e-3, top=4, start=None, grid=True):
     starts = [grid_starts(x, y, logL)] if grid else []
     if start is not None:
         starts.insert(0, shift(np.asarray(start, float), -mN, -mD)[None])
-    theta, _ = huber_fit(model, np.vstack(starts), x, y, logL, delta, top, max_iter=200 if grid else 50)
+    theta, _ = huber_fit(model, np.vstack(starts), x, y, logL, delta, top, max_iter=150 if grid else 50)
     return shift(theta, mN, mD)
 
 
