@@ -630,6 +630,17 @@ def add_run_flags(p, reps=None):
         p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
 
 
+def add_training_run_flags(p, out, out_help, plot):
+    """--data, --data_dir, --threads, --device, --out and --plot: the flags of the subcommands that train
+    runs (switch, scaling)."""
+    p.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
+
+
 def add_model_flags(p, model_name, block_size=None):
     """--model and the model file's Config fields, as train.py has them (same defaults)."""
     p.add_argument("--model", default=model_name, help="the model file models/NAME.py")
@@ -1585,12 +1596,7 @@ def parser(argv=()):
     sw.add_argument("--block_size", type=int, default=train.flag_default("block_size"), help="tokens per sequence")
     sw.add_argument("--eval_interval", type=int, default=50, help="steps between val-loss evaluations")
     sw.add_argument("--eval_iters", type=int, default=10, help="batches per evaluation")
-    sw.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
-    sw.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
-    sw.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    sw.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    sw.add_argument("--out", default="out/switch", help="the runs' folders and summary.json")
-    sw.add_argument("--plot", default="out/switch.png", help="PNG plot path (empty: none)")
+    add_training_run_flags(sw, "out/switch", "the runs' folders and summary.json", "out/switch.png")
     sw.set_defaults(run=bench_switch)
 
     sc = sub.add_parser("scaling", help="scaling laws measured: a grid of GPT sizes at several compute budgets, "
@@ -1606,12 +1612,8 @@ def parser(argv=()):
                     "largest budget and report the prediction's error")
     sc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     sc.add_argument("--seed", type=int, default=1337, help="seed of every run (and of the bootstrap)")
-    sc.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
-    sc.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
-    sc.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    sc.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    sc.add_argument("--out", default="out/scaling", help="the sweep folder: OUT/PRESET holds every run, runs.json, fits.json")
-    sc.add_argument("--plot", default="out/scaling/scaling.png", help="PNG plot path (empty: none)")
+    add_training_run_flags(sc, "out/scaling", "the sweep folder: OUT/PRESET holds every run, runs.json, fits.json",
+                           "out/scaling/scaling.png")
     sc.set_defaults(run=bench_scaling)
 
     ic = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "

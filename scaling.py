@@ -235,21 +235,28 @@ def approach3(N, D, L, delta=1e-3, n_boot=200, seed=0):
     """Hoffmann et al. 2022, approach 3 (section 3.3, D.2): L(N, D) = E + A / N^alpha + B / D^beta fitted by
     minimising the Huber loss (delta 1e-3) of log L by L-BFGS from a grid of starting points (fit_law,
     chinchilla_starts). N_opt(C) = G (C/6)^a with a = beta / (alpha + beta) (eq. 4, for C = 6 N D).
-    Intervals: 95% bootstrap over runs (resampled with replacement, n_boot times; each fit starts from the
-    full fit). R² of L. Returns E, A, B, alpha, beta, a, their "_ci", r2 and theta."""
+    Returns E, A, B, alpha, beta, a with their "_ci" and "_se", r2 and theta (bootstrapped_fit)."""
+    return bootstrapped_fit(CHINCHILLA_LAW, chinchilla_constants, predict_chinchilla, N, D, L, delta, n_boot, seed)
+
+
+def bootstrapped_fit(law, constants, predict, N, D, L, delta, n_boot, seed):
+    """fit_law on all runs, then on n_boot resamples of the runs (with replacement; each started from the full
+    fit): the constants(theta) with their 95% bootstrap intervals ("_ci") and standard errors ("_se"), R² of
+    L (predict(constants, N, D) against L) and theta."""
     N, D, L = (np.asarray(v, float) for v in (N, D, L))
     logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    theta = fit_law(CHINCHILLA_LAW, logN, logD, logL, delta)
+    theta = fit_law(law, logN, logD, logL, delta)
     rng = np.random.default_rng(seed)
     boot = []
     for _ in range(n_boot):
         i = rng.integers(0, len(L), len(L))
-        boot.append(chinchilla_constants(fit_law(CHINCHILLA_LAW, logN[i], logD[i], logL[i], delta, start=theta, grid=False)))
-    out = chinchilla_constants(theta)
-    out["r2"] = r_squared(L, predict_chinchilla(out, N, D))
+        boot.append(constants(fit_law(law, logN[i], logD[i], logL[i], delta, start=theta, grid=False)))
+    out = constants(theta)
+    out["r2"] = r_squared(L, predict(out, N, D))
     out["theta"] = theta.tolist()
-    for key in ("E", "A", "B", "alpha", "beta", "a"):
+    for key in list(constants(theta)):
         out[key + "_ci"] = interval([b[key] for b in boot])
+        out[key + "_se"] = float(np.std([b[key] for b in boot], ddof=1)) if len(boot) > 1 else float("nan")
     return out
 
 
@@ -296,24 +303,9 @@ def kaplan_starts(logN, logD, logL, exponents=np.arange(0.01, 0.601, 0.01)):
 def kaplan(N, D, L, delta=1e-3, n_boot=200, seed=0):
     """Kaplan et al. 2020's L(N, D) (eq. 1.5, section 4) fitted like approach 3 (Huber on log L, L-BFGS from a
     grid of starts: fit_law, kaplan_starts). Its limits are Kaplan's L(N) = (N_c / N)^alpha_N (data
-    unlimited, eq. 1.1) and L(D) = (D_c / D)^alpha_D (model unlimited, eq. 1.2). Intervals: 95% bootstrap
-    over runs. R² of L. Returns N_c, D_c, alpha_N, alpha_D, their "_ci" and "_se" (bootstrap standard
-    error), r2 and theta."""
-    N, D, L = (np.asarray(v, float) for v in (N, D, L))
-    logN, logD, logL = np.log(N), np.log(D), np.log(L)
-    theta = fit_law(KAPLAN_LAW, logN, logD, logL, delta)
-    rng = np.random.default_rng(seed)
-    boot = []
-    for _ in range(n_boot):
-        i = rng.integers(0, len(L), len(L))
-        boot.append(kaplan_constants(fit_law(KAPLAN_LAW, logN[i], logD[i], logL[i], delta, start=theta, grid=False)))
-    out = kaplan_constants(theta)
-    out["r2"] = r_squared(L, predict_kaplan(out, N, D))
-    out["theta"] = theta.tolist()
-    for key in ("N_c", "D_c", "alpha_N", "alpha_D"):
-        out[key + "_ci"] = interval([b[key] for b in boot])
-        out[key + "_se"] = float(np.std([b[key] for b in boot], ddof=1)) if len(boot) > 1 else float("nan")
-    return out
+    unlimited, eq. 1.1) and L(D) = (D_c / D)^alpha_D (model unlimited, eq. 1.2). Returns N_c, D_c,
+    alpha_N, alpha_D with their "_ci" and "_se", r2 and theta (bootstrapped_fit)."""
+    return bootstrapped_fit(KAPLAN_LAW, kaplan_constants, predict_kaplan, N, D, L, delta, n_boot, seed)
 
 
 def kaplan_constants(theta):
