@@ -1411,6 +1411,8 @@ def print_scaling_fits(fits):
                  ("interior", "minimum inside the sizes", "{}")])
     ci = lambda fit, key, fmt="{:.3f}": f"{fmt.format(fit[key])} [{fmt.format(fit[key + '_ci'][0])}, {fmt.format(fit[key + '_ci'][1])}]"
     rows = [("N_opt ∝ C^a (approach 2)", ci(two, "a"), f"{two['a_r2']:.3f} (log N_opt)", scaling.KAPLAN["N_opt_exponent"], "0.49 (approach 2), ~0.50"),
+            *([(f"  a, the {len(two['interior_budgets'])} interior minima only", ci(two, "a_interior"), "", "", "")]
+              if "a_interior" in two else []),
             ("D_opt ∝ C^b (approach 2)", ci(two, "b"), "", round(1 - scaling.KAPLAN["N_opt_exponent"], 2), "0.51 (approach 2)"),
             ("L_opt ∝ C^-alpha_C (frontier)", ci(two, "alpha_C"), f"{two['frontier_r2']:.3f}", scaling.KAPLAN["alpha_C"], "-"),
             ("a = beta/(alpha+beta) (approach 3)", ci(three, "a"), f"{three['r2']:.3f}", "-", "0.46 (approach 3)"),

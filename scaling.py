@@ -84,8 +84,10 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0, window=5):
     minimum N_opt (D_opt: the tokens at N_opt on that profile, from a line of log D on log N; L_opt:
     the parabola's minimum), then N_opt = G C^a, D_opt ∝ C^b and Kaplan's frontier L_opt = (C_c / C)^alpha_C
     by least squares in log-log. C of a budget: the mean of its runs' C (whole steps make them differ by a
-    fraction of a percent). Intervals: 95% residual bootstrap (each budget's parabola residuals resampled,
-    inflated by sqrt(n / (n - 3)), n_boot times). Needs 3 or more sizes per budget and 2 or more budgets."""
+    fraction of a percent). When some minima are not interior (2 or more are), a second exponent a_interior
+    through the interior ones only (Hoffmann et al. fit interior minima). Intervals: 95% residual bootstrap
+    (each budget's parabola residuals resampled, inflated by sqrt(n / (n - 3)), n_boot times). Needs 3 or
+    more sizes per budget and 2 or more budgets."""
     N, D, C, L, budget = (np.asarray(v, float) for v in (N, D, C, L, budget))
     budgets = sorted(set(budget))
     if len(budgets) < 2 or any((budget == b).sum() < 3 for b in budgets):
@@ -93,15 +95,19 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0, window=5):
     groups = [nearest_sizes(N, L, np.flatnonzero(budget == b), window) for b in budgets]
     c = np.array([C[np.flatnonzero(budget == b)].mean() for b in budgets])
 
-    def fit(losses):
+    def fit(losses, interior=None):
         mins = [isoflop_minimum(N[g], losses[g]) for g in groups]
         n_opt = np.array([m["N_opt"] for m in mins])
         d_opt = np.array([math.exp(np.polyval(np.polyfit(np.log(N[g]), np.log(D[g]), 1), math.log(m["N_opt"])))
                           for m, g in zip(mins, groups)])
         l_opt = np.array([m["L_opt"] for m in mins])
-        return mins, n_opt, d_opt, l_opt, power_law(c, n_opt), power_law(c, d_opt), power_law(c, l_opt)
+        inside = power_law(c[interior], n_opt[interior]) if interior is not None else None
+        return mins, n_opt, d_opt, l_opt, power_law(c, n_opt), power_law(c, d_opt), power_law(c, l_opt), inside
 
-    mins, n_opt, d_opt, l_opt, fn, fd, fl = fit(L)
+    mins, n_opt, d_opt, l_opt, fn, fd, fl, _ = fit(L)
+    interior = np.array([m["interior"] for m in mins])
+    interior = interior if 2 <= interior.sum() < len(interior) else None  # a second line: interior minima only
+    _, _, _, _, _, _, _, fi = fit(L, interior)
     rng = np.random.default_rng(seed)
     fitted = np.concatenate([np.polyval(m["coef"], np.log(N[g])) for m, g in zip(mins, groups)])
     order = np.concatenate(groups)
@@ -114,9 +120,9 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0, window=5):
             r = resid[start:start + len(g)] * math.sqrt(len(g) / max(len(g) - 3, 1))
             sample[g] = fitted[start:start + len(g)] + rng.choice(r, len(g))
             start += len(g)
-        _, _, _, _, bn, bd, bl = fit(sample)
-        boot.append((-bn["alpha"], -bd["alpha"], bl["alpha"]))
-    boot = np.array(boot)
+        _, _, _, _, bn, bd, bl, bi = fit(sample, interior)
+        boot.append((-bn["alpha"], -bd["alpha"], bl["alpha"], -bi["alpha"] if bi else np.nan))
+    boot = np.array(boot).reshape(-1, 4)
     return {"budgets": [{"budget": b, "C": float(cb), "N_opt": float(n), "D_opt": float(d), "L_opt": float(lo),
                          "interior": m["interior"], "r2": m["r2"], "coef": m["coef"], "sizes": [float(N[i]) for i in g]}
                         for b, cb, n, d, lo, m, g in zip(budgets, c, n_opt, d_opt, l_opt, mins, groups)],
@@ -124,7 +130,9 @@ def approach2(N, D, C, L, budget, n_boot=1000, seed=0, window=5):
             "b": -fd["alpha"], "b_ci": interval(boot[:, 1]), "b_k": fd["k"],
             "alpha_C": fl["alpha"], "alpha_C_ci": interval(boot[:, 2]), "C_c": fl["k"] ** (1 / fl["alpha"])
             if fl["alpha"] > 0 else float("nan"), "frontier_k": fl["k"], "frontier_r2": fl["r2"],
-            "all_interior": all(m["interior"] for m in mins)}
+            "all_interior": all(m["interior"] for m in mins),
+            **({"a_interior": -fi["alpha"], "a_interior_ci": interval(boot[:, 3]), "interior_budgets":
+                [b for b, i in zip(budgets, interior) if i]} if fi else {})}
 
 
 def r2_log(x, y, fit):
