@@ -1207,9 +1207,11 @@ SCALING_PRESETS = {
                         (5, 96)],
                 budgets=[1e11, 2.15e11, 4.64e11, 1e12], window=(3.0, 1000.0), head_dim=8,
                 batch_size=16, block_size=64, lr=3e-3, eval_iters=20),
-    "gpu": dict(ladder=[(2, 128), (3, 128), (3, 192), (4, 192), (4, 256), (6, 256), (6, 320), (6, 384), (8, 384),
-                        (8, 512), (10, 512), (10, 640), (12, 768)],
-                budgets=[1e14, 3.16e14, 1e15, 3.16e15], window=(2.0, 256.0), head_dim=64,
+    # gpu: for a corpus of about 10^9 characters (--data); on the default corpus its runs repeat their data
+    # up to 100 times (the sweep says so). Untested on a GPU so far.
+    "gpu": dict(ladder=[(2, 64), (2, 96), (3, 96), (3, 128), (4, 128), (4, 192), (6, 192), (6, 256), (8, 256),
+                        (8, 320), (8, 384), (10, 512)],
+                budgets=[1e14, 3.16e14, 1e15, 3.16e15], window=(10.0, 1000.0), head_dim=32,
                 batch_size=64, block_size=256, lr=2e-3, eval_iters=50),
 }
 
