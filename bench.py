@@ -1256,27 +1256,25 @@ def scaling_run_spec(preset, n_layer, n_embd, budget, steps, n, n_ne, fpt, n_tra
 
 
 def scaling_train(run, folder, device, dtype, data_dir):
-    """Train one run with train.run into folder/NAME, or reuse it when folder/NAME/result.json holds a
-    finished run of the same settings. Returns the run with its result: val and train loss (nats per
-    char and bits per char), wall seconds, and whether it was trained now."""
-    out = Path(folder) / run["name"]
-    done = out / "result.json"
-    if done.is_file() and (cached := json.loads(done.read_text()))["settings"] == run["settings"]:
+    """Train one run with train.run into folder/NAME in `dtype`, or reuse it when folder/NAME/result.json
+    holds a finished run of the same settings and dtype (scaling_cached). Returns the run with its result:
+    val and train loss (nats per char and bits per char), wall seconds, and whether it was trained now."""
+    if cached := scaling_cached(run, folder, dtype):
         return {**cached, "trained_now": False}
-    s = run["settings"]
+    out, s = Path(folder) / run["name"], run["settings"]
     result = train.run(**s, out_dir=str(out), lr_decay_iters=-1, min_lr=-1.0, eval_interval=s["max_iters"],
                        log_interval=s["max_iters"], sample_tokens=0, device=str(device), dtype=dtype, tokenizer="char",
                        dropout=0.0, data_dir=str(data_dir))
-    record = {**run, "val_loss": result["val_loss"], "train_loss": result["train_loss"],
+    record = {**run, "dtype": dtype, "val_loss": result["val_loss"], "train_loss": result["train_loss"],
               "val_bpc": result["val_loss"] / np.log(2), "elapsed_s": round(result["elapsed_s"], 2)}
-    runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    runtime.atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
     return {**record, "trained_now": True}
 
 
 def scaling_sweep(runs, folder, device, dtype, data_dir):
     """Train (or take from the cache) every run, printing progress with an ETA in FLOPs: the seconds per
     FLOP of the runs trained so far times the FLOPs left."""
-    todo = [r for r in runs if not scaling_cached(r, folder)]
+    todo = [r for r in runs if not scaling_cached(r, folder, dtype)]
     total = sum(r["C"] for r in todo)
     if repeated := [r["name"] for r in runs if r["epochs"] > 4]:
         print(f"note: {', '.join(repeated)} see their corpus more than 4 times (repeated data bends the laws, "
@@ -1299,9 +1297,13 @@ def scaling_sweep(runs, folder, device, dtype, data_dir):
     return results
 
 
-def scaling_cached(run, folder):
+def scaling_cached(run, folder, dtype):
+    """The finished run's record in folder/NAME/result.json when it was trained with the same settings and
+    dtype (float32 when the record does not say), else None."""
     done = Path(folder) / run["name"] / "result.json"
-    return done.is_file() and json.loads(done.read_text())["settings"] == run["settings"]
+    record = json.loads(done.read_text()) if done.is_file() else {}
+    same = record.get("settings") == run["settings"] and record.get("dtype", "float32") == dtype
+    return record if same else None
 
 
 def _floats(csv, flag, count=None):
@@ -1361,7 +1363,7 @@ def scaling_report(results, preset, args, vocab, n_train, folder, device, dtype)
     print_scaling_fits(fits)
     prediction = scaling_prediction(fits, preset, vocab, n_train)
     if args.verify:
-        cached = scaling_cached(prediction["run"], folder)
+        cached = scaling_cached(prediction["run"], folder, dtype)
         print(f"--- verify: {prediction['run']['name']} " + ("from the cache" if cached else
               f"training {prediction['run']['settings']['max_iters']} steps"), flush=True)
         trained = scaling_train(prediction["run"], folder, device, dtype, args.data_dir)
