@@ -1486,7 +1486,7 @@ def plot_scaling(results, fits, prediction, path):
              label=f"predicted (approach 3): {prediction['approach3'] * bits:.3f}")
     if "measured" in prediction:
         ax3.plot(prediction["budget"], prediction["measured"] * bits, "x", color="red", markersize=10,
-                 label=f"trained: {prediction['measured'] * bits:.3f} ({100 * prediction['error']['approach3']:+.1f}%)")
+                 label=f"trained: {prediction['measured'] * bits:.3f} (approach 3 off by {100 * prediction['error']['approach3']:+.1f}%)")
     ax3.set(xscale="log", xlabel="training FLOPs C", ylabel="val loss (bits per char)", title="compute frontier")
     ax3.legend(fontsize=8)
     fig.tight_layout()
