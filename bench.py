@@ -1283,8 +1283,8 @@ def bench_phi(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
-    if unknown := [a for a in arms if a not in PHI_ARMS] or not arms:
-        raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(PHI_ARMS)}")
+    if not arms or any(a not in PHI_ARMS for a in arms):
+        raise UserError(f"--arms {args.arms!r}: choose from {', '.join(PHI_ARMS)}")
     out, t0 = Path(args.out), time.time()
     data_folder = out / "data"
     data_settings = {k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters", "embed_tokens",

@@ -264,44 +264,6 @@ def _batches(ids, batch_size):
         yield order[s:s + batch_size]
 
 
-@torch.no_grad()
-def embed(model, tokenizer, texts, max_tokens=256, batch_size=32):
-    """Mean-pooled final hidden states (len(texts), n_embd) float32 numpy: the input of the model's
-    output head (after the final norm), averaged over each text's first max_tokens tokens. As phi-1
-    used a code model's output embeddings (section 2.1); the model is any of models/ (the hook is
-    on lm_head)."""
-    model.eval()
-    ids = [tokenizer.encode(t)[:max_tokens] or [0] for t in texts]
-    captured = {}
-    handle = model.lm_head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
-    out = np.zeros((len(texts), model.config.n_embd), dtype=np.float32)
-    try:
-        for batch in _batches(ids, batch_size):
-            T = max(len(ids[i]) for i in batch)
-            idx = torch.tensor([ids[i] + [0] * (T - len(ids[i])) for i in batch])
-            mask = torch.tensor([[1.0] * len(ids[i]) + [0.0] * (T - len(ids[i])) for i in batch])
-            model(idx)
-            h = captured["h"].float()
-            out[batch] = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
-    finally:
-        handle.remove()
-    return out
-
-
-def cross_entropy_per_token(model, tokenizer, texts, max_tokens=256, batch_size=32):
-    """Mean cross-entropy (nats per token) of each text's first max_tokens tokens after its first
-    (numpy float64), through evaluation.loglikelihoods."""
-    import evaluation
-    model.eval()
-    pairs = []
-    for t in texts:
-        ids = tokenizer.encode(t)[:max_tokens]
-        ids = ids if len(ids) >= 2 else ids + tokenizer.encode("\n") * (2 - len(ids))
-        pairs.append((ids[:1], ids[1:]))
-    scores = evaluation.loglikelihoods(model, pairs, batch_size=batch_size, reuse_context=False)
-    return np.array([-s / len(c) for s, (_, c) in zip(scores, pairs)])
-
-
 def fit_logistic(x, y, l2=1e-3, steps=200):
     """Logistic regression p(good | x) = sigmoid(w . z + b) on standardized features z, fitted by
     L-BFGS in float64 (torch) with an L2 penalty l2 |w|^2. x (N, D), y (N,) 0/1. Returns a function
@@ -374,3 +336,198 @@ class Manifest:
     def save(self, path):
         obj = {"steps": self.steps, **self.figures}
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
+
+
+# ----------------------------------------------------------------------------- the whole pipeline
+
+@dataclass
+class Curated:
+    """What build() writes into its folder: the arms' corpora, the evaluation sets, the manifest."""
+    folder: Path
+
+    def path(self, name):
+        return self.folder / name
+
+    @property
+    def manifest(self):
+        return json.loads((self.folder / "manifest.json").read_text())
+
+
+def _split_body(unit):
+    """(signature + docstring, body) of a function whose docstring is followed by a body, else None."""
+    try:
+        fn = ast.parse(unit.text).body[0]
+    except (SyntaxError, ValueError, IndexError):
+        return None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(fn) is None or len(fn.body) < 2:
+        return None
+    lines = unit.text.splitlines(keepends=True)
+    cut = fn.body[0].end_lineno
+    return "".join(lines[:cut]), "".join(lines[cut:])
+
+
+def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3000, n_label_test=1000,
+          held_out_fraction=0.1, eval_functions=200, eval_windows=200, window=192, body_chars=128,
+          exercises_per_family=40, held_out_per_family=8, stdlib=None, seed=0, log=print):
+    """The Phi recipe's data, offline, into `folder` (Curated): pool_A.txt (the train modules'
+    files, unfiltered), filtered_B.txt (the kept functions), exercises_train.txt, and the
+    evaluation sets heldout_functions.jsonl (signature + docstring -> body), heldout_code.jsonl
+    (random windows of held-out files), heldout_exercises.jsonl (families never trained on);
+    manifest.json records every step.
+
+    train_reference(corpus_path, name) -> (model, tokenizer) trains a reference model on a corpus
+    (the caller's: bench.py trains a small phi.py). Two are trained: on the deduplicated pool
+    (the classifier's embeddings, and Moore-Lewis' general side) and on REFERENCE_MODULES' functions
+    (Moore-Lewis' in-domain side)."""
+    import exercises as ex_mod
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    man = Manifest()
+    rng = np.random.default_rng(seed)
+    files = stdlib_files(stdlib)
+    train_names, held_names = split_modules(files, held_out_fraction, seed)
+    sources = {n: normalize(files[n].read_text(encoding="utf-8", errors="replace")) for n in files}
+    log(f"pool: {len(files)} modules of {stdlib or sysconfig.get_paths()['stdlib']}, {sum(map(len, sources.values())):,} "
+        f"characters; {len(train_names)} train / {len(held_names)} held-out modules", flush=True)
+    man.figures["split"] = {"train_modules": len(train_names), "held_out_modules": len(held_names),
+                            "held_out_packages": sorted({n.split(".")[0] for n in held_names}),
+                            "train_chars": sum(len(sources[n]) for n in train_names),
+                            "held_out_chars": sum(len(sources[n]) for n in held_names)}
+    pool_a = "\n\n".join(sources[n].strip("\n") for n in train_names)
+    atomic_write(folder / "pool_A.txt", lambda tmp: Path(tmp).write_text(pool_a))
+    man.step("pool (arm A: the train modules' files, as they are)", [sources[n] for n in train_names],
+             [sources[n] for n in train_names])
+
+    # units, dedup, rubric
+    units, unparsed = [], []
+    for n in train_names:
+        got = functions(sources[n], n)
+        units += got
+        if not got:
+            unparsed.append(n)
+    man.step("functions of the train modules (top-level and methods, dedented)", [sources[n] for n in train_names],
+             units, {"modules without functions or not parsed": len(unparsed)}, unparsed)
+    kept, dropped = dedup([u.text for u in units])
+    reasons = {"exact duplicate": sum(d[0] == "exact" for d in dropped.values()),
+               "near duplicate (MinHash Jaccard >= 0.8)": sum(d[0] == "near" for d in dropped.values())}
+    examples = [f"{units[i].key} ~ {units[d[1]].key}" for i, d in list(dropped.items())[:5]]
+    man.step("dedup", units, [units[i] for i in kept], reasons, examples)
+    units = [units[i] for i in kept]
+    log(f"{len(units):,} functions after dedup ({len(dropped):,} dropped)", flush=True)
+    for u in units:
+        score, label, points = rubric(u.text, u.module)
+        u.meta.update(score=score, label=label)
+    labels = np.array([u.meta["label"] for u in units])
+    man.figures["rubric"] = {"good": int(labels.sum()), "units": len(units),
+                             "points_rate": {p: round(float(np.mean([rubric(u.text, u.module)[2][p] for u in
+                                                                     units[:5000]])), 3) for p in RUBRIC_POINTS}}
+
+    # reference models and features
+    ref_pool = folder / "ref_pool.txt"
+    atomic_write(ref_pool, lambda tmp: Path(tmp).write_text("\n\n".join(u.text for u in units)))
+    domain = [u for u in units if u.module.split(".")[0] in REFERENCE_MODULES]
+    ref_domain = folder / "ref_domain.txt"
+    atomic_write(ref_domain, lambda tmp: Path(tmp).write_text("\n\n".join(u.text for u in domain)))
+    log(f"reference models: pool ({ref_pool.stat().st_size:,} chars), in-domain ({len(domain)} functions of "
+        f"{len(REFERENCE_MODULES)} hand-picked modules, {ref_domain.stat().st_size:,} chars)", flush=True)
+    general, tok = train_reference(ref_pool, "ref_pool")
+    indomain, _ = train_reference(ref_domain, "ref_domain")
+    texts = [u.text for u in units]
+    log(f"embedding {len(texts):,} functions (first {embed_tokens} tokens) with both reference models", flush=True)
+    emb, ce_pool = features(general, tok, texts, embed_tokens)
+    _, ce_domain = features(indomain, tok, texts, embed_tokens)
+
+    # the classifier on a few thousand rubric labels, applied to all
+    order = rng.permutation(len(units))
+    fit_idx, test_idx = order[:n_label], order[n_label:n_label + n_label_test]
+    predict = fit_logistic(emb[fit_idx], labels[fit_idx].astype(float))
+    prob = predict(emb)
+    acc = float(np.mean((prob[test_idx] > 0.5) == labels[test_idx]))
+    base = float(max(labels[test_idx].mean(), 1 - labels[test_idx].mean()))
+    n_keep = int(round(keep_fraction * len(units)))
+    chosen = np.argsort(-prob, kind="stable")[:n_keep]
+    ml = ce_domain - ce_pool
+    ml_chosen = np.argsort(ml, kind="stable")[:n_keep]
+    rubric_chosen = np.argsort(-np.array([u.meta["score"] for u in units]), kind="stable")[:n_keep]
+    man.figures["classifier"] = {
+        "model": "logistic regression on the pool reference model's mean-pooled final hidden states",
+        "labelled_fit": len(fit_idx), "labelled_test": len(test_idx), "held_out_accuracy": round(acc, 4),
+        "majority_baseline": round(base, 4), "good_rate": round(float(labels.mean()), 4)}
+    man.figures["selection_precision"] = {  # fraction of rubric-good among the kept, per selector
+        "classifier": round(float(labels[chosen].mean()), 4), "moore_lewis": round(float(labels[ml_chosen].mean()), 4),
+        "random": round(float(labels.mean()), 4), "rubric_score": round(float(labels[rubric_chosen].mean()), 4),
+        "classifier_moore_lewis_overlap": round(len(set(chosen) & set(ml_chosen)) / max(1, n_keep), 4)}
+    for i, u in enumerate(units):
+        u.meta.update(prob=round(float(prob[i]), 4), moore_lewis=round(float(ml[i]), 4))
+    keep_set = set(chosen.tolist())
+    filtered = [units[i] for i in sorted(keep_set)]
+    drop_examples = [units[i].key for i in np.argsort(prob)[:5]]
+    man.step(f"quality filter (arm B): the top {keep_fraction:.0%} by the classifier's probability", units, filtered,
+             {"below the classifier's cut": len(units) - len(filtered)}, drop_examples,
+             note=f"classifier held-out accuracy {acc:.3f} (majority baseline {base:.3f})")
+    corpus_b, mixed = mix({"filtered": ([u.text for u in filtered], 1.0)}, sum(len(u.text) + 2 for u in filtered), seed)
+    atomic_write(folder / "filtered_B.txt", lambda tmp: Path(tmp).write_text(corpus_b))
+    man.figures["mix_B"] = mixed
+    log(f"classifier held-out accuracy {acc:.3f} (majority {base:.3f}); kept {len(filtered):,} functions, "
+        f"{len(corpus_b):,} chars", flush=True)
+
+    # synthetic exercises
+    train_ex = ex_mod.generate(exercises_per_family, seed, held_out=False)
+    kept_ex, rejected = ex_mod.verify(train_ex)
+    man.step("synthetic exercises (templated), verified in the sandbox", [e.text for e in train_ex],
+             [e.text for e in kept_ex], {"failed its tests": len(rejected)}, [e.name for e, _, _ in rejected])
+    atomic_write(folder / "exercises_train.txt", lambda tmp: Path(tmp).write_text("\n\n".join(e.text for e in kept_ex)))
+    held_ex, rejected_h = ex_mod.verify(ex_mod.generate(held_out_per_family, seed + 1, held_out=True))
+    man.step("held-out exercises (families never trained on), verified", [e.text for e in held_ex] +
+             [e.text for e, _, _ in rejected_h], [e.text for e in held_ex], {"failed its tests": len(rejected_h)})
+    ex_mod.save_jsonl(held_ex, folder / "heldout_exercises.jsonl")
+    log(f"exercises: {len(kept_ex)} train ({len(ex_mod.FAMILIES) - len({e.family for e in held_ex})} families), "
+        f"{len(held_ex)} held-out ({len({e.family for e in held_ex})} families)", flush=True)
+
+    # evaluation sets from the held-out modules
+    held_units = [u for n in held_names for u in functions(sources[n], n)]
+    pairs = [p for p in map(_split_body, held_units) if p and len(p[1].strip()) >= 20]
+    pick = rng.permutation(len(pairs))[:eval_functions]
+    rows = [{"prompt": pairs[i][0], "body": pairs[i][1][:body_chars]} for i in sorted(pick)]
+    atomic_write(folder / "heldout_functions.jsonl",
+                 lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    held_text = "\n\n".join(sources[n] for n in held_names)
+    starts = rng.integers(0, len(held_text) - window - 1, eval_windows)
+    windows = [{"text": held_text[s:s + window]} for s in sorted(starts)]
+    atomic_write(folder / "heldout_code.jsonl",
+                 lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in windows)))
+    man.figures["eval_sets"] = {"heldout_functions": len(rows), "heldout_functions_available": len(pairs),
+                                "heldout_code_windows": len(windows), "window_chars": window,
+                                "heldout_exercises": len(held_ex)}
+    man.figures["units_sample"] = [{"key": u.key, **u.meta} for u in units[:: max(1, len(units) // 50)]]
+    man.save(folder / "manifest.json")
+    return Curated(folder)
+
+
+@torch.no_grad()
+def features(model, tokenizer, texts, max_tokens=64, batch_size=64):
+    """For each text's first max_tokens tokens, in one forward: the mean-pooled final hidden state
+    (the input of lm_head, after the final norm; phi-1 used a code model's output embeddings,
+    section 2.1), (N, n_embd) float32, and the mean cross-entropy of its tokens after the first
+    (nats per token), (N,) float64. Any model of models/ (the hook is on lm_head)."""
+    model.eval()
+    ids = [tokenizer.encode(t)[:max_tokens] for t in texts]
+    ids = [i if len(i) >= 2 else i + tokenizer.encode("\n") * (2 - len(i)) for i in ids]
+    captured = {}
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: captured.__setitem__("h", args[0]))
+    emb = np.zeros((len(texts), model.config.n_embd), dtype=np.float32)
+    ce = np.zeros(len(texts), dtype=np.float64)
+    try:
+        for batch in _batches(ids, batch_size):
+            T = max(len(ids[i]) for i in batch)
+            idx = torch.tensor([ids[i] + [0] * (T - len(ids[i])) for i in batch])
+            mask = torch.tensor([[1.0] * len(ids[i]) + [0.0] * (T - len(ids[i])) for i in batch])
+            logits = model(idx)[0].float()
+            h = captured["h"].float()
+            emb[batch] = ((h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).numpy()
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), idx[:, 1:], reduction="none")
+            m = mask[:, 1:]
+            ce[batch] = ((nll * m).sum(1) / m.sum(1)).double().numpy()
+    finally:
+        handle.remove()
+    return emb, ce
