@@ -273,7 +273,8 @@ def fit_logistic(x, y, l2=1e-3, steps=200):
     Z, Y = (X - mu) / sd, torch.tensor(y, dtype=torch.float64)
     w = torch.zeros(Z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, tolerance_grad=1e-10, tolerance_change=1e-14,
+                            line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
