@@ -1218,8 +1218,11 @@ def phi_init(folder, seed, block_size, **config):
 
 
 def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None, batch_size=None):
-    settings = {"init": str(init), "corpus": str(corpus), "iters": iters, "lr": lr, "seed": seed,
-                "block_size": block_size or args.block_size, "batch_size": batch_size or args.batch_size}
+    import hashlib
+    parent = Path(init) / "settings.json"  # a run continued: retrain when it was retrained
+    settings = {"init": str(init), "corpus": str(corpus), "corpus_sha1": hashlib.sha1(Path(corpus).read_bytes()).hexdigest(),
+                "parent": json.loads(parent.read_text()) if parent.is_file() else None, "iters": iters, "lr": lr,
+                "seed": seed, "block_size": block_size or args.block_size, "batch_size": batch_size or args.batch_size}
     cached_run(out, settings, label, init_from=str(init), data=str(corpus), data_dir=str(Path(args.out) / "tokens"),
                max_iters=iters, learning_rate=lr, min_lr=lr / 10, warmup_iters=max(1, iters // 10),
                block_size=settings["block_size"], batch_size=settings["batch_size"], eval_interval=iters,
@@ -1242,9 +1245,10 @@ def phi_completion(text):
 @torch.no_grad()
 def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     """The three measures of a trained model: (1) body_loss, nats per character of held-out
-    functions' bodies given their signature + docstring; (2) pass@1 of greedy completions of the
-    held-out exercise families, run with their tests in the sandbox; (3) code_loss, nats per
-    character of random windows of held-out modules."""
+    functions' bodies given their signature + docstring; (2) pass_at_1 of greedy completions of the
+    held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
+    the same on new drawings of the training families); (3) code_loss, nats per character of
+    random windows of held-out modules."""
     import exercises
     import sandbox
     model = models.from_pretrained(run).eval()
@@ -1257,21 +1261,26 @@ def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     body = loss([(tok.encode(r["prompt"]), tok.encode(r["body"])) for r in rows])
     windows = [json.loads(line)["text"] for line in curated.path("heldout_code.jsonl").read_text().splitlines()]
     code = loss([(tok.encode(w[:1]), tok.encode(w[1:])) for w in windows])
-    tasks = exercises.load_jsonl(curated.path("heldout_exercises.jsonl"))
-    outs = []
-    for s in range(0, len(tasks), batch_size):
-        chunk = tasks[s:s + batch_size]
-        outs += generation.complete(model, tok, [tok.encode(t.prompt) for t in chunk], gen_tokens, stop="\n\n",
-                                    temperature=0)
-    programs = [t.prompt + phi_completion(o) for t, o in zip(tasks, outs)]
-    p1, results = sandbox.pass_at_1(programs, [t.tests for t in tasks])
-    by_family = {}
-    for t, r in zip(tasks, results):
-        by_family.setdefault(t.family, []).append(r.passed)
-    return {"body_loss": body, "code_loss": code, "pass_at_1": p1, "passed": sum(r.passed for r in results),
-            "exercises": len(tasks), "pass_by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
-            "statuses": {st: sum(r.status == st for r in results) for st in {r.status for r in results}},
-            "samples": [{"prompt": t.prompt, "completion": phi_completion(o)} for t, o in list(zip(tasks, outs))[:6]]}
+
+    def solve(tasks):
+        outs = []
+        for s in range(0, len(tasks), batch_size):
+            chunk = tasks[s:s + batch_size]
+            outs += generation.complete(model, tok, [tok.encode(t.prompt) for t in chunk], gen_tokens, stop="\n\n",
+                                        temperature=0)
+        programs = [t.prompt + phi_completion(o) for t, o in zip(tasks, outs)]
+        p1, results = sandbox.pass_at_1(programs, [t.tests for t in tasks])
+        by_family = {}
+        for t, r in zip(tasks, results):
+            by_family.setdefault(t.family, []).append(r.passed)
+        return p1, {"passed": sum(r.passed for r in results), "exercises": len(tasks),
+                    "by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
+                    "statuses": {st: sum(r.status == st for r in results) for st in {r.status for r in results}},
+                    "samples": [{"prompt": t.prompt, "completion": phi_completion(o)} for t, o in zip(tasks, outs)][:8]}
+    p1, unseen = solve(exercises.load_jsonl(curated.path("heldout_exercises.jsonl")))
+    p1_seen, seen = solve(exercises.load_jsonl(curated.path("heldout_instances.jsonl")))
+    return {"body_loss": body, "code_loss": code, "pass_at_1": p1, "pass_at_1_seen_families": p1_seen,
+            "unseen_families": unseen, "seen_families": seen}
 
 
 def bench_phi(args):
@@ -1287,8 +1296,8 @@ def bench_phi(args):
         raise UserError(f"--arms {args.arms!r}: choose from {', '.join(PHI_ARMS)}")
     out, t0 = Path(args.out), time.time()
     data_folder = out / "data"
-    data_settings = {k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters", "embed_tokens",
-                                                   "exercises_per_family", "stdlib")}
+    data_settings = {"version": 2, **{k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters",
+                                                                     "embed_tokens", "exercises_per_family", "stdlib")}}
     curated = curation.Curated(data_folder)
     done = data_folder / "settings.json"
     if not (done.is_file() and json.loads(done.read_text()) == data_settings and (data_folder / "manifest.json").is_file()):
@@ -1335,12 +1344,15 @@ def bench_phi(args):
             rows.append({"arm": arm, "seed": seed, **result})
     tokens = (args.pretrain_iters + args.finetune_iters) * args.batch_size * args.block_size
     print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"), ("body_loss", "(1) body loss", "{:.4f}"),
-                       ("pass_at_1", "(2) pass@1", "{:.3f}"), ("code_loss", "(3) held-out code loss", "{:.4f}")])
+                       ("pass_at_1", "(2) pass@1 unseen families", "{:.3f}"),
+                       ("pass_at_1_seen_families", "pass@1 new instances", "{:.3f}"),
+                       ("code_loss", "(3) held-out code loss", "{:.4f}")])
     summary = {"tokens_per_arm": tokens, "model": PHI_MODEL, "rows": rows, "arms": {}}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         summary["arms"][arm] = {k: {"mean": statistics.mean(r[k] for r in mine), "min": min(r[k] for r in mine),
-                                    "max": max(r[k] for r in mine)} for k in ("body_loss", "pass_at_1", "code_loss")}
+                                    "max": max(r[k] for r in mine)}
+                               for k in ("body_loss", "pass_at_1", "pass_at_1_seen_families", "code_loss")}
     a = summary["arms"]
     if {"A", "B"} <= set(a):
         summary["B_beats_A_on_body_loss_beyond_spread"] = a["B"]["body_loss"]["max"] < a["A"]["body_loss"]["min"]

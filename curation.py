@@ -373,7 +373,8 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     """The Phi recipe's data, offline, into `folder` (Curated): pool_A.txt (the train modules'
     files, unfiltered), filtered_B.txt (the kept functions), exercises_train.txt, and the
     evaluation sets heldout_functions.jsonl (signature + docstring -> body), heldout_code.jsonl
-    (random windows of held-out files), heldout_exercises.jsonl (families never trained on);
+    (random windows of held-out files), heldout_exercises.jsonl (families never trained on),
+    heldout_instances.jsonl (new drawings of the training families);
     manifest.json records every step.
 
     train_reference(corpus_path, name) -> (model, tokenizer) trains a reference model on a corpus
@@ -482,6 +483,16 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     man.step("held-out exercises (families never trained on), verified", [e.text for e in held_ex] +
              [e.text for e, _, _ in rejected_h], [e.text for e in held_ex], {"failed its tests": len(rejected_h)})
     ex_mod.save_jsonl(held_ex, folder / "heldout_exercises.jsonl")
+    # new drawings of the training families (texts not in the training set): does the fine-tune generalize
+    # within a family, even where it cannot across families?
+    seen_texts, per = {e.text for e in train_ex}, {}
+    for e in ex_mod.generate(held_out_per_family * 4, seed + 2, held_out=False):
+        if e.text not in seen_texts and len(per.setdefault(e.family, [])) < held_out_per_family // 2:
+            per[e.family].append(e)
+    inst_ex, rejected_i = ex_mod.verify([e for group in per.values() for e in group])
+    man.step("new instances of the training families (texts not trained on), verified", [e.text for e in inst_ex] +
+             [e.text for e, _, _ in rejected_i], [e.text for e in inst_ex], {"failed its tests": len(rejected_i)})
+    ex_mod.save_jsonl(inst_ex, folder / "heldout_instances.jsonl")
     log(f"exercises: {len(kept_ex)} train ({len(ex_mod.FAMILIES) - len({e.family for e in held_ex})} families), "
         f"{len(held_ex)} held-out ({len({e.family for e in held_ex})} families)", flush=True)
 
@@ -499,7 +510,7 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
                  lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in windows)))
     man.figures["eval_sets"] = {"heldout_functions": len(rows), "heldout_functions_available": len(pairs),
                                 "heldout_code_windows": len(windows), "window_chars": window,
-                                "heldout_exercises": len(held_ex)}
+                                "heldout_exercises": len(held_ex), "heldout_instances": len(inst_ex)}
     man.figures["units_sample"] = [{"key": u.key, **u.meta} for u in units[:: max(1, len(units) // 50)]]
     man.save(folder / "manifest.json")
     return Curated(folder)
