@@ -1231,6 +1231,11 @@ def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None,
     return out
 
 
+def phi_arm_run(args, arm, seed):
+    """The folder name of an arm's final run: its budget in it, so runs of other lengths sit beside it."""
+    return f"{arm}-{args.pretrain_iters}+{args.finetune_iters}-s{seed}"
+
+
 def phi_completion(text):
     """A generated function body: the lines up to the first one that is neither blank nor indented
     (the model went on to another definition)."""
@@ -1320,7 +1325,7 @@ def bench_phi(args):
             stage1 = f"{first.split('_')[0]}-stage1-s{seed}"
             if (stage1, seed) not in [(p[0], p[1]) for p in plan]:
                 plan.append((stage1, seed, f"init-s{seed}", first, args.pretrain_iters, args.learning_rate))
-            plan.append((f"{arm}-s{seed}", seed, stage1, second, args.finetune_iters, args.finetune_lr))
+            plan.append((phi_arm_run(args, arm, seed), seed, stage1, second, args.finetune_iters, args.finetune_lr))
     total_steps, done_steps, t_train = sum(p[4] for p in plan), 0, time.time()
     for i, (name, seed, parent, corpus, iters, lr) in enumerate(plan):
         init = phi_init(out / parent, seed, args.block_size, **PHI_MODEL) if parent.startswith("init") else out / parent
@@ -1332,7 +1337,7 @@ def bench_phi(args):
     rows = []
     for seed in range(args.seeds):
         for arm in arms:
-            run = out / f"{arm}-s{seed}"
+            run = out / phi_arm_run(args, arm, seed)
             cache = run / "eval.json"
             settings = json.loads((run / "settings.json").read_text())
             if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
@@ -1365,8 +1370,9 @@ def bench_phi(args):
         if key in summary:
             print(f"{key}: {summary[key]}")
     print(f"tokens per arm: {tokens:,}; classifier: {manifest.get('classifier')}")
-    runtime.atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    print(f"bench phi: {format_eta(time.time() - t0)} in all; {out / 'summary.json'}", flush=True)
+    path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
+    runtime.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
     return summary
 
 
@@ -1535,7 +1541,7 @@ def parser(argv=()):
     ph.add_argument("--gen_tokens", type=int, default=64, help="greedy tokens generated per held-out exercise")
     ph.add_argument("--stdlib", default="", help="the pool's folder (empty: this Python's standard library)")
     ph.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ph.add_argument("--out", default="out/phi", help="curated data, runs, summary.json")
+    ph.add_argument("--out", default="out/phi", help="curated data, runs, summary-PRETRAIN+FINETUNE.json")
     ph.set_defaults(run=bench_phi)
     return p
 
