@@ -8,6 +8,7 @@
   python bench.py lora                      # full fine-tuning vs LoRA: trainable params, optimizer state, memory, time
   python bench.py moe                       # dense vs MoE at equal active parameters; loop vs grouped_mm; expert load
   python bench.py switch                    # Switch Transformer vs dense at equal FLOPs: tokens to the same loss
+  python bench.py performer                 # softmax vs Performer (FAVOR+) vs a sliding window: val loss, and the gap
   python bench.py icl                       # in-context learning: accuracy against K shots for 3 model sizes
   python bench.py decode                    # decoding vs transformers, int8/bf16 weights, speculative; the roofline
 
@@ -219,7 +220,7 @@ def plot_attention(rows, path):
 def build_model(args, device, **overrides):
     """A randomly initialised model of models/<args.model>.py from the model flags in args (and
     the attention backend of --attn)."""
-    kernels.set_backend(args.attn)
+    runtime.configure_attention(args)
     module = models.get(args.model)
     fields = {f[0] for f in train.model_flags(module)}
     config = module.Config(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides},
@@ -634,7 +635,7 @@ def add_model_flags(p, model_name, block_size=None):
                    "default corpus in char tokens)")
     p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
                    help="positions per sequence (and KV-cache length)")
-    p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+    runtime.add_attention_flags(p)
     for name, default, help_text in train.model_flags(models.get(model_name)):
         kind = runtime.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
@@ -968,24 +969,29 @@ SWITCH_ARMS = {  # name -> models/switch.py Config overrides; the first two are 
 }
 
 
+def cached_run(out, settings, model, **flags):
+    """Train with train.run(model, out_dir=out, **flags) into folder `out`, or reuse the folder when it
+    holds a finished run of the same settings (its settings.json: what decides the result, a dict
+    the caller gives). Returns its log.jsonl records."""
+    out = Path(out)
+    done = out / "settings.json"
+    if not (done.is_file() and json.loads(done.read_text()) == settings):
+        print(f"--- training {flags.get('max_iters')} steps into {out}", flush=True)
+        train.run(model=model, out_dir=str(out), **flags)
+        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
 def switch_run(args, arm, seed):
-    """Train one arm and seed with train.run into OUT/ARM-sSEED, or reuse the folder when it holds a
-    finished run of the same settings (settings.json). Returns its log.jsonl records."""
-    out = Path(args.out) / f"{arm}-s{seed}"
+    """Train one arm and seed with train.run into OUT/ARM-sSEED (cached_run). Returns its log.jsonl records."""
     steps = args.max_iters if arm in ("dense", "switch") or not args.ablation_iters else args.ablation_iters
     settings = {"arm": arm, "seed": seed, "max_iters": steps, "batch_size": args.batch_size,
                 "block_size": args.block_size, "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
                 **SWITCH_ARMS[arm]}
-    done = out / "settings.json"
-    if not (done.is_file() and json.loads(done.read_text()) == settings):
-        print(f"--- {arm}, seed {seed}: training {steps} steps into {out}", flush=True)
-        train.run(model="switch", out_dir=str(out), seed=seed, max_iters=steps, batch_size=args.batch_size,
-                  block_size=args.block_size, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-                  log_interval=args.eval_interval, sample_tokens=0, device=args.device, data=args.data,
-                  data_dir=args.data_dir,
-                  **SWITCH_ARMS[arm])
-        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
-    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return cached_run(Path(args.out) / f"{arm}-s{seed}", settings, "switch", seed=seed, max_iters=steps,
+                      batch_size=args.batch_size, block_size=args.block_size, eval_interval=args.eval_interval,
+                      eval_iters=args.eval_iters, log_interval=args.eval_interval, sample_tokens=0,
+                      device=args.device, data=args.data, data_dir=args.data_dir, **SWITCH_ARMS[arm])
 
 
 def tokens_to_reach(curve, target):
@@ -1074,6 +1080,73 @@ def plot_switch(runs, curves, tokens_per_step, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------- Performer and the window: quality (issue 15)
+
+PERFORMER_ARMS = {  # name -> train.py attention flags; the default Llama otherwise
+    "softmax": {"attn": "sdpa"},
+    "performer_m64": {"attn": "performer", "performer_features": 64},
+    "performer_m256": {"attn": "performer", "performer_features": 256},
+    "window64": {"attn": "sdpa", "attn_window": 64},
+}
+
+
+def bench_performer(args):
+    """The default Llama (char level, default corpus) trained with softmax attention, FAVOR+ with m = 64
+    and 256 random features, and a sliding window of 64, the same steps and seeds: the final val loss,
+    and its gap to softmax. Then the Performer paper's backward-compatibility test (Choromanski et al.
+    2021, section 4.2, Figure 4): the trained softmax model with FAVOR+ swapped in, its val loss before
+    and after a short fine-tune. Runs are cached by settings (cached_run)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := [a for a in arms if a not in PERFORMER_ARMS]:
+        raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(PERFORMER_ARMS)}")
+    common = dict(max_iters=args.max_iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                  log_interval=args.eval_interval, sample_tokens=0, device=args.device, data=args.data,
+                  data_dir=args.data_dir)
+    rows = []
+    for seed in range(args.seeds):  # seed by seed: a run stopped early still has every arm of its first seeds
+        for arm in arms:
+            settings = {"arm": arm, "seed": seed, **common, **PERFORMER_ARMS[arm]}
+            log = cached_run(Path(args.out) / f"{arm}-s{seed}", settings, "llama", seed=seed, **common,
+                             **PERFORMER_ARMS[arm])
+            vals = [r for r in log if "val_loss" in r]
+            rows.append({"arm": arm, "seed": seed, "val_loss": vals[-1]["val_loss"], "elapsed_s": vals[-1]["elapsed_s"]})
+    softmax = {r["seed"]: r["val_loss"] for r in rows if r["arm"] == "softmax"}
+    summary = {"rows": rows, "arms": {}}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        losses = [r["val_loss"] for r in mine]
+        gaps = [r["val_loss"] - softmax[r["seed"]] for r in mine if r["seed"] in softmax]
+        summary["arms"][arm] = {"mean": statistics.mean(losses), "min": min(losses), "max": max(losses),
+                                "gap_mean": statistics.mean(gaps) if gaps else None,
+                                "gap_min": min(gaps) if gaps else None, "gap_max": max(gaps) if gaps else None,
+                                "wall_s": statistics.mean(r["elapsed_s"] for r in mine)}
+    table = [{"arm": arm, **v, "seeds": args.seeds} for arm, v in summary["arms"].items()]
+    print(f"default Llama, {args.max_iters} steps, {args.seeds} seed(s); val loss (nats per char), gap = arm - softmax "
+          "(same seed)")
+    print_table(table, [("arm", "arm", "{}"), ("mean", "val loss", "{:.4f}"), ("min", "min", "{:.4f}"),
+                        ("max", "max", "{:.4f}"), ("gap_mean", "gap", "{:+.4f}"), ("gap_min", "gap min", "{:+.4f}"),
+                        ("gap_max", "gap max", "{:+.4f}"), ("wall_s", "wall s", "{:.0f}")])
+    if args.finetune_iters and "softmax" in arms:
+        base = Path(args.out) / "softmax-s0"
+        swap = {"attn": "performer", "performer_features": args.finetune_features}
+        ft = dict(max_iters=args.finetune_iters, learning_rate=args.finetune_lr, warmup_iters=args.finetune_iters // 10,
+                  eval_interval=max(1, args.finetune_iters // 4), eval_iters=args.eval_iters,
+                  log_interval=max(1, args.finetune_iters // 4), sample_tokens=0, device=args.device,
+                  data=args.data, data_dir=args.data_dir, seed=0)
+        log = cached_run(Path(args.out) / f"finetune-m{args.finetune_features}", {"base": str(base), **ft, **swap},
+                         "llama", init_from=str(base), **ft, **swap)
+        vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+        summary["finetune"] = {"softmax": softmax[0], "favor_before": vals[0][1], "favor_after": vals[-1][1],
+                               "curve": vals, "features": args.finetune_features, "steps": args.finetune_iters}
+        print(f"backward compatibility (softmax seed 0 -> FAVOR+ m={args.finetune_features}): softmax {softmax[0]:.4f}, "
+              f"FAVOR+ swapped in {vals[0][1]:.4f}, after {args.finetune_iters} fine-tuning steps {vals[-1][1]:.4f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -1297,6 +1370,23 @@ def parser(argv=()):
     sw.add_argument("--out", default="out/switch", help="the runs' folders and summary.json")
     sw.add_argument("--plot", default="out/switch.png", help="PNG plot path (empty: none)")
     sw.set_defaults(run=bench_switch)
+
+    pf = sub.add_parser("performer", help="the default Llama with softmax, FAVOR+ (m=64, 256) and window-64 attention: "
+                        "val loss and the gap over seeds; softmax -> FAVOR+ swapped in and fine-tuned (trains; cached)")
+    pf.add_argument("--arms", default=",".join(PERFORMER_ARMS), help=f"comma-separated from {', '.join(PERFORMER_ARMS)}")
+    pf.add_argument("--seeds", type=int, default=2, help="seeds per arm")
+    pf.add_argument("--max_iters", type=int, default=200, help="steps per run (train.py's default is 750: see the README)")
+    pf.add_argument("--eval_interval", type=int, default=100, help="steps between val-loss evaluations")
+    pf.add_argument("--eval_iters", type=int, default=train.flag_default("eval_iters"), help="batches per evaluation")
+    pf.add_argument("--finetune_iters", type=int, default=50, help="steps of the backward-compatibility fine-tune (0: skip)")
+    pf.add_argument("--finetune_features", type=int, default=256, help="FAVOR+ features m swapped into the softmax model")
+    pf.add_argument("--finetune_lr", type=float, default=1e-3, help="peak learning rate of that fine-tune")
+    pf.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    pf.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    pf.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    pf.add_argument("--out", default="out/performer", help="the runs' folders and summary.json")
+    pf.set_defaults(run=bench_performer)
 
     ic = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
                         "on the corpus mixed with task episodes, exact match against K shots, with and without "

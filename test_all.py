@@ -1633,6 +1633,20 @@ def test_model_contract(tmp_path, name):
         cache = model.init_cache(2, 24)
         steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-9 * full.abs().max().item()
+    # the same with --attn performer (per-layer features and running state: the attention call passes
+    # layer= and cache=) and with a sliding window (a rolling buffer per layer)
+    for attn, window in (("performer", 0), ("sdpa", 5)):
+        kernels.configure(attn, window)
+        try:
+            with torch.no_grad():
+                whole = model(seq)[0]
+                cache = model.init_cache(2, 24)
+                steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
+        finally:
+            kernels.configure()
+        assert (torch.cat(steps, dim=1) - whole).abs().max().item() <= 1e-9 * whole.abs().max().item()
+        assert cache.layout == (["performer"] if window == 0 else [window]) * cfg.n_layer
+        assert not torch.allclose(whole, full)  # the variant changed the model's computation
     # save_pretrained -> from_pretrained: the same model, and models.from_pretrained finds the file
     model.save_pretrained(tmp_path, metadata={"step": "3"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

@@ -42,6 +42,7 @@ import models
 import runtime
 import tokenization
 from generation import stream
+from kernels import performer
 from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype
 
 TRAIN_FLAGS = [
@@ -85,7 +86,7 @@ TRAIN_FLAGS = [
     ("compile", False, "torch.compile the model"),
     ("fsdp", False, "under torchrun: shard parameters, gradients and optimizer state with FSDP (fully_shard) "
                     "instead of replicating them with DistributedDataParallel"),
-    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
+    *runtime.ATTENTION_FLAGS,  # attn, attn_window, performer_features, performer_redraw
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
@@ -380,7 +381,7 @@ def start(flags):
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
-    kernels.set_backend(flags["attn"])
+    runtime.configure_attention(flags)
     torch.manual_seed(flags["seed"])
     if flags["lora_rank"] and flags["init_from"] == "scratch":
         raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
@@ -529,6 +530,7 @@ def fit(s, loss_fn=None):
     with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
         s.model.train()
         while True:
+            performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
             if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
                 losses = evaluate_and_checkpoint(s, clock, log_file)
             if s.step >= f["max_iters"]:
