@@ -2,6 +2,7 @@
 
   python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
   python bench.py attention --json          # the same, one JSON object per measurement
+  python bench.py attention --scaling       # softmax vs Performer vs a window, T = 512..32k: slopes, crossover
   python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
   python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
   python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
@@ -123,21 +124,41 @@ def attention_flops(B, Hq, T, S, D, causal, backward):
     return fwd * (3.5 if backward else 1.0)
 
 
+def attention_backend(spec, window, device):
+    """The attention function fn(q, k, v, causal) of a --backends entry: a registry name, or NAME+window
+    (that backend with a sliding window of `window`). UserError for an unknown or unusable one."""
+    name, _, variant = spec.partition("+")
+    if name not in kernels.BACKENDS or variant not in ("", "window"):
+        raise UserError(f"unknown backend {spec!r}; choose from {', '.join(kernels.BACKENDS)}, each optionally +window")
+    if not kernels.BACKENDS[name].usable(device):
+        raise UserError(f"the {name} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if variant and kernels.BACKENDS[name].stateful:
+        raise UserError(f"{spec}: the {name} backend has no sliding window")
+    w = window if variant else 0
+    return lambda q, k, v, causal: kernels.attention(q, k, v, causal, backend=name, window=w)
+
+
+def quadratic(spec):
+    """Whether a --backends entry costs O(T^2) (softmax over every key: not performer, not a window)."""
+    return not (kernels.BACKENDS[spec.partition("+")[0]].stateful or spec.endswith("+window"))
+
+
 def bench_attention(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.startswith("cuda")
+    args.n_head = args.n_head or (4 if args.scaling else 8)
+    args.head_dim = args.head_dim or (32 if args.scaling else 64)
     backends = args.backends.split(",") if args.backends else (
+        ["sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
         ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
-    for b in backends:
-        if b not in kernels.BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(kernels.BACKENDS)}")
-        if not kernels.BACKENDS[b].usable(device):
-            raise UserError(f"the {b} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    fns = {b: attention_backend(b, args.window, device) for b in backends}
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
+        [512, 1024, 2048, 4096, 8192, 16384, 32768] if args.scaling else
         [1024, 2048, 4096, 8192, 16384] if cuda else [128, 256, 512, 1024, 2048, 4096])
     H, D = args.n_head, args.head_dim
-    cases = [("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
+    cases = [("causal", True, H)] if args.scaling else [
+        ("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
     rows = []
     for case, causal, Hkv in cases:
         for T in seq_lens:
@@ -147,10 +168,15 @@ def bench_attention(args):
                 if backend == "naive" and scores_bytes * 3 > args.max_naive_gb * 2 ** 30:
                     rows.append({**row, "note": "too big"})
                     continue
+                if quadratic(backend) and args.max_quadratic_T and T > args.max_quadratic_T:
+                    rows.append({**row, "note": f"skipped: T > --max_quadratic_T {args.max_quadratic_T}"})
+                    continue
+                if backend.endswith("+window") and not causal:
+                    continue
                 g = torch.Generator(device=device).manual_seed(0)
                 q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
                 k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
-                fn = kernels.BACKENDS[backend].fn
+                fn = fns[backend]
                 try:  # the first call of this shape in this process: compilation and autotuning included
                     row["first_call_s"] = first_call_seconds(lambda: fn(*(t.detach().requires_grad_() for t in (q, k, v)),
                                                                        causal).sum().backward(), device)
@@ -187,16 +213,100 @@ def bench_attention(args):
                            ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
                            ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
                            ("note", "note", "{}")])
+    if args.scaling:
+        return attention_scaling(args, rows, device, dtype)
     if args.plot:
         plot_attention(rows, args.plot)
     return rows
 
 
-def plot_attention(rows, path):
+def loglog_slope(points):
+    """The least-squares slope of log(y) against log(x) over points [(x, y)]: the exponent p of
+    y ~ x^p (None with fewer than two points)."""
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def crossover(rows, fast, slow, key="fwdbwd_ms"):
+    """The length T at which backend `fast` becomes cheaper than `slow` (key), interpolated in log-log
+    between the two measured lengths around it; None if it never does in the range, 'below' if it is
+    already cheaper at the shortest length."""
+    a = {r["T"]: r[key] for r in rows if r["backend"] == fast and key in r}
+    b = {r["T"]: r[key] for r in rows if r["backend"] == slow and key in r}
+    common = sorted(set(a) & set(b))
+    for i, T in enumerate(common):
+        if a[T] < b[T]:
+            if i == 0:
+                return "below"
+            T0 = common[i - 1]
+            d0, d1 = np.log(a[T0] / b[T0]), np.log(a[T] / b[T])  # log ratio: > 0 at T0, < 0 at T
+            return round(float(np.exp(np.log(T0) + (np.log(T) - np.log(T0)) * d0 / (d0 - d1))))
+    return None
+
+
+def favor_error_against_m(args, device, ms=(16, 32, 64, 128, 256, 512, 1024), scales=(0.25, 0.5, 1.0), draws=3,
+                          T=1024):
+    """Relative error (Frobenius) of FAVOR+ against exact softmax attention for m random features,
+    averaged over `draws` draws (layer seeds): causal, T positions, the --n_head heads, q and k ~
+    N(0, sigma^2) for each sigma of `scales` (the scores q.k / sqrt(D) then have standard deviation
+    sigma^2; the estimator's variance grows like exp(|q|^2 + |k|^2) / sqrt(D), paper's Lemma 2).
+    Returns [{"m", "sigma", "rel_error", "spread"}]."""
+    from kernels import performer
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, args.n_head, T, args.head_dim, device=device, generator=g) for _ in "qkv")
+    out = []
+    for sigma in scales:
+        exact = kernels.attention(sigma * q, sigma * k, v, True, backend="sdpa", window=0)
+        for m in ms:
+            performer.configure(features=m)
+            errs = [((kernels.attention(sigma * q, sigma * k, v, True, backend="performer", layer=layer) - exact).norm()
+                     / exact.norm()).item() for layer in range(draws)]
+            out.append({"m": m, "sigma": sigma, "rel_error": statistics.mean(errs), "spread": max(errs) - min(errs)})
+    performer.configure()
+    return out
+
+
+def attention_scaling(args, rows, device, dtype):
+    """--scaling: log-log slopes of time and memory against T per backend (fitted over T >= 2048,
+    where fixed costs no longer dominate), the crossover lengths against sdpa, FAVOR+'s error
+    against m; a plot. Returns the summary."""
+    from kernels import performer
+    summary = {"rows": rows, "slopes": {}, "crossover": {}}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["T"] >= 2048]
+        summary["slopes"][backend] = {key: loglog_slope([(r["T"], r[key]) for r in mine if r.get(key)])
+                                      for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mib")}
+        if backend != "sdpa" and not quadratic(backend):
+            summary["crossover"][backend] = {key: crossover(rows, backend, "sdpa", key) for key in ("fwd_ms", "fwdbwd_ms")}
+    summary["error_vs_m"] = favor_error_against_m(args, device)
+    m_default = performer.num_features(args.head_dim)
+    print(f"\nfitted log-log slopes over T >= 2048 (time ~ T^slope); performer: m = {m_default} (D ln D), "
+          f"chunks of {performer.CHUNK}; window: W = {args.window}")
+    print_table([{"backend": b, **v} for b, v in summary["slopes"].items()],
+                [("backend", "backend", "{}"), ("fwd_ms", "fwd time slope", "{:.2f}"),
+                 ("fwdbwd_ms", "fwd+bwd time slope", "{:.2f}"), ("fwdbwd_mib", "fwd+bwd memory slope", "{:.2f}")])
+    for backend, where in summary["crossover"].items():
+        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), {where['fwdbwd_ms']} (forward + backward)")
+    print(f"\nFAVOR+ relative error against softmax attention (causal, T = 1024, head_dim {args.head_dim}, "
+          "q and k ~ N(0, sigma^2), mean of 3 draws)")
+    sigmas = list(dict.fromkeys(e["sigma"] for e in summary["error_vs_m"]))
+    print_table([{"m": m, **{f"s{s}": e["rel_error"] for e in summary["error_vs_m"] for s in sigmas
+                             if e["m"] == m and e["sigma"] == s}} for m in dict.fromkeys(e["m"] for e in summary["error_vs_m"])],
+                [("m", "m", "{}")] + [(f"s{s}", f"sigma {s}", "{:.4f}") for s in sigmas])
+    if args.plot:
+        plot_attention(rows, args.plot, summary["error_vs_m"])
+    if args.summary:
+        runtime.atomic_write(Path(args.summary), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
+
+
+def plot_attention(rows, path, error_vs_m=None):
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if error_vs_m else 2, figsize=(16 if error_vs_m else 11, 4))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend and r["case"] == "causal" and "fwdbwd_ms" in r]
         for ax, key in zip(axes, ("fwdbwd_ms", "fwdbwd_mib")):
@@ -208,6 +318,19 @@ def plot_attention(rows, path):
         ax.set_xticks(seq_lens, [str(t) for t in seq_lens], minor=False)
         ax.minorticks_off()
         ax.set(xlabel="sequence length T", ylabel=label, title=f"causal attention: {label}")
+        ax.legend()
+    if error_vs_m:
+        ax = axes[2]
+        for sigma in dict.fromkeys(e["sigma"] for e in error_vs_m):
+            mine = [e for e in error_vs_m if e["sigma"] == sigma]
+            line, = ax.plot([e["m"] for e in mine], [e["rel_error"] for e in mine], marker="o",
+                            label=f"FAVOR+, q, k ~ N(0, {sigma}^2)")
+            ax.plot([e["m"] for e in mine], [mine[0]["rel_error"] * (mine[0]["m"] / e["m"]) ** 0.5 for e in mine],
+                    linestyle=":", color=line.get_color())
+        ax.plot([], [], linestyle=":", color="gray", label="1 / sqrt(m)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="random features m", ylabel="relative error vs softmax", title="FAVOR+ error against m")
         ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -976,7 +1099,7 @@ def cached_run(out, settings, model, **flags):
     out = Path(out)
     done = out / "settings.json"
     if not (done.is_file() and json.loads(done.read_text()) == settings):
-        print(f"--- training {flags.get('max_iters')} steps into {out}", flush=True)
+        print(f"--- {out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
         train.run(model=model, out_dir=str(out), **flags)
         runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -1263,15 +1386,23 @@ def parser(argv=()):
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s")
+    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s; --scaling: "
+                       "softmax vs Performer vs a sliding window against length")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
-    a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
-                   "naive,sdpa,sdpa_flash,sdpa_cudnn,triton on CUDA")
-    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA")
+    a.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
+                   "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
+                   "CUDA; with --scaling sdpa,performer,sdpa+window (and triton+window on CUDA)")
+    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
+                   "with --scaling 512..32768")
+    a.add_argument("--scaling", action="store_true", help="cost against length (issue 15): causal only, fitted "
+                   "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
+    a.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
+    a.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")
+    a.add_argument("--summary", default="", help="--scaling: write the rows, slopes and errors to this JSON file")
     a.add_argument("--batch", type=int, default=1, help="batch size")
-    a.add_argument("--n_head", type=int, default=8, help="query heads")
+    a.add_argument("--n_head", type=int, default=0, help="query heads (0: 8, with --scaling 4)")
     a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
-    a.add_argument("--head_dim", type=int, default=64, help="head dimension")
+    a.add_argument("--head_dim", type=int, default=0, help="head dimension (0: 64, with --scaling 32)")
     a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
                    "would exceed this")
     a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")

@@ -47,12 +47,14 @@ class Backend:
     usable(device) says whether it runs there; doc is its one-line description (--help).
     window: fn also takes window=W (a sliding window of its own; else `attention` masks for it).
     stateful: fn also takes layer= and cache= and keeps its own decoding state in the cache
-    (KVCache.performer_state) instead of keys and values."""
+    (KVCache.performer_state) instead of keys and values.
+    exact: computes softmax attention (to rounding); False for an approximation (performer)."""
     fn: Callable
     doc: str
     usable: Callable = lambda device: True
     window: bool = False
     stateful: bool = False
+    exact: bool = True
 
 
 BACKENDS = {}  # name -> Backend, in registration order
@@ -60,9 +62,9 @@ _backend = "auto"
 _window = 0  # set_window: the sliding window of every layer that has none of its own (0: off)
 
 
-def register(name, fn, doc, usable=None, window=False, stateful=False):
+def register(name, fn, doc, usable=None, window=False, stateful=False, exact=True):
     """Add an attention backend under `name` (then `--attn name` works everywhere)."""
-    BACKENDS[name] = Backend(fn, doc, usable or (lambda device: True), window, stateful)
+    BACKENDS[name] = Backend(fn, doc, usable or (lambda device: True), window, stateful, exact)
     return fn
 
 
@@ -234,7 +236,7 @@ register("sdpa_cudnn", _sdpa_preferring("CUDNN_ATTENTION"), "sdpa, cuDNN's fused
 register("triton", triton_attention, "our FlashAttention-2 in Triton: CUDA, or the CPU under TRITON_INTERPRET=1",
          usable=triton_usable, window=True)
 register("performer", performer_attention, "FAVOR+ linear attention (Performer; --performer_features, "
-         "--performer_redraw): O(T) time and memory", stateful=True)
+         "--performer_redraw): O(T) time and memory", stateful=True, exact=False)
 
 
 def attention(q, k, v, causal=True, mask=None, backend=None, *, layer=0, cache=None, window=None):
