@@ -373,3 +373,25 @@ def test_attention_flags_reach_every_command():
     assert kernels.get_backend("cpu") == "performer" and performer.num_features(64) == 32
     runtime.configure_attention(bench.parser(["speed"]).parse_args(["speed", "--attn", "sdpa", "--attn_window", "16"]))
     assert kernels.get_window() == 16 and kernels.get_backend("cpu") == "sdpa" and performer.num_features(64) == 266
+
+
+def test_train_and_sample_with_performer_and_a_window(tmp_path, capsys):
+    """--attn performer (with redraws) and --attn_window through train.run and sample.py end to end."""
+    import sample
+    import train
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ROMEO: but soft, what light through yonder window breaks?\n" * 60)
+    common = dict(data=str(corpus), data_dir=str(tmp_path / "d"), max_iters=3, batch_size=2, block_size=32,
+                  eval_interval=3, eval_iters=1, log_interval=1, sample_tokens=0, device="cpu", n_layer=1,
+                  n_embd=32, n_head=2, n_kv_head=1, intermediate_size=64)
+    runs = {"performer": dict(attn="performer", performer_features=8, performer_redraw=2), "window": dict(attn_window=8)}
+    for name, flags in runs.items():
+        result = train.run(model="llama", out_dir=str(tmp_path / name), **common, **flags)
+        assert math.isfinite(result["val_loss"])
+        if name == "performer":  # steps 0..3, redrawn every 2 steps: the last evaluation's draw is 3 // 2
+            assert performer.draw() == 1
+    out = capsys.readouterr().out
+    assert "attention performer (m = 8 random features)" in out and "window 8" in out
+    assert sample.main(["--out_dir", str(tmp_path / "performer"), "--prompt", "ROMEO:", "--max_new_tokens", "5",
+                        "--device", "cpu", "--attn", "performer", "--performer_features", "8"]) == 0
+    assert kernels.get_backend("cpu") == "performer"

@@ -484,12 +484,20 @@ def prepare(s, state=None):
     s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
 
 
+def describe_attention(device, model):
+    """The attention backend in use, with its window or Performer's feature count."""
+    name, window = kernels.get_backend(device), kernels.get_window()
+    if kernels.BACKENDS[name].stateful:
+        return f"{name} (m = {performer.num_features(model.config.head_dim)} random features)"
+    return f"{name}, window {window}" if window else name
+
+
 def describe(s):
     """The run's first lines: model, data, device, precision, batch, steps; LoRA's parameter count."""
     f, model, manifest = s.flags, s.model, s.dataset.manifest
     s.say(f"model {f['model']}: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
-          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {kernels.get_backend(s.device)}; "
+          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {describe_attention(s.device, model)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
           f"steps {s.step}..{f['max_iters']}", flush=True)
     if f["lora_rank"]:
