@@ -279,7 +279,8 @@ def attention_scaling(args, rows, device, dtype):
         summary["slopes"][backend] = {key: loglog_slope([(r["T"], r[key]) for r in mine if r.get(key)])
                                       for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mib")}
         if backend != "sdpa" and not quadratic(backend):
-            summary["crossover"][backend] = {key: crossover(rows, backend, "sdpa", key) for key in ("fwd_ms", "fwdbwd_ms")}
+            summary["crossover"][backend] = {key: crossover(rows, backend, "sdpa", key)
+                                             for key in ("fwd_ms", "fwdbwd_ms")}
     summary["error_vs_m"] = favor_error_against_m(args, device)
     m_default = performer.num_features(args.head_dim)
     print(f"\nfitted log-log slopes over T >= 2048 (time ~ T^slope); performer: m = {m_default} (D ln D), "
@@ -288,13 +289,15 @@ def attention_scaling(args, rows, device, dtype):
                 [("backend", "backend", "{}"), ("fwd_ms", "fwd time slope", "{:.2f}"),
                  ("fwdbwd_ms", "fwd+bwd time slope", "{:.2f}"), ("fwdbwd_mib", "fwd+bwd memory slope", "{:.2f}")])
     for backend, where in summary["crossover"].items():
-        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), {where['fwdbwd_ms']} (forward + backward)")
+        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), "
+              f"{where['fwdbwd_ms']} (forward + backward)")
     print(f"\nFAVOR+ relative error against softmax attention (causal, T = 1024, head_dim {args.head_dim}, "
           "q and k ~ N(0, sigma^2), mean of 3 draws)")
-    sigmas = list(dict.fromkeys(e["sigma"] for e in summary["error_vs_m"]))
-    print_table([{"m": m, **{f"s{s}": e["rel_error"] for e in summary["error_vs_m"] for s in sigmas
-                             if e["m"] == m and e["sigma"] == s}} for m in dict.fromkeys(e["m"] for e in summary["error_vs_m"])],
-                [("m", "m", "{}")] + [(f"s{s}", f"sigma {s}", "{:.4f}") for s in sigmas])
+    by_m = {}  # m -> {"m": m, "sigma S": error, ...}: one row per m, one column per sigma
+    for e in summary["error_vs_m"]:
+        by_m.setdefault(e["m"], {"m": e["m"]})[f"sigma {e['sigma']}"] = e["rel_error"]
+    sigmas = dict.fromkeys(e["sigma"] for e in summary["error_vs_m"])
+    print_table(list(by_m.values()), [("m", "m", "{}")] + [(f"sigma {s}", f"sigma {s}", "{:.4f}") for s in sigmas])
     if args.plot:
         plot_attention(rows, args.plot, summary["error_vs_m"])
     if args.summary:
@@ -1260,7 +1263,8 @@ def bench_performer(args):
                   eval_interval=max(1, args.finetune_iters // 4), eval_iters=args.eval_iters,
                   log_interval=max(1, args.finetune_iters // 4), sample_tokens=0, device=args.device,
                   data=args.data, data_dir=args.data_dir, seed=0)
-        log = cached_run(Path(args.out) / f"finetune-m{args.finetune_features}", {"base": str(base), **ft, **swap},
+        log = cached_run(Path(args.out) / f"finetune-m{args.finetune_features}-{args.finetune_iters}",
+                         {"base": str(base), **ft, **swap},
                          "llama", init_from=str(base), **ft, **swap)
         vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
         summary["finetune"] = {"softmax": softmax[0], "favor_before": vals[0][1], "favor_after": vals[-1][1],

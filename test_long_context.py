@@ -395,3 +395,15 @@ def test_train_and_sample_with_performer_and_a_window(tmp_path, capsys):
     assert sample.main(["--out_dir", str(tmp_path / "performer"), "--prompt", "ROMEO:", "--max_new_tokens", "5",
                         "--device", "cpu", "--attn", "performer", "--performer_features", "8"]) == 0
     assert kernels.get_backend("cpu") == "performer"
+
+
+def test_bench_scaling_slope_and_crossover():
+    """bench.py attention --scaling's fits: the exponent of a power law, and where one cost curve
+    crosses another (interpolated in log-log between the measured lengths around it)."""
+    import bench
+    assert abs(bench.loglog_slope([(T, 3e-6 * T ** 2) for T in (2048, 4096, 8192)]) - 2.0) < 1e-9
+    rows = [{"backend": "sdpa", "T": T, "fwdbwd_ms": 1e-4 * T ** 2} for T in (512, 1024, 2048, 4096)]
+    rows += [{"backend": "performer", "T": T, "fwdbwd_ms": 0.2 * T} for T in (512, 1024, 2048, 4096)]
+    assert bench.crossover(rows, "performer", "sdpa") == 2000  # 0.2 T = 1e-4 T^2
+    assert bench.crossover(rows, "sdpa", "performer") == "below"
+    assert bench.quadratic("sdpa") and not bench.quadratic("performer") and not bench.quadratic("sdpa+window")
