@@ -252,15 +252,16 @@ def test_speculative_decoding_refuses_a_cache_that_cannot_rewind():
 @pytest.mark.parametrize("backend", ["sdpa", "naive"])
 def test_window_matches_the_dense_float64_mask(backend):
     """i - W < j <= i: the blocked path (T > 2W: blocks of W queries against 2W keys) and the
-    single masked call (T <= 2W), forward and gradients, GQA, against a dense float64 reference
+    single masked call (T <= 2W), with and without keys before the queries, forward and gradients,
+    GQA, against a dense float64 reference
     (naive takes its softmax in fp32: 1e-6)."""
     tol = 1e-6 if backend == "naive" else 1e-12
-    for T, W in ((100, 8), (30, 20)):
-        q, k, v = (t.requires_grad_() for t in qkv(T=T, D=8, seed=T))
+    for T, S, W in ((100, 100, 8), (100, 130, 8), (100, 103, 8), (30, 30, 20)):  # S > T: keys before the queries
+        q, k, v = (t.requires_grad_() for t in qkv(T=T, S=S, D=8, seed=T))
         out = kernels.attention(q, k, v, backend=backend, window=W)
-        i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+        i, j = torch.arange(T)[:, None] + S - T, torch.arange(S)[None]
         ref_mask = (j <= i) & (j > i - W)
-        assert torch.equal(kernels.causal_mask(T, T, "cpu", W), ref_mask)
+        assert torch.equal(kernels.causal_mask(T, S, "cpu", W), ref_mask)
         q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
         ref = softmax_reference(q2, k2, v2, ref_mask)
         assert (out - ref).abs().max().item() < tol

@@ -154,18 +154,27 @@ def causal_mask(T, S, device, window=0):
 
 def window_attention(fn, q, k, v, window):
     """Causal sliding-window attention through a backend that takes a mask (fn): queries in blocks
-    of `window`, each against the keys its window can reach (the block's own and the `window`
-    before), under causal_mask's window rule: O(T * window) time and memory, not O(T^2)."""
+    of `window`, each against its own block of keys and the block before (all that its window can
+    reach), under causal_mask's window rule: O(T * window) time and memory, not O(T^2). The blocks
+    are torch.split views and torch.cat copies, whose backward is O(T) (a slice's backward would
+    write a zero-filled full-size gradient per block: O(T^2 / window))."""
     T, S = q.shape[2], k.shape[2]
     if T <= 2 * window:
         return fn(q, k, v, True, causal_mask(T, S, q.device, window))
+    q_blocks = q.split(window, dim=2)
+    prefix = S - T  # keys before the first query (bottom-right alignment)
+    k_blocks = k.split([prefix] * bool(prefix) + [b.shape[2] for b in q_blocks], dim=2)
+    v_blocks = v.split([prefix] * bool(prefix) + [b.shape[2] for b in q_blocks], dim=2)
+    k_prev = v_prev = None
+    if prefix:
+        (k_prev, *k_blocks), (v_prev, *v_blocks) = k_blocks, v_blocks
+        k_prev, v_prev = k_prev[:, :, -window:], v_prev[:, :, -window:]
     outs = []
-    for lo in range(0, T, window):
-        hi = min(lo + window, T)
-        k_lo = max(0, lo + S - T - window + 1)  # the first key that query lo can see
-        k_hi = hi + S - T
-        outs.append(fn(q[:, :, lo:hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], True,
-                       causal_mask(hi - lo, k_hi - k_lo, q.device, window)))
+    for qb, kb, vb in zip(q_blocks, k_blocks, v_blocks):
+        kk = kb if k_prev is None else torch.cat([k_prev, kb], dim=2)
+        vv = vb if v_prev is None else torch.cat([v_prev, vb], dim=2)
+        outs.append(fn(qb, kk, vv, True, causal_mask(qb.shape[2], kk.shape[2], q.device, window)))
+        k_prev, v_prev = kb, vb
     return torch.cat(outs, dim=2)
 
 

@@ -158,18 +158,22 @@ def _causal(phi_q, a_k, v, T, state, sqrt_m):
         state = (a_k.new_zeros(B, Hkv, m, Dv), a_k.new_zeros(B, Hkv, m), a_k.new_full((B, Hkv, 1), float("-inf")))
     kv, z, c = state
     tiny = torch.finfo(a_k.dtype).tiny
+    # keys before the first query are everyone's past: folded into the state first. The chunks are
+    # torch.split views (their backward is one concatenation; slicing's would write a zero-filled
+    # full-size gradient per chunk, O(T^2 / CHUNK) in all).
+    prefix = S_len - T
+    sizes = [min(CHUNK, T - s) for s in range(0, T, CHUNK)]
+    q_chunks = [None] * bool(prefix) + list(phi_q.split(sizes, dim=3))
+    k_chunks = a_k.split([prefix] * bool(prefix) + sizes, dim=2)
+    v_chunks = v.split([prefix] * bool(prefix) + sizes, dim=2)
     outs = []
-    start = S_len - T  # keys before the first query: everyone's past, folded into the state first
-    bounds = ([(0, start)] if start > 0 else []) + [(s, min(s + CHUNK, S_len)) for s in range(start, S_len, CHUNK)]
-    for lo, hi in bounds:
-        ak, vc = a_k[:, :, lo:hi], v[:, :, lo:hi]
+    for fq, ak, vc in zip(q_chunks, k_chunks, v_chunks):
         c_new = torch.maximum(c, ak.amax(dim=(-2, -1)).detach()[..., None])  # (B, Hkv, 1)
         c_safe = _safe(c_new)
         rescale = torch.exp(c - c_safe)  # the state's old constant -> the new one (0 while empty)
         kv, z = kv * rescale[..., None], z * rescale
         phi_k = torch.exp(ak - c_safe[..., None]) / sqrt_m  # (B, Hkv, C, m)
-        if lo >= start:  # a chunk of queries: the exact masked product inside, the state before it
-            fq = phi_q[:, :, :, lo - start:hi - start]  # (B, Hkv, G, C, m)
+        if fq is not None:  # a chunk of queries (B, Hkv, G, C, m): the exact masked product inside, the state before
             scores = (fq @ phi_k[:, :, None].transpose(-2, -1)).tril()  # (B, Hkv, G, C, C)
             num = scores @ vc[:, :, None] + fq @ kv[:, :, None]
             den = scores.sum(-1) + (fq @ z[:, :, None, :, None]).squeeze(-1)
