@@ -150,7 +150,7 @@ def bench_attention(args):
     args.n_head = args.n_head or (4 if args.scaling else 8)
     args.head_dim = args.head_dim or (32 if args.scaling else 64)
     backends = args.backends.split(",") if args.backends else (
-        ["sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
+        ["naive", "sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
         ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
     fns = {b: attention_backend(b, args.window, device) for b in backends}
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
@@ -1395,7 +1395,7 @@ def parser(argv=()):
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
     a.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
                    "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
-                   "CUDA; with --scaling sdpa,performer,sdpa+window (and triton+window on CUDA)")
+                   "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
     a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
                    "with --scaling 512..32768")
     a.add_argument("--scaling", action="store_true", help="cost against length (issue 15): causal only, fitted "
