@@ -251,7 +251,7 @@ def favor_error_against_m(args, device, ms=(16, 32, 64, 128, 256, 512, 1024), sc
     """Relative error (Frobenius) of FAVOR+ against exact softmax attention for m random features,
     averaged over `draws` draws (layer seeds): causal, T positions, the --n_head heads, q and k ~
     N(0, sigma^2) for each sigma of `scales` (the scores q.k / sqrt(D) then have standard deviation
-    sigma^2; the estimator's variance grows like exp(|q|^2 + |k|^2) / sqrt(D), paper's Lemma 2).
+    sigma^2; the estimator's variance grows like exp(|q + k|^2 / sqrt(D)): the paper's variance lemma).
     Returns [{"m", "sigma", "rel_error", "spread"}]."""
     from kernels import performer
     g = torch.Generator(device=device).manual_seed(0)
