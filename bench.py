@@ -2,12 +2,14 @@
 
   python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
   python bench.py attention --json          # the same, one JSON object per measurement
+  python bench.py attention --scaling       # softmax vs Performer vs a window, T = 512..32k: slopes, crossover
   python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
   python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
   python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
   python bench.py lora                      # full fine-tuning vs LoRA: trainable params, optimizer state, memory, time
   python bench.py moe                       # dense vs MoE at equal active parameters; loop vs grouped_mm; expert load
   python bench.py switch                    # Switch Transformer vs dense at equal FLOPs: tokens to the same loss
+  python bench.py performer                 # softmax vs Performer (FAVOR+) vs a sliding window: val loss, and the gap
   python bench.py icl                       # in-context learning: accuracy against K shots for 3 model sizes
   python bench.py decode                    # decoding vs transformers, int8/bf16 weights, speculative; the roofline
   python bench.py scaling                   # scaling laws: IsoFLOP grid, Kaplan's and Chinchilla's fits, a prediction
@@ -126,21 +128,41 @@ def attention_flops(B, Hq, T, S, D, causal, backward):
     return fwd * (3.5 if backward else 1.0)
 
 
+def attention_backend(spec, window, device):
+    """The attention function fn(q, k, v, causal) of a --backends entry: a registry name, or NAME+window
+    (that backend with a sliding window of `window`). UserError for an unknown or unusable one."""
+    name, _, variant = spec.partition("+")
+    if name not in kernels.BACKENDS or variant not in ("", "window"):
+        raise UserError(f"unknown backend {spec!r}; choose from {', '.join(kernels.BACKENDS)}, each optionally +window")
+    if not kernels.BACKENDS[name].usable(device):
+        raise UserError(f"the {name} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if variant and kernels.BACKENDS[name].stateful:
+        raise UserError(f"{spec}: the {name} backend has no sliding window")
+    w = window if variant else 0
+    return lambda q, k, v, causal: kernels.attention(q, k, v, causal, backend=name, window=w)
+
+
+def quadratic(spec):
+    """Whether a --backends entry costs O(T^2) (softmax over every key: not performer, not a window)."""
+    return not (kernels.BACKENDS[spec.partition("+")[0]].stateful or spec.endswith("+window"))
+
+
 def bench_attention(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.startswith("cuda")
+    args.n_head = args.n_head or (4 if args.scaling else 8)
+    args.head_dim = args.head_dim or (32 if args.scaling else 64)
     backends = args.backends.split(",") if args.backends else (
+        ["naive", "sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
         ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
-    for b in backends:
-        if b not in kernels.BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(kernels.BACKENDS)}")
-        if not kernels.BACKENDS[b].usable(device):
-            raise UserError(f"the {b} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    fns = {b: attention_backend(b, args.window, device) for b in backends}
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
+        [512, 1024, 2048, 4096, 8192, 16384, 32768] if args.scaling else
         [1024, 2048, 4096, 8192, 16384] if cuda else [128, 256, 512, 1024, 2048, 4096])
     H, D = args.n_head, args.head_dim
-    cases = [("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
+    cases = [("causal", True, H)] if args.scaling else [
+        ("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
     rows = []
     for case, causal, Hkv in cases:
         for T in seq_lens:
@@ -150,10 +172,15 @@ def bench_attention(args):
                 if backend == "naive" and scores_bytes * 3 > args.max_naive_gb * 2 ** 30:
                     rows.append({**row, "note": "too big"})
                     continue
+                if quadratic(backend) and args.max_quadratic_T and T > args.max_quadratic_T:
+                    rows.append({**row, "note": f"skipped: T > --max_quadratic_T {args.max_quadratic_T}"})
+                    continue
+                if backend.endswith("+window") and not causal:
+                    continue
                 g = torch.Generator(device=device).manual_seed(0)
                 q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
                 k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
-                fn = kernels.BACKENDS[backend].fn
+                fn = fns[backend]
                 try:  # the first call of this shape in this process: compilation and autotuning included
                     row["first_call_s"] = first_call_seconds(lambda: fn(*(t.detach().requires_grad_() for t in (q, k, v)),
                                                                        causal).sum().backward(), device)
@@ -190,16 +217,103 @@ def bench_attention(args):
                            ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
                            ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
                            ("note", "note", "{}")])
+    if args.scaling:
+        return attention_scaling(args, rows, device, dtype)
     if args.plot:
         plot_attention(rows, args.plot)
     return rows
 
 
-def plot_attention(rows, path):
+def loglog_slope(points):
+    """The least-squares slope of log(y) against log(x) over points [(x, y)]: the exponent p of
+    y ~ x^p (None with fewer than two points)."""
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def crossover(rows, fast, slow, key="fwdbwd_ms"):
+    """The length T at which backend `fast` becomes cheaper than `slow` (key), interpolated in log-log
+    between the two measured lengths around it; None if it never does in the range, 'below' if it is
+    already cheaper at the shortest length."""
+    a = {r["T"]: r[key] for r in rows if r["backend"] == fast and key in r}
+    b = {r["T"]: r[key] for r in rows if r["backend"] == slow and key in r}
+    common = sorted(set(a) & set(b))
+    for i, T in enumerate(common):
+        if a[T] < b[T]:
+            if i == 0:
+                return "below"
+            T0 = common[i - 1]
+            d0, d1 = np.log(a[T0] / b[T0]), np.log(a[T] / b[T])  # log ratio: > 0 at T0, < 0 at T
+            return round(float(np.exp(np.log(T0) + (np.log(T) - np.log(T0)) * d0 / (d0 - d1))))
+    return None
+
+
+def favor_error_against_m(args, device, ms=(16, 32, 64, 128, 256, 512, 1024), scales=(0.25, 0.5, 1.0), draws=3,
+                          T=1024):
+    """Relative error (Frobenius) of FAVOR+ against exact softmax attention for m random features,
+    averaged over `draws` draws (layer seeds): causal, T positions, the --n_head heads, q and k ~
+    N(0, sigma^2) for each sigma of `scales` (the scores q.k / sqrt(D) then have standard deviation
+    sigma^2; the estimator's variance grows like exp(|q + k|^2 / sqrt(D)): the paper's variance lemma).
+    Returns [{"m", "sigma", "rel_error", "spread"}]."""
+    from kernels import performer
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, args.n_head, T, args.head_dim, device=device, generator=g) for _ in "qkv")
+    out = []
+    for sigma in scales:
+        exact = kernels.attention(sigma * q, sigma * k, v, True, backend="sdpa", window=0)
+        for m in ms:
+            performer.configure(features=m)
+            errs = [((kernels.attention(sigma * q, sigma * k, v, True, backend="performer", layer=layer) - exact).norm()
+                     / exact.norm()).item() for layer in range(draws)]
+            out.append({"m": m, "sigma": sigma, "rel_error": statistics.mean(errs), "spread": max(errs) - min(errs)})
+    performer.configure()
+    return out
+
+
+def attention_scaling(args, rows, device, dtype):
+    """--scaling: log-log slopes of time and memory against T per backend (fitted over T >= 2048,
+    where fixed costs no longer dominate), the crossover lengths against sdpa, FAVOR+'s error
+    against m; a plot. Returns the summary."""
+    from kernels import performer
+    summary = {"rows": rows, "slopes": {}, "crossover": {}}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["T"] >= 2048]
+        summary["slopes"][backend] = {key: loglog_slope([(r["T"], r[key]) for r in mine if r.get(key)])
+                                      for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mib")}
+        if backend != "sdpa" and not quadratic(backend):
+            summary["crossover"][backend] = {key: crossover(rows, backend, "sdpa", key)
+                                             for key in ("fwd_ms", "fwdbwd_ms")}
+    summary["error_vs_m"] = favor_error_against_m(args, device)
+    m_default = performer.num_features(args.head_dim)
+    print(f"\nfitted log-log slopes over T >= 2048 (time ~ T^slope); performer: m = {m_default} (D ln D), "
+          f"chunks of {performer.CHUNK}; window: W = {args.window}")
+    print_table([{"backend": b, **v} for b, v in summary["slopes"].items()],
+                [("backend", "backend", "{}"), ("fwd_ms", "fwd time slope", "{:.2f}"),
+                 ("fwdbwd_ms", "fwd+bwd time slope", "{:.2f}"), ("fwdbwd_mib", "fwd+bwd memory slope", "{:.2f}")])
+    for backend, where in summary["crossover"].items():
+        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), "
+              f"{where['fwdbwd_ms']} (forward + backward)")
+    print(f"\nFAVOR+ relative error against softmax attention (causal, T = 1024, head_dim {args.head_dim}, "
+          "q and k ~ N(0, sigma^2), mean of 3 draws)")
+    by_m = {}  # m -> {"m": m, "sigma S": error, ...}: one row per m, one column per sigma
+    for e in summary["error_vs_m"]:
+        by_m.setdefault(e["m"], {"m": e["m"]})[f"sigma {e['sigma']}"] = e["rel_error"]
+    sigmas = dict.fromkeys(e["sigma"] for e in summary["error_vs_m"])
+    print_table(list(by_m.values()), [("m", "m", "{}")] + [(f"sigma {s}", f"sigma {s}", "{:.4f}") for s in sigmas])
+    if args.plot:
+        plot_attention(rows, args.plot, summary["error_vs_m"])
+    if args.summary:
+        runtime.atomic_write(Path(args.summary), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
+
+
+def plot_attention(rows, path, error_vs_m=None):
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if error_vs_m else 2, figsize=(16 if error_vs_m else 11, 4))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend and r["case"] == "causal" and "fwdbwd_ms" in r]
         for ax, key in zip(axes, ("fwdbwd_ms", "fwdbwd_mib")):
@@ -212,6 +326,19 @@ def plot_attention(rows, path):
         ax.minorticks_off()
         ax.set(xlabel="sequence length T", ylabel=label, title=f"causal attention: {label}")
         ax.legend()
+    if error_vs_m:
+        ax = axes[2]
+        for sigma in dict.fromkeys(e["sigma"] for e in error_vs_m):
+            mine = [e for e in error_vs_m if e["sigma"] == sigma]
+            line, = ax.plot([e["m"] for e in mine], [e["rel_error"] for e in mine], marker="o",
+                            label=f"FAVOR+, q, k ~ N(0, {sigma}^2)")
+            ax.plot([e["m"] for e in mine], [mine[0]["rel_error"] * (mine[0]["m"] / e["m"]) ** 0.5 for e in mine],
+                    linestyle=":", color=line.get_color())
+        ax.plot([], [], linestyle=":", color="gray", label="1 / sqrt(m)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="random features m", ylabel="relative error vs softmax", title="FAVOR+ error against m")
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -223,7 +350,7 @@ def plot_attention(rows, path):
 def build_model(args, device, **overrides):
     """A randomly initialised model of models/<args.model>.py from the model flags in args (and
     the attention backend of --attn)."""
-    kernels.set_backend(args.attn)
+    runtime.configure_attention(args)
     module = models.get(args.model)
     fields = {f[0] for f in train.model_flags(module)}
     config = module.Config(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides},
@@ -649,7 +776,7 @@ def add_model_flags(p, model_name, block_size=None):
                    "default corpus in char tokens)")
     p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
                    help="positions per sequence (and KV-cache length)")
-    p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+    runtime.add_attention_flags(p)
     for name, default, help_text in train.model_flags(models.get(model_name)):
         kind = runtime.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
@@ -996,9 +1123,7 @@ def cached_run(out, settings, label="", **flags):
 
 
 def switch_run(args, arm, seed):
-    """Train one arm and seed with train.run into OUT/ARM-sSEED, or reuse the folder when it holds a
-    finished run of the same settings (settings.json). Returns its log.jsonl records."""
-    out = Path(args.out) / f"{arm}-s{seed}"
+    """Train one arm and seed with train.run into OUT/ARM-sSEED (cached_run). Returns its log.jsonl records."""
     steps = args.max_iters if arm in ("dense", "switch") or not args.ablation_iters else args.ablation_iters
     settings = {"arm": arm, "seed": seed, "max_iters": steps, "batch_size": args.batch_size,
                 "block_size": args.block_size, "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
@@ -1095,6 +1220,74 @@ def plot_switch(runs, curves, tokens_per_step, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------- Performer and the window: quality (issue 15)
+
+PERFORMER_ARMS = {  # name -> train.py attention flags; the default Llama otherwise
+    "softmax": {"attn": "sdpa"},
+    "performer_m64": {"attn": "performer", "performer_features": 64},
+    "performer_m256": {"attn": "performer", "performer_features": 256},
+    "window64": {"attn": "sdpa", "attn_window": 64},
+}
+
+
+def bench_performer(args):
+    """The default Llama (char level, default corpus) trained with softmax attention, FAVOR+ with m = 64
+    and 256 random features, and a sliding window of 64, the same steps and seeds: the final val loss,
+    and its gap to softmax. Then the Performer paper's backward-compatibility test (Choromanski et al.
+    2021, section 4.2, Figure 4): the trained softmax model with FAVOR+ swapped in, its val loss before
+    and after a short fine-tune. Runs are cached by settings (cached_run)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := [a for a in arms if a not in PERFORMER_ARMS]:
+        raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(PERFORMER_ARMS)}")
+    common = dict(max_iters=args.max_iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                  log_interval=args.eval_interval, sample_tokens=0, device=args.device, data=args.data,
+                  data_dir=args.data_dir)
+    rows = []
+    for seed in range(args.seeds):  # seed by seed: a run stopped early still has every arm of its first seeds
+        for arm in arms:
+            settings = {"arm": arm, "seed": seed, **common, **PERFORMER_ARMS[arm]}
+            log = cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="llama", seed=seed, **common,
+                             **PERFORMER_ARMS[arm])
+            vals = [r for r in log if "val_loss" in r]
+            rows.append({"arm": arm, "seed": seed, "val_loss": vals[-1]["val_loss"], "elapsed_s": vals[-1]["elapsed_s"]})
+    softmax = {r["seed"]: r["val_loss"] for r in rows if r["arm"] == "softmax"}
+    summary = {"rows": rows, "arms": {}}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        losses = [r["val_loss"] for r in mine]
+        gaps = [r["val_loss"] - softmax[r["seed"]] for r in mine if r["seed"] in softmax]
+        summary["arms"][arm] = {"mean": statistics.mean(losses), "min": min(losses), "max": max(losses),
+                                "gap_mean": statistics.mean(gaps) if gaps else None,
+                                "gap_min": min(gaps) if gaps else None, "gap_max": max(gaps) if gaps else None,
+                                "wall_s": statistics.mean(r["elapsed_s"] for r in mine)}
+    table = [{"arm": arm, **v, "seeds": args.seeds} for arm, v in summary["arms"].items()]
+    print(f"default Llama, {args.max_iters} steps, {args.seeds} seed(s); val loss (nats per char), gap = arm - softmax "
+          "(same seed)")
+    print_table(table, [("arm", "arm", "{}"), ("mean", "val loss", "{:.4f}"), ("min", "min", "{:.4f}"),
+                        ("max", "max", "{:.4f}"), ("gap_mean", "gap", "{:+.4f}"), ("gap_min", "gap min", "{:+.4f}"),
+                        ("gap_max", "gap max", "{:+.4f}"), ("wall_s", "wall s", "{:.0f}")])
+    if args.finetune_iters and "softmax" in arms:
+        base = Path(args.out) / "softmax-s0"
+        swap = {"attn": "performer", "performer_features": args.finetune_features}
+        ft = dict(max_iters=args.finetune_iters, learning_rate=args.finetune_lr, warmup_iters=args.finetune_iters // 10,
+                  eval_interval=max(1, args.finetune_iters // 4), eval_iters=args.eval_iters,
+                  log_interval=max(1, args.finetune_iters // 4), sample_tokens=0, device=args.device,
+                  data=args.data, data_dir=args.data_dir, seed=0)
+        log = cached_run(Path(args.out) / f"finetune-m{args.finetune_features}-{args.finetune_iters}",
+                         {"base": str(base), **ft, **swap},
+                         "softmax -> FAVOR+, fine-tune", model="llama", init_from=str(base), **ft, **swap)
+        vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+        summary["finetune"] = {"softmax": softmax[0], "favor_before": vals[0][1], "favor_after": vals[-1][1],
+                               "curve": vals, "features": args.finetune_features, "steps": args.finetune_iters}
+        print(f"backward compatibility (softmax seed 0 -> FAVOR+ m={args.finetune_features}): softmax {softmax[0]:.4f}, "
+              f"FAVOR+ swapped in {vals[0][1]:.4f}, after {args.finetune_iters} fine-tuning steps {vals[-1][1]:.4f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
 
 
 # ----------------------------------------------------------------------------- mixture of experts
@@ -1695,15 +1888,23 @@ def parser(argv=()):
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s")
+    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s; --scaling: "
+                       "softmax vs Performer vs a sliding window against length")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
-    a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
-                   "naive,sdpa,sdpa_flash,sdpa_cudnn,triton on CUDA")
-    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA")
+    a.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
+                   "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
+                   "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
+    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
+                   "with --scaling 512..32768")
+    a.add_argument("--scaling", action="store_true", help="cost against length (issue 15): causal only, fitted "
+                   "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
+    a.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
+    a.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")
+    a.add_argument("--summary", default="", help="--scaling: write the rows, slopes and errors to this JSON file")
     a.add_argument("--batch", type=int, default=1, help="batch size")
-    a.add_argument("--n_head", type=int, default=8, help="query heads")
+    a.add_argument("--n_head", type=int, default=0, help="query heads (0: 8, with --scaling 4)")
     a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
-    a.add_argument("--head_dim", type=int, default=64, help="head dimension")
+    a.add_argument("--head_dim", type=int, default=0, help="head dimension (0: 64, with --scaling 32)")
     a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
                    "would exceed this")
     a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
@@ -1814,6 +2015,23 @@ def parser(argv=()):
     add_training_run_flags(sc, "out/scaling", "the sweep folder: OUT/PRESET holds every run, runs.json, fits.json",
                            "out/scaling/scaling.png")
     sc.set_defaults(run=bench_scaling)
+
+    pf = sub.add_parser("performer", help="the default Llama with softmax, FAVOR+ (m=64, 256) and window-64 attention: "
+                        "val loss and the gap over seeds; softmax -> FAVOR+ swapped in and fine-tuned (trains; cached)")
+    pf.add_argument("--arms", default=",".join(PERFORMER_ARMS), help=f"comma-separated from {', '.join(PERFORMER_ARMS)}")
+    pf.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    pf.add_argument("--max_iters", type=int, default=200, help="steps per run (train.py's default is 750: see the README)")
+    pf.add_argument("--eval_interval", type=int, default=100, help="steps between val-loss evaluations")
+    pf.add_argument("--eval_iters", type=int, default=train.flag_default("eval_iters"), help="batches per evaluation")
+    pf.add_argument("--finetune_iters", type=int, default=50, help="steps of the backward-compatibility fine-tune (0: skip)")
+    pf.add_argument("--finetune_features", type=int, default=256, help="FAVOR+ features m swapped into the softmax model")
+    pf.add_argument("--finetune_lr", type=float, default=1e-3, help="peak learning rate of that fine-tune")
+    pf.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    pf.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    pf.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    pf.add_argument("--out", default="out/performer", help="the runs' folders and summary.json")
+    pf.set_defaults(run=bench_performer)
 
     ic = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
                         "on the corpus mixed with task episodes, exact match against K shots, with and without "

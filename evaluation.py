@@ -270,12 +270,7 @@ def _score_shared(model, contexts, by_context, reqs, scores):
     if not rest:
         return
     rows = torch.tensor([row for row, _ in members], device=device)
-    cand = model.init_cache(len(members), cache.max_len, dtype=cache.k[0].dtype, device=device,
-                            pad=None if pad is None else pad[rows])
-    for layer in range(len(cache.k)):
-        cand.k[layer].copy_(cache.k[layer][rows])
-        cand.v[layer].copy_(cache.v[layer][rows])
-    cand.advance(idx.shape[1])
+    cand = cache.take(rows)
     tokens = torch.tensor([reqs[i][1][:-1] + [0] * (rest + 1 - len(reqs[i][1])) for _, i in members], device=device)
     out = torch.log_softmax(model(tokens, cache=cand)[0].float(), dim=-1)  # (R, rest, V)
     for r, (_, i) in enumerate(members):

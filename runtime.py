@@ -87,7 +87,29 @@ def add_device_flags(p, dtype=True, attn=True):
     if dtype:
         p.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)}, or auto (bf16 on CUDA, fp32 on CPU)")
     if attn:
-        p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+        add_attention_flags(p)
+
+
+ATTENTION_FLAGS = [  # (name, default, help): train.py's table, and every other command's through add_attention_flags
+    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
+    ("attn_window", 0, "sliding-window attention: each query sees the last W positions, itself included "
+                       "(0: off; a model's own sliding_window wins on its layers)"),
+    ("performer_features", 0, "--attn performer: random features m (0: the paper's rule, head_dim * ln head_dim)"),
+    ("performer_redraw", 0, "--attn performer: draw new random features every N training steps (0: never)"),
+]
+
+
+def add_attention_flags(p):
+    """--attn, --attn_window, --performer_features, --performer_redraw on parser p."""
+    for name, default, help_text in ATTENTION_FLAGS:
+        p.add_argument(f"--{name}", type=type(default), default=default, help=help_text,
+                       **({"choices": kernels.names()} if name == "attn" else {}))
+
+
+def configure_attention(flags):
+    """Apply those flags (a dict or an argparse namespace) to kernels (kernels.configure)."""
+    flags = flags if isinstance(flags, dict) else vars(flags)
+    kernels.configure(*(flags[name] for name, _, _ in ATTENTION_FLAGS))
 
 
 def run_cli(main):

@@ -83,7 +83,8 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
 T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
 PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
 FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
-CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu")]  # registered ones
+# the registered backends that compute softmax attention (performer approximates it: test_long_context.py)
+CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu") and backend.exact]
 
 
 # corpora, processes
@@ -1486,7 +1487,6 @@ def test_checkpoint_errors_name_the_problem(tmp_path, family, problem):
 
 @pytest.mark.parametrize("family,change,expected", [
     ("phi", {"qk_layernorm": True}, "qk_layernorm"),
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding-window"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "longrope"),
     ("qwen3", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "mscale": 0.7}},
@@ -1638,6 +1638,20 @@ def test_model_contract(tmp_path, name):
         cache = model.init_cache(2, 24)
         steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-9 * full.abs().max().item()
+    # the same with --attn performer (per-layer features and running state: the attention call passes
+    # layer= and cache=) and with a sliding window (a rolling buffer per layer)
+    for attn, window in (("performer", 0), ("sdpa", 5)):
+        kernels.configure(attn, window)
+        try:
+            with torch.no_grad():
+                whole = model(seq)[0]
+                cache = model.init_cache(2, 24)
+                steps = [model(seq[:, :5], cache=cache)[0]] + [model(seq[:, t:t + 1], cache=cache)[0] for t in range(5, 24)]
+        finally:
+            kernels.configure()
+        assert (torch.cat(steps, dim=1) - whole).abs().max().item() <= 1e-9 * whole.abs().max().item()
+        assert cache.layout == (["performer"] if window == 0 else [window]) * cfg.n_layer
+        assert not torch.allclose(whole, full)  # the variant changed the model's computation
     # save_pretrained -> from_pretrained: the same model, and models.from_pretrained finds the file
     model.save_pretrained(tmp_path, metadata={"step": "3"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
@@ -1744,8 +1758,7 @@ def test_refused_rope_keys_raise_one_line_naming_the_key(checkpoints, tmp_path, 
 
 
 @pytest.mark.parametrize("family,changes,words", [
-    ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, ["use_sliding_window"]),
-    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types"]),
+    ("qwen3", {"layer_types": ["full_attention", "sliding_attention"]}, ["layer_types"]),  # without use_sliding_window
     ("phi", {"head_dim": 16}, ["head_dim"]),
     ("llama", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e4}}},
      ["full_attention"]),  # rope parameters nested by layer type
@@ -1768,6 +1781,9 @@ IMPLEMENTED = {  # family, constructor overrides of the transformers model
     "llama-attention_dropout": ("llama", dict(attention_dropout=0.5)),
     "qwen2-window-unused": ("qwen2", dict(use_sliding_window=False, sliding_window=4, max_window_layers=0)),
     "qwen3-window-off": ("qwen3", dict(use_sliding_window=False, sliding_window=4, max_window_layers=1)),
+    "qwen2-sliding_window": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3-sliding-layer_types": ("qwen3", dict(use_sliding_window=True, sliding_window=6,
+                                                layer_types=["sliding_attention", "full_attention"])),
     "phi-gelu_fast": ("phi", dict(hidden_act="gelu_fast", layer_norm_eps=0.5)),
     "phi-gelu_pytorch_tanh": ("phi", dict(hidden_act="gelu_pytorch_tanh", resid_pdrop=0.2, embd_pdrop=0.1)),
 }

@@ -42,6 +42,7 @@ import models
 import runtime
 import tokenization
 from generation import stream
+from kernels import performer
 from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype
 
 TRAIN_FLAGS = [
@@ -85,7 +86,7 @@ TRAIN_FLAGS = [
     ("compile", False, "torch.compile the model"),
     ("fsdp", False, "under torchrun: shard parameters, gradients and optimizer state with FSDP (fully_shard) "
                     "instead of replicating them with DistributedDataParallel"),
-    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
+    *runtime.ATTENTION_FLAGS,  # attn, attn_window, performer_features, performer_redraw
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
@@ -380,7 +381,7 @@ def start(flags):
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
-    kernels.set_backend(flags["attn"])
+    runtime.configure_attention(flags)
     torch.manual_seed(flags["seed"])
     if flags["lora_rank"] and flags["init_from"] == "scratch":
         raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
@@ -483,12 +484,20 @@ def prepare(s, state=None):
     s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
 
 
+def describe_attention(device, model):
+    """The attention backend in use, with its window or Performer's feature count."""
+    name, window = kernels.get_backend(device), kernels.get_window()
+    if kernels.BACKENDS[name].stateful:
+        return f"{name} (m = {performer.num_features(model.config.head_dim)} random features)"
+    return f"{name}, window {window}" if window else name
+
+
 def describe(s):
     """The run's first lines: model, data, device, precision, batch, steps; LoRA's parameter count."""
     f, model, manifest = s.flags, s.model, s.dataset.manifest
     s.say(f"model {f['model']}: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
-          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {kernels.get_backend(s.device)}; "
+          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {describe_attention(s.device, model)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
           f"steps {s.step}..{f['max_iters']}", flush=True)
     if f["lora_rank"]:
@@ -529,6 +538,7 @@ def fit(s, loss_fn=None):
     with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
         s.model.train()
         while True:
+            performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
             if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
                 losses = evaluate_and_checkpoint(s, clock, log_file)
             if s.step >= f["max_iters"]:
