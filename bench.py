@@ -1128,8 +1128,8 @@ def switch_run(args, arm, seed):
     settings = {"arm": arm, "seed": seed, "max_iters": steps, "batch_size": args.batch_size,
                 "block_size": args.block_size, "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
                 **SWITCH_ARMS[arm]}
-    return cached_run(out, settings, f"{arm}, seed {seed}", model="switch", seed=seed, max_iters=steps,
-                      batch_size=args.batch_size, block_size=args.block_size, eval_interval=args.eval_interval,
+    return cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="switch", seed=seed,
+                      max_iters=steps, batch_size=args.batch_size, block_size=args.block_size, eval_interval=args.eval_interval,
                       eval_iters=args.eval_iters, log_interval=args.eval_interval, sample_tokens=0, device=args.device,
                       data=args.data, data_dir=args.data_dir, **SWITCH_ARMS[arm])
 
@@ -1250,8 +1250,8 @@ def bench_performer(args):
     for seed in range(args.seeds):  # seed by seed: a run stopped early still has every arm of its first seeds
         for arm in arms:
             settings = {"arm": arm, "seed": seed, **common, **PERFORMER_ARMS[arm]}
-            log = cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="llama", seed=seed, **common,
-                             **PERFORMER_ARMS[arm])
+            log = cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="llama",
+                             seed=seed, **common, **PERFORMER_ARMS[arm])
             vals = [r for r in log if "val_loss" in r]
             rows.append({"arm": arm, "seed": seed, "val_loss": vals[-1]["val_loss"], "elapsed_s": vals[-1]["elapsed_s"]})
     softmax = {r["seed"]: r["val_loss"] for r in rows if r["arm"] == "softmax"}
