@@ -288,14 +288,32 @@ def _score_shared(model, contexts, by_context, reqs, scores):
 def _score_whole(model, batch, reqs, scores):
     """Requests run whole: input ctx + cont[:-1], right-padded; the continuation's log-probs."""
     device = _device(model)
-    seqs = [reqs[i][0] + reqs[i][1][:-1] for i in batch]
-    T = max(len(s) for s in seqs)
-    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
-    out = torch.log_softmax(model(idx)[0].float(), dim=-1)
-    for r, i in enumerate(batch):
-        ctx, cont = reqs[i]
-        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
-        scores[i] += out[r, pos, torch.tensor(cont, device=device)].sum().item()
+    rows = [scored_sequence(*reqs[i]) for i in batch]
+    idx, targets = right_pad([x for x, _ in rows], 0, device), right_pad([y for _, y in rows], -1, device)
+    for i, value in zip(batch, target_logprobs(model(idx)[0], targets).sum(dim=-1).tolist()):
+        scores[i] += value
+
+
+def scored_sequence(ctx, cont):
+    """What a forward reads to score cont after ctx (lists of ids), and its targets: the input
+    ctx + cont[:-1] and, position by position, the next token where it belongs to cont, -1 under
+    the context (not scored). Both lists have len(ctx) + len(cont) - 1 ids."""
+    return ctx + cont[:-1], [-1] * (len(ctx) - 1) + cont
+
+
+def right_pad(rows, value, device="cpu"):
+    """Lists of ids as one (B, T) long tensor, each row padded on the right with `value` to the
+    longest."""
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def target_logprobs(logits, targets):
+    """log p(target) at each position, (B, T) in fp32, from logits (B, T, V) and targets (B, T)
+    (ids; -1: not scored, 0 there). Summed over a row: the log-likelihood of its scored tokens
+    (nats), what loglikelihoods and DPO (dpo.py) compute. Differentiable."""
+    return -torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1,
+                                              reduction="none")
 
 
 # ----------------------------------------------------------------------------- free-form answers

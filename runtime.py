@@ -119,6 +119,20 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
+# ----------------------------------------------------------------------------- models
+
+def unwrap(model):
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers (FSDP's
+    fully_shard shards the model in place: it is its own model)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 # ----------------------------------------------------------------------------- files
 
 def atomic_write(path, write_fn):

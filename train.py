@@ -36,13 +36,15 @@ from pathlib import Path
 import torch
 
 import data
+import dpo
 import kernels
 import lora
 import models
 import runtime
+import self_reward
 import tokenization
 from generation import stream
-from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype
+from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -65,6 +67,25 @@ TRAIN_FLAGS = [
     ("lora_rslora", False, "LoRA: scale by lora_alpha / sqrt(lora_rank) (rank-stabilised LoRA)"),
     ("merge", False, "LoRA: at the end, write the base model with the adapter folded in to OUT_DIR/merged "
                      "(Hugging Face format); with --resume --max_iters 0, only that"),
+    ("dpo", "", "a .jsonl file of {prompt, chosen, rejected} preference pairs: train with DPO (Rafailov et al. "
+                "2023; dpo.py) from --init_from DIR, the response tokens scored, the prompt's masked; empty: off"),
+    ("dpo_beta", 0.1, "DPO: beta, the strength of the KL constraint to the reference"),
+    ("dpo_reference", "", "DPO without --lora_rank: the frozen reference model's directory; empty: --init_from "
+                          "(with --lora_rank the reference is the model with its adapters switched off)"),
+    ("self_reward", 0, "with --init_from DIR and --prompts: N self-rewarding iterations (Yuan et al. 2024; "
+                       "self_reward.py): the model samples, judges its own candidates, and is DPO-trained on "
+                       "(best, worst) pairs; OUT_DIR/M2 .. M(N+1) are the new models; 0: off"),
+    ("prompts", "", "self-rewarding: a .jsonl file of {prompt} records (optional header: judge_template, stop, "
+                    "judge_stop, checker; see self_reward.py)"),
+    ("sr_candidates", 4, "self-rewarding: candidate responses sampled per prompt"),
+    ("sr_temperature", 0.7, "self-rewarding: sampling temperature of candidates and judgements"),
+    ("sr_top_p", 0.9, "self-rewarding: top-p (nucleus) of candidates and judgements"),
+    ("sr_judge_samples", 3, "self-rewarding: judgements sampled per candidate, their scores averaged"),
+    ("sr_max_new_tokens", 128, "self-rewarding: longest candidate response, tokens"),
+    ("sr_judge_tokens", 128, "self-rewarding: longest judgement, tokens"),
+    ("sr_pairs", "judge", "self-rewarding: how pairs are chosen: judge (the model's own scores), or the "
+                          "controls random (two candidates at random) and checker (the prompts' checker: an "
+                          "upper bound)"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence"),
@@ -201,17 +222,6 @@ def run(model=None, *, loss_fn=None, **given):
 
 
 # ----------------------------------------------------------------------------- the loss
-
-def unwrap(model):
-    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
 
 def lm_loss(model, batch):
     """The default training loss: the language-model loss (mean cross-entropy of next tokens, nats)
@@ -388,6 +398,16 @@ def start(flags):
         raise UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
     if flags["merge"] and (not flags["lora_rank"] or world_size > 1):
         raise UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
+    if flags["dpo"]:
+        if flags["init_from"] == "scratch":
+            raise UserError("--dpo trains a trained model: give it --init_from DIR")
+        if flags["dpo_beta"] <= 0:
+            raise UserError(f"--dpo_beta must be positive, not {flags['dpo_beta']}")
+        if flags["fsdp"] and world_size > 1 and not flags["lora_rank"]:
+            raise UserError("--dpo --fsdp needs --lora_rank (the reference is then the model with its adapters off; "
+                            "a full frozen reference copy would not be sharded)")
+        if not flags["lora_rank"] and not flags["dpo_reference"]:
+            flags["dpo_reference"] = flags["init_from"]  # saved in train_state.pt: a resumed run keeps it
     return Session(flags, rank, world_size, device, dtype, autocast(device, dtype))
 
 
@@ -400,7 +420,13 @@ def build(s, module):
     if s.world_size > 1 and s.rank != 0:
         torch.distributed.barrier()
     state = None
-    if f["init_from"] == "scratch":
+    if f["dpo"] and f["init_from"] != "scratch":
+        s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
+        keep_loaded_config(s, module)
+        s.dataset = dpo.PairDataset(f["dpo"], tokenizer)
+        if f["init_from"] == "resume":
+            state = load_train_state(s.out_dir, f["lora_rank"])
+    elif f["init_from"] == "scratch":
         s.dataset = data.prepare(f["data"] or None, f["tokenizer"], f["data_dir"])
         fields = {field.name for field in dataclasses.fields(module.Config)} - MODEL_FLAGS_EXCLUDED
         config = module.Config(**{k: v for k, v in f.items() if k in fields},
@@ -683,8 +709,15 @@ def train(flags, module, loss_fn=None):
     lm_loss); its metrics, those of the last micro-batch of a logged step, go into log.jsonl beside
     train_loss. Returns {"val_loss", "train_loss" (the last evaluation, nats), the last logged metrics,
     "step", "elapsed_s", "out_dir"}."""
+    if flags["self_reward"]:
+        return self_reward.run(flags, module, train)
     s = start(flags)
     state = build(s, module)
+    if flags["dpo"]:
+        if loss_fn is not None:
+            raise UserError("--dpo is a training objective of its own: it cannot take another loss_fn")
+        reference = None if flags["lora_rank"] else dpo.load_reference(flags["dpo_reference"], s.device)
+        loss_fn = dpo.DPOLoss(reference, flags["dpo_beta"])
     prepare(s, state)
     describe(s)
     losses, metrics, elapsed = fit(s, loss_fn)
