@@ -1246,7 +1246,7 @@ def sort_task(folder, args, seed):
     folder.mkdir(parents=True, exist_ok=True)
     header = {"judge_template": SORT_JUDGE_TEMPLATE, "stop": "\n", "judge_stop": "\n", "checker": "sort"}
     for name, chunk in (("prompts.jsonl", strings[b:c]), ("heldout.jsonl", strings[c:])):
-        self_reward.write_jsonl(folder / name, [header] + [{"prompt": sort_prompt(s), "answer": "".join(sorted(s))}
+        runtime.write_jsonl(folder / name, [header] + [{"prompt": sort_prompt(s), "answer": "".join(sorted(s))}
                                                            for s in chunk])
     runtime.atomic_write(folder / "corpus.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return folder

@@ -28,7 +28,6 @@ continuation (evaluation.encode_pair); a pair longer than the block loses the st
 rejected ones, right-padded; y is -1 under the prompt and the padding, so the model's own loss of
 the batch (train.evaluate's val loss) is the responses' cross-entropy.
 """
-import json
 import math
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 import lora
 import models
 from evaluation import encode_pair, right_pad, scored_sequence, target_logprobs, truncate
-from runtime import UserError, unwrap
+from runtime import UserError, read_jsonl, unwrap
 
 VAL_FRACTION = 0.1  # the last tenth of the pairs (at least one) is the val split; one pair: both
 
@@ -50,21 +49,9 @@ def read_pairs(path):
     file, a line that is not a JSON object, a field missing or not a string, an empty prompt or
     response, or no pairs at all: UserError naming the file and line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"pairs file not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
     pairs = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "chosen", "rejected")):
+    for n, obj in read_jsonl(path, "pairs file"):
+        if not all(isinstance(obj.get(k), str) for k in ("prompt", "chosen", "rejected")):
             raise UserError(f"{path}:{n}: expected {{\"prompt\", \"chosen\", \"rejected\"}}, three strings")
         for key in ("prompt", "chosen", "rejected"):
             if not obj[key]:

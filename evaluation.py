@@ -42,7 +42,7 @@ import torch
 import data
 import tasks as task_generator
 from generation import complete, left_pad, prefill
-from runtime import UserError, atomic_write, format_eta, print_table
+from runtime import UserError, atomic_write, format_eta, print_table, read_jsonl
 
 TARGET_DELIMITER = " "  # between the context and a continuation (lm-eval's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # between the description, the demonstrations and the query
@@ -76,22 +76,8 @@ def read_task(path, what="task file"):
     "split": "train" or "test". Without splits, every record is both a test item and a possible
     demonstration (never for itself). Not found, not JSON, a bad record: UserError naming the line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
     header, splits, unsplit = {}, {"train": [], "test": []}, []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object")
+    for n, obj in read_jsonl(path, what):
         if "input" not in obj:
             if set(obj) - {"description", "sep", "answer_context", "normalize"}:
                 raise UserError(f"{path}:{n}: expected a record {{\"input\", \"output\"}} or {{\"input\", \"choices\", "

@@ -4,6 +4,7 @@ choice, their command-line flags, user errors that end in one line, and atomic f
 A library module: it imports nothing from the project but kernels (for the --attn choices).
 """
 import argparse
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -142,3 +143,33 @@ def atomic_write(path, write_fn):
     tmp = path.with_name(path.name + ".tmp")
     write_fn(str(tmp))
     os.replace(tmp, path)
+
+
+def read_jsonl(path, what="file"):
+    """The JSON objects of a .jsonl file with their line numbers, [(n, object)], blank lines
+    skipped. Not found, not UTF-8, a line that is not JSON or not an object: UserError naming
+    the file (as `what`) and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object")
+        records.append((n, obj))
+    return records
+
+
+def write_jsonl(path, rows):
+    """Objects as a .jsonl file, one a line, written under a temporary name and renamed."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))

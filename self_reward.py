@@ -50,7 +50,7 @@ import torch
 import models
 import tokenization
 from generation import complete
-from runtime import UserError, atomic_write, print_table, resolve_device
+from runtime import UserError, atomic_write, print_table, read_jsonl, resolve_device, write_jsonl
 
 # The paper's Figure 2 (LLM-as-a-Judge prompt), adapted: the user's question is the prompt.
 JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system \
@@ -116,21 +116,9 @@ def read_prompts(path):
     file (see the module's docstring). A missing file, a bad line, an unknown checker, a checker
     without the records' answers, or no prompts: UserError."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"prompts file not found: {path}") from None
     settings = {"judge_template": JUDGE_PROMPT, "stop": "\n\n", "judge_stop": None, "checker": None}
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object")
+    for n, obj in read_jsonl(path, "prompts file"):
         if "prompt" not in obj:
             if set(obj) - set(HEADER_KEYS) or not all(isinstance(v, str) for v in obj.values()):
                 raise UserError(f"{path}:{n}: expected {{\"prompt\": text}} or a header of {', '.join(HEADER_KEYS)} (texts)")
@@ -149,10 +137,6 @@ def read_prompts(path):
     if "{response}" not in settings["judge_template"]:
         raise UserError(f"{path}: the judge_template has no {{response}}")
     return settings, records
-
-
-def write_jsonl(path, rows):
-    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
 
 # ----------------------------------------------------------------------------- judging and pairs
