@@ -1254,7 +1254,11 @@ def sort_task(folder, args, seed):
 
 @torch.no_grad()
 def heldout_accuracy(model_dir, heldout, device, batch=100):
-    """Exact match of greedy responses (up to the end of the line) to the held-out sorting prompts."""
+    """Exact match of greedy responses (up to the end of the line) to the held-out sorting prompts;
+    cached in the model's folder (heldout_exact.json)."""
+    cache = Path(model_dir) / "heldout_exact.json"
+    if cache.is_file() and json.loads(cache.read_text())["heldout"] == str(heldout):
+        return json.loads(cache.read_text())["exact_match"]
     model = models.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
     tokenizer = tokenization.tokenizer_for_model(model_dir, model.config.vocab_size)
     _, records = self_reward.read_prompts(heldout)
@@ -1264,6 +1268,8 @@ def heldout_accuracy(model_dir, heldout, device, batch=100):
         outs = generation.complete(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in chunk], 16, stop="\n",
                                    temperature=0)
         right += sum(o == r["answer"] for o, r in zip(outs, chunk))
+    runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(
+        {"heldout": str(heldout), "exact_match": right / len(records)})))
     return right / len(records)
 
 
@@ -1293,7 +1299,7 @@ def bench_self_reward(args):
                       sample_tokens=0, seed=seed, device=device)
         m1_acc = heldout_accuracy(m1, folder / "heldout.jsonl", device)
         for condition in conditions:
-            run_dir = out / f"seed{seed}" / condition
+            run_dir = out / f"seed{seed}" / f"{condition}-lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
             print(f"--- seed {seed}, pairs by {condition}: {args.iterations} iterations into {run_dir} "
                   f"({runtime.format_eta(time.time() - t0)} so far)", flush=True)
             result = train.run(init_from=str(m1), self_reward=args.iterations, prompts=str(folder / "prompts.jsonl"),
@@ -1494,7 +1500,7 @@ def parser(argv=()):
     sr.add_argument("--n_embd", type=int, default=64, help="M1: width")
     sr.add_argument("--block_size", type=int, default=64, help="M1: context (characters)")
     sr.add_argument("--m1_iters", type=int, default=1500, help="M1: training steps (batch 32)")
-    sr.add_argument("--dpo_iters", type=int, default=60, help="DPO steps per iteration")
+    sr.add_argument("--dpo_iters", type=int, default=40, help="DPO steps per iteration")
     sr.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
     sr.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (constant)")
     sr.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")

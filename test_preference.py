@@ -263,6 +263,11 @@ def test_self_reward_iteration_end_to_end_writes_M2_with_its_pairs(tmp_path):
     before = (m2 / "model.safetensors").stat().st_mtime_ns
     assert train.main(argv) == 0  # run again: the finished iteration is kept
     assert (m2 / "model.safetensors").stat().st_mtime_ns == before
+    pairs_text = (m2 / "pairs.jsonl").read_text()
+    steps = argv.index("--max_iters") + 1
+    assert train.main(argv[:steps] + ["3"] + argv[steps + 1:]) == 0  # more steps: its DPO run resumes, same pairs
+    assert [r["step"] for r in read_log(m2) if "reward_margin" in r] == [1, 2, 3]
+    assert (m2 / "pairs.jsonl").read_text() == pairs_text
 
 
 def test_dpo_with_lora_under_fsdp_equals_one_process(tmp_path):
