@@ -5,6 +5,8 @@
   python train.py --model gpt --resume                 # continue out/gpt where it stopped
   python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
+  python train.py --init_from out/sft --dpo pairs.jsonl --out_dir out/dpo          # DPO (dpo.py)
+  python train.py --init_from out/M1 --self_reward 3 --prompts p.jsonl --out_dir out/sr   # self-rewarding (self_reward.py)
 
 From Python, train.run(model="gpt", max_iters=100, ...) takes the same flags as keyword arguments
 and returns the final metrics and the run folder; train.run(..., loss_fn=f) trains with another
@@ -412,21 +414,15 @@ def start(flags):
 
 
 def build(s, module):
-    """The model and the dataset (tokenized with the model's tokenizer): a new model of `module`
-    (--init_from scratch), or one loaded from a model directory (fine-tuning, LoRA) or from the run
-    folder (--resume). Rank 0 tokenizes the corpus first; the other processes then reuse its cache.
+    """The model and the dataset (tokenized with the model's tokenizer; with --dpo, the preference
+    pairs): a new model of `module` (--init_from scratch), or one loaded from a model directory
+    (fine-tuning, LoRA, DPO) or from the run folder (--resume). Rank 0 tokenizes the corpus first; the other processes then reuse its cache.
     Returns the saved training state when resuming, else None."""
     f = s.flags
     if s.world_size > 1 and s.rank != 0:
         torch.distributed.barrier()
     state = None
-    if f["dpo"] and f["init_from"] != "scratch":
-        s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
-        keep_loaded_config(s, module)
-        s.dataset = dpo.PairDataset(f["dpo"], tokenizer)
-        if f["init_from"] == "resume":
-            state = load_train_state(s.out_dir, f["lora_rank"])
-    elif f["init_from"] == "scratch":
+    if f["init_from"] == "scratch":
         s.dataset = data.prepare(f["data"] or None, f["tokenizer"], f["data_dir"])
         fields = {field.name for field in dataclasses.fields(module.Config)} - MODEL_FLAGS_EXCLUDED
         config = module.Config(**{k: v for k, v in f.items() if k in fields},
@@ -435,7 +431,10 @@ def build(s, module):
     else:
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
         keep_loaded_config(s, module)
-        s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
+        if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
+            s.dataset = dpo.PairDataset(f["dpo"], tokenizer)
+        else:
+            s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
         if f["init_from"] == "resume":
             state = load_train_state(s.out_dir, f["lora_rank"])
     if s.world_size > 1 and s.rank == 0:
@@ -516,7 +515,8 @@ def describe(s):
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
           f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {kernels.get_backend(s.device)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
-          f"steps {s.step}..{f['max_iters']}", flush=True)
+          f"steps {s.step}..{f['max_iters']}" + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
+                                                 f"{f['dpo_beta']}" if f["dpo"] else ""), flush=True)
     if f["lora_rank"]:
         trainable, total = lora.count_params(model)
         cfg = model.lora_config
