@@ -1502,7 +1502,7 @@ def parser(argv=()):
     sr.add_argument("--m1_iters", type=int, default=1500, help="M1: training steps (batch 32)")
     sr.add_argument("--dpo_iters", type=int, default=40, help="DPO steps per iteration")
     sr.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
-    sr.add_argument("--dpo_lr", type=float, default=3e-4, help="DPO learning rate (constant)")
+    sr.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
     sr.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
     sr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sr.add_argument("--device", default="auto", help="cpu, cuda, or auto")
