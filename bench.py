@@ -1311,20 +1311,28 @@ def bench_self_reward(args):
                                for t in range(1, args.iterations + 1)]
             for t, acc in enumerate(accs, 1):
                 it = result["iterations"][t - 1] if t <= len(result["iterations"]) else {}
+                if it:  # the pairs' precision against the checker, from the iteration's files
+                    folder_t = run_dir / f"M{t + 1}"
+                    read = lambda name: [obj for _, obj in runtime.read_jsonl(folder_t / name)]
+                    it["pairs_true_better"] = self_reward.pair_precision(read("judgements.jsonl"), read("pairs.jsonl"),
+                                                                         "\n")[0]
                 rows.append({"seed": seed, "condition": condition, "model": f"M{t}", "heldout_exact": acc,
                              "judge_accuracy": it.get("judge_pairwise_accuracy"), "reward_gap": it.get("reward_gap"),
+                             "pairs_true_better": it.get("pairs_true_better"),
                              "pairs": it.get("pairs"), "mean_score": it.get("mean_score"),
                              "sample_exact": it.get("exact_match"), "malformed": it.get("malformed_judgements")})
+    sweep = lr_sweep(args, out, device) if args.lr_sweep else []
     print_table(rows, [("seed", "seed", "{}"), ("condition", "pairs by", "{}"), ("model", "model", "{}"),
                        ("heldout_exact", "held-out exact", "{:.3f}"), ("sample_exact", "samples exact", "{:.3f}"),
                        ("judge_accuracy", "judge acc", "{:.3f}"), ("mean_score", "self-score", "{:.2f}"),
-                       ("reward_gap", "gap", "{:+.2f}"), ("pairs", "pairs", "{}"), ("malformed", "malformed", "{}")])
+                       ("reward_gap", "gap", "{:+.2f}"), ("pairs", "pairs", "{}"),
+                       ("pairs_true_better", "pairs right", "{:.2f}"), ("malformed", "malformed", "{}")])
     summary = []
     for condition in conditions:
         for t in range(1, args.iterations + 2):
             sel = [r for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
             row = {"condition": condition, "model": f"M{t}"}
-            for key in ("heldout_exact", "judge_accuracy", "reward_gap"):
+            for key in ("heldout_exact", "judge_accuracy", "reward_gap", "pairs_true_better"):
                 vals = [r[key] for r in sel if r[key] is not None]
                 if vals:
                     row[key] = statistics.mean(vals)
@@ -1334,10 +1342,34 @@ def bench_self_reward(args):
     print_table(summary, [("condition", "pairs by", "{}"), ("model", "model", "{}"),
                           ("heldout_exact", "held-out exact (mean)", "{:.3f}"), ("heldout_exact_sd", "sd", "{:.3f}"),
                           ("judge_accuracy", "judge acc (mean)", "{:.3f}"), ("judge_accuracy_sd", "sd", "{:.3f}"),
-                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}")])
+                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}"),
+                          ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
     runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"rows": rows, "summary": summary, "args": vars(args) | {"run": None}}, indent=1)))
+        json.dumps({"rows": rows, "summary": summary, "lr_sweep": sweep, "args": vars(args) | {"run": None}}, indent=1)))
     return summary
+
+
+def lr_sweep(args, out, device):
+    """How the DPO learning rate was chosen: one DPO run (--dpo_iters steps) from seed 0's M1 per
+    learning rate of --lr_sweep, on the first iteration's pairs by the judge and by the checker,
+    scored on the self-rewarding prompts (never on the held-out ones)."""
+    seed0, rows = out / "seed0", []
+    settings = f"lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
+    prompts = seed0 / "task" / "prompts.jsonl"
+    for lr in [float(x) for x in args.lr_sweep.split(",")]:
+        for condition in ("judge", "checker"):
+            folder = seed0 / "lr_sweep" / f"{condition}-lr{lr:g}"
+            if not self_reward.finished(folder, args.dpo_iters):
+                train.run(init_from=str(seed0 / "M1"), dpo=str(seed0 / f"{condition}-{settings}" / "M2" / "pairs.jsonl"),
+                          out_dir=str(folder), max_iters=args.dpo_iters, batch_size=args.dpo_batch,
+                          block_size=args.block_size, learning_rate=lr, min_lr=lr, warmup_iters=0, dpo_beta=args.dpo_beta,
+                          eval_interval=args.dpo_iters, eval_iters=2, log_interval=args.dpo_iters, sample_tokens=0,
+                          seed=0, device=device)
+            rows.append({"pairs by": condition, "lr": lr, "prompts_exact": heldout_accuracy(folder, prompts, device)})
+    rows.append({"pairs by": "(M1)", "lr": None, "prompts_exact": heldout_accuracy(seed0 / "M1", prompts, device)})
+    print_table(rows, [("pairs by", "pairs (iteration 1, seed 0)", "{}"), ("lr", "DPO lr", "{:g}"),
+                       ("prompts_exact", "exact on the self-rewarding prompts", "{:.3f}")])
+    return rows
 
 
 def parser(argv=()):
@@ -1504,6 +1536,8 @@ def parser(argv=()):
     sr.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
     sr.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
     sr.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
+    sr.add_argument("--lr_sweep", default="", help="comma-separated DPO learning rates to compare on seed 0's first "
+                    "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
     sr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sr.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     sr.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")

@@ -26,7 +26,8 @@ one resumes its DPO run from its saved pairs.
 
 Logged per iteration (printed, and OUT_DIR/self_reward.jsonl): the pairs kept, ties dropped,
 malformed judgements, the mean judge score; with a checker (see below), also the mean true score,
-the candidates' exact-match rate, the judge's pairwise accuracy against the checker (over the pairs
+the candidates' exact-match rate, the fraction of pairs whose chosen response is truly the better
+one, the judge's pairwise accuracy against the checker (over the pairs
 of candidates of a prompt whose true scores differ: 1 when the mean judge scores order them the same
 way, 1/2 when the judge ties them, 0 otherwise), and the reward-hacking gap: the mean self-score
 minus the mean true score, on the judge's 0-5 scale.
@@ -251,7 +252,18 @@ def make_pairs(items, pairs_from, stop, seed):
     return pairs, dropped
 
 
-def summarize(items, pairs, dropped):
+def pair_precision(items, pairs, stop):
+    """Of the pairs (make_pairs's, responses ending in `stop`), the fraction whose chosen response
+    has the higher true score and the fraction whose two responses tie on it (items with "true": a
+    checker's). (better, tied); (None, None) without pairs."""
+    true = {(i["prompt"], c + stop): t for i in items for c, t in zip(i["candidates"], i["true"])}
+    diffs = [true[p["prompt"], p["chosen"]] - true[p["prompt"], p["rejected"]] for p in pairs]
+    if not diffs:
+        return None, None
+    return sum(d > 0 for d in diffs) / len(diffs), sum(d == 0 for d in diffs) / len(diffs)
+
+
+def summarize(items, pairs, dropped, stop="\n"):
     """The logged numbers of an iteration's judged items (see the module's docstring)."""
     judgements = [j for item in items for js in item["judgements"] for j in js]
     scores = [s for item in items for s in item["scores"] if s is not None]
@@ -268,6 +280,7 @@ def summarize(items, pairs, dropped):
                        "exact_match": sum(t == MAX_SCORE for t in true) / len(true),
                        "judge_pairwise_accuracy": sum(a for a, _ in agree) / n_pairs if n_pairs else None,
                        "judge_pairs": n_pairs,
+                       "pairs_true_better": pair_precision(items, pairs, stop)[0],
                        "reward_gap": sum(s - t for s, t in both) / len(both) if both else None})
     return record
 
@@ -315,7 +328,7 @@ def run(flags, module, train_fn):
             if not pairs:
                 raise UserError(f"iteration {t}: no preference pairs (every prompt's candidates tied)")
             record = {"iteration": t, "model": str(current), "out_dir": str(folder), "pairs_from": f["sr_pairs"],
-                      **summarize(items, pairs, dropped)}
+                      **summarize(items, pairs, dropped, settings["stop"])}
             folder.mkdir(parents=True, exist_ok=True)
             write_jsonl(folder / "judgements.jsonl", items)
             atomic_write(folder / "iteration.json", lambda tmp: Path(tmp).write_text(json.dumps(record) + "\n"))

@@ -215,6 +215,9 @@ def test_pairs_take_the_highest_and_lowest_and_drop_ties():
              {"prompt": "p2", "candidates": ["x", "y"], "scores": [3.0, 3.0]}]
     pairs, dropped = self_reward.make_pairs(items, "judge", "\n", seed=0)
     assert pairs == [{"prompt": "p1", "chosen": "y\n", "rejected": "x\n"}] and dropped == 1
+    items[0]["true"], items[1]["true"] = [3, 2], [5, 5]  # the checker says the judge's pair is the wrong way round
+    assert self_reward.pair_precision(items, pairs, "\n") == (0.0, 0.0)
+    assert self_reward.pair_precision(items, [{"prompt": "p2", "chosen": "y\n", "rejected": "x\n"}] + pairs, "\n") == (0, 0.5)
     # the judge's pairwise accuracy: agreements over pairs whose true scores differ (judge ties: 1/2)
     assert self_reward.pairwise_accuracy([3.0, 1.0, 1.0, None], [5, 2, 4, 0]) == (2.5, 3)
     assert self_reward.sort_rubric("dca", "acd") == 5 and self_reward.sort_rubric("dca", "adc") == 4
