@@ -1346,7 +1346,34 @@ def bench_self_reward(args):
                           ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
     runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
         json.dumps({"rows": rows, "summary": summary, "lr_sweep": sweep, "args": vars(args) | {"run": None}}, indent=1)))
+    if args.plot:
+        plot_self_reward(rows, conditions, args.iterations + 1, args.plot)
     return summary
+
+
+def plot_self_reward(rows, conditions, n_models, path):
+    """Held-out exact match of M1 .. M_n and the judge's pairwise accuracy of M1 .. M_{n-1}, per
+    condition: the seeds' mean (line) and their range (band)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for condition in conditions:
+        for ax, key, n in ((axes[0], "heldout_exact", n_models), (axes[1], "judge_accuracy", n_models - 1)):
+            values = np.array([[r[key] for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+                               for t in range(1, n + 1)], dtype=float)  # (models, seeds)
+            line, = ax.plot(range(1, n + 1), values.mean(1), marker="o", label=f"pairs by {condition}")
+            ax.fill_between(range(1, n + 1), values.min(1), values.max(1), alpha=0.15, color=line.get_color())
+    axes[0].set(xlabel="model M_t", ylabel="held-out exact match", title="sorting: the model's answers")
+    axes[1].set(xlabel="model M_t (the judge of iteration t)", ylabel="pairwise accuracy vs the checker",
+                title="the model as its own judge")
+    for ax, n in zip(axes, (n_models, n_models - 1)):
+        ax.set_xticks(range(1, n + 1))
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def lr_sweep(args, out, device):
@@ -1541,6 +1568,7 @@ def parser(argv=()):
     sr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     sr.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     sr.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")
+    sr.add_argument("--plot", default="out/self_reward/self_reward.png", help="PNG plot path (empty: none)")
     sr.set_defaults(run=bench_self_reward)
     return p
 
