@@ -144,6 +144,20 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
+# ----------------------------------------------------------------------------- models
+
+def unwrap(model):
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers (FSDP's
+    fully_shard shards the model in place: it is its own model)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 # ----------------------------------------------------------------------------- files
 
 def read_json(path):
@@ -161,3 +175,33 @@ def atomic_write(path, write_fn):
     tmp = path.with_name(path.name + ".tmp")
     write_fn(str(tmp))
     os.replace(tmp, path)
+
+
+def read_jsonl(path, what="file"):
+    """The JSON objects of a .jsonl file with their line numbers, [(n, object)], blank lines
+    skipped. Not found, not UTF-8, a line that is not JSON or not an object: UserError naming
+    the file (as `what`) and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object")
+        records.append((n, obj))
+    return records
+
+
+def write_jsonl(path, rows):
+    """Objects as a .jsonl file, one a line, written under a temporary name and renamed."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))
