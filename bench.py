@@ -2,15 +2,20 @@
 
   python bench.py attention                 # naive vs sdpa (vs triton on CUDA): time, memory, TFLOP/s
   python bench.py attention --json          # the same, one JSON object per measurement
+  python bench.py attention --scaling       # softmax vs Performer vs a window, T = 512..32k: slopes, crossover
   python bench.py kvcache --model llama     # KV-cache bytes and decoding tokens/s: MHA vs GQA vs MQA
   python bench.py speed --model gpt         # training tokens/s, FLOP/s, MFU, memory; decoding tokens/s
   python bench.py curves out/a out/b        # val loss against wall time from runs' log.jsonl, plotted
   python bench.py lora                      # full fine-tuning vs LoRA: trainable params, optimizer state, memory, time
   python bench.py moe                       # dense vs MoE at equal active parameters; loop vs grouped_mm; expert load
   python bench.py switch                    # Switch Transformer vs dense at equal FLOPs: tokens to the same loss
+  python bench.py performer                 # softmax vs Performer (FAVOR+) vs a sliding window: val loss, and the gap
   python bench.py icl                       # in-context learning: accuracy against K shots for 3 model sizes
   python bench.py positions                 # learned vs sinusoidal vs RoPE vs NoPE by position; PI, NTK, YaRN
   python bench.py decode                    # decoding vs transformers, int8/bf16 weights, speculative; the roofline
+  python bench.py scaling                   # scaling laws: IsoFLOP grid, Kaplan's and Chinchilla's fits, a prediction
+  python bench.py phi                       # the Phi recipe: curated data + exercises vs the unfiltered pool, 3 seeds
+  python bench.py self_reward               # self-rewarding iterations on string sorting: M1..M4, judge, controls
 
 Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memory_allocated;
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
@@ -19,6 +24,7 @@ on CPU, the process's resident high-water mark (VmHWM), reset before each measur
 import copy
 import ctypes
 import dataclasses
+import functools
 import json
 import random
 import statistics
@@ -38,9 +44,11 @@ import kernels
 import lora
 import models
 import quantize
+import scaling
 import tokenization
 import train
 import runtime
+import self_reward
 from runtime import UserError, autocast, format_eta, print_table, resolve_device, resolve_dtype
 from generation import generate, speculative_decode
 
@@ -124,21 +132,41 @@ def attention_flops(B, Hq, T, S, D, causal, backward):
     return fwd * (3.5 if backward else 1.0)
 
 
+def attention_backend(spec, window, device):
+    """The attention function fn(q, k, v, causal) of a --backends entry: a registry name, or NAME+window
+    (that backend with a sliding window of `window`). UserError for an unknown or unusable one."""
+    name, _, variant = spec.partition("+")
+    if name not in kernels.BACKENDS or variant not in ("", "window"):
+        raise UserError(f"unknown backend {spec!r}; choose from {', '.join(kernels.BACKENDS)}, each optionally +window")
+    if not kernels.BACKENDS[name].usable(device):
+        raise UserError(f"the {name} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    if variant and kernels.BACKENDS[name].stateful:
+        raise UserError(f"{spec}: the {name} backend has no sliding window")
+    w = window if variant else 0
+    return lambda q, k, v, causal: kernels.attention(q, k, v, causal, backend=name, window=w)
+
+
+def quadratic(spec):
+    """Whether a --backends entry costs O(T^2) (softmax over every key: not performer, not a window)."""
+    return not (kernels.BACKENDS[spec.partition("+")[0]].stateful or spec.endswith("+window"))
+
+
 def bench_attention(args):
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     cuda = device.startswith("cuda")
+    args.n_head = args.n_head or (4 if args.scaling else 8)
+    args.head_dim = args.head_dim or (32 if args.scaling else 64)
     backends = args.backends.split(",") if args.backends else (
+        ["naive", "sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
         ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
-    for b in backends:
-        if b not in kernels.BACKENDS:
-            raise UserError(f"unknown backend {b!r}; choose from {', '.join(kernels.BACKENDS)}")
-        if not kernels.BACKENDS[b].usable(device):
-            raise UserError(f"the {b} backend cannot run on {device} (triton: CUDA, or TRITON_INTERPRET=1 on CPU)")
+    fns = {b: attention_backend(b, args.window, device) for b in backends}
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
+        [512, 1024, 2048, 4096, 8192, 16384, 32768] if args.scaling else
         [1024, 2048, 4096, 8192, 16384] if cuda else [128, 256, 512, 1024, 2048, 4096])
     H, D = args.n_head, args.head_dim
-    cases = [("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
+    cases = [("causal", True, H)] if args.scaling else [
+        ("causal", True, H), ("full", False, H), ("causal GQA", True, max(1, H // args.gqa_group))]
     rows = []
     for case, causal, Hkv in cases:
         for T in seq_lens:
@@ -148,10 +176,15 @@ def bench_attention(args):
                 if backend == "naive" and scores_bytes * 3 > args.max_naive_gb * 2 ** 30:
                     rows.append({**row, "note": "too big"})
                     continue
+                if quadratic(backend) and args.max_quadratic_T and T > args.max_quadratic_T:
+                    rows.append({**row, "note": f"skipped: T > --max_quadratic_T {args.max_quadratic_T}"})
+                    continue
+                if backend.endswith("+window") and not causal:
+                    continue
                 g = torch.Generator(device=device).manual_seed(0)
                 q = torch.randn(args.batch, H, T, D, device=device, dtype=dtype, generator=g)
                 k, v = (torch.randn(args.batch, Hkv, T, D, device=device, dtype=dtype, generator=g) for _ in "kv")
-                fn = kernels.BACKENDS[backend].fn
+                fn = fns[backend]
                 try:  # the first call of this shape in this process: compilation and autotuning included
                     row["first_call_s"] = first_call_seconds(lambda: fn(*(t.detach().requires_grad_() for t in (q, k, v)),
                                                                        causal).sum().backward(), device)
@@ -188,16 +221,103 @@ def bench_attention(args):
                            ("fwd_mib", "fwd MiB", "{:.1f}"), ("fwdbwd_ms", "fwd+bwd ms", "{:.2f}"),
                            ("fwdbwd_tflops", "fwd+bwd TFLOP/s", "{:.3f}"), ("fwdbwd_mib", "fwd+bwd MiB", "{:.1f}"),
                            ("note", "note", "{}")])
+    if args.scaling:
+        return attention_scaling(args, rows, device, dtype)
     if args.plot:
         plot_attention(rows, args.plot)
     return rows
 
 
-def plot_attention(rows, path):
+def loglog_slope(points):
+    """The least-squares slope of log(y) against log(x) over points [(x, y)]: the exponent p of
+    y ~ x^p (None with fewer than two points)."""
+    if len(points) < 2:
+        return None
+    x, y = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def crossover(rows, fast, slow, key="fwdbwd_ms"):
+    """The length T at which backend `fast` becomes cheaper than `slow` (key), interpolated in log-log
+    between the two measured lengths around it; None if it never does in the range, 'below' if it is
+    already cheaper at the shortest length."""
+    a = {r["T"]: r[key] for r in rows if r["backend"] == fast and key in r}
+    b = {r["T"]: r[key] for r in rows if r["backend"] == slow and key in r}
+    common = sorted(set(a) & set(b))
+    for i, T in enumerate(common):
+        if a[T] < b[T]:
+            if i == 0:
+                return "below"
+            T0 = common[i - 1]
+            d0, d1 = np.log(a[T0] / b[T0]), np.log(a[T] / b[T])  # log ratio: > 0 at T0, < 0 at T
+            return round(float(np.exp(np.log(T0) + (np.log(T) - np.log(T0)) * d0 / (d0 - d1))))
+    return None
+
+
+def favor_error_against_m(args, device, ms=(16, 32, 64, 128, 256, 512, 1024), scales=(0.25, 0.5, 1.0), draws=3,
+                          T=1024):
+    """Relative error (Frobenius) of FAVOR+ against exact softmax attention for m random features,
+    averaged over `draws` draws (layer seeds): causal, T positions, the --n_head heads, q and k ~
+    N(0, sigma^2) for each sigma of `scales` (the scores q.k / sqrt(D) then have standard deviation
+    sigma^2; the estimator's variance grows like exp(|q + k|^2 / sqrt(D)): the paper's variance lemma).
+    Returns [{"m", "sigma", "rel_error", "spread"}]."""
+    from kernels import performer
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, args.n_head, T, args.head_dim, device=device, generator=g) for _ in "qkv")
+    out = []
+    for sigma in scales:
+        exact = kernels.attention(sigma * q, sigma * k, v, True, backend="sdpa", window=0)
+        for m in ms:
+            performer.configure(features=m)
+            errs = [((kernels.attention(sigma * q, sigma * k, v, True, backend="performer", layer=layer) - exact).norm()
+                     / exact.norm()).item() for layer in range(draws)]
+            out.append({"m": m, "sigma": sigma, "rel_error": statistics.mean(errs), "spread": max(errs) - min(errs)})
+    performer.configure()
+    return out
+
+
+def attention_scaling(args, rows, device, dtype):
+    """--scaling: log-log slopes of time and memory against T per backend (fitted over T >= 2048,
+    where fixed costs no longer dominate), the crossover lengths against sdpa, FAVOR+'s error
+    against m; a plot. Returns the summary."""
+    from kernels import performer
+    summary = {"rows": rows, "slopes": {}, "crossover": {}}
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        mine = [r for r in rows if r["backend"] == backend and r["T"] >= 2048]
+        summary["slopes"][backend] = {key: loglog_slope([(r["T"], r[key]) for r in mine if r.get(key)])
+                                      for key in ("fwd_ms", "fwdbwd_ms", "fwdbwd_mib")}
+        if backend != "sdpa" and not quadratic(backend):
+            summary["crossover"][backend] = {key: crossover(rows, backend, "sdpa", key)
+                                             for key in ("fwd_ms", "fwdbwd_ms")}
+    summary["error_vs_m"] = favor_error_against_m(args, device)
+    m_default = performer.num_features(args.head_dim)
+    print(f"\nfitted log-log slopes over T >= 2048 (time ~ T^slope); performer: m = {m_default} (D ln D), "
+          f"chunks of {performer.CHUNK}; window: W = {args.window}")
+    print_table([{"backend": b, **v} for b, v in summary["slopes"].items()],
+                [("backend", "backend", "{}"), ("fwd_ms", "fwd time slope", "{:.2f}"),
+                 ("fwdbwd_ms", "fwd+bwd time slope", "{:.2f}"), ("fwdbwd_mib", "fwd+bwd memory slope", "{:.2f}")])
+    for backend, where in summary["crossover"].items():
+        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), "
+              f"{where['fwdbwd_ms']} (forward + backward)")
+    print(f"\nFAVOR+ relative error against softmax attention (causal, T = 1024, head_dim {args.head_dim}, "
+          "q and k ~ N(0, sigma^2), mean of 3 draws)")
+    by_m = {}  # m -> {"m": m, "sigma S": error, ...}: one row per m, one column per sigma
+    for e in summary["error_vs_m"]:
+        by_m.setdefault(e["m"], {"m": e["m"]})[f"sigma {e['sigma']}"] = e["rel_error"]
+    sigmas = dict.fromkeys(e["sigma"] for e in summary["error_vs_m"])
+    print_table(list(by_m.values()), [("m", "m", "{}")] + [(f"sigma {s}", f"sigma {s}", "{:.4f}") for s in sigmas])
+    if args.plot:
+        plot_attention(rows, args.plot, summary["error_vs_m"])
+    if args.summary:
+        runtime.atomic_write(Path(args.summary), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
+
+
+def plot_attention(rows, path, error_vs_m=None):
     plt = pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if error_vs_m else 2, figsize=(16 if error_vs_m else 11, 4))
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend and r["case"] == "causal" and "fwdbwd_ms" in r]
         for ax, key in zip(axes, ("fwdbwd_ms", "fwdbwd_mib")):
@@ -210,6 +330,19 @@ def plot_attention(rows, path):
         ax.minorticks_off()
         ax.set(xlabel="sequence length T", ylabel=label, title=f"causal attention: {label}")
         ax.legend()
+    if error_vs_m:
+        ax = axes[2]
+        for sigma in dict.fromkeys(e["sigma"] for e in error_vs_m):
+            mine = [e for e in error_vs_m if e["sigma"] == sigma]
+            line, = ax.plot([e["m"] for e in mine], [e["rel_error"] for e in mine], marker="o",
+                            label=f"FAVOR+, q, k ~ N(0, {sigma}^2)")
+            ax.plot([e["m"] for e in mine], [mine[0]["rel_error"] * (mine[0]["m"] / e["m"]) ** 0.5 for e in mine],
+                    linestyle=":", color=line.get_color())
+        ax.plot([], [], linestyle=":", color="gray", label="1 / sqrt(m)")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set(xlabel="random features m", ylabel="relative error vs softmax", title="FAVOR+ error against m")
+        ax.legend()
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -221,7 +354,7 @@ def plot_attention(rows, path):
 def build_model(args, device, **overrides):
     """A randomly initialised model of models/<args.model>.py from the model flags in args (and
     the attention backend of --attn)."""
-    kernels.set_backend(args.attn)
+    runtime.configure_attention(args)
     module = models.get(args.model)
     fields = {f[0] for f in train.model_flags(module)}
     config = module.Config(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides},
@@ -629,6 +762,17 @@ def add_run_flags(p, reps=None):
         p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
 
 
+def add_training_run_flags(p, out, out_help, plot):
+    """--data, --data_dir, --threads, --device, --out and --plot: the flags of the subcommands that train
+    runs (switch, scaling, positions)."""
+    p.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out", default=out, help=out_help)
+    p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
+
+
 def add_model_flags(p, model_name, block_size=None):
     """--model and the model file's Config fields, as train.py has them (same defaults)."""
     p.add_argument("--model", default=model_name, help="the model file models/NAME.py")
@@ -636,21 +780,10 @@ def add_model_flags(p, model_name, block_size=None):
                    "default corpus in char tokens)")
     p.add_argument("--block_size", type=int, default=block_size or train.flag_default("block_size"),
                    help="positions per sequence (and KV-cache length)")
-    p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+    runtime.add_attention_flags(p)
     for name, default, help_text in train.model_flags(models.get(model_name)):
         kind = runtime.str2bool if isinstance(default, bool) else type(default)
         p.add_argument(f"--{name}", type=kind, default=default, help=help_text)
-
-
-def add_trained_runs_flags(p, out, plot):
-    """The flags of a subcommand that trains its runs (cached_run): corpus, threads, device, where the runs
-    and summary.json go (default `out`), the plot (default `plot`)."""
-    p.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
-    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--out", default=out, help="the runs' folders and summary.json")
-    p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
 
 
 # ----------------------------------------------------------------------------- decoding against the roofline (issue 19)
@@ -981,30 +1114,28 @@ SWITCH_ARMS = {  # name -> models/switch.py Config overrides; the first two are 
 }
 
 
-def cached_run(out, settings, label, **flags):
-    """train.run(out_dir=out, **flags), or nothing when `out` holds a finished run of the same settings
-    (its settings.json, written after the run: an interrupted run trains again). `label` names the run
-    in the progress line. Returns the run's log.jsonl records."""
+def cached_run(out, settings, label="", **flags):
+    """train.run(out_dir=out, **flags), or nothing when `out` holds a finished run of the same
+    settings (its settings.json, written last). Returns the run's log.jsonl records."""
     out = Path(out)
     done = out / "settings.json"
     if not (done.is_file() and json.loads(done.read_text()) == settings):
-        print(f"--- {label}: training {flags['max_iters']} steps into {out}", flush=True)
+        print(f"--- {label or out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
         train.run(out_dir=str(out), **flags)
         runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
 def switch_run(args, arm, seed):
-    """Train one arm and seed with train.run into OUT/ARM-sSEED, or reuse the folder when it holds a
-    finished run of the same settings (cached_run). Returns its log.jsonl records."""
+    """Train one arm and seed with train.run into OUT/ARM-sSEED (cached_run). Returns its log.jsonl records."""
     steps = args.max_iters if arm in ("dense", "switch") or not args.ablation_iters else args.ablation_iters
     settings = {"arm": arm, "seed": seed, "max_iters": steps, "batch_size": args.batch_size,
                 "block_size": args.block_size, "eval_interval": args.eval_interval, "eval_iters": args.eval_iters,
                 **SWITCH_ARMS[arm]}
     return cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="switch", seed=seed,
-                      max_iters=steps, batch_size=args.batch_size, block_size=args.block_size,
-                      eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.eval_interval,
-                      sample_tokens=0, device=args.device, data=args.data, data_dir=args.data_dir, **SWITCH_ARMS[arm])
+                      max_iters=steps, batch_size=args.batch_size, block_size=args.block_size, eval_interval=args.eval_interval,
+                      eval_iters=args.eval_iters, log_interval=args.eval_interval, sample_tokens=0, device=args.device,
+                      data=args.data, data_dir=args.data_dir, **SWITCH_ARMS[arm])
 
 
 def tokens_to_reach(curve, target):
@@ -1329,6 +1460,74 @@ def plot_positions(curves, names, L, T, bucket, unigram, path):
     print(f"plot: {path}")
 
 
+# ----------------------------------------------------------------------------- Performer and the window: quality (issue 15)
+
+PERFORMER_ARMS = {  # name -> train.py attention flags; the default Llama otherwise
+    "softmax": {"attn": "sdpa"},
+    "performer_m64": {"attn": "performer", "performer_features": 64},
+    "performer_m256": {"attn": "performer", "performer_features": 256},
+    "window64": {"attn": "sdpa", "attn_window": 64},
+}
+
+
+def bench_performer(args):
+    """The default Llama (char level, default corpus) trained with softmax attention, FAVOR+ with m = 64
+    and 256 random features, and a sliding window of 64, the same steps and seeds: the final val loss,
+    and its gap to softmax. Then the Performer paper's backward-compatibility test (Choromanski et al.
+    2021, section 4.2, Figure 4): the trained softmax model with FAVOR+ swapped in, its val loss before
+    and after a short fine-tune. Runs are cached by settings (cached_run)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := [a for a in arms if a not in PERFORMER_ARMS]:
+        raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(PERFORMER_ARMS)}")
+    common = dict(max_iters=args.max_iters, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+                  log_interval=args.eval_interval, sample_tokens=0, device=args.device, data=args.data,
+                  data_dir=args.data_dir)
+    rows = []
+    for seed in range(args.seeds):  # seed by seed: a run stopped early still has every arm of its first seeds
+        for arm in arms:
+            settings = {"arm": arm, "seed": seed, **common, **PERFORMER_ARMS[arm]}
+            log = cached_run(Path(args.out) / f"{arm}-s{seed}", settings, f"{arm}, seed {seed}", model="llama",
+                             seed=seed, **common, **PERFORMER_ARMS[arm])
+            vals = [r for r in log if "val_loss" in r]
+            rows.append({"arm": arm, "seed": seed, "val_loss": vals[-1]["val_loss"], "elapsed_s": vals[-1]["elapsed_s"]})
+    softmax = {r["seed"]: r["val_loss"] for r in rows if r["arm"] == "softmax"}
+    summary = {"rows": rows, "arms": {}}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        losses = [r["val_loss"] for r in mine]
+        gaps = [r["val_loss"] - softmax[r["seed"]] for r in mine if r["seed"] in softmax]
+        summary["arms"][arm] = {"mean": statistics.mean(losses), "min": min(losses), "max": max(losses),
+                                "gap_mean": statistics.mean(gaps) if gaps else None,
+                                "gap_min": min(gaps) if gaps else None, "gap_max": max(gaps) if gaps else None,
+                                "wall_s": statistics.mean(r["elapsed_s"] for r in mine)}
+    table = [{"arm": arm, **v, "seeds": args.seeds} for arm, v in summary["arms"].items()]
+    print(f"default Llama, {args.max_iters} steps, {args.seeds} seed(s); val loss (nats per char), gap = arm - softmax "
+          "(same seed)")
+    print_table(table, [("arm", "arm", "{}"), ("mean", "val loss", "{:.4f}"), ("min", "min", "{:.4f}"),
+                        ("max", "max", "{:.4f}"), ("gap_mean", "gap", "{:+.4f}"), ("gap_min", "gap min", "{:+.4f}"),
+                        ("gap_max", "gap max", "{:+.4f}"), ("wall_s", "wall s", "{:.0f}")])
+    if args.finetune_iters and "softmax" in arms:
+        base = Path(args.out) / "softmax-s0"
+        swap = {"attn": "performer", "performer_features": args.finetune_features}
+        ft = dict(max_iters=args.finetune_iters, learning_rate=args.finetune_lr, warmup_iters=args.finetune_iters // 10,
+                  eval_interval=max(1, args.finetune_iters // 4), eval_iters=args.eval_iters,
+                  log_interval=max(1, args.finetune_iters // 4), sample_tokens=0, device=args.device,
+                  data=args.data, data_dir=args.data_dir, seed=0)
+        log = cached_run(Path(args.out) / f"finetune-m{args.finetune_features}-{args.finetune_iters}",
+                         {"base": str(base), **ft, **swap},
+                         "softmax -> FAVOR+, fine-tune", model="llama", init_from=str(base), **ft, **swap)
+        vals = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+        summary["finetune"] = {"softmax": softmax[0], "favor_before": vals[0][1], "favor_after": vals[-1][1],
+                               "curve": vals, "features": args.finetune_features, "steps": args.finetune_iters}
+        print(f"backward compatibility (softmax seed 0 -> FAVOR+ m={args.finetune_features}): softmax {softmax[0]:.4f}, "
+              f"FAVOR+ swapped in {vals[0][1]:.4f}, after {args.finetune_iters} fine-tuning steps {vals[-1][1]:.4f}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    return summary
+
+
 # ----------------------------------------------------------------------------- mixture of experts
 
 def bench_moe(args):
@@ -1434,7 +1633,705 @@ def plot_expert_loads(loads, path, title):
     print(f"plot: {path}")
 
 
-# ----------------------------------------------------------------------------- command line
+# ----------------------------------------------------------------------------- scaling laws (Kaplan et al. 2020; Hoffmann et al. 2022)
+
+SCALING_PRESETS = {
+    # ladder: the GPT shapes (n_layer, n_embd) to choose from, smallest first; head_dim: n_embd // n_head.
+    # budgets: training FLOPs C per run (forward + backward, the model's flops_per_token times D tokens).
+    # window: at each budget, only the shapes whose tokens per parameter D / N fall in [lo, hi] train (IsoFLOP
+    # profiles need the sizes around each budget's optimum, not the whole ladder). lr: the peak learning rate of
+    # n_embd 128; the others get lr * sqrt(128 / n_embd).
+    "cpu": dict(ladder=[(1, 16), (1, 24), (1, 32), (2, 32), (2, 40), (2, 48), (3, 48), (3, 56), (4, 64), (4, 80),
+                        (5, 96)],
+                budgets=[1e11, 2.15e11, 4.64e11, 1e12], window=(3.0, 1000.0), head_dim=8,
+                batch_size=16, block_size=64, lr=3e-3, eval_iters=20),
+    # gpu: for a corpus of about 10^9 characters (--data); on the default corpus its runs repeat their data
+    # up to 100 times (the sweep says so). Untested on a GPU so far.
+    "gpu": dict(ladder=[(2, 64), (2, 96), (3, 96), (3, 128), (4, 128), (4, 192), (6, 192), (6, 256), (8, 256),
+                        (8, 320), (8, 384), (10, 512)],
+                budgets=[1e14, 3.16e14, 1e15, 3.16e15], window=(10.0, 1000.0), head_dim=32,
+                batch_size=64, block_size=256, lr=2e-3, eval_iters=50),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def scaling_shape_counts(n_layer, n_embd, vocab_size, block_size, head_dim):
+    """(N total, N non-embedding, training FLOPs per token) of the GPT shape, from the model itself on
+    the meta device: num_params(False), scaling.non_embedding_params and flops_per_token(block_size)."""
+    module = models.get("gpt")
+    with torch.device("meta"):
+        model = module.Model(module.Config(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer,
+                                           n_head=n_embd // head_dim, n_embd=n_embd))
+    return model.num_params(False), scaling.non_embedding_params(model), model.flops_per_token(block_size)
+
+
+def scaling_grid(preset, vocab_size, n_train):
+    """The runs of a sweep: for each budget C, each ladder shape whose D / N falls in the window, with
+    D = C / flops_per_token rounded to whole steps (the cosine schedule ends exactly there). One dict per
+    run: its settings (what the cache compares) and its counts."""
+    tokens_per_step = preset["batch_size"] * preset["block_size"]
+    runs = []
+    for budget in preset["budgets"]:
+        for n_layer, n_embd in preset["ladder"]:
+            n, n_ne, fpt = scaling_shape_counts(n_layer, n_embd, vocab_size, preset["block_size"], preset["head_dim"])
+            steps = round(budget / fpt / tokens_per_step)
+            if not preset["window"][0] <= steps * tokens_per_step / n <= preset["window"][1]:
+                continue
+            runs.append(scaling_run_spec(preset, n_layer, n_embd, budget, steps, n, n_ne, fpt, n_train))
+    return runs
+
+
+def scaling_run_spec(preset, n_layer, n_embd, budget, steps, n, n_ne, fpt, n_train):
+    """One run's settings (everything that changes its result) and its counts (N, D, C)."""
+    tokens = steps * preset["batch_size"] * preset["block_size"]
+    settings = {"model": "gpt", "n_layer": n_layer, "n_embd": n_embd, "n_head": n_embd // preset["head_dim"],
+                "batch_size": preset["batch_size"], "block_size": preset["block_size"], "max_iters": steps,
+                "warmup_iters": max(1, steps // 20), "learning_rate": preset["lr"] * (128 / n_embd) ** 0.5,
+                "eval_iters": preset["eval_iters"], "seed": preset["seed"], "data": preset["data"]}
+    return {"name": f"{n_layer}x{n_embd}-C{budget:.3g}", "budget": budget, "settings": settings,
+            "N": n, "N_non_embedding": n_ne, "flops_per_token": fpt, "D": tokens, "C": fpt * tokens,
+            "tokens_per_param": tokens / n, "epochs": tokens / n_train}
+
+
+def scaling_train(run, folder, device, dtype, data_dir):
+    """Train one run with train.run into folder/NAME in `dtype`, or reuse it when folder/NAME/result.json
+    holds a finished run of the same settings and dtype (scaling_cached). Returns the run with its result:
+    val and train loss (nats per char and bits per char), wall seconds, and whether it was trained now."""
+    if cached := scaling_cached(run, folder, dtype):
+        return {**cached, "trained_now": False}
+    out, s = Path(folder) / run["name"], run["settings"]
+    result = train.run(**s, out_dir=str(out), lr_decay_iters=-1, min_lr=-1.0, eval_interval=s["max_iters"],
+                       log_interval=s["max_iters"], sample_tokens=0, device=str(device), dtype=dtype, tokenizer="char",
+                       dropout=0.0, data_dir=str(data_dir))
+    record = {**run, "dtype": dtype, "val_loss": result["val_loss"], "train_loss": result["train_loss"],
+              "val_bpc": result["val_loss"] / np.log(2), "elapsed_s": round(result["elapsed_s"], 2)}
+    runtime.atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    return {**record, "trained_now": True}
+
+
+def scaling_sweep(runs, folder, device, dtype, data_dir):
+    """Train (or take from the cache) every run, printing progress with an ETA in FLOPs: the seconds per
+    FLOP of the runs trained so far times the FLOPs left."""
+    todo = [r for r in runs if not scaling_cached(r, folder, dtype)]
+    total = sum(r["C"] for r in todo)
+    if repeated := [r["name"] for r in runs if r["epochs"] > 4]:
+        print(f"note: {', '.join(repeated)} see their corpus more than 4 times (repeated data bends the laws, "
+              "Muennighoff et al. 2023): give --data a larger corpus", flush=True)
+    print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to train "
+          f"({total:.3g} FLOPs)", flush=True)
+    done_flops, t0, results = 0.0, time.time(), []
+    for run in runs:
+        trained = run in todo
+        if trained:
+            k = todo.index(run) + 1
+            eta = f", ETA {format_eta((time.time() - t0) / done_flops * (total - done_flops))}" if done_flops else ""
+            print(f"--- [{k}/{len(todo)}] {run['name']}: N {run['N']:,}, D {run['D']:,} tokens "
+                  f"({run['tokens_per_param']:.1f} per parameter), {run['settings']['max_iters']} steps{eta}", flush=True)
+        results.append(scaling_train(run, folder, device, dtype, data_dir))
+        if trained:
+            done_flops += run["C"]
+    if todo:
+        print(f"sweep: trained {len(todo)} runs in {format_eta(time.time() - t0)} ({time.time() - t0:.0f} s)", flush=True)
+    return results
+
+
+def scaling_cached(run, folder, dtype):
+    """The finished run's record in folder/NAME/result.json when it was trained with the same settings and
+    dtype (float32 when the record does not say), else None."""
+    done = Path(folder) / run["name"] / "result.json"
+    record = json.loads(done.read_text()) if done.is_file() else {}
+    same = record.get("settings") == run["settings"] and record.get("dtype", "float32") == dtype
+    return record if same else None
+
+
+def _floats(csv, flag, count=None):
+    """"1e11,2e11" -> [1e11, 2e11]: positive numbers, `count` of them if given; else UserError."""
+    try:
+        values = [float(v) for v in _names(csv)]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values) or (count and len(values) != count):
+        raise UserError(f"{flag}: expected {count or 'one or more'} comma-separated numbers, not {csv!r}")
+    return values
+
+
+def bench_scaling(args):
+    """Kaplan et al. 2020 and Hoffmann et al. 2022 measured here: a grid of GPT sizes at several compute
+    budgets (IsoFLOP profiles), char-level on the corpus; Kaplan's power laws, Chinchilla's approaches 2 and
+    3 (scaling.py); the loss of a compute-optimal model at 4x the largest budget predicted, and with
+    --verify trained and compared."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = {**SCALING_PRESETS[args.preset], "seed": args.seed, "data": args.data}
+    if args.budgets:
+        preset["budgets"] = _floats(args.budgets, "--budgets")
+    if args.sizes:
+        preset["ladder"] = _sizes(args.sizes)
+    if args.window:
+        preset["window"] = tuple(_floats(args.window, "--window", count=2))
+    device = resolve_device(args.device)
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    dataset = data.prepare(args.data or None, "char", args.data_dir, quiet=True)
+    vocab, n_train = dataset.tokenizer.vocab_size, dataset.manifest["n_train"]
+    folder = Path(args.out) / args.preset
+    runs = scaling_grid(preset, vocab, n_train)
+    if not runs:
+        raise UserError("no run of the ladder falls in the window at these budgets")
+    results = scaling_sweep(runs, folder, device, dtype, args.data_dir)
+    return scaling_report(results, preset, args, vocab, n_train, folder, device, dtype)
+
+
+def scaling_report(results, preset, args, vocab, n_train, folder, device, dtype):
+    """The runs' table and runs.json; the fits (scaling.fit_all), their table beside the papers', the
+    leave-one-budget-out errors, the plot; the loss of the compute-optimal model at 4x the largest budget
+    predicted and, with --verify, trained and compared. Writes fits.json. Returns {"runs", "fits", "prediction"}."""
+    print_table(results, [("name", "run", "{}"), ("N", "N", "{:,}"), ("N_non_embedding", "N non-emb", "{:,}"),
+                          ("D", "D tokens", "{:,}"), ("tokens_per_param", "D/N", "{:.1f}"), ("C", "C FLOPs", "{:.3g}"),
+                          ("val_loss", "val nats/char", "{:.4f}"), ("val_bpc", "val bits/char", "{:.4f}"),
+                          ("elapsed_s", "wall s", "{:.0f}")])
+    runtime.atomic_write(folder / "runs.json", lambda tmp: Path(tmp).write_text(
+        json.dumps({"preset": preset, "runs": results}, indent=1) + "\n"))
+    print(f"runs: {folder / 'runs.json'}")
+    column = lambda key: np.array([r[key] for r in results], float)
+    if len(set(column("budget"))) < 2 or min(np.unique(column("budget"), return_counts=True)[1]) < 3:
+        print("(the fits need 2 or more budgets with 3 or more sizes each)")
+        return {"runs": results}
+    fits = scaling.fit_all(column("N"), column("D"), column("C"), column("val_loss"), column("budget"),
+                           column("N_non_embedding"), n_boot=args.bootstrap, seed=args.seed)
+    print_scaling_fits(fits)
+    prediction = scaling_prediction(fits, preset, vocab, n_train)
+    if args.verify:
+        cached = scaling_cached(prediction["run"], folder, dtype)
+        print(f"--- verify: {prediction['run']['name']} " + ("from the cache" if cached else
+              f"training {prediction['run']['settings']['max_iters']} steps"), flush=True)
+        trained = scaling_train(prediction["run"], folder, device, dtype, args.data_dir)
+        prediction["measured"] = trained["val_loss"]
+        prediction["error"] = {k: prediction[k] / trained["val_loss"] - 1 for k in ("approach3", "kaplan", "frontier")}
+        print(f"verify: measured {trained['val_loss']:.4f} nats/char ({trained['val_bpc']:.4f} bits/char); predicted "
+              + ", ".join(f"{k} {prediction[k]:.4f} ({100 * e:+.2f}%)" for k, e in prediction["error"].items()))
+    runtime.atomic_write(folder / "fits.json", lambda tmp: Path(tmp).write_text(
+        json.dumps({"fits": fits, "prediction": prediction}, indent=1, default=float) + "\n"))
+    print(f"fits: {folder / 'fits.json'}")
+    if args.plot:
+        plot_scaling(results, fits, prediction, args.plot)
+    return {"runs": results, "fits": fits, "prediction": prediction}
+
+
+def scaling_prediction(fits, preset, vocab, n_train):
+    """The compute-optimal model at 4x the largest budget: approach 2's N_opt(C), rounded to the nearest
+    ladder shape (in log N), trained on C / flops_per_token tokens; its loss predicted by approach 3's
+    L(N, D), Kaplan's L(N, D) and the frontier L_opt(C) (nats per char)."""
+    budget = 4 * max(preset["budgets"])
+    n_target = scaling.optimal_n(fits["approach2"], budget)
+    shapes = [(abs(np.log(scaling_shape_counts(*s, vocab, preset["block_size"], preset["head_dim"])[0] / n_target)), s)
+              for s in preset["ladder"]]
+    n_layer, n_embd = min(shapes)[1]
+    n, n_ne, fpt = scaling_shape_counts(n_layer, n_embd, vocab, preset["block_size"], preset["head_dim"])
+    steps = round(budget / fpt / (preset["batch_size"] * preset["block_size"]))
+    run = scaling_run_spec(preset, n_layer, n_embd, budget, steps, n, n_ne, fpt, n_train)
+    out = {"budget": budget, "N_opt": n_target, "run": run,
+           "approach3": float(scaling.predict_chinchilla(fits["approach3"], n, run["D"])),
+           "kaplan": float(scaling.predict_kaplan(fits["kaplan"], n_ne, run["D"])),
+           "frontier": float(scaling.frontier_loss(fits["approach2"], run["C"]))}
+    print(f"prediction at C = {budget:.3g} (4x the largest budget): N_opt {n_target:,.0f} -> {run['name']} "
+          f"(N {n:,}, D {run['D']:,} tokens, {run['tokens_per_param']:.0f} per parameter, {run['epochs']:.2f} epochs); "
+          f"val loss {out['approach3']:.4f} nats/char ({out['approach3'] / np.log(2):.4f} bits/char) by approach 3, "
+          f"{out['kaplan']:.4f} by Kaplan's L(N, D), {out['frontier']:.4f} by the frontier L(C)")
+    return out
+
+
+def print_scaling_fits(fits):
+    """Approach 2's minima per budget, the fitted constants with their 95% intervals beside Kaplan's and
+    Chinchilla's, R², the leave-one-budget-out errors."""
+    bits = 1 / np.log(2)
+    two, three, kap = fits["approach2"], fits["approach3"], fits["kaplan"]
+    print("approach 2: IsoFLOP minima (parabolas through the 5 sizes nearest each budget's lowest loss)")
+    print_table([{**m, "ratio": m["D_opt"] / m["N_opt"], "L_bits": m["L_opt"] * bits,
+                  "interior": "yes" if m["interior"] else "NO (at the edge: extrapolated)"} for m in two["budgets"]],
+                [("C", "C FLOPs", "{:.3g}"), ("N_opt", "N_opt", "{:,.0f}"), ("D_opt", "D_opt", "{:,.0f}"),
+                 ("ratio", "D/N", "{:.0f}"), ("L_bits", "L_opt bits/char", "{:.4f}"), ("r2", "parabola R²", "{:.3f}"),
+                 ("interior", "minimum inside the sizes", "{}")])
+    ci = lambda fit, key, fmt="{:.3f}": f"{fmt.format(fit[key])} [{fmt.format(fit[key + '_ci'][0])}, {fmt.format(fit[key + '_ci'][1])}]"
+    rows = [("N_opt ∝ C^a (approach 2)", ci(two, "a"), f"{two['a_r2']:.3f} (log N_opt)", scaling.KAPLAN["N_opt_exponent"], "0.49 (approach 2), ~0.50"),
+            *([(f"  a, the {len(two['interior_budgets'])} interior minima only", ci(two, "a_interior"), "", "", "")]
+              if "a_interior" in two else []),
+            ("D_opt ∝ C^b (approach 2)", ci(two, "b"), "", round(1 - scaling.KAPLAN["N_opt_exponent"], 2), "0.51 (approach 2)"),
+            ("L_opt ∝ C^-alpha_C (frontier)", ci(two, "alpha_C"), f"{two['frontier_r2']:.3f}", scaling.KAPLAN["alpha_C"], "-"),
+            ("a = beta/(alpha+beta) (approach 3)", ci(three, "a"), f"{three['r2']:.3f}", "-", "0.46 (approach 3)"),
+            ("alpha (approach 3)", ci(three, "alpha"), "", "-", scaling.CHINCHILLA["alpha"]),
+            ("beta (approach 3)", ci(three, "beta"), "", "-", scaling.CHINCHILLA["beta"]),
+            ("E nats (approach 3)", ci(three, "E"), "", "-", f"{scaling.CHINCHILLA['E']} (per BPE token)"),
+            ("A (approach 3)", ci(three, "A", "{:.3g}"), "", "-", scaling.CHINCHILLA["A"]),
+            ("B (approach 3)", ci(three, "B", "{:.3g}"), "", "-", scaling.CHINCHILLA["B"]),
+            ("alpha_N (Kaplan L(N, D))", ci(kap, "alpha_N"), f"{kap['r2']:.3f}", scaling.KAPLAN["alpha_N"], "-"),
+            ("alpha_D (Kaplan L(N, D))", ci(kap, "alpha_D"), "", scaling.KAPLAN["alpha_D"], "-"),
+            ("N_c (Kaplan, non-embedding N)", ci(kap, "N_c", "{:.3g}"), "", f"{scaling.KAPLAN['N_c']:.2g}", "-"),
+            ("D_c (Kaplan)", ci(kap, "D_c", "{:.3g}"), "", f"{scaling.KAPLAN['D_c']:.2g}", "-")]
+    print("fitted constants (95% bootstrap intervals) beside the papers' (theirs: nats per BPE token, ours: per char)")
+    print_table([dict(zip(("q", "ours", "r2", "kaplan", "chinchilla"), r)) for r in rows],
+                [("q", "quantity", "{}"), ("ours", "ours [95% CI]", "{}"), ("r2", "R²", "{}"),
+                 ("kaplan", "Kaplan 2020", "{}"), ("chinchilla", "Chinchilla 2022", "{}")])
+    print("leave-one-budget-out: each budget predicted by the fits of the others (mean |relative error|)")
+    print_table([{**r, **{k: 100 * abs(r[k]) for k in ("approach3", "kaplan", "N_opt", "L_opt") if k in r}}
+                 for r in fits["leave_one_budget_out"]],
+                [("budget", "held-out C", "{:.3g}"), ("approach3", "approach 3 L %", "{:.2f}"),
+                 ("kaplan", "Kaplan L %", "{:.2f}"), ("N_opt", "N_opt %", "{:.1f}"), ("L_opt", "frontier L_opt %", "{:.2f}")])
+
+
+def plot_scaling(results, fits, prediction, path):
+    """Three panels: the IsoFLOP profiles (loss against N per budget, with approach 2's parabolas and
+    approach 3's curves), N_opt against C (approach 2's line, Kaplan's and Chinchilla's slopes through our
+    middle budget, the prediction), the frontier L_opt against C (and the verify run when trained)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    bits = 1 / np.log(2)
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    two = fits["approach2"]
+    for i, m in enumerate(two["budgets"]):
+        mine = sorted((r for r in results if r["budget"] == m["budget"]), key=lambda r: r["N"])
+        color = colors[i % len(colors)]
+        n = np.array([r["N"] for r in mine], float)
+        ax1.plot(n, [r["val_bpc"] for r in mine], "o", color=color, label=f"C = {m['C']:.2g}")
+        grid = np.geomspace(min(m["sizes"]), max(m["sizes"]), 100)
+        ax1.plot(grid, np.polyval(m["coef"], np.log(grid)) * bits, "-", color=color, linewidth=1)
+        grid = np.geomspace(n.min(), n.max(), 100)
+        d_of_n = np.exp(np.polyval(np.polyfit(np.log(n), np.log([r["D"] for r in mine]), 1), np.log(grid)))
+        ax1.plot(grid, scaling.predict_chinchilla(fits["approach3"], grid, d_of_n) * bits, ":", color=color, linewidth=1)
+        ax1.plot(m["N_opt"], m["L_opt"] * bits, "*", color=color, markersize=12,
+                 markeredgecolor="black" if m["interior"] else "red")
+    ax1.set(xscale="log", xlabel="parameters N", ylabel="val loss (bits per char)",
+            title="IsoFLOP profiles: parabolas (approach 2), dotted: approach 3")
+    ax1.legend(fontsize=8)
+    c = np.array([m["C"] for m in two["budgets"]])
+    n_opt = np.array([m["N_opt"] for m in two["budgets"]])
+    grid = np.geomspace(c.min() / 1.5, prediction["budget"] * 1.5, 50)
+    ax2.plot(c, n_opt, "o", color="black", label="IsoFLOP minima")
+    ax2.plot(grid, scaling.optimal_n(two, grid), "-", label=f"ours: N_opt ∝ C^{two['a']:.2f} [{two['a_ci'][0]:.2f}, {two['a_ci'][1]:.2f}]")
+    mid = len(c) // 2
+    for slope, name, style in ((scaling.KAPLAN["N_opt_exponent"], "Kaplan", "--"), (scaling.CHINCHILLA["a"], "Chinchilla", ":")):
+        ax2.plot(grid, n_opt[mid] * (grid / c[mid]) ** slope, style, color="gray", label=f"{name}: C^{slope}")
+    ax2.plot(prediction["budget"], prediction["run"]["N"], "s", color="red", label=f"prediction: {prediction['run']['name']}")
+    ax2.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal N", title="N_opt against C")
+    ax2.legend(fontsize=8)
+    ax3.plot(c, [m["L_opt"] * bits for m in two["budgets"]], "o", color="black", label="IsoFLOP minima")
+    ax3.plot(grid, scaling.frontier_loss(two, grid) * bits, "-",
+             label=f"frontier: L ∝ C^-{two['alpha_C']:.3f}")
+    for r in results:
+        ax3.plot(r["C"], r["val_bpc"], ".", color="lightgray", zorder=0)
+    ax3.plot(prediction["budget"], prediction["approach3"] * bits, "s", color="red", fillstyle="none",
+             label=f"predicted (approach 3): {prediction['approach3'] * bits:.3f}")
+    if "measured" in prediction:
+        ax3.plot(prediction["budget"], prediction["measured"] * bits, "x", color="red", markersize=10,
+                 label=f"trained: {prediction['measured'] * bits:.3f} (approach 3 off by {100 * prediction['error']['approach3']:+.1f}%)")
+    ax3.set(xscale="log", xlabel="training FLOPs C", ylabel="val loss (bits per char)", title="compute frontier")
+    ax3.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+# ----------------------------------------------------------------------------- the Phi recipe (issue 18)
+
+# the compared model: a small phi.py (3 layers, 96 wide, 0.34M non-embedding parameters), character level
+PHI_MODEL = dict(n_layer=3, n_embd=96, n_head=4, n_kv_head=4, intermediate_size=384)
+PHI_REFERENCE = dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=4, intermediate_size=384)  # curation's scorers
+PHI_ARMS = {  # arm -> (stage-1 corpus, stage-2 corpus): stage 2 continues stage 1 for --finetune_iters steps
+    "A": ("pool_A.txt", "pool_A.txt"),              # the unfiltered pool throughout
+    "B": ("filtered_B.txt", "filtered_B.txt"),      # the filtered pool throughout (repeated epochs)
+    "C": ("filtered_B.txt", "exercises_train.txt"),  # B, then a fine-tune on the synthetic exercises
+}
+
+
+def phi_init(folder, seed, block_size, **config):
+    """A freshly initialised phi.py model (seed) with the comparison's character tokenizer
+    (curation.VOCAB) saved as a model directory, so that every arm starts from the same weights
+    and vocabulary (train.run's --init_from). Reused when it exists."""
+    folder = Path(folder)
+    if not (folder / "model.safetensors").is_file():
+        import curation
+        torch.manual_seed(seed)
+        module = models.get("phi")
+        model = module.Model(module.Config(vocab_size=len(curation.VOCAB), block_size=block_size, **config))
+        model.save_pretrained(folder)
+        tokenization.CharTokenizer(curation.VOCAB).save(folder)
+    return folder
+
+
+def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None, batch_size=None):
+    import hashlib
+    parent = Path(init) / "settings.json"  # a run continued: retrain when it was retrained
+    settings = {"init": str(init), "corpus": str(corpus), "corpus_sha1": hashlib.sha1(Path(corpus).read_bytes()).hexdigest(),
+                "parent": json.loads(parent.read_text()) if parent.is_file() else None, "iters": iters, "lr": lr,
+                "seed": seed, "block_size": block_size or args.block_size, "batch_size": batch_size or args.batch_size}
+    cached_run(out, settings, label, init_from=str(init), data=str(corpus), data_dir=str(Path(args.out) / "tokens"),
+               max_iters=iters, learning_rate=lr, min_lr=lr / 10, warmup_iters=max(1, iters // 10),
+               block_size=settings["block_size"], batch_size=settings["batch_size"], eval_interval=iters,
+               eval_iters=5, log_interval=max(1, iters // 5), sample_tokens=0, device="cpu", dtype="float32",
+               seed=seed)
+    return out
+
+
+def phi_arm_run(args, arm, seed):
+    """The folder name of an arm's final run: its budget in it, so runs of other lengths sit beside it."""
+    return f"{arm}-{args.pretrain_iters}+{args.finetune_iters}-s{seed}"
+
+
+def phi_completion(text):
+    """A generated function body: the lines up to the first one that is neither blank nor indented
+    (the model went on to another definition)."""
+    body = []
+    for line in text.split("\n"):
+        if line.strip() and not line.startswith((" ", "\t")):
+            break
+        body.append(line)
+    return "\n".join(body).rstrip() + "\n"
+
+
+@torch.no_grad()
+def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
+    """The three measures of a trained model: (1) body_loss, nats per character of held-out
+    functions' bodies given their signature + docstring; (2) pass_at_1 of greedy completions of the
+    held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
+    the same on new drawings of the training families); (3) code_loss, nats per character of
+    random windows of held-out modules."""
+    import exercises
+    import sandbox
+    model = models.from_pretrained(run).eval()
+    tok = tokenization.tokenizer_for_model(run, model.config.vocab_size)
+
+    def loss(pairs):
+        scores = evaluation.loglikelihoods(model, pairs, batch_size=batch_size, reuse_context=False)
+        return -sum(scores) / sum(len(c) for _, c in pairs)
+    rows = [json.loads(line) for line in curated.path("heldout_functions.jsonl").read_text().splitlines()]
+    body = loss([(tok.encode(r["prompt"]), tok.encode(r["body"])) for r in rows])
+    windows = [json.loads(line)["text"] for line in curated.path("heldout_code.jsonl").read_text().splitlines()]
+    code = loss([(tok.encode(w[:1]), tok.encode(w[1:])) for w in windows])
+
+    def solve(tasks):
+        outs = []
+        for s in range(0, len(tasks), batch_size):
+            chunk = tasks[s:s + batch_size]
+            outs += generation.complete(model, tok, [tok.encode(t.prompt) for t in chunk], gen_tokens, stop="\n\n",
+                                        temperature=0)
+        programs = [t.prompt + phi_completion(o) for t, o in zip(tasks, outs)]
+        p1, results = sandbox.pass_at_1(programs, [t.tests for t in tasks])
+        by_family = {}
+        for t, r in zip(tasks, results):
+            by_family.setdefault(t.family, []).append(r.passed)
+        return p1, {"passed": sum(r.passed for r in results), "exercises": len(tasks),
+                    "by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
+                    "statuses": {st: sum(r.status == st for r in results) for st in {r.status for r in results}},
+                    "samples": [{"prompt": t.prompt, "completion": phi_completion(o)} for t, o in zip(tasks, outs)][:8]}
+    p1, unseen = solve(exercises.load_jsonl(curated.path("heldout_exercises.jsonl")))
+    p1_seen, seen = solve(exercises.load_jsonl(curated.path("heldout_instances.jsonl")))
+    return {"body_loss": body, "code_loss": code, "pass_at_1": p1, "pass_at_1_seen_families": p1_seen,
+            "unseen_families": unseen, "seen_families": seen}
+
+
+def bench_phi(args):
+    """The Phi recipe at small scale (Gunasekar et al. 2023): the curated data (curation.build:
+    pool, dedup, rubric, classifier, Moore-Lewis, exercises), then arms A (unfiltered pool), B
+    (filtered pool) and C (B + a fine-tune on the exercises) of one small phi.py at the same token
+    budget, --seeds seeds each; the three measures of phi_evaluate. Runs are cached by settings."""
+    import curation
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    arms = [a for a in args.arms.split(",") if a]
+    if not arms or any(a not in PHI_ARMS for a in arms):
+        raise UserError(f"--arms {args.arms!r}: choose from {', '.join(PHI_ARMS)}")
+    out, t0 = Path(args.out), time.time()
+    data_folder = out / "data"
+    data_settings = {"version": 2, **{k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters",
+                                                                     "embed_tokens", "exercises_per_family", "stdlib")}}
+    curated = curation.Curated(data_folder)
+    done = data_folder / "settings.json"
+    if not (done.is_file() and json.loads(done.read_text()) == data_settings and (data_folder / "manifest.json").is_file()):
+        def train_reference(corpus, name):
+            init = phi_init(data_folder / f"{name}-init", 0, 128, **PHI_REFERENCE)
+            run = _phi_train(args, data_folder / name, init, corpus, args.ref_iters, 3e-3, 0, f"reference {name}",
+                             block_size=128, batch_size=16)
+            model = models.from_pretrained(run).eval()
+            return model, tokenization.tokenizer_for_model(run, model.config.vocab_size)
+        curated = curation.build(data_folder, train_reference, embed_tokens=args.embed_tokens,
+                                 keep_fraction=args.keep_fraction, n_label=args.n_label,
+                                 exercises_per_family=args.exercises_per_family, stdlib=args.stdlib or None)
+        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(data_settings)))
+        print(f"curation: {format_eta(time.time() - t0)}", flush=True)
+    manifest = curated.manifest
+    plan = []  # (name, seed, init name or stage-1 name, corpus, iters, lr)
+    for seed in range(args.seeds):
+        for arm in arms:
+            first, second = PHI_ARMS[arm]
+            stage1 = f"{first.split('_')[0]}-stage1-s{seed}"
+            if (stage1, seed) not in [(p[0], p[1]) for p in plan]:
+                plan.append((stage1, seed, f"init-s{seed}", first, args.pretrain_iters, args.learning_rate))
+            plan.append((phi_arm_run(args, arm, seed), seed, stage1, second, args.finetune_iters, args.finetune_lr))
+    total_steps, done_steps, t_train = sum(p[4] for p in plan), 0, time.time()
+    for i, (name, seed, parent, corpus, iters, lr) in enumerate(plan):
+        init = phi_init(out / parent, seed, args.block_size, **PHI_MODEL) if parent.startswith("init") else out / parent
+        _phi_train(args, out / name, init, curated.path(corpus), iters, lr, seed, f"[{i + 1}/{len(plan)}] {name}")
+        done_steps += iters
+        elapsed = time.time() - t_train
+        print(f"[{i + 1}/{len(plan)} runs] {name} done; {format_eta(elapsed)} so far, ETA "
+              f"{format_eta(elapsed / done_steps * (total_steps - done_steps))}", flush=True)
+    rows = []
+    for seed in range(args.seeds):
+        for arm in arms:
+            run = out / phi_arm_run(args, arm, seed)
+            cache = run / "eval.json"
+            settings = json.loads((run / "settings.json").read_text())
+            if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
+                result = json.loads(cache.read_text())["result"]
+            else:
+                result = phi_evaluate(run, curated, args.gen_tokens)
+                body = json.dumps({"settings": settings, "result": result}, indent=1)
+                runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(body))
+            rows.append({"arm": arm, "seed": seed, **result})
+    tokens = (args.pretrain_iters + args.finetune_iters) * args.batch_size * args.block_size
+    print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"), ("body_loss", "(1) body loss", "{:.4f}"),
+                       ("pass_at_1", "(2) pass@1 unseen families", "{:.3f}"),
+                       ("pass_at_1_seen_families", "pass@1 new instances", "{:.3f}"),
+                       ("code_loss", "(3) held-out code loss", "{:.4f}")])
+    summary = {"tokens_per_arm": tokens, "model": PHI_MODEL, "rows": rows, "arms": {}}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        summary["arms"][arm] = {k: {"mean": statistics.mean(r[k] for r in mine), "min": min(r[k] for r in mine),
+                                    "max": max(r[k] for r in mine)}
+                               for k in ("body_loss", "pass_at_1", "pass_at_1_seen_families", "code_loss")}
+    a = summary["arms"]
+    if {"A", "B"} <= set(a):
+        summary["B_beats_A_on_body_loss_beyond_spread"] = a["B"]["body_loss"]["max"] < a["A"]["body_loss"]["min"]
+    if {"B", "C"} <= set(a):
+        summary["C_beats_B_on_pass_at_1_beyond_spread"] = a["C"]["pass_at_1"]["min"] > a["B"]["pass_at_1"]["max"]
+    summary["manifest"] = {k: manifest[k] for k in ("classifier", "selection_precision", "split") if k in manifest}
+    for arm, m in a.items():
+        print(f"{arm}: " + ", ".join(f"{k} {v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]" for k, v in m.items()))
+    for key in ("B_beats_A_on_body_loss_beyond_spread", "C_beats_B_on_pass_at_1_beyond_spread"):
+        if key in summary:
+            print(f"{key}: {summary[key]}")
+    print(f"tokens per arm: {tokens:,}; classifier: {manifest.get('classifier')}")
+    path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
+    runtime.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
+    return summary
+
+
+# ----------------------------------------------------------------------------- self-rewarding (Yuan et al. 2024) in miniature
+
+SORT_JUDGE_TEMPLATE = "rate {prompt}{response}\n"  # the judge's prompt; it answers "Score: k" on the next line
+
+
+def sort_prompt(letters):
+    return f"sort {letters}:"
+
+
+def perturbed(letters, rng, alphabet):
+    """A wrong or right response to sorting `letters`, for the judge's seed examples: the answer, the
+    answer with two neighbours swapped, a letter dropped, a letter doubled, a letter replaced by one
+    not in the input, the input unsorted, or random letters (each equally likely)."""
+    answer = "".join(sorted(letters))
+    i = rng.randrange(len(answer))
+    kind = rng.randrange(7)
+    if kind == 1 and len(answer) > 1:
+        j = min(i, len(answer) - 2)
+        return answer[:j] + answer[j + 1] + answer[j] + answer[j + 2:]
+    if kind == 2:
+        return answer[:i] + answer[i + 1:] or answer[::-1]
+    if kind == 3:
+        return answer[:i] + answer[i] + answer[i:]
+    if kind == 4:
+        others = [c for c in alphabet if c not in letters]
+        return answer[:i] + rng.choice(others) + answer[i + 1:] if others else answer[::-1]
+    if kind == 5:
+        return letters
+    if kind == 6:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, len(letters) + 1)))
+    return answer
+
+
+def sort_task(folder, args, seed):
+    """The sorting task's files in `folder` (written once per seed): corpus.txt (M1's supervised data:
+    --sr_instructions correct `sort LETTERS:SORTED` lines and --sr_judge_examples judge lines `rate
+    sort LETTERS:RESPONSE` + `Score: k`, the responses perturbed and scored by self_reward.sort_rubric),
+    prompts.jsonl (the self-rewarding prompts; the header names the judge template and the checker)
+    and heldout.jsonl (the evaluation prompts). Every string of letters is used once across all of them."""
+    folder = Path(folder)
+    if (folder / "heldout.jsonl").is_file():
+        return folder
+    rng = random.Random(seed)
+    lo, hi = (int(x) for x in args.lengths.split("-"))
+    n = args.sr_instructions + args.sr_judge_examples + args.prompts + args.heldout
+    seen, strings = set(), []
+    while len(strings) < n:
+        s = "".join(rng.choice(args.alphabet) for _ in range(rng.randint(lo, hi)))
+        if s not in seen:
+            seen.add(s)
+            strings.append(s)
+    a, b, c = args.sr_instructions, args.sr_instructions + args.sr_judge_examples, n - args.heldout
+    lines = [f"{sort_prompt(s)}{''.join(sorted(s))}" for s in strings[:a]]
+    for s in strings[a:b]:
+        response = perturbed(s, rng, args.alphabet)
+        lines.append(SORT_JUDGE_TEMPLATE.replace("{prompt}", sort_prompt(s)).replace("{response}", response)
+                     + f"Score: {self_reward.sort_rubric(s, response)}")
+    rng.shuffle(lines)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"judge_template": SORT_JUDGE_TEMPLATE, "stop": "\n", "judge_stop": "\n", "checker": "sort"}
+    for name, chunk in (("prompts.jsonl", strings[b:c]), ("heldout.jsonl", strings[c:])):
+        runtime.write_jsonl(folder / name, [header] + [{"prompt": sort_prompt(s), "answer": "".join(sorted(s))}
+                                                           for s in chunk])
+    runtime.atomic_write(folder / "corpus.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return folder
+
+
+@torch.no_grad()
+def heldout_accuracy(model_dir, heldout, device, batch=100):
+    """Exact match of greedy responses (up to the end of the line) to the held-out sorting prompts;
+    cached in the model's folder (heldout_exact.json)."""
+    cache = Path(model_dir) / "heldout_exact.json"
+    if cache.is_file() and json.loads(cache.read_text())["heldout"] == str(heldout):
+        return json.loads(cache.read_text())["exact_match"]
+    model = models.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
+    tokenizer = tokenization.tokenizer_for_model(model_dir, model.config.vocab_size)
+    _, records = self_reward.read_prompts(heldout)
+    right = 0
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        outs = generation.complete(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in chunk], 16, stop="\n",
+                                   temperature=0)
+        right += sum(o == r["answer"] for o, r in zip(outs, chunk))
+    runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(
+        {"heldout": str(heldout), "exact_match": right / len(records)})))
+    return right / len(records)
+
+
+def bench_self_reward(args):
+    """Self-rewarding iterations on sorting short strings (checking is easier than producing): per seed,
+    M1 trained from scratch on the instruction and judge seed data, then --iterations rounds of
+    self-rewarding DPO (train.py --self_reward) with the model's own judge, and the controls: pairs at
+    random, pairs by the exact checker (the upper bound). Held-out exact match of every M_t, and each
+    iteration's judge accuracy and reward gap. Every run is cached in its folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out, rows = Path(args.out_dir), []
+    conditions = [c for c in args.conditions.split(",") if c]
+    if unknown := [c for c in conditions if c not in self_reward.PAIRS_FROM]:
+        raise UserError(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(self_reward.PAIRS_FROM)}")
+    t0 = time.time()
+    for seed in range(args.seeds):
+        folder = sort_task(out / f"seed{seed}" / "task", args, 1000 + seed)
+        m1 = out / f"seed{seed}" / "M1"
+        if not self_reward.finished(m1, args.m1_iters):
+            print(f"--- seed {seed}: M1, {args.m1_iters} steps of supervised training from scratch", flush=True)
+            train.run(model="gpt", out_dir=str(m1), data=str(folder / "corpus.txt"), data_dir=str(out / "data"),
+                      tokenizer="char", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      block_size=args.block_size, batch_size=32, max_iters=args.m1_iters, learning_rate=3e-3,
+                      warmup_iters=50, eval_interval=args.m1_iters, eval_iters=5, log_interval=max(1, args.m1_iters // 4),
+                      sample_tokens=0, seed=seed, device=device)
+        m1_acc = heldout_accuracy(m1, folder / "heldout.jsonl", device)
+        for condition in conditions:
+            run_dir = out / f"seed{seed}" / f"{condition}-lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
+            print(f"--- seed {seed}, pairs by {condition}: {args.iterations} iterations into {run_dir} "
+                  f"({runtime.format_eta(time.time() - t0)} so far)", flush=True)
+            result = train.run(init_from=str(m1), self_reward=args.iterations, prompts=str(folder / "prompts.jsonl"),
+                               sr_pairs=condition, out_dir=str(run_dir), sr_max_new_tokens=16, sr_judge_tokens=12, block_size=args.block_size,
+                               max_iters=args.dpo_iters, batch_size=args.dpo_batch, learning_rate=args.dpo_lr,
+                               dpo_beta=args.dpo_beta, warmup_iters=0, min_lr=args.dpo_lr, eval_interval=args.dpo_iters,
+                               eval_iters=2, log_interval=args.dpo_iters, seed=seed, device=device)
+            accs = [m1_acc] + [heldout_accuracy(run_dir / f"M{t + 1}", folder / "heldout.jsonl", device)
+                               for t in range(1, args.iterations + 1)]
+            for t, acc in enumerate(accs, 1):
+                it = result["iterations"][t - 1] if t <= len(result["iterations"]) else {}
+                if it:  # the pairs' precision against the checker, from the iteration's files
+                    folder_t = run_dir / f"M{t + 1}"
+                    read = lambda name: [obj for _, obj in runtime.read_jsonl(folder_t / name)]
+                    it["pairs_true_better"] = self_reward.pair_precision(read("judgements.jsonl"), read("pairs.jsonl"),
+                                                                         "\n")[0]
+                rows.append({"seed": seed, "condition": condition, "model": f"M{t}", "heldout_exact": acc,
+                             "judge_accuracy": it.get("judge_pairwise_accuracy"), "reward_gap": it.get("reward_gap"),
+                             "pairs_true_better": it.get("pairs_true_better"),
+                             "pairs": it.get("pairs"), "mean_score": it.get("mean_score"),
+                             "sample_exact": it.get("exact_match"), "malformed": it.get("malformed_judgements")})
+    sweep = lr_sweep(args, out, device) if args.lr_sweep else []
+    print_table(rows, [("seed", "seed", "{}"), ("condition", "pairs by", "{}"), ("model", "model", "{}"),
+                       ("heldout_exact", "held-out exact", "{:.3f}"), ("sample_exact", "samples exact", "{:.3f}"),
+                       ("judge_accuracy", "judge acc", "{:.3f}"), ("mean_score", "self-score", "{:.2f}"),
+                       ("reward_gap", "gap", "{:+.2f}"), ("pairs", "pairs", "{}"),
+                       ("pairs_true_better", "pairs right", "{:.2f}"), ("malformed", "malformed", "{}")])
+    summary = []
+    for condition in conditions:
+        for t in range(1, args.iterations + 2):
+            sel = [r for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+            row = {"condition": condition, "model": f"M{t}"}
+            for key in ("heldout_exact", "judge_accuracy", "reward_gap", "pairs_true_better"):
+                vals = [r[key] for r in sel if r[key] is not None]
+                if vals:
+                    row[key] = statistics.mean(vals)
+                    row[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            summary.append(row)
+    print()
+    print_table(summary, [("condition", "pairs by", "{}"), ("model", "model", "{}"),
+                          ("heldout_exact", "held-out exact (mean)", "{:.3f}"), ("heldout_exact_sd", "sd", "{:.3f}"),
+                          ("judge_accuracy", "judge acc (mean)", "{:.3f}"), ("judge_accuracy_sd", "sd", "{:.3f}"),
+                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}"),
+                          ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
+    runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
+        json.dumps({"rows": rows, "summary": summary, "lr_sweep": sweep, "args": vars(args) | {"run": None}}, indent=1)))
+    if args.plot:
+        plot_self_reward(rows, conditions, args.iterations + 1, args.plot)
+    return summary
+
+
+def plot_self_reward(rows, conditions, n_models, path):
+    """Held-out exact match of M1 .. M_n and the judge's pairwise accuracy of M1 .. M_{n-1}, per
+    condition: the seeds' mean (line) and their range (band)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for condition in conditions:
+        for ax, key, n in ((axes[0], "heldout_exact", n_models), (axes[1], "judge_accuracy", n_models - 1)):
+            values = np.array([[r[key] for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+                               for t in range(1, n + 1)], dtype=float)  # (models, seeds)
+            line, = ax.plot(range(1, n + 1), values.mean(1), marker="o", label=f"pairs by {condition}")
+            ax.fill_between(range(1, n + 1), values.min(1), values.max(1), alpha=0.15, color=line.get_color())
+    axes[0].set(xlabel="model M_t", ylabel="held-out exact match", title="sorting: the model's answers")
+    axes[1].set(xlabel="model M_t (the judge of iteration t)", ylabel="pairwise accuracy vs the checker",
+                title="the model as its own judge")
+    for ax, n in zip(axes, (n_models, n_models - 1)):
+        ax.set_xticks(range(1, n + 1))
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def lr_sweep(args, out, device):
+    """How the DPO learning rate was chosen: one DPO run (--dpo_iters steps) from seed 0's M1 per
+    learning rate of --lr_sweep, on the first iteration's pairs by the judge and by the checker,
+    scored on the self-rewarding prompts (never on the held-out ones)."""
+    seed0, rows = out / "seed0", []
+    settings = f"lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
+    prompts = seed0 / "task" / "prompts.jsonl"
+    for lr in [float(x) for x in args.lr_sweep.split(",")]:
+        for condition in ("judge", "checker"):
+            folder = seed0 / "lr_sweep" / f"{condition}-lr{lr:g}"
+            if not self_reward.finished(folder, args.dpo_iters):
+                train.run(init_from=str(seed0 / "M1"), dpo=str(seed0 / f"{condition}-{settings}" / "M2" / "pairs.jsonl"),
+                          out_dir=str(folder), max_iters=args.dpo_iters, batch_size=args.dpo_batch,
+                          block_size=args.block_size, learning_rate=lr, min_lr=lr, warmup_iters=0, dpo_beta=args.dpo_beta,
+                          eval_interval=args.dpo_iters, eval_iters=2, log_interval=args.dpo_iters, sample_tokens=0,
+                          seed=0, device=device)
+            rows.append({"pairs by": condition, "lr": lr, "prompts_exact": heldout_accuracy(folder, prompts, device)})
+    rows.append({"pairs by": "(M1)", "lr": None, "prompts_exact": heldout_accuracy(seed0 / "M1", prompts, device)})
+    print_table(rows, [("pairs by", "pairs (iteration 1, seed 0)", "{}"), ("lr", "DPO lr", "{:g}"),
+                       ("prompts_exact", "exact on the self-rewarding prompts", "{:.3f}")])
+    return rows
+
 
 def parser(argv=()):
     """The command line; the model flags are those of the file named by --model in argv."""
@@ -1443,15 +2340,23 @@ def parser(argv=()):
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s")
+    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s; --scaling: "
+                       "softmax vs Performer vs a sliding window against length")
     a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
-    a.add_argument("--backends", default="", help="comma-separated; empty: naive,sdpa on CPU, "
-                   "naive,sdpa,sdpa_flash,sdpa_cudnn,triton on CUDA")
-    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA")
+    a.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
+                   "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
+                   "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
+    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
+                   "with --scaling 512..32768")
+    a.add_argument("--scaling", action="store_true", help="cost against length (issue 15): causal only, fitted "
+                   "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
+    a.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
+    a.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")
+    a.add_argument("--summary", default="", help="--scaling: write the rows, slopes and errors to this JSON file")
     a.add_argument("--batch", type=int, default=1, help="batch size")
-    a.add_argument("--n_head", type=int, default=8, help="query heads")
+    a.add_argument("--n_head", type=int, default=0, help="query heads (0: 8, with --scaling 4)")
     a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
-    a.add_argument("--head_dim", type=int, default=64, help="head dimension")
+    a.add_argument("--head_dim", type=int, default=0, help="head dimension (0: 64, with --scaling 32)")
     a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
                    "would exceed this")
     a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
@@ -1543,7 +2448,7 @@ def parser(argv=()):
     sw.add_argument("--block_size", type=int, default=train.flag_default("block_size"), help="tokens per sequence")
     sw.add_argument("--eval_interval", type=int, default=50, help="steps between val-loss evaluations")
     sw.add_argument("--eval_iters", type=int, default=10, help="batches per evaluation")
-    add_trained_runs_flags(sw, "out/switch", "out/switch.png")
+    add_training_run_flags(sw, "out/switch", "the runs' folders and summary.json", "out/switch.png")
     sw.set_defaults(run=bench_switch)
 
     po = sub.add_parser("positions", help="learned vs sinusoidal vs RoPE vs no positions: val loss by position up to "
@@ -1568,8 +2473,42 @@ def parser(argv=()):
                     f"from none (plain RoPE: PI's direct fine-tuning baseline), {', '.join(ROPE_EXTENSIONS)}")
     po.add_argument("--finetune_iters", type=int, default=50, help="fine-tuning steps (0: none)")
     po.add_argument("--finetune_lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
-    add_trained_runs_flags(po, "out/positions", "out/positions.png")
+    add_training_run_flags(po, "out/positions", "the runs' folders and summary.json", "out/positions.png")
     po.set_defaults(run=bench_positions)
+
+    sc = sub.add_parser("scaling", help="scaling laws measured: a grid of GPT sizes at several compute budgets, "
+                        "Kaplan's and Chinchilla's fits, a prediction at 4x the largest budget (trains; cached by settings)")
+    sc.add_argument("--preset", default="cpu", choices=sorted(SCALING_PRESETS), help="the grid: cpu (within 20 "
+                    "minutes on 2 CPU cores) or gpu (bench.SCALING_PRESETS)")
+    sc.add_argument("--budgets", default="", help="training FLOPs per run, comma-separated (empty: the preset's)")
+    sc.add_argument("--sizes", default="", help="the ladder of GPT shapes, n_layer x n_embd, comma-separated "
+                    "(empty: the preset's)")
+    sc.add_argument("--window", default="", help="lo,hi: train the shapes whose tokens per parameter fall in "
+                    "[lo, hi] at each budget (empty: the preset's)")
+    sc.add_argument("--verify", action="store_true", help="also train the predicted compute-optimal model at 4x the "
+                    "largest budget and report the prediction's error")
+    sc.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    sc.add_argument("--seed", type=int, default=1337, help="seed of every run (and of the bootstrap)")
+    add_training_run_flags(sc, "out/scaling", "the sweep folder: OUT/PRESET holds every run, runs.json, fits.json",
+                           "out/scaling/scaling.png")
+    sc.set_defaults(run=bench_scaling)
+
+    pf = sub.add_parser("performer", help="the default Llama with softmax, FAVOR+ (m=64, 256) and window-64 attention: "
+                        "val loss and the gap over seeds; softmax -> FAVOR+ swapped in and fine-tuned (trains; cached)")
+    pf.add_argument("--arms", default=",".join(PERFORMER_ARMS), help=f"comma-separated from {', '.join(PERFORMER_ARMS)}")
+    pf.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    pf.add_argument("--max_iters", type=int, default=200, help="steps per run (train.py's default is 750: see the README)")
+    pf.add_argument("--eval_interval", type=int, default=100, help="steps between val-loss evaluations")
+    pf.add_argument("--eval_iters", type=int, default=train.flag_default("eval_iters"), help="batches per evaluation")
+    pf.add_argument("--finetune_iters", type=int, default=50, help="steps of the backward-compatibility fine-tune (0: skip)")
+    pf.add_argument("--finetune_features", type=int, default=256, help="FAVOR+ features m swapped into the softmax model")
+    pf.add_argument("--finetune_lr", type=float, default=1e-3, help="peak learning rate of that fine-tune")
+    pf.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    pf.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    pf.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    pf.add_argument("--out", default="out/performer", help="the runs' folders and summary.json")
+    pf.set_defaults(run=bench_performer)
 
     ic = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
                         "on the corpus mixed with task episodes, exact match against K shots, with and without "
@@ -1598,6 +2537,60 @@ def parser(argv=()):
     ic.add_argument("--plot", default="out/icl/icl.png", help="PNG plot path (empty: none)")
     runtime.add_device_flags(ic, dtype=False, attn=False)
     ic.set_defaults(run=bench_icl)
+
+    ph = sub.add_parser("phi", help="the Phi recipe (Textbooks Are All You Need) in miniature: curated stdlib code and "
+                        "templated exercises vs the unfiltered pool at equal tokens, 3 seeds (trains; cached by settings)")
+    ph.add_argument("--arms", default=",".join(PHI_ARMS), help="comma-separated from A (unfiltered pool), B (filtered "
+                    "pool), C (B + fine-tune on the synthetic exercises)")
+    ph.add_argument("--seeds", type=int, default=3, help="seeds per arm")
+    ph.add_argument("--pretrain_iters", type=int, default=400, help="stage-1 steps (every arm)")
+    ph.add_argument("--finetune_iters", type=int, default=60, help="stage-2 steps: A and B continue on their own "
+                    "data, C fine-tunes on the exercises (so every arm sees the same tokens)")
+    ph.add_argument("--batch_size", type=int, default=16, help="sequences per step")
+    ph.add_argument("--block_size", type=int, default=192, help="characters per sequence")
+    ph.add_argument("--learning_rate", type=float, default=3e-3, help="stage-1 peak learning rate (cosine to a tenth)")
+    ph.add_argument("--finetune_lr", type=float, default=1e-3, help="stage-2 peak learning rate (cosine to a tenth)")
+    ph.add_argument("--keep_fraction", type=float, default=0.3, help="share of the deduplicated functions the "
+                    "quality classifier keeps for arm B")
+    ph.add_argument("--n_label", type=int, default=3000, help="rubric-labelled functions the classifier is fitted on")
+    ph.add_argument("--ref_iters", type=int, default=250, help="steps of each curation reference model")
+    ph.add_argument("--embed_tokens", type=int, default=64, help="characters of each function the reference models read")
+    ph.add_argument("--exercises_per_family", type=int, default=40, help="training exercises drawn per family "
+                    "(at most; distinct ones)")
+    ph.add_argument("--gen_tokens", type=int, default=64, help="greedy tokens generated per held-out exercise")
+    ph.add_argument("--stdlib", default="", help="the pool's folder (empty: this Python's standard library)")
+    ph.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ph.add_argument("--out", default="out/phi", help="curated data, runs, summary-PRETRAIN+FINETUNE.json")
+    ph.set_defaults(run=bench_phi)
+
+    sr = sub.add_parser("self_reward", help="self-rewarding language models (Yuan et al. 2024) in miniature: sorting "
+                        "short strings, M1 trained from scratch, N iterations per seed with the model's own judge and "
+                        "the random-pair and checker-pair controls; held-out exact match, judge accuracy, reward gap")
+    sr.add_argument("--seeds", type=int, default=3, help="seeds (task data, M1, iterations)")
+    sr.add_argument("--iterations", type=int, default=3, help="self-rewarding iterations (M2 .. M(N+1))")
+    sr.add_argument("--conditions", default="judge,random,checker", help="how pairs are chosen (train.py --sr_pairs)")
+    sr.add_argument("--alphabet", default="abcdefgh", help="the letters of the strings")
+    sr.add_argument("--lengths", default="3-6", help="string lengths, LO-HI")
+    sr.add_argument("--sr_instructions", type=int, default=300, help="M1's instruction examples (correct sortings)")
+    sr.add_argument("--sr_judge_examples", type=int, default=600, help="M1's judge examples (perturbed, rubric-scored)")
+    sr.add_argument("--prompts", type=int, default=200, help="self-rewarding prompts per iteration")
+    sr.add_argument("--heldout", type=int, default=300, help="held-out evaluation prompts")
+    sr.add_argument("--n_layer", type=int, default=2, help="M1: layers")
+    sr.add_argument("--n_head", type=int, default=4, help="M1: heads")
+    sr.add_argument("--n_embd", type=int, default=64, help="M1: width")
+    sr.add_argument("--block_size", type=int, default=64, help="M1: context (characters)")
+    sr.add_argument("--m1_iters", type=int, default=1500, help="M1: training steps (batch 32)")
+    sr.add_argument("--dpo_iters", type=int, default=40, help="DPO steps per iteration")
+    sr.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
+    sr.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
+    sr.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
+    sr.add_argument("--lr_sweep", default="", help="comma-separated DPO learning rates to compare on seed 0's first "
+                    "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
+    sr.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    sr.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    sr.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")
+    sr.add_argument("--plot", default="out/self_reward/self_reward.png", help="PNG plot path (empty: none)")
+    sr.set_defaults(run=bench_self_reward)
     return p
 
 

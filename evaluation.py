@@ -42,7 +42,7 @@ import torch
 import data
 import tasks as task_generator
 from generation import complete, left_pad, prefill
-from runtime import UserError, atomic_write, format_eta, print_table
+from runtime import UserError, atomic_write, format_eta, print_table, read_jsonl
 
 TARGET_DELIMITER = " "  # between the context and a continuation (lm-eval's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # between the description, the demonstrations and the query
@@ -76,22 +76,8 @@ def read_task(path, what="task file"):
     "split": "train" or "test". Without splits, every record is both a test item and a possible
     demonstration (never for itself). Not found, not JSON, a bad record: UserError naming the line."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
     header, splits, unsplit = {}, {"train": [], "test": []}, []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise UserError(f"{path}:{n}: expected a JSON object")
+    for n, obj in read_jsonl(path, what):
         if "input" not in obj:
             if set(obj) - {"description", "sep", "answer_context", "normalize"}:
                 raise UserError(f"{path}:{n}: expected a record {{\"input\", \"output\"}} or {{\"input\", \"choices\", "
@@ -270,12 +256,7 @@ def _score_shared(model, contexts, by_context, reqs, scores):
     if not rest:
         return
     rows = torch.tensor([row for row, _ in members], device=device)
-    cand = model.init_cache(len(members), cache.max_len, dtype=cache.k[0].dtype, device=device,
-                            pad=None if pad is None else pad[rows])
-    for layer in range(len(cache.k)):
-        cand.k[layer].copy_(cache.k[layer][rows])
-        cand.v[layer].copy_(cache.v[layer][rows])
-    cand.advance(idx.shape[1])
+    cand = cache.take(rows)
     tokens = torch.tensor([reqs[i][1][:-1] + [0] * (rest + 1 - len(reqs[i][1])) for _, i in members], device=device)
     out = torch.log_softmax(model(tokens, cache=cand)[0].float(), dim=-1)  # (R, rest, V)
     for r, (_, i) in enumerate(members):
@@ -288,14 +269,32 @@ def _score_shared(model, contexts, by_context, reqs, scores):
 def _score_whole(model, batch, reqs, scores):
     """Requests run whole: input ctx + cont[:-1], right-padded; the continuation's log-probs."""
     device = _device(model)
-    seqs = [reqs[i][0] + reqs[i][1][:-1] for i in batch]
-    T = max(len(s) for s in seqs)
-    idx = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=device)
-    out = torch.log_softmax(model(idx)[0].float(), dim=-1)
-    for r, i in enumerate(batch):
-        ctx, cont = reqs[i]
-        pos = torch.arange(len(ctx) - 1, len(ctx) - 1 + len(cont), device=device)
-        scores[i] += out[r, pos, torch.tensor(cont, device=device)].sum().item()
+    rows = [scored_sequence(*reqs[i]) for i in batch]
+    idx, targets = right_pad([x for x, _ in rows], 0, device), right_pad([y for _, y in rows], -1, device)
+    for i, value in zip(batch, target_logprobs(model(idx)[0], targets).sum(dim=-1).tolist()):
+        scores[i] += value
+
+
+def scored_sequence(ctx, cont):
+    """What a forward reads to score cont after ctx (lists of ids), and its targets: the input
+    ctx + cont[:-1] and, position by position, the next token where it belongs to cont, -1 under
+    the context (not scored). Both lists have len(ctx) + len(cont) - 1 ids."""
+    return ctx + cont[:-1], [-1] * (len(ctx) - 1) + cont
+
+
+def right_pad(rows, value, device="cpu"):
+    """Lists of ids as one (B, T) long tensor, each row padded on the right with `value` to the
+    longest."""
+    T = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def target_logprobs(logits, targets):
+    """log p(target) at each position, (B, T) in fp32, from logits (B, T, V) and targets (B, T)
+    (ids; -1: not scored, 0 there). Summed over a row: the log-likelihood of its scored tokens
+    (nats), what loglikelihoods and DPO (dpo.py) compute. Differentiable."""
+    return -torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-1,
+                                              reduction="none")
 
 
 # ----------------------------------------------------------------------------- free-form answers

@@ -277,6 +277,9 @@ def speculative_accept(p, q, drafted, generator=None):
 def _rewind(cache, length):
     """Forget the cache's slots from `length` on: a dynamic cache attends to its first pos slots,
     a static one masks the slots past each query, and both overwrite them on the next write."""
+    if any(layout != "full" for layout in cache.layout):
+        raise ValueError("speculative decoding rewinds the KV cache: a sliding window's rolling buffer and "
+                         "Performer's running state cannot rewind (full attention only)")
     if cache.static:
         cache.pos.fill_(length)
     else:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from runtime import atomic_write
+from runtime import atomic_write, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
@@ -90,7 +90,7 @@ def read_config(directory):
     path = Path(directory) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {directory}")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 def read_tensors(directory):
@@ -101,7 +101,7 @@ def read_tensors(directory):
     directory = Path(directory)
     for index_name in INDEXES:
         if (directory / index_name).is_file():
-            files = sorted(set(json.loads((directory / index_name).read_text())["weight_map"].values()))
+            files = sorted(set(read_json(directory / index_name)["weight_map"].values()))
             break
     else:
         files = [n for n in (WEIGHTS, "pytorch_model.bin") if (directory / n).is_file()][:1]

@@ -40,13 +40,14 @@ it differs from the base model's.
 """
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from runtime import atomic_write
+from runtime import atomic_write, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before our module names
@@ -77,7 +78,8 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus its low-rank update: base(x) + scaling * B(A(dropout(x))).
     A and B are fp32 whatever the base's dtype (the optimizer updates them); the update is added in
-    fp32 and the sum returned in the base's dtype, as PEFT does."""
+    fp32 and the sum returned in the base's dtype, as PEFT does. While `disabled` (disable_adapter),
+    it is the base layer alone."""
 
     def __init__(self, base, config):
         super().__init__()
@@ -87,11 +89,14 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Linear(config.r, base.out_features, bias=False, device=device, dtype=torch.float32)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.scaling = config.scaling
+        self.disabled = False
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's initialisation of A
         nn.init.zeros_(self.lora_B.weight)  # B A = 0: the adapted model starts as the base model
 
     def forward(self, x):
         result = self.base(x)
+        if self.disabled:
+            return result
         update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
         return (result + update * self.scaling).to(result.dtype)
 
@@ -183,6 +188,24 @@ def merge(model):
     return model
 
 
+@contextmanager
+def disable_adapter(model):
+    """Within the block, every LoRALinear of the model computes its frozen base layer alone: the
+    model is its base model, bit for bit, with no second copy held (PEFT's `with
+    model.disable_adapter():`). DPO's reference model under --lora_rank (dpo.py). A model without
+    adapters: ValueError."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to disable")
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+
+
 def _plain_name(name, wrapped):
     """A tensor's name in the model without adapters: a wrapped layer's tensors live under .base."""
     module, _, param = name.rpartition(".")
@@ -267,7 +290,7 @@ def read_config(directory):
     path = Path(directory) / ADAPTER_CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_CONFIG} in {directory}")
-    cfg = json.loads(path.read_text())
+    cfg = read_json(path)
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key in PEFT_UNSUPPORTED:

@@ -4,6 +4,7 @@ choice, their command-line flags, user errors that end in one line, and atomic f
 A library module: it imports nothing from the project but kernels (for the --attn choices).
 """
 import argparse
+import json
 import os
 import sys
 from contextlib import nullcontext
@@ -31,6 +32,8 @@ def resolve_device(name):
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: not a device to run on (cpu, cuda, cuda:N, mps or auto)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA GPU here (torch {torch.__version__})")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
@@ -84,7 +87,29 @@ def add_device_flags(p, dtype=True, attn=True):
     if dtype:
         p.add_argument("--dtype", default="auto", help=f"{', '.join(DTYPES)}, or auto (bf16 on CUDA, fp32 on CPU)")
     if attn:
-        p.add_argument("--attn", default="auto", choices=kernels.names(), help="attention backend")
+        add_attention_flags(p)
+
+
+ATTENTION_FLAGS = [  # (name, default, help): train.py's table, and every other command's through add_attention_flags
+    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
+    ("attn_window", 0, "sliding-window attention: each query sees the last W positions, itself included "
+                       "(0: off; a model's own sliding_window wins on its layers)"),
+    ("performer_features", 0, "--attn performer: random features m (0: the paper's rule, head_dim * ln head_dim)"),
+    ("performer_redraw", 0, "--attn performer: draw new random features every N training steps (0: never)"),
+]
+
+
+def add_attention_flags(p):
+    """--attn, --attn_window, --performer_features, --performer_redraw on parser p."""
+    for name, default, help_text in ATTENTION_FLAGS:
+        p.add_argument(f"--{name}", type=type(default), default=default, help=help_text,
+                       **({"choices": kernels.names()} if name == "attn" else {}))
+
+
+def configure_attention(flags):
+    """Apply those flags (a dict or an argparse namespace) to kernels (kernels.configure)."""
+    flags = flags if isinstance(flags, dict) else vars(flags)
+    kernels.configure(*(flags[name] for name, _, _ in ATTENTION_FLAGS))
 
 
 def run_cli(main):
@@ -119,7 +144,29 @@ def print_table(rows, columns):
             print("  ".join("-" * w for w in widths))
 
 
+# ----------------------------------------------------------------------------- models
+
+def unwrap(model):
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers (FSDP's
+    fully_shard shards the model in place: it is its own model)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 # ----------------------------------------------------------------------------- files
+
+def read_json(path):
+    """A JSON file as Python objects; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
 
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
@@ -128,3 +175,33 @@ def atomic_write(path, write_fn):
     tmp = path.with_name(path.name + ".tmp")
     write_fn(str(tmp))
     os.replace(tmp, path)
+
+
+def read_jsonl(path, what="file"):
+    """The JSON objects of a .jsonl file with their line numbers, [(n, object)], blank lines
+    skipped. Not found, not UTF-8, a line that is not JSON or not an object: UserError naming
+    the file (as `what`) and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason})") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise UserError(f"{path}:{n}: expected a JSON object")
+        records.append((n, obj))
+    return records
+
+
+def write_jsonl(path, rows):
+    """Objects as a .jsonl file, one a line, written under a temporary name and renamed."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in rows)))

@@ -41,7 +41,6 @@ from pathlib import Path
 import torch
 
 import evaluation
-import kernels
 import lora
 import models
 import quantize
@@ -138,7 +137,7 @@ def main(argv=None):
     for flag, least in (("num_samples", 1), ("max_new_tokens", 0), ("speculate_k", 1)):
         if getattr(args, flag) < least:
             raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
-    kernels.set_backend(args.attn)
+    runtime.configure_attention(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     if args.eval:

@@ -28,7 +28,7 @@ import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from runtime import UserError, atomic_write
+from runtime import UserError, atomic_write, read_json
 
 # The data folder: corpora and their tokenized caches (data.py), and tiktoken's files (tiktoken/).
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -423,7 +423,7 @@ def load_tokenizer(directory, data_dir=DEFAULT_DATA_DIR):
     meta_path = Path(directory) / "tokenizer_omnitron.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
     if meta["type"] == "char":
         return CharTokenizer(meta["chars"])
     if meta.get("spec", "").startswith("hf:"):

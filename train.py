@@ -5,6 +5,8 @@
   python train.py --model gpt --resume                 # continue out/gpt where it stopped
   python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
+  python train.py --init_from out/sft --dpo pairs.jsonl --out_dir out/dpo          # DPO (dpo.py)
+  python train.py --init_from out/M1 --self_reward 3 --prompts p.jsonl --out_dir out/sr   # self-rewarding (self_reward.py)
 
 From Python, train.run(model="gpt", max_iters=100, ...) takes the same flags as keyword arguments
 and returns the final metrics and the run folder; train.run(..., loss_fn=f) trains with another
@@ -36,13 +38,16 @@ from pathlib import Path
 import torch
 
 import data
+import dpo
 import kernels
 import lora
 import models
 import runtime
+import self_reward
 import tokenization
 from generation import stream
-from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype
+from kernels import performer
+from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -65,6 +70,25 @@ TRAIN_FLAGS = [
     ("lora_rslora", False, "LoRA: scale by lora_alpha / sqrt(lora_rank) (rank-stabilised LoRA)"),
     ("merge", False, "LoRA: at the end, write the base model with the adapter folded in to OUT_DIR/merged "
                      "(Hugging Face format); with --resume --max_iters 0, only that"),
+    ("dpo", "", "a .jsonl file of {prompt, chosen, rejected} preference pairs: train with DPO (Rafailov et al. "
+                "2023; dpo.py) from --init_from DIR, the response tokens scored, the prompt's masked; empty: off"),
+    ("dpo_beta", 0.1, "DPO: beta, the strength of the KL constraint to the reference"),
+    ("dpo_reference", "", "DPO without --lora_rank: the frozen reference model's directory; empty: --init_from "
+                          "(with --lora_rank the reference is the model with its adapters switched off)"),
+    ("self_reward", 0, "with --init_from DIR and --prompts: N self-rewarding iterations (Yuan et al. 2024; "
+                       "self_reward.py): the model samples, judges its own candidates, and is DPO-trained on "
+                       "(best, worst) pairs; OUT_DIR/M2 .. M(N+1) are the new models; 0: off"),
+    ("prompts", "", "self-rewarding: a .jsonl file of {prompt} records (optional header: judge_template, stop, "
+                    "judge_stop, checker; see self_reward.py)"),
+    ("sr_candidates", 4, "self-rewarding: candidate responses sampled per prompt"),
+    ("sr_temperature", 0.7, "self-rewarding: sampling temperature of candidates and judgements"),
+    ("sr_top_p", 0.9, "self-rewarding: top-p (nucleus) of candidates and judgements"),
+    ("sr_judge_samples", 3, "self-rewarding: judgements sampled per candidate, their scores averaged"),
+    ("sr_max_new_tokens", 128, "self-rewarding: longest candidate response, tokens"),
+    ("sr_judge_tokens", 128, "self-rewarding: longest judgement, tokens"),
+    ("sr_pairs", "judge", "self-rewarding: how pairs are chosen: judge (the model's own scores), or the "
+                          "controls random (two candidates at random) and checker (the prompts' checker: an "
+                          "upper bound)"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence"),
@@ -85,7 +109,7 @@ TRAIN_FLAGS = [
     ("compile", False, "torch.compile the model"),
     ("fsdp", False, "under torchrun: shard parameters, gradients and optimizer state with FSDP (fully_shard) "
                     "instead of replicating them with DistributedDataParallel"),
-    ("attn", "auto", "attention backend: " + ", ".join(kernels.names())),
+    *runtime.ATTENTION_FLAGS,  # attn, attn_window, performer_features, performer_redraw
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
@@ -201,17 +225,6 @@ def run(model=None, *, loss_fn=None, **given):
 
 
 # ----------------------------------------------------------------------------- the loss
-
-def unwrap(model):
-    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
 
 def lm_loss(model, batch):
     """The default training loss: the language-model loss (mean cross-entropy of next tokens, nats)
@@ -380,7 +393,7 @@ def start(flags):
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
-    kernels.set_backend(flags["attn"])
+    runtime.configure_attention(flags)
     torch.manual_seed(flags["seed"])
     if flags["lora_rank"] and flags["init_from"] == "scratch":
         raise UserError("--lora_rank adapts a trained model: give it --init_from DIR")
@@ -388,13 +401,23 @@ def start(flags):
         raise UserError("--convert_kv_heads changes the base model: convert in a run of its own, then LoRA-tune it")
     if flags["merge"] and (not flags["lora_rank"] or world_size > 1):
         raise UserError("--merge folds a LoRA adapter into its base: it needs --lora_rank, in one process")
+    if flags["dpo"]:
+        if flags["init_from"] == "scratch":
+            raise UserError("--dpo trains a trained model: give it --init_from DIR")
+        if flags["dpo_beta"] <= 0:
+            raise UserError(f"--dpo_beta must be positive, not {flags['dpo_beta']}")
+        if flags["fsdp"] and world_size > 1 and not flags["lora_rank"]:
+            raise UserError("--dpo --fsdp needs --lora_rank (the reference is then the model with its adapters off; "
+                            "a full frozen reference copy would not be sharded)")
+        if not flags["lora_rank"] and not flags["dpo_reference"]:
+            flags["dpo_reference"] = flags["init_from"]  # saved in train_state.pt: a resumed run keeps it
     return Session(flags, rank, world_size, device, dtype, autocast(device, dtype))
 
 
 def build(s, module):
-    """The model and the dataset (tokenized with the model's tokenizer): a new model of `module`
-    (--init_from scratch), or one loaded from a model directory (fine-tuning, LoRA) or from the run
-    folder (--resume). Rank 0 tokenizes the corpus first; the other processes then reuse its cache.
+    """The model and the dataset (tokenized with the model's tokenizer; with --dpo, the preference
+    pairs): a new model of `module` (--init_from scratch), or one loaded from a model directory
+    (fine-tuning, LoRA, DPO) or from the run folder (--resume). Rank 0 tokenizes the corpus first; the other processes then reuse its cache.
     Returns the saved training state when resuming, else None."""
     f = s.flags
     if s.world_size > 1 and s.rank != 0:
@@ -409,7 +432,10 @@ def build(s, module):
     else:
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
         keep_loaded_config(s, module)
-        s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
+        if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
+            s.dataset = dpo.PairDataset(f["dpo"], tokenizer)
+        else:
+            s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
         if f["init_from"] == "resume":
             state = load_train_state(s.out_dir, f["lora_rank"])
     if s.world_size > 1 and s.rank == 0:
@@ -483,14 +509,23 @@ def prepare(s, state=None):
     s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
 
 
+def describe_attention(device, model):
+    """The attention backend in use, with its window or Performer's feature count."""
+    name, window = kernels.get_backend(device), kernels.get_window()
+    if kernels.BACKENDS[name].stateful:
+        return f"{name} (m = {performer.num_features(model.config.head_dim)} random features)"
+    return f"{name}, window {window}" if window else name
+
+
 def describe(s):
     """The run's first lines: model, data, device, precision, batch, steps; LoRA's parameter count."""
     f, model, manifest = s.flags, s.model, s.dataset.manifest
     s.say(f"model {f['model']}: {model.num_params() / 1e6:.2f}M parameters, vocab {model.config.vocab_size}, "
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
-          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {kernels.get_backend(s.device)}; "
+          f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {describe_attention(s.device, model)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
-          f"steps {s.step}..{f['max_iters']}", flush=True)
+          f"steps {s.step}..{f['max_iters']}" + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
+                                                 f"{f['dpo_beta']}" if f["dpo"] else ""), flush=True)
     if f["lora_rank"]:
         trainable, total = lora.count_params(model)
         cfg = model.lora_config
@@ -529,6 +564,7 @@ def fit(s, loss_fn=None):
     with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
         s.model.train()
         while True:
+            performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
             if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
                 losses = evaluate_and_checkpoint(s, clock, log_file)
             if s.step >= f["max_iters"]:
@@ -683,8 +719,15 @@ def train(flags, module, loss_fn=None):
     lm_loss); its metrics, those of the last micro-batch of a logged step, go into log.jsonl beside
     train_loss. Returns {"val_loss", "train_loss" (the last evaluation, nats), the last logged metrics,
     "step", "elapsed_s", "out_dir"}."""
+    if flags["self_reward"]:
+        return self_reward.run(flags, module, train)
     s = start(flags)
     state = build(s, module)
+    if flags["dpo"]:
+        if loss_fn is not None:
+            raise UserError("--dpo is a training objective of its own: it cannot take another loss_fn")
+        reference = None if flags["lora_rank"] else dpo.load_reference(flags["dpo_reference"], s.device)
+        loss_fn = dpo.DPOLoss(reference, flags["dpo_beta"])
     prepare(s, state)
     describe(s)
     losses, metrics, elapsed = fit(s, loss_fn)

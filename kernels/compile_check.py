@@ -15,7 +15,9 @@ compiled kernel needs. This module compiles:
   config's class (the most shared memory), and checks it against the target's limit;
 - across those jobs, every head dim of {16, 64, 80, 128, 256}, both fp16 and bf16 (fp32 has its
   own configs), and causal and not, at least once per kernel (a covering set, as the numerical
-  tests use: the full product would take many minutes of compilation on a laptop).
+  tests use: the full product would take many minutes of compilation on a laptop);
+- the sliding-window variant (WINDOW > 0: other loop bounds and one more mask) of the forward, dK/dV
+  and dQ kernels, the forward for both targets and each backward kernel for one (WINDOW_JOBS).
 
 Jobs run in parallel processes. The tests call `check()` (test_all.py); a new kernel module adds
 its kernels to `jobs()`.
@@ -53,8 +55,13 @@ def _signature(fn, dtype, constexprs):
     return sig
 
 
+# the sliding-window jobs: (kernel, which target of the pass: 0 first, -1 last, dtype, head_dim, window)
+WINDOW_JOBS = [("fwd", 0, "bf16", 128, 4096), ("fwd", -1, "fp16", 64, 256), ("dkdv", 0, "fp16", 64, 4096),
+               ("dq", -1, "bf16", 128, 256)]
+
+
 def jobs(targets=(80, 90)):
-    """Every compile job: (kernel name, target, dtype, head_dim, causal, config or None)."""
+    """Every compile job: (kernel name, target, dtype, head_dim, causal, config or None, window)."""
     from kernels import flash_attention as fa
     out = []
     passes = targets if len(targets) > 1 else targets * 2  # one target: it takes both passes
@@ -67,10 +74,13 @@ def jobs(targets=(80, 90)):
                     # first pass: the class's largest head dim (the most shared memory); then the others in turn
                     head_dim = dims[-1] if n == 0 else dims[r % len(dims)]
                     dtype = DTYPE_NAMES[size][i % len(DTYPE_NAMES[size])]
-                    out.append((kernel, target, dtype, head_dim, (i // 2) % 2 == 0, config))
+                    out.append((kernel, target, dtype, head_dim, (i // 2) % 2 == 0, config, 0))
                     i += 1
+    for kernel, which, dtype, head_dim, window in WINDOW_JOBS:  # the first config of the head dim's class
+        config = fa._CONFIGS[kernel][fa.config_class(max(16, 1 << (head_dim - 1).bit_length()), 2)][0]
+        out.append((kernel, targets[which], dtype, head_dim, True, config, window))
     # the preprocess kernel has no configs (a fixed block of rows)
-    out += [("preprocess", targets[0], "bf16", 256, True, None), ("preprocess", targets[-1], "fp32", 80, False, None)]
+    out += [("preprocess", targets[0], "bf16", 256, True, None, 0), ("preprocess", targets[-1], "fp32", 80, False, None, 0)]
     return list(dict.fromkeys(out))  # one target: a class with one head dim would repeat a job
 
 
@@ -79,7 +89,7 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import GPUTarget
     from kernels import flash_attention as fa
-    kernel, target, dtype, head_dim, causal, config = job
+    kernel, target, dtype, head_dim, causal, config, window = job
     block_d = max(16, triton.next_power_of_2(head_dim))
     fn = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel,
           "preprocess": fa._bwd_preprocess_kernel}[kernel]
@@ -90,7 +100,7 @@ def compile_one(job):
         constexprs["BLOCK_M"] = 64
     else:
         m, n, options["num_warps"], options["num_stages"] = config
-        constexprs.update(BLOCK_M=m, BLOCK_N=n, CAUSAL=causal, UPCAST=False,
+        constexprs.update(BLOCK_M=m, BLOCK_N=n, CAUSAL=causal, WINDOW=window, UPCAST=False,
                           PRECISION="tf32x3" if dtype == "fp32" else "tf32")
     t0 = time.time()
     try:
@@ -144,10 +154,11 @@ def main(argv=None):
         p.error(f"no shared-memory limit known for sm_{unknown[0]}; known: {', '.join(map(str, SHARED_MEMORY_LIMIT))}")
     failures, results = check(targets)
     print("target  kernel      dtype  head_dim  mask    (BLOCK_M, BLOCK_N, warps, stages)  shared memory / limit")
-    for (kernel, target, dtype, head_dim, causal, config), result, seconds in results:
+    for (kernel, target, dtype, head_dim, causal, config, window), result, seconds in results:
         shared = (f"{result / 1024:6.1f} / {SHARED_MEMORY_LIMIT[target] // 1024} KiB" if isinstance(result, int)
                   else result)
-        print(f"sm_{target}   {kernel:10s}  {dtype}   {head_dim:<8d}  {'causal' if causal else 'full  '}  "
+        print(f"sm_{target}   {kernel:10s}  {dtype}   {head_dim:<8d}  "
+              f"{f'W={window:<4d}' if window else 'causal' if causal else 'full  '}  "
               f"{str(config or '(64 rows, -, 4, 1)'):33s}  {shared}  ({seconds:.1f} s)")
     print(f"{len(results)} compiled in {time.time() - t0:.0f} s; {len(failures)} failed")
     for line in failures:

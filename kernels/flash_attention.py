@@ -102,7 +102,7 @@ _INTERPRETER_CONFIG = (64, 32, 4, 1)
 # KV-cache decode loop (S grows by one every step) would re-run the benchmark at every step.
 # DEVICE_KEY (a hash of the GPU's name) keys the tuning results kept on disk to the GPU model;
 # triton adds its own version and the target architecture, and the autotuner the input dtypes.
-_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "S_BUCKET", "CAUSAL", "DEVICE_KEY"]
+_TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "S_BUCKET", "CAUSAL", "WINDOW", "DEVICE_KEY"]
 
 
 def config_class(block_d, element_size):
@@ -177,14 +177,17 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL: tl.constexpr,
+def _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Scores tile s = (q @ k^T) * scale * log2(e), shape (BLOCK_M, BLOCK_N), with -inf wherever
-    query offs_m[i] may not see key offs_n[j]: out of bounds, or (causal) j > i + (S - T)."""
+    query offs_m[i] may not see key offs_n[j]: out of bounds, (causal) j > i + (S - T), or (a
+    sliding window, WINDOW > 0) j <= i + (S - T) - WINDOW."""
     s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
     visible = (offs_m[:, None] < T) & (offs_n[None, :] < S)
     if CAUSAL:
         visible = visible & (offs_n[None, :] <= offs_m[:, None] + (S - T))
+    if WINDOW > 0:
+        visible = visible & (offs_n[None, :] > offs_m[:, None] + (S - T - WINDOW))
     return tl.where(visible, s, float("-inf"))
 
 
@@ -199,6 +202,16 @@ def _key_end(start_m, T, S, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _key_start(start_m, T, S, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The first key block that the query block starting at start_m can see: 0, or with a sliding
+    window the block of key start_m + (S - T) - WINDOW + 1 (blocks before it are never visited)."""
+    start = 0
+    if WINDOW > 0:
+        start = tl.maximum(0, start_m + (S - T - WINDOW + 1)) // BLOCK_N * BLOCK_N
+    return start
+
+
+@triton.jit
 def _query_start(start_n, T, S, CAUSAL: tl.constexpr):
     """First query that can see key start_n (the mirror image of _key_end)."""
     start = 0
@@ -208,13 +221,24 @@ def _query_start(start_n, T, S, CAUSAL: tl.constexpr):
 
 
 @triton.jit
+def _query_end(start_n, T, S, WINDOW: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One past the last query that can see the key block starting at start_n: T, or with a
+    sliding window the last query whose window still reaches key start_n + BLOCK_N - 1 (the
+    mirror image of _key_start)."""
+    end = T
+    if WINDOW > 0:
+        end = tl.minimum(T, start_n + BLOCK_N - 1 - (S - T) + WINDOW)
+    return end
+
+
+@triton.jit
 def _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S, qk_scale,
-                       CAUSAL: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """Backward recomputation for one (query block, key block) tile:
     P = softmax probabilities (from the saved lse) and dS = P * (dO @ v^T - delta).
     Masked entries have s = -inf, so P = exp2(-inf - lse) = 0 (rows with no visible key have
     lse = +inf, which also gives 0), hence dS = 0 there: no NaN can appear."""
-    s = _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL, PRECISION, UPCAST)
+    s = _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL, WINDOW, PRECISION, UPCAST)
     p = tl.math.exp2(s - lse[:, None])
     dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
     ds = p * (dp - delta[:, None])
@@ -234,7 +258,7 @@ def _fwd_kernel(
     LSE,  # (B, Hq, T) fp32, contiguous
     H, GROUP, T, S, qk_scale,
     T_BUCKET, S_BUCKET, DEVICE_KEY,  # only read by the autotuner (cache key)
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -256,14 +280,14 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                # running sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)       # running sum of p @ v
 
-    for start_n in range(0, _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
+    for start_n in range(_key_start(start_m, T, S, WINDOW, BLOCK_N), _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, kv_mask = _tile(K, offs_n, S, stride_ks, stride_kd, HEAD_DIM, BLOCK_D)
         v_ptrs = _ptrs(V, offs_n, stride_vs, stride_vd, BLOCK_D)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
 
-        s = _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL, PRECISION, UPCAST)
+        s = _scores(q, k, offs_m, offs_n, T, S, qk_scale, CAUSAL, WINDOW, PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row that has seen no visible key yet has m_new = -inf; subtracting it would give
         # (-inf) - (-inf) = NaN. Subtract 0 instead: exp2(-inf - 0) = 0, as it should be.
@@ -321,7 +345,7 @@ def _bwd_dkdv_kernel(
     LSE, DELTA,
     H, H_KV, GROUP, T, S, qk_scale, sm_scale,
     T_BUCKET, S_BUCKET, DEVICE_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -340,14 +364,16 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Causal: queries before this one never see these keys, so their blocks are skipped.
+    # Causal: queries before this one never see these keys, so their blocks are skipped; with a
+    # sliding window, so are the queries whose window has moved past them.
     first_query = _query_start(start_n, T, S, CAUSAL)
+    last_query = _query_end(start_n, T, S, WINDOW, BLOCK_N)
     for g in range(0, GROUP):  # every query head that reads this kv head (GQA)
         h = h_kv * GROUP + g
         Qh = _head_ptr(Q, b, h, stride_qb, stride_qh)
         DOh = _head_ptr(DO, b, h, stride_dob, stride_doh)
         row_stats = (b * H + h) * T  # offset of this head's rows in LSE / DELTA
-        for start_m in range(first_query, T, BLOCK_M):
+        for start_m in range(first_query, last_query, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q_ptrs, q_mask = _tile(Qh, offs_m, T, stride_qt, stride_qd, HEAD_DIM, BLOCK_D)
             do_ptrs = _ptrs(DOh, offs_m, stride_dot, stride_dod, BLOCK_D)
@@ -357,7 +383,7 @@ def _bwd_dkdv_kernel(
             delta = tl.load(DELTA + row_stats + offs_m, mask=offs_m < T, other=0.0)
 
             p, ds = _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S,
-                                       qk_scale, CAUSAL, PRECISION, UPCAST)
+                                       qk_scale, CAUSAL, WINDOW, PRECISION, UPCAST)
             dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST)  # P^T @ dO
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST)   # dS^T @ q
 
@@ -379,7 +405,7 @@ def _bwd_dq_kernel(
     LSE, DELTA,
     H, GROUP, T, S, qk_scale, sm_scale,
     T_BUCKET, S_BUCKET, DEVICE_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -401,14 +427,14 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for start_n in range(0, _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
+    for start_n in range(_key_start(start_m, T, S, WINDOW, BLOCK_N), _key_end(start_m, T, S, BLOCK_M, CAUSAL), BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_ptrs, kv_mask = _tile(K, offs_n, S, stride_ks, stride_kd, HEAD_DIM, BLOCK_D)
         v_ptrs = _ptrs(V, offs_n, stride_vs, stride_vd, BLOCK_D)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         p, ds = _probs_and_dscores(q, do, k, v, lse, delta, offs_m, offs_n, T, S,
-                                   qk_scale, CAUSAL, PRECISION, UPCAST)
+                                   qk_scale, CAUSAL, WINDOW, PRECISION, UPCAST)
         dq += _dot(ds.to(k.dtype), k, PRECISION, UPCAST)  # dS @ k
 
     dq_ptrs = _ptrs(_head_ptr(DQ, b, h, stride_dqb, stride_dqh), offs_m, stride_dqt, stride_dqd, BLOCK_D)
@@ -418,13 +444,13 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 # Python side
 # ---------------------------------------------------------------------------------------------
-def _compile_time_args(q, T, S, causal):
+def _compile_time_args(q, T, S, causal, window=0):
     """Keyword arguments shared by the forward, dK/dV and dQ kernel launches."""
     D = q.shape[-1]
     return dict(
         T_BUCKET=_bucket(T), S_BUCKET=_bucket(S), DEVICE_KEY=_device_key(q.device),
         HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),  # tl.dot needs >= 16
-        CAUSAL=causal,
+        CAUSAL=causal, WINDOW=window,
         # fp32 inputs: three TF32 tensor-core products per tl.dot (the operands split into high and
         # low parts), about fp32's accuracy, where plain TF32 (the default) keeps 10 mantissa bits;
         # "ieee" (scalar FMA) would be far slower and takes minutes to compile. For fp16/bf16
@@ -437,7 +463,7 @@ def _compile_time_args(q, T, S, causal):
 class _FlashAttention(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, window):
         B, H, T, D = q.shape
         H_KV, S = k.shape[1], k.shape[2]
         o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
@@ -446,10 +472,10 @@ class _FlashAttention(torch.autograd.Function):
         _fwd_kernel[grid](
             q, *q.stride(), k, *k.stride(), v, *v.stride(), o, *o.stride(), lse,
             H, H // H_KV, T, S, scale * _LOG2E,
-            **_compile_time_args(q, T, S, causal),
+            **_compile_time_args(q, T, S, causal, window),
         )
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.window = causal, scale, window
         return o
 
     @staticmethod
@@ -457,7 +483,7 @@ class _FlashAttention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         B, H, T, D = q.shape
         H_KV, S = k.shape[1], k.shape[2]
-        args = _compile_time_args(q, T, S, ctx.causal)
+        args = _compile_time_args(q, T, S, ctx.causal, ctx.window)
         qk_scale = ctx.scale * _LOG2E
 
         delta = torch.empty_like(lse)
@@ -482,16 +508,19 @@ class _FlashAttention(torch.autograd.Function):
             dq, *dq.stride(), lse, delta,
             H, H // H_KV, T, S, qk_scale, ctx.scale, **args,
         )
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def flash_attention(q, k, v, causal=True, scale=None):
+def flash_attention(q, k, v, causal=True, scale=None, window=0):
     """Fused scaled-dot-product attention (FlashAttention-2), differentiable.
 
     q: (B, Hq, T, D); k, v: (B, Hkv, S, D) with Hq a multiple of Hkv (GQA / MQA);
     fp16, bf16 or fp32, any strides. Returns (B, Hq, T, D) in q's dtype.
     causal: query i sees key j iff j <= i + (S - T) (bottom-right aligned, KV-cache friendly).
     scale: multiplies q @ k^T, default 1 / sqrt(D).
+    window: a sliding window (with causal): query i also needs j > i + (S - T) - window; the key
+    blocks outside every window of a query block are skipped (loop bounds), forward and backward.
+    A compile-time constant: each window width is its own compiled kernel. 0: off.
     """
     B, H, T, D = q.shape
     assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, "k, v must be (B, Hkv, S, D)"
@@ -499,6 +528,7 @@ def flash_attention(q, k, v, causal=True, scale=None):
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     assert D <= 256, "head dim up to 256"
     assert is_available(q.device), f"flash_attention cannot run on {q.device} (TRITON_INTERPRET=1 for CPU)"
+    assert window >= 0 and (causal or not window), "a sliding window needs causal=True"
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    return _FlashAttention.apply(q, k, v, causal, scale, int(window))

@@ -185,9 +185,7 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.q_scale != 1.0:
             q = q * self.q_scale
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True, mask=mask)
+        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 

@@ -153,9 +153,7 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True, mask=mask)
+        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache)
         return self.dense(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -60,6 +60,9 @@ class Config:
     rope_beta_fast: float = 32.0    # yarn
     rope_beta_slow: float = 1.0     # yarn
     rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0: 0.1 ln(s) + 1
+    sliding_window: int = 0         # W: windowed layers' queries see the last W positions (0: none; HF use_sliding_window)
+    max_window_layers: int = 0      # transformers' rule: layers from this index on are windowed (layer_types empty)
+    layer_types: str = ""           # comma-separated full_attention / sliding_attention per layer; empty: the rule above
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.n_embd // self.n_head
@@ -74,6 +77,22 @@ class Config:
             raise ValueError(f"variant must be {' or '.join(VARIANTS)}; not {self.variant!r}")
         if self.variant == "qwen2" and self.attention_bias:
             raise ValueError("attention_bias is a qwen3 option (qwen2 has biases on q, k and v, always)")
+        types = self.layer_types.split(",") if self.layer_types else []
+        if types and (len(types) != self.n_layer or set(types) - {"full_attention", "sliding_attention"}):
+            raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the {self.n_layer} "
+                             f"layers; not {self.layer_types!r}")
+        if self.sliding_window < 0:
+            raise ValueError(f"sliding_window must be 0 (none) or more, not {self.sliding_window}")
+
+    def layer_window(self, layer):
+        """This layer's sliding window (transformers' Qwen2Config: layer_types, or else the layers from
+        max_window_layers on), 0 for a full layer of a windowed model, or None without sliding_window
+        (then kernels' --attn_window applies)."""
+        if not self.sliding_window:
+            return None
+        types = self.layer_types.split(",") if self.layer_types else None
+        windowed = types[layer] == "sliding_attention" if types else layer >= self.max_window_layers
+        return self.sliding_window if windowed else 0
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -156,6 +175,7 @@ class Attention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
         self.head_dim, self.layer = config.head_dim, layer
+        self.window = config.layer_window(layer)  # Qwen2's sliding_window on this layer (None: --attn_window's)
         C, D = config.n_embd, config.head_dim
         qkv_bias = config.variant == "qwen2" or config.attention_bias
         self.q_proj = nn.Linear(C, config.n_head * D, bias=qkv_bias)
@@ -174,9 +194,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True, mask=mask)
+        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache, window=self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -333,12 +351,13 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ generation hooks
 
-    # Copied from models/llama.py:Model.init_cache
     def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
-        """An empty kernels.KVCache for this model (pad and static: see there)."""
+        """An empty kernels.KVCache for this model (pad and static: see there); windowed layers keep a
+        rolling buffer of their last sliding_window - 1 positions."""
         cfg, p = self.config, self.lm_head.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       dtype or p.dtype, device or p.device, pad=pad, static=static)
+                       dtype or p.dtype, device or p.device, pad=pad, static=static,
+                       windows=[cfg.layer_window(i) for i in range(cfg.n_layer)])
 
     # ------------------------------------------------------------------ LoRA targets (lora.py)
     # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's
@@ -361,12 +380,10 @@ class Model(nn.Module):
         if variant not in VARIANTS:
             raise ValueError(f"{directory}/config.json has model_type {variant!r}, not 'qwen2' or 'qwen3'")
         hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
-        if hf.get("use_sliding_window"):
-            raise ValueError(f"{directory}/config.json: use_sliding_window true (sliding-window attention) "
-                             f"is not supported")
-        if any(t != "full_attention" for t in hf.get("layer_types") or []):
-            raise ValueError(f"{directory}/config.json: layer_types {json.dumps(hf['layer_types'])} is not "
-                             f"supported (only full_attention)")
+        window = hf.get("sliding_window") or 0 if hf.get("use_sliding_window") else 0  # transformers: None without
+        if not window and any(t != "full_attention" for t in hf.get("layer_types") or []):
+            raise ValueError(f"{directory}/config.json: layer_types {json.dumps(hf['layer_types'])} without "
+                             "use_sliding_window and a sliding_window is not supported")
         # without head_dim: transformers' Qwen3Config default, 128; qwen2 n_embd // n_head
         default_head_dim = 128 if variant == "qwen3" else 0
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768),
@@ -376,6 +393,8 @@ class Model(nn.Module):
                         intermediate_size=hf["intermediate_size"], variant=variant,
                         attention_bias=variant == "qwen3" and hf.get("attention_bias", False),
                         rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
+                        sliding_window=window, max_window_layers=hf.get("max_window_layers", 28),
+                        layer_types=",".join(hf.get("layer_types") or []) if window else "",
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
@@ -393,8 +412,11 @@ class Model(nn.Module):
               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
               "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-              "attention_bias": cfg.attention_bias, "attention_dropout": 0.0, "use_sliding_window": False,
-              "sliding_window": None, "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
+              "attention_bias": cfg.attention_bias, "attention_dropout": 0.0,
+              "use_sliding_window": bool(cfg.sliding_window), "sliding_window": cfg.sliding_window or None,
+              "max_window_layers": cfg.max_window_layers,
+              "layer_types": ["full_attention" if not cfg.layer_window(i) else "sliding_attention" for i in range(cfg.n_layer)],
+              "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
               "bos_token_id": None, "eos_token_id": None,
               "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
         hub.write(directory, hf, hub.checkpoint_state(self), metadata)
@@ -417,8 +439,10 @@ CONFIG_KEYS = {
     # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): sub-keys in hub.ROPE_KEYS
     "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
     "original_max_position_embeddings": hub.HONOURED,
-    # sliding-window attention is not implemented: use_sliding_window true, or a layer_types entry other
-    # than full_attention, is refused; without them sliding_window and max_window_layers act nowhere
+    # sliding-window attention (Config.sliding_window, layer_window): with use_sliding_window true, the
+    # layers that layer_types names sliding_attention (or, without it, those from max_window_layers on)
+    # see the last sliding_window positions; without it sliding_window and max_window_layers act
+    # nowhere and a layer_types entry other than full_attention is refused (as transformers computes it)
     "use_sliding_window": hub.CHECKED, "layer_types": hub.CHECKED,
     "sliding_window": hub.CHECKED, "max_window_layers": hub.CHECKED,
     "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied

@@ -254,9 +254,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)
-        y = attention(q, k, v, causal=True, mask=mask)
+        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
