@@ -5494,12 +5494,12 @@ def test_val_windows_and_unigram_entropy(tmp_path):
     (tmp_path / "c.txt").write_text("abcab" * 400)
     ds = data.prepare(str(tmp_path / "c.txt"), "char", str(tmp_path / "d"), quiet=True)
     x, y = bench.val_windows(ds, 30, 4)
-    val = np.asarray(ds.pos_tokens("val"))
+    val = np.asarray(ds.tokens("val"))
     assert x.shape == (4, 30) and torch.equal(x[:, 1:], y[:, :-1])
     assert x[0].tolist() == val[:30].tolist() and y[-1].tolist() == val[-30:].tolist()
     with pytest.raises(bench.UserError, match="fewer than"):
         bench.val_windows(ds, len(val), 1)
-    counts = np.bincount(np.asarray(ds.pos_tokens("train")))
+    counts = np.bincount(np.asarray(ds.tokens("train")))
     p = counts[counts > 0] / counts.sum()
     assert bench.unigram_entropy(ds) == pytest.approx(-(p * np.log(p)).sum()) and 1.0 < bench.unigram_entropy(ds) < math.log(3) + 1e-9
 
