@@ -160,6 +160,8 @@ def bench_attention(args):
     backends = args.backends.split(",") if args.backends else (
         ["naive", "sdpa", "performer", "sdpa+window"] + (["triton+window"] if cuda else []) if args.scaling else
         ["naive", "sdpa", "sdpa_flash", "sdpa_cudnn", "triton"] if cuda else ["naive", "sdpa"])
+    if args.window < 1:
+        raise UserError(f"--window must be at least 1, not {args.window}")
     fns = {b: attention_backend(b, args.window, device) for b in backends}
     seq_lens = [int(t) for t in args.seq_lens.split(",")] if args.seq_lens else (
         [512, 1024, 2048, 4096, 8192, 16384, 32768] if args.scaling else
@@ -296,9 +298,13 @@ def attention_scaling(args, rows, device, dtype):
     print_table([{"backend": b, **v} for b, v in summary["slopes"].items()],
                 [("backend", "backend", "{}"), ("fwd_ms", "fwd time slope", "{:.2f}"),
                  ("fwdbwd_ms", "fwd+bwd time slope", "{:.2f}"), ("fwdbwd_mib", "fwd+bwd memory slope", "{:.2f}")])
+    if all(v is None for row in summary["slopes"].values() for v in row.values()):
+        print("(no slope: the fit needs at least two lengths T >= 2048)")
     for backend, where in summary["crossover"].items():
-        print(f"{backend} is faster than sdpa from T = {where['fwd_ms']} (forward), "
-              f"{where['fwdbwd_ms']} (forward + backward)")
+        said = [f"{'the shortest length' if where[k] == 'below' else where[k]} ({what})" for k, what in (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"))
+                if where[k] is not None]
+        print(f"{backend} is faster than sdpa from T = {', '.join(said)}" if said else
+              f"{backend} is not faster than sdpa at any length measured")
     print(f"\nFAVOR+ relative error against softmax attention (causal, T = 1024, head_dim {args.head_dim}, "
           "q and k ~ N(0, sigma^2), mean of 3 draws)")
     by_m = {}  # m -> {"m": m, "sigma S": error, ...}: one row per m, one column per sigma
@@ -1767,6 +1773,10 @@ def bench_scaling(args):
         preset["budgets"] = _floats(args.budgets, "--budgets")
     if args.sizes:
         preset["ladder"] = _sizes(args.sizes)
+    for n_layer, n_embd in preset["ladder"]:
+        if n_layer < 1 or n_embd < preset["head_dim"] or n_embd % preset["head_dim"]:
+            raise UserError(f"--sizes {n_layer}x{n_embd}: n_layer >= 1 and n_embd a multiple of the head size "
+                            f"{preset['head_dim']} (the {args.preset} preset's)")
     if args.window:
         preset["window"] = tuple(_floats(args.window, "--window", count=2))
     device = resolve_device(args.device)
@@ -1948,15 +1958,17 @@ PHI_ARMS = {  # arm -> (stage-1 corpus, stage-2 corpus): stage 2 continues stage
 def phi_init(folder, seed, block_size, **config):
     """A freshly initialised phi.py model (seed) with the comparison's character tokenizer
     (curation.VOCAB) saved as a model directory, so that every arm starts from the same weights
-    and vocabulary (train.run's --init_from). Reused when it exists."""
+    and vocabulary (train.run's --init_from). Reused when it holds the same settings (settings.json)."""
     folder = Path(folder)
-    if not (folder / "model.safetensors").is_file():
+    settings, done = {"seed": seed, "block_size": block_size, **config}, folder / "settings.json"
+    if not ((folder / "model.safetensors").is_file() and done.is_file() and json.loads(done.read_text()) == settings):
         import curation
         torch.manual_seed(seed)
         module = models.get("phi")
         model = module.Model(module.Config(vocab_size=len(curation.VOCAB), block_size=block_size, **config))
         model.save_pretrained(folder)
         tokenization.CharTokenizer(curation.VOCAB).save(folder)
+        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))  # last: the runs from it see it
     return folder
 
 
@@ -2061,6 +2073,12 @@ def bench_phi(args):
         runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(data_settings)))
         print(f"curation: {format_eta(time.time() - t0)}", flush=True)
     manifest = curated.manifest
+    longest = max(len(json.loads(line)[key]) for name, key in (("heldout_functions.jsonl", "body"),
+                                                               ("heldout_code.jsonl", "text"))
+                  for line in curated.path(name).read_text().splitlines())
+    if args.block_size < longest:
+        raise UserError(f"--block_size {args.block_size}: the held-out code is scored in pieces of up to {longest} "
+                        "characters; give at least that")
     plan = []  # (name, seed, init name or stage-1 name, corpus, iters, lr)
     for seed in range(args.seeds):
         for arm in arms:
@@ -2348,7 +2366,7 @@ def parser(argv=()):
                    "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
     a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
                    "with --scaling 512..32768")
-    a.add_argument("--scaling", action="store_true", help="cost against length (issue 15): causal only, fitted "
+    a.add_argument("--scaling", action="store_true", help="cost against length: causal only, fitted "
                    "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
     a.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
     a.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")

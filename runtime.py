@@ -107,9 +107,48 @@ def add_attention_flags(p):
 
 
 def configure_attention(flags):
-    """Apply those flags (a dict or an argparse namespace) to kernels (kernels.configure)."""
+    """Apply those flags (a dict or an argparse namespace) to kernels (kernels.configure). The
+    Performer flags without --attn performer: UserError (they would change nothing)."""
     flags = flags if isinstance(flags, dict) else vars(flags)
+    if flags["attn"] != "performer":
+        for name in ("performer_features", "performer_redraw"):
+            if flags[name]:
+                raise UserError(f"--{name} {flags[name]} needs --attn performer (attention is {flags['attn']})")
     kernels.configure(*(flags[name] for name, _, _ in ATTENTION_FLAGS))
+
+
+ATTENTION_FILE = "attention.json"  # beside a model trained with Performer or a sliding window
+
+
+def save_attention(directory, flags):
+    """Write attention.json into a model directory trained with an attention that softmax does not
+    compute (--attn performer, --attn_window W): sample.py and --init_from read it back
+    (trained_attention). Other runs: nothing, and a stale file is removed."""
+    chosen = {name: flags[name] for name in ("attn", "attn_window", "performer_features")}
+    path = Path(directory) / ATTENTION_FILE
+    if chosen["attn"] == "performer" or chosen["attn_window"]:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(chosen) + "\n"))
+    elif path.is_file():
+        path.unlink()
+
+
+def trained_attention(flags, directory, say=print):
+    """The attention flags (a dict) completed from `directory`'s attention.json, the attention the model
+    was trained with: a flag left at its default takes the saved value; a flag given explicitly
+    with another value wins, and a note says so (swapping FAVOR+ into a softmax model is a choice,
+    never a silent one). Returns a new dict; the flags unchanged when there is no file."""
+    path = Path(directory) / ATTENTION_FILE
+    if not path.is_file():
+        return dict(flags)
+    defaults, out = {name: default for name, default, _ in ATTENTION_FLAGS}, dict(flags)
+    for name, value in read_json(path).items():
+        if name not in defaults:
+            raise ValueError(f"{path}: unknown key {name!r}")
+        if out[name] == defaults[name]:
+            out[name] = value
+        elif out[name] != value:
+            say(f"note: the model was trained with {name} {value} ({path}); --{name} {out[name]} is used")
+    return out
 
 
 def run_cli(main):

@@ -36,6 +36,7 @@ quantize.py), --quantize bf16 in bf16; --draft DIR decodes speculatively (Leviat
 a small model with the same tokenizer proposes --speculate_k tokens that the model verifies in one
 forward; greedy output is the model's own, and sampling keeps the model's distribution.
 """
+import sys
 from pathlib import Path
 
 import torch
@@ -137,6 +138,7 @@ def main(argv=None):
     for flag, least in (("num_samples", 1), ("max_new_tokens", 0), ("speculate_k", 1)):
         if getattr(args, flag) < least:
             raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
+    vars(args).update(runtime.trained_attention(vars(args), args.out_dir, say=lambda m: print(m, file=sys.stderr)))
     runtime.configure_attention(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)

@@ -129,7 +129,8 @@ def run_cli(*args, cwd=ROOT, timeout=300):
 
 
 def torchrun(*args, n=2):
-    return run_cli("-m", "torch.distributed.run", f"--nproc_per_node={n}", "train.py", *args)
+    """train.py in n processes; --standalone: a free port, so that two test runs on one machine never meet."""
+    return run_cli("-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "train.py", *args)
 
 
 # models: ours (one factory), transformers' and PEFT's, inputs
@@ -3933,6 +3934,12 @@ BAD_INVOCATIONS = [
     (["train.py", "--init_from", "{config_not_json}", "--max_iters", "1"], "config.json: not valid JSON"),
     (["train.py", "--init_from", "{truncated_safetensors}", "--max_iters", "1"], "cannot load"),
     (["train.py", "--init_from", "{tokenizer_not_json}", "--max_iters", "1"], "tokenizer.json"),
+    # flags that would change nothing, or values that compute nonsense
+    (["train.py", "--performer_features", "64", "--max_iters", "1"], "needs --attn performer"),
+    (["train.py", "--model", "gpt", "--pos", "rope", "--rope_type", "linear", "--rope_factor", "0", "--max_iters", "1"],
+     "rope_factor must be positive"),
+    (["bench.py", "attention", "--window", "0"], "--window must be at least 1"),
+    (["bench.py", "scaling", "--sizes", "2x7"], "multiple of the head size"),
 ]
 
 
@@ -5255,13 +5262,29 @@ def test_self_reward_iteration_end_to_end_writes_M2_with_its_pairs(tmp_path):
     assert (m2 / "pairs.jsonl").read_text() == pairs_text
 
 
+def test_attention_json_is_honoured_by_sample_and_init_from_and_an_explicit_choice_is_said(tmp_path):
+    """A model trained with Performer or a window keeps that choice beside its weights (attention.json):
+    flags left at their defaults take it, an explicit other choice wins with a note, softmax runs write none."""
+    defaults = {name: default for name, default, _ in runtime.ATTENTION_FLAGS}
+    runtime.save_attention(tmp_path, {**defaults, "attn": "performer", "performer_features": 64})
+    notes = []
+    assert runtime.trained_attention(defaults, tmp_path, notes.append) == {**defaults, "attn": "performer",
+                                                                           "performer_features": 64}
+    assert notes == []
+    chosen = runtime.trained_attention({**defaults, "attn": "sdpa"}, tmp_path, notes.append)
+    assert chosen["attn"] == "sdpa" and chosen["performer_features"] == 64 and "trained with attn performer" in notes[0]
+    runtime.save_attention(tmp_path, {**defaults, "attn_window": 16})
+    assert runtime.trained_attention(defaults, tmp_path)["attn_window"] == 16
+    runtime.save_attention(tmp_path, defaults)  # softmax: the stale file goes
+    assert not (tmp_path / runtime.ATTENTION_FILE).exists() and runtime.trained_attention(defaults, tmp_path) == defaults
+
+
 def test_dpo_with_lora_under_fsdp_equals_one_process(tmp_path):
     init, _ = model_dir(tmp_path, "init")
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     flags = {k: v for k, v in dpo_flags(tmp_path, init, "fsdp", max_iters=2, lora_rank=2).items() if k != "batch_size"}
     args = [f"--{k}={v}" for k, v in flags.items()]
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *args,
-                        "--batch_size=2", "--fsdp"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = torchrun(*args, "--batch_size=2", "--fsdp")
     assert r.returncode == 0, r.stderr[-2000:]
     train.run(**{**flags, "out_dir": str(tmp_path / "single"), "batch_size": 4})
     for a, b in zip(read_log(tmp_path / "fsdp"), read_log(tmp_path / "single"), strict=True):

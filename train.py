@@ -393,6 +393,8 @@ def start(flags):
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
+    if flags["init_from"] not in ("scratch", "resume"):  # the attention the model was trained with
+        flags.update(runtime.trained_attention(flags, flags["init_from"]))
     runtime.configure_attention(flags)
     torch.manual_seed(flags["seed"])
     if flags["lora_rank"] and flags["init_from"] == "scratch":
@@ -666,6 +668,7 @@ def save_checkpoint(s, elapsed):
             model = gathered
         model.save_pretrained(s.out_dir, metadata=metadata)
         s.dataset.tokenizer.save(s.out_dir)
+    runtime.save_attention(s.out_dir, s.flags)
     state = {"step": s.step, "optimizer": optimizer_state, "scaler": s.scaler.state_dict(),
              "rng": {"torch": torch.get_rng_state(), "data": s.data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},

@@ -63,6 +63,8 @@ class Config:
             raise ValueError(f"pos must be {', '.join(POSITIONS)}; not {self.pos!r}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be positive for rope_type {self.rope_type}, not {self.rope_factor}")
         if self.rope_type != "default" and self.pos != "rope":
             raise ValueError(f"rope_type {self.rope_type} rescales rotary positions: it needs pos rope, not {self.pos}")
         if self.activation not in ACTIVATIONS:

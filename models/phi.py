@@ -65,6 +65,8 @@ class Config:
                              f"must give an even number of rotary dimensions")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be positive for rope_type {self.rope_type}, not {self.rope_factor}")
 
     @property
     def head_dim(self):

@@ -125,6 +125,8 @@ class Config:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
+        if self.rope_type != "default" and not self.rope_factor > 0:
+            raise ValueError(f"rope_factor must be positive for rope_type {self.rope_type}, not {self.rope_factor}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be {', '.join(VARIANTS)}; not {self.variant!r}")
         if self.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
