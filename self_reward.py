@@ -158,6 +158,17 @@ def judge_prompt(template, prompt, response):
     return template.replace("{prompt}", prompt).replace("{response}", response)
 
 
+def check_judge_prompt(tokenizer, template, model_dir):
+    """UserError, before any sampling, when the judge template holds text the model's tokenizer cannot
+    encode (the default prompt's <, >, braces in a character model of Shakespeare, say)."""
+    try:
+        tokenizer.encode(judge_prompt(template, "", ""))
+    except (UserError, ValueError) as e:
+        which = "the default, self_reward.JUDGE_PROMPT" if template == JUDGE_PROMPT else "the prompts file's"
+        raise UserError(f"the judge prompt ({which}) cannot be tokenized by {model_dir}'s tokenizer: {e}; give a "
+                        "judge_template the model can read in the prompts file's header") from None
+
+
 def mean_score(judgements):
     """The mean of the judgements' scores that parse, None when none does."""
     scores = [s for s in map(parse_score, judgements) if s is not None]
@@ -303,8 +314,13 @@ def run(flags, module, train_fn):
         raise UserError("--self_reward makes its own pairs: it cannot take --dpo")
     if f["sr_pairs"] not in PAIRS_FROM:
         raise UserError(f"--sr_pairs must be one of {', '.join(PAIRS_FROM)}, not {f['sr_pairs']!r}")
-    if f["sr_candidates"] < 2 or f["sr_judge_samples"] < 1 or f["self_reward"] < 0:
-        raise UserError("--sr_candidates must be at least 2, --sr_judge_samples at least 1, --self_reward positive")
+    for name, least in (("self_reward", 1), ("sr_candidates", 2), ("sr_judge_samples", 1), ("sr_max_new_tokens", 1),
+                        ("sr_judge_tokens", 1)):
+        if f[name] < least:
+            raise UserError(f"--{name} must be at least {least}, not {f[name]}")
+    if f["sr_temperature"] < 0 or not 0 < f["sr_top_p"] <= 1:
+        raise UserError(f"--sr_temperature must be >= 0 and --sr_top_p in (0, 1], not {f['sr_temperature']} and "
+                        f"{f['sr_top_p']}")
     if not f["prompts"]:
         raise UserError("--self_reward needs --prompts FILE")
     if "RANK" in os.environ:
@@ -313,13 +329,14 @@ def run(flags, module, train_fn):
     if f["sr_pairs"] == "checker" and settings["checker"] is None:
         raise UserError("--sr_pairs checker needs a checker in the prompts file's header")
     out_dir, device = Path(f["out_dir"]), resolve_device(f["device"])
-    out_dir.mkdir(parents=True, exist_ok=True)
     current, history = Path(f["init_from"]), []
+    out_dir.mkdir(parents=True, exist_ok=True)
     for t in range(1, f["self_reward"] + 1):
         folder = out_dir / f"M{t + 1}"
         if not (folder / "pairs.jsonl").is_file():
             model = models.from_pretrained(current, dtype=torch.float32, device=device).eval()
             tokenizer = tokenization.tokenizer_for_model(current, model.config.vocab_size)
+            check_judge_prompt(tokenizer, settings["judge_template"], current)
             generator = torch.Generator(device=device).manual_seed(f["seed"] + t)
             print(f"self-rewarding iteration {t}/{f['self_reward']}: {current} samples {f['sr_candidates']} "
                   f"candidates for {len(records)} prompts and judges each {f['sr_judge_samples']} times", flush=True)
