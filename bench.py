@@ -768,15 +768,16 @@ def add_run_flags(p, reps=None):
         p.add_argument("--reps", type=int, default=reps, help="timed repetitions (the median is reported)")
 
 
-def add_training_run_flags(p, out, out_help, plot):
-    """--data, --data_dir, --threads, --device, --out and --plot: the flags of the subcommands that train
-    runs (switch, scaling, positions)."""
+def add_training_run_flags(p, out, out_help, plot=None):
+    """--data, --data_dir, --threads, --device, --out and (unless plot is None) --plot: the flags of the
+    subcommands that train runs (switch, scaling, positions, performer)."""
     p.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
     p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out", default=out, help=out_help)
-    p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
+    if plot is not None:
+        p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
 
 
 def add_model_flags(p, model_name, block_size=None):
@@ -2521,11 +2522,7 @@ def parser(argv=()):
     pf.add_argument("--finetune_iters", type=int, default=50, help="steps of the backward-compatibility fine-tune (0: skip)")
     pf.add_argument("--finetune_features", type=int, default=256, help="FAVOR+ features m swapped into the softmax model")
     pf.add_argument("--finetune_lr", type=float, default=1e-3, help="peak learning rate of that fine-tune")
-    pf.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
-    pf.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
-    pf.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    pf.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    pf.add_argument("--out", default="out/performer", help="the runs' folders and summary.json")
+    add_training_run_flags(pf, "out/performer", "the runs' folders and summary.json")
     pf.set_defaults(run=bench_performer)
 
     ic = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
