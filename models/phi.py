@@ -191,9 +191,9 @@ def cross_entropy(logits, targets):
     """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
     computed in fp32. Under autocast F.cross_entropy upcasts by itself (autocast's fp32 list:
     cross_entropy_loss on CPU, its log_softmax and nll_loss on CUDA), so the logits are upcast here
-    only without autocast: bf16 or fp16 weights (for fp32 logits .float() is a no-op)."""
+    only without autocast and only to at least fp32 (bf16 or fp16 become fp32; fp32 and float64 stay)."""
     if not torch.is_autocast_enabled(logits.device.type):
-        logits = logits.float()
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
 
