@@ -37,20 +37,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-import data
-import evaluation
-import generation
-import kernels
-import lora
-import models
-import quantize
-import scaling
-import tokenization
+from omnitron import data
+from omnitron import evaluation
+from omnitron import generation
+from omnitron import kernels
+from omnitron import lora
+from omnitron import models
+from omnitron import quantize
+from experiments.scaling import fits as scaling
+from omnitron import tokenization
 import train
-import runtime
-import self_reward
-from runtime import UserError, autocast, format_eta, print_table, resolve_device, resolve_dtype
-from generation import generate, speculative_decode
+from omnitron import runtime
+from omnitron import self_reward
+from omnitron.runtime import UserError, autocast, format_eta, print_table, resolve_device, resolve_dtype
+from omnitron.generation import generate, speculative_decode
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -263,7 +263,7 @@ def favor_error_against_m(args, device, ms=(16, 32, 64, 128, 256, 512, 1024), sc
     N(0, sigma^2) for each sigma of `scales` (the scores q.k / sqrt(D) then have standard deviation
     sigma^2; the estimator's variance grows like exp(|q + k|^2 / sqrt(D)): the paper's variance lemma).
     Returns [{"m", "sigma", "rel_error", "spread"}]."""
-    from kernels import performer
+    from omnitron.kernels import performer
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, args.n_head, T, args.head_dim, device=device, generator=g) for _ in "qkv")
     out = []
@@ -282,7 +282,7 @@ def attention_scaling(args, rows, device, dtype):
     """--scaling: log-log slopes of time and memory against T per backend (fitted over T >= 2048,
     where fixed costs no longer dominate), the crossover lengths against sdpa, FAVOR+'s error
     against m; a plot. Returns the summary."""
-    from kernels import performer
+    from omnitron.kernels import performer
     summary = {"rows": rows, "slopes": {}, "crossover": {}}
     for backend in dict.fromkeys(r["backend"] for r in rows):
         mine = [r for r in rows if r["backend"] == backend and r["T"] >= 2048]
@@ -1963,7 +1963,7 @@ def phi_init(folder, seed, block_size, **config):
     folder = Path(folder)
     settings, done = {"seed": seed, "block_size": block_size, **config}, folder / "settings.json"
     if not ((folder / "model.safetensors").is_file() and done.is_file() and json.loads(done.read_text()) == settings):
-        import curation
+        from experiments.phi import curation
         torch.manual_seed(seed)
         module = models.get("phi")
         model = module.Model(module.Config(vocab_size=len(curation.VOCAB), block_size=block_size, **config))
@@ -2010,8 +2010,8 @@ def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
     the same on new drawings of the training families); (3) code_loss, nats per character of
     random windows of held-out modules."""
-    import exercises
-    import sandbox
+    from experiments.phi import exercises
+    from experiments.phi import sandbox
     model = models.from_pretrained(run).eval()
     tok = tokenization.tokenizer_for_model(run, model.config.vocab_size)
 
@@ -2049,7 +2049,7 @@ def bench_phi(args):
     pool, dedup, rubric, classifier, Moore-Lewis, exercises), then arms A (unfiltered pool), B
     (filtered pool) and C (B + a fine-tune on the exercises) of one small phi.py at the same token
     budget, --seeds seeds each; the three measures of phi_evaluate. Runs are cached by settings."""
-    import curation
+    from experiments.phi import curation
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]

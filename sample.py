@@ -41,16 +41,16 @@ from pathlib import Path
 
 import torch
 
-import evaluation
-import lora
-import models
-import quantize
-import runtime
-import tokenization
-from evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
-from generation import check_sampling, complete, stream
-from runtime import UserError, autocast, resolve_device, resolve_dtype
-from tokenization import DEFAULT_DATA_DIR
+from omnitron import evaluation
+from omnitron import lora
+from omnitron import models
+from omnitron import quantize
+from omnitron import runtime
+from omnitron import tokenization
+from omnitron.evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
+from omnitron.generation import check_sampling, complete, stream
+from omnitron.runtime import UserError, autocast, resolve_device, resolve_dtype
+from omnitron.tokenization import DEFAULT_DATA_DIR
 
 
 # ----------------------------------------------------------------------------- command line

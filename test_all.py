@@ -46,30 +46,30 @@ from torch.utils.flop_counter import FlopCounterMode
 from triton.runtime.interpreter import InterpretedFunction  # what triton.jit makes under TRITON_INTERPRET=1
 
 import bench
-import curation
-import data
-import dpo
-import evaluation
-import exercises
-import generation
-import hub
-import kernels
-import lora
-import models
-import quantize
-import runtime
+from experiments.phi import curation
+from omnitron import data
+from omnitron import dpo
+from omnitron import evaluation
+from experiments.phi import exercises
+from omnitron import generation
+from omnitron import hub
+from omnitron import kernels
+from omnitron import lora
+from omnitron import models
+from omnitron import quantize
+from omnitron import runtime
 import sample
-import sandbox
-import scaling
-import self_reward
-import tasks
-import tokenization
+from experiments.phi import sandbox
+from experiments.scaling import fits as scaling
+from omnitron import self_reward
+from omnitron import tasks
+from omnitron import tokenization
 import train
-from kernels import compile_check, performer
-from kernels import flash_attention as fa
-from kernels.flash_attention import flash_attention
-from models import gpt, llama, phi, qwen, switch
-from tokenization import CharTokenizer
+from omnitron.kernels import compile_check, performer
+from omnitron.kernels import flash_attention as fa
+from omnitron.kernels.flash_attention import flash_attention
+from omnitron.models import gpt, llama, phi, qwen, switch
+from omnitron.tokenization import CharTokenizer
 # transformers and peft are imported on first use, by hf_class and peft_api below: imported here,
 # they would add 2 s and 8 s to every collection (pytest --collect-only: 5 s without them)
 
@@ -512,7 +512,7 @@ def copied_from_problems(text, where):
         markers += 1
         file, name = match.groups()
         if file not in sources:
-            sources[file] = definitions((ROOT / "models" / f"{file}.py").read_text())
+            sources[file] = definitions((ROOT / "omnitron" / "models" / f"{file}.py").read_text())
         origin = sources[file].get(name)
         if here.get(i + 1, (None,))[0] != name:
             problems.append(f"{where}:{i}: the marker is not right above the definition of {name}")
@@ -1207,7 +1207,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
     for module in pkgutil.iter_modules(kernels.__path__):
         if module.name == "compile_check":
             continue
-        for name, obj in vars(importlib.import_module(f"kernels.{module.name}")).items():
+        for name, obj in vars(importlib.import_module(f"omnitron.kernels.{module.name}")).items():
             if isinstance(obj, kernel_types) and name.endswith("_kernel"):
                 defined.add(name)
     jobs = compile_check.jobs()
@@ -1694,11 +1694,11 @@ def test_loss_is_the_fp32_cross_entropy_of_bf16_logits(name, device):
 def test_copied_from_markers_match_their_source():
     counts = {}
     for name in models.available():
-        counts[name], problems = copied_from_problems((ROOT / "models" / f"{name}.py").read_text(), f"models/{name}.py")
+        counts[name], problems = copied_from_problems((ROOT / "omnitron" / "models" / f"{name}.py").read_text(), f"models/{name}.py")
         assert not problems
     assert counts["qwen"] >= 10 and counts["phi"] >= 5  # the copies are marked
     # an edit to one copy is caught, and so is a marker that has moved away from its definition
-    text = (ROOT / "models" / "qwen.py").read_text()
+    text = (ROOT / "omnitron" / "models" / "qwen.py").read_text()
     edited = text.replace("xf.pow(2).mean(-1, keepdim=True)", "xf.square().mean(-1, keepdim=True)")
     assert edited != text and copied_from_problems(edited, "qwen.py")[1] == [
         f"qwen.py:{text.splitlines().index('# Copied from models/llama.py:RMSNorm') + 1}: RMSNorm differs from "
@@ -3287,7 +3287,7 @@ def test_train_from_scratch_and_fine_tune_a_hugging_face_checkpoint(corpus, tmp_
     name = {"llama": "llama", "qwen3": "qwen", "phi": "phi"}[family]
     train.main(train_args(corpus, tmp_path, "scratch", model=name, max_iters=2, eval_interval=2,
                           dropout=0.1 if name == "phi" else None, n_kv_head=1))
-    assert type(models.from_pretrained(tmp_path / "scratch")).__module__ == f"models.{name}"
+    assert type(models.from_pretrained(tmp_path / "scratch")).__module__ == f"omnitron.models.{name}"
     # a Hugging Face checkpoint: transformers' weights and a tokenizers-made tokenizer.json
     hf_dir = tmp_path / "hf"
     hf_model(family, vocab_size=512).save_pretrained(hf_dir)
@@ -3906,9 +3906,9 @@ BAD_INVOCATIONS = [
     (["bench.py", "lora", "--lora_rank", "x"], "invalid int value"),
     (["bench.py", "curves"], "required: runs"),
     (["bench.py", "curves", "/nonexistent/run"], "no log.jsonl"),
-    (["-m", "kernels.compile_check", "--bogus"], "unrecognized arguments"),
-    (["-m", "kernels.compile_check", "--targets", "x"], "--targets"),
-    (["-m", "kernels.compile_check", "--targets", "70"], "sm_70"),
+    (["-m", "omnitron.kernels.compile_check", "--bogus"], "unrecognized arguments"),
+    (["-m", "omnitron.kernels.compile_check", "--targets", "x"], "--targets"),
+    (["-m", "omnitron.kernels.compile_check", "--targets", "70"], "sm_70"),
     # sampling settings out of range (sample.py refuses them before loading anything)
     (["sample.py", "--temperature", "-1"], "temperature must be >= 0"),
     (["sample.py", "--top_p", "1.5"], "top_p must be between 0 and 1"),
@@ -3958,7 +3958,7 @@ def test_user_errors_are_one_error_line_and_exit_1(argv, message, tmp_path_facto
 
 
 @pytest.mark.parametrize("argv", [["sample.py", "--top_p", "2"], ["bench.py", "speed", "--model"],
-                                  ["-m", "kernels.compile_check", "--targets", "x"]])
+                                  ["-m", "omnitron.kernels.compile_check", "--targets", "x"]])
 def test_user_errors_through_the_interpreter(argv):
     """The same, as a separate process: nothing else (a warning, a traceback) reaches stderr."""
     r = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -4284,7 +4284,7 @@ def test_scaling_sweep_end_to_end_then_from_the_cache(tmp_path, capsys):
 
 
 def test_scaling_user_errors(tmp_path):
-    from runtime import UserError
+    from omnitron.runtime import UserError
     with pytest.raises(UserError, match="n_layer x n_embd"):
         bench.main(["scaling", "--sizes", "big", "--out", str(tmp_path)])
     with pytest.raises(UserError, match="window"):
@@ -4882,7 +4882,7 @@ def test_triton_window_skips_key_blocks_forward_and_backward():
     float64 dense reference; then keys and values poisoned with NaN in the key blocks that lie
     outside every query's window: a kernel that only masked them would read 0 * NaN = NaN; ours
     never visits them (loop bounds), so everything stays finite and equal."""
-    from kernels.flash_attention import _INTERPRETER_CONFIG, flash_attention
+    from omnitron.kernels.flash_attention import _INTERPRETER_CONFIG, flash_attention
     block_n = _INTERPRETER_CONFIG[1]
     T, S, W = 40, 168, 10  # one query block (BLOCK_M 64) after 128 cached keys
     q, k, v = (t.float().requires_grad_() for t in qkv(B=1, Hq=2, Hkv=1, T=T, S=S, D=16))
@@ -5483,7 +5483,7 @@ def test_gpt_copies_of_llama_rope_code_are_marked_and_checked():
     """The rope code gpt.py shares with llama.py is marked, so test_copied_from_markers_match_their_source
     keeps the copies equal to llama.py's."""
     from test_all import copied_from_problems
-    text = (ROOT / "models" / "gpt.py").read_text()
+    text = (ROOT / "omnitron" / "models" / "gpt.py").read_text()
     count, problems = copied_from_problems(text, "models/gpt.py")
     assert not problems
     for name in ("rope_frequencies", "rope_tables", "_rope_config", "_rope_parameters", "apply_rope"):
@@ -5513,7 +5513,7 @@ def test_position_losses_equal_prefix_forwards_in_float64():
 
 
 def test_val_windows_and_unigram_entropy(tmp_path):
-    import data
+    from omnitron import data
     (tmp_path / "c.txt").write_text("abcab" * 400)
     ds = data.prepare(str(tmp_path / "c.txt"), "char", str(tmp_path / "d"), quiet=True)
     x, y = bench.val_windows(ds, 30, 4)

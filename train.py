@@ -37,17 +37,17 @@ from pathlib import Path
 
 import torch
 
-import data
-import dpo
-import kernels
-import lora
-import models
-import runtime
-import self_reward
-import tokenization
-from generation import stream
-from kernels import performer
-from runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
+from omnitron import data
+from omnitron import dpo
+from omnitron import kernels
+from omnitron import lora
+from omnitron import models
+from omnitron import runtime
+from omnitron import self_reward
+from omnitron import tokenization
+from omnitron.generation import stream
+from omnitron.kernels import performer
+from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
 
 TRAIN_FLAGS = [
     # (name, default, help)

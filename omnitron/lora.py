@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from runtime import atomic_write, read_json
+from omnitron.runtime import atomic_write, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before our module names

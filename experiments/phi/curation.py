@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_write
+from omnitron.runtime import UserError, atomic_write
 
 VOCAB = "\n" + "".join(chr(c) for c in range(32, 127))  # the comparison's characters
 # Well-documented, self-contained modules: the in-domain side of Moore-Lewis (kept in the train split).
@@ -381,7 +381,7 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     (the caller's: bench.py trains a small phi.py). Two are trained: on the deduplicated pool
     (the classifier's embeddings, and Moore-Lewis' general side) and on REFERENCE_MODULES' functions
     (Moore-Lewis' in-domain side)."""
-    import exercises as ex_mod
+    from experiments.phi import exercises as ex_mod
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     man = Manifest()

@@ -33,7 +33,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from runtime import atomic_write
+from omnitron.runtime import atomic_write
 
 UNSCRAMBLE = "Please unscramble the letters into a word, and write that word:"  # GPT-3's (§3.9.2, Figure G.*)
 ARITHMETIC = {  # name: (digits, operator word, description)

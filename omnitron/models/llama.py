@@ -1,19 +1,18 @@
-"""Qwen2 / Qwen2.5 (Qwen Team 2024) and Qwen3 (Qwen Team 2025): Llama's architecture with two twists.
+"""Llama (Touvron et al. 2023: Llama 1 and 2; Grattafiori et al. 2024: Llama 3, 3.1, 3.2).
 
 Reads top to bottom: config, building blocks, model, generation hooks, Hugging Face import/export.
 
   x = embed_tokens(idx)
   for each of n_layer blocks:   x = x + attn(rmsnorm(x));   x = x + mlp(rmsnorm(x))   (pre-norm)
-  logits = rmsnorm(x) @ lm_head^T                               (tied to embed in the small sizes)
+  logits = rmsnorm(x) @ lm_head^T                                        (tied or untied to embed)
 
-As in Llama: RMSNorm, a SwiGLU MLP, rotary embeddings (rope_theta 1e6) and grouped-query attention.
-  qwen2  (Qwen2, Qwen2.5) biases on the q, k and v projections, and only there.
-  qwen3  no biases (unless attention_bias); an RMSNorm over each head of q and of k (q_norm,
-         k_norm) before the rotary embedding; head_dim set on its own (128 for every size), so
-         n_head * head_dim may differ from n_embd.
+GPT-2's recipe with four changes: RMSNorm instead of LayerNorm (Zhang & Sennrich 2019), a SwiGLU MLP
+(Shazeer 2020), rotary position embeddings on q and k (Su et al. 2021) instead of a position table,
+and grouped-query attention (Ainslie et al. 2023): n_kv_head key/value heads, each shared by
+n_head / n_kv_head query heads (n_kv_head = n_head: multi-head; 1: multi-query). Long-context
+checkpoints rescale the rotary frequencies (rope_type: linear, dynamic, yarn, llama3).
 Module and tensor names are Hugging Face's, so checkpoints load key for key.
 """
-import json
 import math
 from dataclasses import dataclass
 
@@ -21,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hub
-from kernels import KVCache, attention
+from omnitron import hub
+from omnitron.kernels import KVCache, attention
 
 
 # ----------------------------------------------------------------------------- config
@@ -30,28 +29,24 @@ from kernels import KVCache, attention
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
-VARIANTS = ("qwen2", "qwen3")  # the Hugging Face model_type of each
-
-
 @dataclass
 class Config:
-    # Defaults: a small model that trains on a laptop CPU in minutes. Qwen2.5-0.5B is qwen2 with
-    # vocab_size=151936, block_size=32768, n_layer=24, n_head=14, n_kv_head=2, n_embd=896,
-    # intermediate_size=4864; Qwen3-0.6B is qwen3 with n_layer=28, n_head=16, n_kv_head=8, n_embd=1024,
-    # head_dim=128, intermediate_size=3072; both tied.
-    vocab_size: int = 151936
-    block_size: int = 32768         # max_position_embeddings: the default cache length, dynamic's original context
+    # Defaults: a small model that trains on a laptop CPU in minutes. Llama 2 7B is vocab_size=32000,
+    # block_size=4096, n_layer=32, n_head=32, n_kv_head=32, n_embd=4096, intermediate_size=11008;
+    # Llama 3 8B has vocab_size=128256, n_kv_head=8, intermediate_size=14336, rope_theta=500000.
+    vocab_size: int = 32000
+    block_size: int = 2048          # max_position_embeddings: the default cache length, dynamic's original context
     n_layer: int = 4
     n_head: int = 4
     n_kv_head: int = 2              # key/value heads: n_head is multi-head attention, 1 multi-query
     n_embd: int = 128
     head_dim: int = 0               # 0: n_embd // n_head
     intermediate_size: int = 352    # SwiGLU width (about 8/3 n_embd)
-    variant: str = "qwen3"          # qwen2: q, k, v biases | qwen3: q_norm and k_norm
-    attention_bias: bool = False    # qwen3's option: biases on q, k, v and o
-    rms_norm_eps: float = 1e-6
-    tie_embeddings: bool = True     # lm_head shares embed_tokens' matrix (the small sizes)
-    rope_theta: float = 1000000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True     # lm_head shares embed_tokens' matrix (Llama 3.2 1B/3B); Llama 2, 3 8B: untied
+    attention_bias: bool = False    # biases on q, k, v and o
+    mlp_bias: bool = False          # biases on the MLP's three matrices
+    rope_theta: float = 10000.0
     rope_type: str = "default"      # default | linear | dynamic | yarn | llama3 (see rope_frequencies)
     rope_factor: float = 1.0        # s: how many times the context is extended
     rope_original_max_len: int = 0  # yarn, llama3: the pretraining context; 0: block_size
@@ -60,9 +55,6 @@ class Config:
     rope_beta_fast: float = 32.0    # yarn
     rope_beta_slow: float = 1.0     # yarn
     rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0: 0.1 ln(s) + 1
-    sliding_window: int = 0         # W: windowed layers' queries see the last W positions (0: none; HF use_sliding_window)
-    max_window_layers: int = 0      # transformers' rule: layers from this index on are windowed (layer_types empty)
-    layer_types: str = ""           # comma-separated full_attention / sliding_attention per layer; empty: the rule above
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.n_embd // self.n_head
@@ -75,31 +67,10 @@ class Config:
             raise ValueError(f"rope_type must be {', '.join(ROPE_TYPES)}; not {self.rope_type!r}")
         if self.rope_type != "default" and not self.rope_factor > 0:
             raise ValueError(f"rope_factor must be positive for rope_type {self.rope_type}, not {self.rope_factor}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be {' or '.join(VARIANTS)}; not {self.variant!r}")
-        if self.variant == "qwen2" and self.attention_bias:
-            raise ValueError("attention_bias is a qwen3 option (qwen2 has biases on q, k and v, always)")
-        types = self.layer_types.split(",") if self.layer_types else []
-        if types and (len(types) != self.n_layer or set(types) - {"full_attention", "sliding_attention"}):
-            raise ValueError(f"layer_types must name full_attention or sliding_attention for each of the {self.n_layer} "
-                             f"layers; not {self.layer_types!r}")
-        if self.sliding_window < 0:
-            raise ValueError(f"sliding_window must be 0 (none) or more, not {self.sliding_window}")
-
-    def layer_window(self, layer):
-        """This layer's sliding window (transformers' Qwen2Config: layer_types, or else the layers from
-        max_window_layers on), 0 for a full layer of a windowed model, or None without sliding_window
-        (then kernels' --attn_window applies)."""
-        if not self.sliding_window:
-            return None
-        types = self.layer_types.split(",") if self.layer_types else None
-        windowed = types[layer] == "sliding_attention" if types else layer >= self.max_window_layers
-        return self.sliding_window if windowed else 0
 
 
 # ----------------------------------------------------------------------------- building blocks
 
-# Copied from models/llama.py:rope_frequencies
 def rope_frequencies(config, dim, seq_len, device=None):
     """Rotary inverse frequencies theta^(-2i/dim), i < dim/2 (RoFormer), rescaled for a longer context
     by config.rope_type, and the factor that multiplies cos and sin. The formulas of transformers'
@@ -137,7 +108,6 @@ def rope_frequencies(config, dim, seq_len, device=None):
     return inv_freq, 1.0
 
 
-# Copied from models/llama.py:rope_tables
 def rope_tables(config, dim, pos, seq_len):
     """cos and sin of the rotary angles p * inv_freq for positions pos (1 or B, T), shaped
     (1 or B, 1, T, dim) to broadcast over heads; rotate-half layout (pair i is dimensions i and
@@ -148,14 +118,12 @@ def rope_tables(config, dim, pos, seq_len):
     return angles.cos() * scale, angles.sin() * scale
 
 
-# Copied from models/llama.py:apply_rope
 def apply_rope(x, cos, sin):
     """Rotate each (x_i, x_{i+d/2}) pair of the head dimension by its angle."""
     x1, x2 = x.chunk(2, dim=-1)
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-# Copied from models/llama.py:RMSNorm
 class RMSNorm(nn.Module):
     """weight * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019), normalised in fp32."""
 
@@ -171,32 +139,23 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Grouped-query attention: n_head query heads, n_kv_head key/value heads (the kernel shares
-    each key/value head among n_head / n_kv_head consecutive query heads). Qwen3 normalises each
-    head of q and k with its own RMSNorm (q_norm, k_norm) before the rotary embedding."""
+    each key/value head among n_head / n_kv_head consecutive query heads)."""
 
     def __init__(self, config, layer):
         super().__init__()
         self.head_dim, self.layer = config.head_dim, layer
-        self.window = config.layer_window(layer)  # Qwen2's sliding_window on this layer (None: --attn_window's)
-        C, D = config.n_embd, config.head_dim
-        qkv_bias = config.variant == "qwen2" or config.attention_bias
-        self.q_proj = nn.Linear(C, config.n_head * D, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=qkv_bias)
-        self.o_proj = nn.Linear(config.n_head * D, C, bias=config.attention_bias)
-        self.qk_norm = config.variant == "qwen3"
-        if self.qk_norm:
-            self.q_norm = RMSNorm(D, config.rms_norm_eps)
-            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        C, D, bias = config.n_embd, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(C, config.n_head * D, bias=bias)
+        self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=bias)
+        self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=bias)
+        self.o_proj = nn.Linear(config.n_head * D, C, bias=bias)
 
     def forward(self, x, rope, cache=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache, window=self.window)
+        y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -205,16 +164,15 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        C, H = config.n_embd, config.intermediate_size
-        self.gate_proj = nn.Linear(C, H, bias=False)
-        self.up_proj = nn.Linear(C, H, bias=False)
-        self.down_proj = nn.Linear(H, C, bias=False)
+        C, H, bias = config.n_embd, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-# Copied from models/llama.py:Block
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -242,7 +200,6 @@ def cross_entropy(logits, targets):
 # ----------------------------------------------------------------------------- model
 
 class Model(nn.Module):
-    # Copied from models/llama.py:Model.__init__
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -258,13 +215,12 @@ class Model(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        """As transformers initialises Qwen: N(0, 0.02) matrices, zero biases, unit norms."""
+        """As transformers initialises Llama: N(0, 0.02) matrices, zero biases, unit norms."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    # Copied from models/llama.py:Model.forward
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
@@ -288,28 +244,23 @@ class Model(nn.Module):
 
     FAN_IN_FAN_OUT = ()  # names of the weights that Hugging Face's files store transposed: none
 
-    # Copied from models/llama.py:Model.max_positions
     @property
     def max_positions(self):
         """None: rotary positions are computed for any length (block_size is the default cache length)."""
         return None
 
-    # Copied from models/llama.py:Model.fsdp_units
     def fsdp_units(self):
         """The modules that FSDP shards one by one, bottom-up (the root is sharded last, by train.py)."""
         return list(self.model.layers)
 
-    # Copied from models/llama.py:Model.aux_losses
     def aux_losses(self):
         """Auxiliary losses of the last forward, by name: none in a dense model."""
         return {}
 
-    # Copied from models/llama.py:Model.aux_metrics
     def aux_metrics(self):
         """Statistics of the last forward to log, not to train on (a router's dropped tokens): none here."""
         return {}
 
-    # Copied from models/llama.py:Model.convert_kv_heads
     @torch.no_grad()
     def convert_kv_heads(self, n_kv_head):
         """Grouped-query attention from a checkpoint with more key/value heads (Ainslie et al. 2023,
@@ -334,7 +285,6 @@ class Model(nn.Module):
 
     # ------------------------------------------------------------------ counts
 
-    # Copied from models/llama.py:Model.num_params
     def num_params(self, non_embedding=True):
         """Parameters (tied weights once); without the token embedding when non_embedding, unless it
         is tied to lm_head (then it is the output layer's matrix, which costs compute)."""
@@ -343,7 +293,6 @@ class Model(nn.Module):
             n -= self.model.embed_tokens.weight.numel()
         return n
 
-    # Copied from models/llama.py:Model.flops_per_token
     def flops_per_token(self, seq_len):
         """Training FLOPs (forward + backward) per token: 6 per weight of every matrix product,
         plus the attention scores and their weighted sum, 12 * n_layer * n_head * head_dim * seq_len
@@ -354,12 +303,10 @@ class Model(nn.Module):
     # ------------------------------------------------------------------ generation hooks
 
     def init_cache(self, batch_size, max_len=None, dtype=None, device=None, pad=None, static=False):
-        """An empty kernels.KVCache for this model (pad and static: see there); windowed layers keep a
-        rolling buffer of their last sliding_window - 1 positions."""
+        """An empty kernels.KVCache for this model (pad and static: see there)."""
         cfg, p = self.config, self.lm_head.weight
         return KVCache(cfg.n_layer, batch_size, cfg.n_kv_head, max_len or cfg.block_size, cfg.head_dim,
-                       dtype or p.dtype, device or p.device, pad=pad, static=static,
-                       windows=[cfg.layer_window(i) for i in range(cfg.n_layer)])
+                       dtype or p.dtype, device or p.device, pad=pad, static=static)
 
     # ------------------------------------------------------------------ LoRA targets (lora.py)
     # --lora_targets' common names -> this file's linear layers, as module-name suffixes (PEFT's
@@ -368,56 +315,43 @@ class Model(nn.Module):
                     "mlp": ["gate_proj", "up_proj", "down_proj"]}
 
     # ------------------------------------------------------------------ Hugging Face import / export
-    # Tensor names are transformers' Qwen2ForCausalLM's and Qwen3ForCausalLM's: model.embed_tokens.weight,
-    # model.layers.N.self_attn.{q,k,v,o}_proj.*, model.layers.N.self_attn.{q,k}_norm.weight (qwen3),
-    # model.layers.N.mlp.{gate,up,down}_proj.weight, model.layers.N.{input,post_attention}_layernorm.weight,
-    # model.norm.weight, lm_head.weight (absent when tied).
+    # Tensor names are transformers' LlamaForCausalLM's: model.embed_tokens.weight,
+    # model.layers.N.self_attn.{q,k,v,o}_proj.*, model.layers.N.mlp.{gate,up,down}_proj.*,
+    # model.layers.N.{input,post_attention}_layernorm.weight, model.norm.weight, lm_head.weight
+    # (absent when tied). Early Llama 2 conversions also carry rotary_emb.inv_freq buffers (ignored).
 
     @classmethod
     def from_pretrained(cls, directory, dtype=None, device="cpu"):
         """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
         in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
         hf = hub.read_config(directory)
-        variant = hf.get("model_type")
-        if variant not in VARIANTS:
-            raise ValueError(f"{directory}/config.json has model_type {variant!r}, not 'qwen2' or 'qwen3'")
+        if hf.get("model_type") != "llama":
+            raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'llama'")
         hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
-        window = hf.get("sliding_window") or 0 if hf.get("use_sliding_window") else 0  # transformers: None without
-        if not window and any(t != "full_attention" for t in hf.get("layer_types") or []):
-            raise ValueError(f"{directory}/config.json: layer_types {json.dumps(hf['layer_types'])} without "
-                             "use_sliding_window and a sliding_window is not supported")
-        # without head_dim: transformers' Qwen3Config default, 128; qwen2 n_embd // n_head
-        default_head_dim = 128 if variant == "qwen3" else 0
-        config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 32768),
+        config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                         n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                        n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or default_head_dim,
-                        intermediate_size=hf["intermediate_size"], variant=variant,
-                        attention_bias=variant == "qwen3" and hf.get("attention_bias", False),
-                        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=hf.get("tie_word_embeddings", False),
-                        sliding_window=window, max_window_layers=hf.get("max_window_layers", 28),
-                        layer_types=",".join(hf.get("layer_types") or []) if window else "",
+                        n_embd=hf["hidden_size"], head_dim=hf.get("head_dim") or 0,
+                        intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                        tie_embeddings=hf.get("tie_word_embeddings", False),
+                        attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
-        hub.load_weights(model, directory, dtype, device)
+        hub.load_weights(model, directory, dtype, device,
+                         rename=lambda key: None if key.endswith("rotary_emb.inv_freq") else key)
         config.tie_embeddings = model.lm_head.weight is model.model.embed_tokens.weight  # hub.load_weights may untie
         return model
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' Qwen2ForCausalLM or Qwen3ForCausalLM
-        loads (hub.write)."""
+        """config.json + model.safetensors that transformers' LlamaForCausalLM loads (hub.write)."""
         cfg = self.config
-        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[cfg.variant]
-        hf = {"model_type": cfg.variant, "architectures": [architecture], "vocab_size": cfg.vocab_size,
+        hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
               "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-              "attention_bias": cfg.attention_bias, "attention_dropout": 0.0,
-              "use_sliding_window": bool(cfg.sliding_window), "sliding_window": cfg.sliding_window or None,
-              "max_window_layers": cfg.max_window_layers,
-              "layer_types": ["full_attention" if not cfg.layer_window(i) else "sliding_attention" for i in range(cfg.n_layer)],
+              "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias, "attention_dropout": 0.0,
               "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
               "bos_token_id": None, "eos_token_id": None,
               "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
@@ -426,33 +360,25 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- config.json
 
-# Every key of transformers' Qwen2Config and Qwen3Config (beyond hub.COMMON_KEYS), and what
-# from_pretrained does with it (hub.HONOURED, INERT, TRAINING, CHECKED; a tuple: the values honoured,
-# any other refused in one line).
+# Every key of transformers' LlamaConfig (beyond hub.COMMON_KEYS), and what from_pretrained does with
+# it (hub.HONOURED, INERT, TRAINING; a tuple: the values honoured, any other refused in one line).
 CONFIG_KEYS = {
     "vocab_size": hub.HONOURED, "hidden_size": hub.HONOURED, "intermediate_size": hub.HONOURED,
     "num_hidden_layers": hub.HONOURED, "num_attention_heads": hub.HONOURED, "num_key_value_heads": hub.HONOURED,
-    "head_dim": hub.HONOURED,             # qwen2 reads it too when it is there (as transformers does)
-    "rms_norm_eps": hub.HONOURED,
-    "attention_bias": hub.HONOURED,       # qwen3's; qwen2 has q, k, v biases always and ignores the key, as there
-    "tie_word_embeddings": hub.HONOURED,  # Config.tie_embeddings (default false)
+    "head_dim": hub.HONOURED, "rms_norm_eps": hub.HONOURED, "attention_bias": hub.HONOURED, "mlp_bias": hub.HONOURED,
+    "tie_word_embeddings": hub.HONOURED,   # Config.tie_embeddings (default false)
     "max_position_embeddings": hub.HONOURED,  # Config.block_size: dynamic scaling's original context
     "hidden_act": ("silu",),              # the SwiGLU gate: other activations are not implemented
-    # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): sub-keys in hub.ROPE_KEYS
+    # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): its sub-keys in
+    # hub.ROPE_KEYS; a top-level original_max_position_embeddings overrides the one inside (as there)
     "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
     "original_max_position_embeddings": hub.HONOURED,
-    # sliding-window attention (Config.sliding_window, layer_window): with use_sliding_window true, the
-    # layers that layer_types names sliding_attention (or, without it, those from max_window_layers on)
-    # see the last sliding_window positions; without it sliding_window and max_window_layers act
-    # nowhere and a layer_types entry other than full_attention is refused (as transformers computes it)
-    "use_sliding_window": hub.CHECKED, "layer_types": hub.CHECKED,
-    "sliding_window": hub.CHECKED, "max_window_layers": hub.CHECKED,
+    "pretraining_tp": hub.INERT,          # transformers 5 reads it nowhere (earlier: the same products, sliced)
     "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied
 }
 ROPE_KEYS = hub.ROPE_KEYS
 
 
-# Copied from models/llama.py:_rope_config
 def _rope_config(hf, directory):
     """Our rope_* Config fields from config.json in the Hub's form (top-level rope_theta; rope_scaling
     with `type` or `rope_type`) or transformers 5's (rope_parameters holding rope_theta too), read as
@@ -471,7 +397,6 @@ def _rope_config(hf, directory):
                 rope_attention_factor=rope.get("attention_factor") or 0.0)
 
 
-# Copied from models/llama.py:_rope_parameters
 def _rope_parameters(cfg):
     """transformers 5's rope_parameters for config.json."""
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}

@@ -55,8 +55,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hub
-from kernels import KVCache, attention
+from omnitron import hub
+from omnitron.kernels import KVCache, attention
 
 
 # ----------------------------------------------------------------------------- config

@@ -7,7 +7,7 @@ aux_losses, aux_metrics, FAN_IN_FAN_OUT, LORA_TARGETS, config.head_dim / n_kv_he
 import importlib
 from pathlib import Path
 
-import hub
+from omnitron import hub
 
 # Hugging Face `model_type` -> the file in models/ that implements it
 MODEL_TYPES = {"gpt2": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi",
@@ -23,7 +23,7 @@ def get(name):
     """The module models/NAME.py."""
     if name not in available():
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}")
-    return importlib.import_module(f"models.{name}")
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def from_pretrained(directory, **kwargs):

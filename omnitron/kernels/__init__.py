@@ -112,7 +112,7 @@ def get_window():
 def configure(attn="auto", window=0, performer_features=0, performer_redraw=0):
     """Every attention choice of the command line at once (runtime.add_device_flags' --attn,
     --attn_window, --performer_features, --performer_redraw). ValueError for a bad combination."""
-    from kernels import performer
+    from omnitron.kernels import performer
     if window and attn == "performer":
         raise ValueError("--attn_window and --attn performer do not combine (a window of linear attention "
                          "is not implemented)")
@@ -224,13 +224,13 @@ def triton_attention(q, k, v, causal=True, mask=None, window=0):
     calls go to sdpa."""
     if mask is not None:  # the kernel knows the causal and window rules only; masked calls are decoding steps
         return sdpa_attention(q, k, v, causal, mask)
-    from kernels.flash_attention import flash_attention  # imports triton: only when used
+    from omnitron.kernels.flash_attention import flash_attention  # imports triton: only when used
     return flash_attention(q, k, v, causal=causal, window=window)
 
 
 def performer_attention(q, k, v, causal=True, mask=None, layer=0, cache=None):
     """FAVOR+ (kernels/performer.py; imported when used)."""
-    from kernels import performer
+    from omnitron.kernels import performer
     return performer.performer_attention(q, k, v, causal, mask, layer, cache)
 
 

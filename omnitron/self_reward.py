@@ -48,10 +48,10 @@ from pathlib import Path
 
 import torch
 
-import models
-import tokenization
-from generation import complete
-from runtime import UserError, atomic_write, print_table, read_jsonl, resolve_device, write_jsonl
+from omnitron import models
+from omnitron import tokenization
+from omnitron.generation import complete
+from omnitron.runtime import UserError, atomic_write, print_table, read_jsonl, resolve_device, write_jsonl
 
 # The paper's Figure 2 (LLM-as-a-Judge prompt), adapted: the user's question is the prompt.
 JUDGE_PROMPT = """Review the user's question and the corresponding response using the additive 5-point scoring system \

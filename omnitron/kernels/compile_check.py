@@ -1,7 +1,7 @@
 """Compile every Triton kernel in kernels/ ahead of time for real GPUs, on any machine (no GPU).
 
-    python -m kernels.compile_check                 # sm_80 and sm_90: every autotune config
-    python -m kernels.compile_check --targets 90    # one target
+    python -m omnitron.kernels.compile_check                 # sm_80 and sm_90: every autotune config
+    python -m omnitron.kernels.compile_check --targets 90    # one target
 
 The Triton interpreter (TRITON_INTERPRET=1, how the tests run kernels on a CPU) is not a
 compiler: it runs the Python body with numpy and type-checks nothing that the GPU compiler
@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-import runtime
+from omnitron import runtime
 
 # Max shared memory per block, bytes (CUDA C Programming Guide, "Technical Specifications per
 # Compute Capability": 163 KiB on 8.0 (A100), 227 KiB on 9.0 (H100, H200)).
@@ -62,7 +62,7 @@ WINDOW_JOBS = [("fwd", 0, "bf16", 128, 4096), ("fwd", -1, "fp16", 64, 256), ("dk
 
 def jobs(targets=(80, 90)):
     """Every compile job: (kernel name, target, dtype, head_dim, causal, config or None, window)."""
-    from kernels import flash_attention as fa
+    from omnitron.kernels import flash_attention as fa
     out = []
     passes = targets if len(targets) > 1 else targets * 2  # one target: it takes both passes
     for kernel, table in fa._CONFIGS.items():
@@ -88,7 +88,7 @@ def compile_one(job):
     """Compile one job for its target; returns (job, shared memory bytes or an error line, seconds)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from kernels import flash_attention as fa
+    from omnitron.kernels import flash_attention as fa
     kernel, target, dtype, head_dim, causal, config, window = job
     block_d = max(16, triton.next_power_of_2(head_dim))
     fn = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel,

@@ -28,10 +28,10 @@ import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from runtime import UserError, atomic_write, read_json
+from omnitron.runtime import UserError, atomic_write, read_json
 
 # The data folder: corpora and their tokenized caches (data.py), and tiktoken's files (tiktoken/).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # The split pattern of OpenAI's cl100k_base (GPT-4): contractions, words, 1-3 digit numbers,
 # punctuation runs, newlines and spaces.
 GPT4_SPLIT_PATTERN = (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import kernels
+from omnitron import kernels
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

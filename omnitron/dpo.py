@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lora
-import models
-from evaluation import encode_pair, right_pad, scored_sequence, target_logprobs, truncate
-from runtime import UserError, read_jsonl, unwrap
+from omnitron import lora
+from omnitron import models
+from omnitron.evaluation import encode_pair, right_pad, scored_sequence, target_logprobs, truncate
+from omnitron.runtime import UserError, read_jsonl, unwrap
 
 VAL_FRACTION = 0.1  # the last tenth of the pairs (at least one) is the val split; one pair: both
 

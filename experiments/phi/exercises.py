@@ -21,7 +21,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 
-import sandbox
+from experiments.phi import sandbox
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
                 "twelve"]
@@ -391,7 +391,7 @@ def verify(exercises, **limits):
 def save_jsonl(exercises, path):
     """One JSON object per exercise (family, name, prompt, solution, tests, held_out)."""
     from pathlib import Path
-    from runtime import atomic_write
+    from omnitron.runtime import atomic_write
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text("".join(json.dumps(asdict(e)) + "\n" for e in exercises)))
 
 
