@@ -1,0 +1,83 @@
+"""What the experiments share: a training run reused when its settings match (cached_run), comma-separated
+flag values, the training-run flags, matplotlib when it is installed, and the standalone entry point
+(python -m experiments.NAME)."""
+import json
+import sys
+from pathlib import Path
+
+import train
+from omnitron import data, runtime
+from omnitron.runtime import UserError
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend, or None (and a one-line hint) when
+    matplotlib, an optional dependency, is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(pip install matplotlib for the plot)")
+        return None
+    return plt
+
+
+def comma_list(csv):
+    return [s.strip() for s in csv.split(",") if s.strip()]
+
+
+def layer_width_pairs(spec):
+    """"2x64,4x128" -> [(2, 64), (4, 128)] (n_layer x n_embd)."""
+    try:
+        return [tuple(int(v) for v in s.split("x")) for s in comma_list(spec)]
+    except ValueError:
+        raise UserError(f"--sizes: expected n_layer x n_embd pairs such as 2x64,4x128, not {spec!r}") from None
+
+
+def comma_floats(csv, flag, count=None):
+    """"1e11,2e11" -> [1e11, 2e11]: positive numbers, `count` of them if given; else UserError."""
+    try:
+        values = [float(v) for v in comma_list(csv)]
+    except ValueError:
+        values = []
+    if not values or any(not v >= 0 for v in values) or (count and len(values) != count):
+        raise UserError(f"{flag}: expected {count or 'one or more'} comma-separated numbers, not {csv!r}")
+    return values
+
+
+def cached_run(out, settings, label="", **flags):
+    """train.run(out_dir=out, **flags), or nothing when `out` holds a finished run of the same
+    settings (its settings.json, written last). Returns the run's log.jsonl records."""
+    out = Path(out)
+    done = out / "settings.json"
+    if not (done.is_file() and json.loads(done.read_text()) == settings):
+        print(f"--- {label or out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
+        train.run(out_dir=str(out), **flags)
+        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def add_training_run_flags(p, out, out_help, plot=None):
+    """--data, --data_dir, --threads, --device, --out and (unless plot is None) --plot: the flags of the
+    subcommands that train runs (switch, scaling, positions, performer)."""
+    p.add_argument("--data", default="", help="corpus (empty: Shakespeare's complete works), char-level")
+    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where corpora and their tokenized caches live")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out", default=out, help=out_help)
+    if plot is not None:
+        p.add_argument("--plot", default=plot, help="PNG plot path (empty: none)")
+
+
+def main(experiment, argv=None):
+    """python -m experiments.NAME [flags]: parse the flags that experiment.add_parser registers (the same as
+    bench.py NAME's) and run it; a user error is one `error:` line and exit 1 (runtime.run_cli)."""
+    def _main():
+        sub = runtime.ArgumentParser().add_subparsers()
+        command = experiment.add_parser(sub)
+        command.prog = f"python -m {experiment.__package__}"
+        args = command.parse_args(sys.argv[1:] if argv is None else argv)
+        args.run(args)
+        return 0
+    runtime.run_cli(_main)

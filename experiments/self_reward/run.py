@@ -1,0 +1,265 @@
+"""Self-rewarding language models (Yuan et al. 2024) in miniature: sorting short strings, M1 trained from
+scratch, iterations with the model's own judge against random-pair and checker-pair controls.
+
+  python bench.py self_reward       # or: python -m experiments.self_reward
+
+The write-up, ours beside the paper's: README.md beside this file."""
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import train
+from omnitron import generation, models, runtime, self_reward, tokenization
+from omnitron.runtime import UserError, print_table, resolve_device
+from experiments.common import (pyplot)
+
+
+SORT_JUDGE_TEMPLATE = "rate {prompt}{response}\n"  # the judge's prompt; it answers "Score: k" on the next line
+
+
+def sort_prompt(letters):
+    return f"sort {letters}:"
+
+
+def perturbed(letters, rng, alphabet):
+    """A wrong or right response to sorting `letters`, for the judge's seed examples: the answer, the
+    answer with two neighbours swapped, a letter dropped, a letter doubled, a letter replaced by one
+    not in the input, the input unsorted, or random letters (each equally likely)."""
+    answer = "".join(sorted(letters))
+    i = rng.randrange(len(answer))
+    kind = rng.randrange(7)
+    if kind == 1 and len(answer) > 1:
+        j = min(i, len(answer) - 2)
+        return answer[:j] + answer[j + 1] + answer[j] + answer[j + 2:]
+    if kind == 2:
+        return answer[:i] + answer[i + 1:] or answer[::-1]
+    if kind == 3:
+        return answer[:i] + answer[i] + answer[i:]
+    if kind == 4:
+        others = [c for c in alphabet if c not in letters]
+        return answer[:i] + rng.choice(others) + answer[i + 1:] if others else answer[::-1]
+    if kind == 5:
+        return letters
+    if kind == 6:
+        return "".join(rng.choice(alphabet) for _ in range(rng.randint(1, len(letters) + 1)))
+    return answer
+
+
+def sort_task(folder, args, seed):
+    """The sorting task's files in `folder` (written once per seed): corpus.txt (M1's supervised data:
+    --sr_instructions correct `sort LETTERS:SORTED` lines and --sr_judge_examples judge lines `rate
+    sort LETTERS:RESPONSE` + `Score: k`, the responses perturbed and scored by self_reward.sort_rubric),
+    prompts.jsonl (the self-rewarding prompts; the header names the judge template and the checker)
+    and heldout.jsonl (the evaluation prompts). Every string of letters is used once across all of them."""
+    folder = Path(folder)
+    if (folder / "heldout.jsonl").is_file():
+        return folder
+    rng = random.Random(seed)
+    lo, hi = (int(x) for x in args.lengths.split("-"))
+    n = args.sr_instructions + args.sr_judge_examples + args.prompts + args.heldout
+    seen, strings = set(), []
+    while len(strings) < n:
+        s = "".join(rng.choice(args.alphabet) for _ in range(rng.randint(lo, hi)))
+        if s not in seen:
+            seen.add(s)
+            strings.append(s)
+    a, b, c = args.sr_instructions, args.sr_instructions + args.sr_judge_examples, n - args.heldout
+    lines = [f"{sort_prompt(s)}{''.join(sorted(s))}" for s in strings[:a]]
+    for s in strings[a:b]:
+        response = perturbed(s, rng, args.alphabet)
+        lines.append(SORT_JUDGE_TEMPLATE.replace("{prompt}", sort_prompt(s)).replace("{response}", response)
+                     + f"Score: {self_reward.sort_rubric(s, response)}")
+    rng.shuffle(lines)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"judge_template": SORT_JUDGE_TEMPLATE, "stop": "\n", "judge_stop": "\n", "checker": "sort"}
+    for name, chunk in (("prompts.jsonl", strings[b:c]), ("heldout.jsonl", strings[c:])):
+        runtime.write_jsonl(folder / name, [header] + [{"prompt": sort_prompt(s), "answer": "".join(sorted(s))}
+                                                           for s in chunk])
+    runtime.atomic_write(folder / "corpus.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    return folder
+
+
+@torch.no_grad()
+def heldout_accuracy(model_dir, heldout, device, batch=100):
+    """Exact match of greedy responses (up to the end of the line) to the held-out sorting prompts;
+    cached in the model's folder (heldout_exact.json)."""
+    cache = Path(model_dir) / "heldout_exact.json"
+    if cache.is_file() and json.loads(cache.read_text())["heldout"] == str(heldout):
+        return json.loads(cache.read_text())["exact_match"]
+    model = models.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
+    tokenizer = tokenization.tokenizer_for_model(model_dir, model.config.vocab_size)
+    _, records = self_reward.read_prompts(heldout)
+    right = 0
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        outs = generation.complete(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in chunk], 16, stop="\n",
+                                   temperature=0)
+        right += sum(o == r["answer"] for o, r in zip(outs, chunk))
+    runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(
+        {"heldout": str(heldout), "exact_match": right / len(records)})))
+    return right / len(records)
+
+
+def run(args):
+    """Self-rewarding iterations on sorting short strings (checking is easier than producing): per seed,
+    M1 trained from scratch on the instruction and judge seed data, then --iterations rounds of
+    self-rewarding DPO (train.py --self_reward) with the model's own judge, and the controls: pairs at
+    random, pairs by the exact checker (the upper bound). Held-out exact match of every M_t, and each
+    iteration's judge accuracy and reward gap. Every run is cached in its folder."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    out, rows = Path(args.out_dir), []
+    conditions = [c for c in args.conditions.split(",") if c]
+    if unknown := [c for c in conditions if c not in self_reward.PAIRS_FROM]:
+        raise UserError(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(self_reward.PAIRS_FROM)}")
+    t0 = time.time()
+    for seed in range(args.seeds):
+        folder = sort_task(out / f"seed{seed}" / "task", args, 1000 + seed)
+        m1 = out / f"seed{seed}" / "M1"
+        if not self_reward.finished(m1, args.m1_iters):
+            print(f"--- seed {seed}: M1, {args.m1_iters} steps of supervised training from scratch", flush=True)
+            train.run(model="gpt", out_dir=str(m1), data=str(folder / "corpus.txt"), data_dir=str(out / "data"),
+                      tokenizer="char", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                      block_size=args.block_size, batch_size=32, max_iters=args.m1_iters, learning_rate=3e-3,
+                      warmup_iters=50, eval_interval=args.m1_iters, eval_iters=5, log_interval=max(1, args.m1_iters // 4),
+                      sample_tokens=0, seed=seed, device=device)
+        m1_acc = heldout_accuracy(m1, folder / "heldout.jsonl", device)
+        for condition in conditions:
+            run_dir = out / f"seed{seed}" / f"{condition}-lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
+            print(f"--- seed {seed}, pairs by {condition}: {args.iterations} iterations into {run_dir} "
+                  f"({runtime.format_eta(time.time() - t0)} so far)", flush=True)
+            result = train.run(init_from=str(m1), self_reward=args.iterations, prompts=str(folder / "prompts.jsonl"),
+                               sr_pairs=condition, out_dir=str(run_dir), sr_max_new_tokens=16, sr_judge_tokens=12, block_size=args.block_size,
+                               max_iters=args.dpo_iters, batch_size=args.dpo_batch, learning_rate=args.dpo_lr,
+                               dpo_beta=args.dpo_beta, warmup_iters=0, min_lr=args.dpo_lr, eval_interval=args.dpo_iters,
+                               eval_iters=2, log_interval=args.dpo_iters, seed=seed, device=device)
+            accs = [m1_acc] + [heldout_accuracy(run_dir / f"M{t + 1}", folder / "heldout.jsonl", device)
+                               for t in range(1, args.iterations + 1)]
+            for t, acc in enumerate(accs, 1):
+                it = result["iterations"][t - 1] if t <= len(result["iterations"]) else {}
+                if it:  # the pairs' precision against the checker, from the iteration's files
+                    folder_t = run_dir / f"M{t + 1}"
+                    read = lambda name: [obj for _, obj in runtime.read_jsonl(folder_t / name)]
+                    it["pairs_true_better"] = self_reward.pair_precision(read("judgements.jsonl"), read("pairs.jsonl"),
+                                                                         "\n")[0]
+                rows.append({"seed": seed, "condition": condition, "model": f"M{t}", "heldout_exact": acc,
+                             "judge_accuracy": it.get("judge_pairwise_accuracy"), "reward_gap": it.get("reward_gap"),
+                             "pairs_true_better": it.get("pairs_true_better"),
+                             "pairs": it.get("pairs"), "mean_score": it.get("mean_score"),
+                             "sample_exact": it.get("exact_match"), "malformed": it.get("malformed_judgements")})
+    sweep = lr_sweep(args, out, device) if args.lr_sweep else []
+    print_table(rows, [("seed", "seed", "{}"), ("condition", "pairs by", "{}"), ("model", "model", "{}"),
+                       ("heldout_exact", "held-out exact", "{:.3f}"), ("sample_exact", "samples exact", "{:.3f}"),
+                       ("judge_accuracy", "judge acc", "{:.3f}"), ("mean_score", "self-score", "{:.2f}"),
+                       ("reward_gap", "gap", "{:+.2f}"), ("pairs", "pairs", "{}"),
+                       ("pairs_true_better", "pairs right", "{:.2f}"), ("malformed", "malformed", "{}")])
+    summary = []
+    for condition in conditions:
+        for t in range(1, args.iterations + 2):
+            sel = [r for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+            row = {"condition": condition, "model": f"M{t}"}
+            for key in ("heldout_exact", "judge_accuracy", "reward_gap", "pairs_true_better"):
+                vals = [r[key] for r in sel if r[key] is not None]
+                if vals:
+                    row[key] = statistics.mean(vals)
+                    row[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            summary.append(row)
+    print()
+    print_table(summary, [("condition", "pairs by", "{}"), ("model", "model", "{}"),
+                          ("heldout_exact", "held-out exact (mean)", "{:.3f}"), ("heldout_exact_sd", "sd", "{:.3f}"),
+                          ("judge_accuracy", "judge acc (mean)", "{:.3f}"), ("judge_accuracy_sd", "sd", "{:.3f}"),
+                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}"),
+                          ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
+    runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
+        json.dumps({"rows": rows, "summary": summary, "lr_sweep": sweep, "args": vars(args) | {"run": None}}, indent=1)))
+    if args.plot:
+        plot_self_reward(rows, conditions, args.iterations + 1, args.plot)
+    return summary
+
+
+def plot_self_reward(rows, conditions, n_models, path):
+    """Held-out exact match of M1 .. M_n and the judge's pairwise accuracy of M1 .. M_{n-1}, per
+    condition: the seeds' mean (line) and their range (band)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for condition in conditions:
+        for ax, key, n in ((axes[0], "heldout_exact", n_models), (axes[1], "judge_accuracy", n_models - 1)):
+            values = np.array([[r[key] for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+                               for t in range(1, n + 1)], dtype=float)  # (models, seeds)
+            line, = ax.plot(range(1, n + 1), values.mean(1), marker="o", label=f"pairs by {condition}")
+            ax.fill_between(range(1, n + 1), values.min(1), values.max(1), alpha=0.15, color=line.get_color())
+    axes[0].set(xlabel="model M_t", ylabel="held-out exact match", title="sorting: the model's answers")
+    axes[1].set(xlabel="model M_t (the judge of iteration t)", ylabel="pairwise accuracy vs the checker",
+                title="the model as its own judge")
+    for ax, n in zip(axes, (n_models, n_models - 1)):
+        ax.set_xticks(range(1, n + 1))
+        ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def lr_sweep(args, out, device):
+    """How the DPO learning rate was chosen: one DPO run (--dpo_iters steps) from seed 0's M1 per
+    learning rate of --lr_sweep, on the first iteration's pairs by the judge and by the checker,
+    scored on the self-rewarding prompts (never on the held-out ones)."""
+    seed0, rows = out / "seed0", []
+    settings = f"lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
+    prompts = seed0 / "task" / "prompts.jsonl"
+    for lr in [float(x) for x in args.lr_sweep.split(",")]:
+        for condition in ("judge", "checker"):
+            folder = seed0 / "lr_sweep" / f"{condition}-lr{lr:g}"
+            if not self_reward.finished(folder, args.dpo_iters):
+                train.run(init_from=str(seed0 / "M1"), dpo=str(seed0 / f"{condition}-{settings}" / "M2" / "pairs.jsonl"),
+                          out_dir=str(folder), max_iters=args.dpo_iters, batch_size=args.dpo_batch,
+                          block_size=args.block_size, learning_rate=lr, min_lr=lr, warmup_iters=0, dpo_beta=args.dpo_beta,
+                          eval_interval=args.dpo_iters, eval_iters=2, log_interval=args.dpo_iters, sample_tokens=0,
+                          seed=0, device=device)
+            rows.append({"pairs by": condition, "lr": lr, "prompts_exact": heldout_accuracy(folder, prompts, device)})
+    rows.append({"pairs by": "(M1)", "lr": None, "prompts_exact": heldout_accuracy(seed0 / "M1", prompts, device)})
+    print_table(rows, [("pairs by", "pairs (iteration 1, seed 0)", "{}"), ("lr", "DPO lr", "{:g}"),
+                       ("prompts_exact", "exact on the self-rewarding prompts", "{:.3f}")])
+    return rows
+
+
+def add_parser(sub):
+    """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.self_reward)."""
+    p = sub.add_parser("self_reward", help="self-rewarding language models (Yuan et al. 2024) in miniature: sorting "
+                        "short strings, M1 trained from scratch, N iterations per seed with the model's own judge and "
+                        "the random-pair and checker-pair controls; held-out exact match, judge accuracy, reward gap")
+    p.add_argument("--seeds", type=int, default=3, help="seeds (task data, M1, iterations)")
+    p.add_argument("--iterations", type=int, default=3, help="self-rewarding iterations (M2 .. M(N+1))")
+    p.add_argument("--conditions", default="judge,random,checker", help="how pairs are chosen (train.py --sr_pairs)")
+    p.add_argument("--alphabet", default="abcdefgh", help="the letters of the strings")
+    p.add_argument("--lengths", default="3-6", help="string lengths, LO-HI")
+    p.add_argument("--sr_instructions", type=int, default=300, help="M1's instruction examples (correct sortings)")
+    p.add_argument("--sr_judge_examples", type=int, default=600, help="M1's judge examples (perturbed, rubric-scored)")
+    p.add_argument("--prompts", type=int, default=200, help="self-rewarding prompts per iteration")
+    p.add_argument("--heldout", type=int, default=300, help="held-out evaluation prompts")
+    p.add_argument("--n_layer", type=int, default=2, help="M1: layers")
+    p.add_argument("--n_head", type=int, default=4, help="M1: heads")
+    p.add_argument("--n_embd", type=int, default=64, help="M1: width")
+    p.add_argument("--block_size", type=int, default=64, help="M1: context (characters)")
+    p.add_argument("--m1_iters", type=int, default=1500, help="M1: training steps (batch 32)")
+    p.add_argument("--dpo_iters", type=int, default=40, help="DPO steps per iteration")
+    p.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
+    p.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
+    p.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--lr_sweep", default="", help="comma-separated DPO learning rates to compare on seed 0's first "
+                    "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")
+    p.add_argument("--plot", default="out/self_reward/self_reward.png", help="PNG plot path (empty: none)")
+    p.set_defaults(run=run)
+    return p
+
