@@ -35,23 +35,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from omnitron import data
-from omnitron import generation
-from omnitron import kernels
-from omnitron import lora
-from omnitron import models
-from omnitron import quantize
 import train
-from omnitron import runtime
-from omnitron.runtime import UserError, autocast, print_table, resolve_device, resolve_dtype
+from experiments.common import pyplot, save_figure
+from omnitron import data, generation, kernels, lora, models, quantize, runtime
 from omnitron.generation import generate, speculative_decode
-from experiments.common import pyplot
+from omnitron.runtime import UserError, autocast, print_table, resolve_device, resolve_dtype
 
 # The paper experiments: `bench.py NAME` runs experiments/NAME/run.py (its add_parser and run).
 EXPERIMENTS = ("switch", "positions", "scaling", "performer", "icl", "phi", "self_reward")
 
 
 # ----------------------------------------------------------------------------- measuring
+
 
 def _proc_status_kib(field):
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -109,6 +104,7 @@ def first_call_seconds(fn, device):
 
 
 # ----------------------------------------------------------------------------- attention
+
 
 def attention_flops(B, Hq, T, S, D, causal, backward):
     """Matrix-product FLOPs: q k^T and p v are 2*T*S*D each per head (half under a causal mask);
@@ -300,7 +296,7 @@ def attention_scaling(args, rows, device, dtype):
     if args.plot:
         plot_attention(rows, args.plot, summary["error_vs_m"])
     if args.summary:
-        runtime.atomic_write(Path(args.summary), lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+        runtime.write_json(Path(args.summary), summary, indent=1)
     return summary
 
 
@@ -334,13 +330,11 @@ def plot_attention(rows, path, error_vs_m=None):
         ax.set_yscale("log")
         ax.set(xlabel="random features m", ylabel="relative error vs softmax", title="FAVOR+ error against m")
         ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- models and decoding
+
 
 def build_model(args, device, **overrides):
     """A randomly initialised model of models/<args.model>.py from the model flags in args (and
@@ -582,10 +576,7 @@ def bench_curves(args):
         ax.axhline(args.target, color="gray", linestyle="--", linewidth=1)
     ax.set(xlabel="wall time (s)", ylabel="val loss", title="val loss against wall time")
     ax.legend()
-    fig.tight_layout()
-    Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"plot: {args.plot}")
+    save_figure(fig, args.plot)
     return runs
 
 
@@ -862,7 +853,7 @@ def speculative_on_run(args, device, n_prompts=4, new_tokens=128):
     the same tokenizer), greedy at batch 1 from n_prompts val windows of 16 tokens: acceptance
     (drafted tokens kept; the same in every repetition), tokens/s of the model alone and with the draft (eager), median of
     args.reps round-robin repetitions, and whether the tokens are the model's own."""
-    from sample import load, load_draft
+    from omnitron.checkpoints import load, load_draft
     model, tokenizer = load(args.run_dir, device=device)
     draft = load_draft(args.draft_dir, model, tokenizer, device)
     dataset = data.prepare(args.data or None, tokenizer.spec, quiet=True)
@@ -900,7 +891,7 @@ def quantized_perplexity(args, device):
     """Val-split perplexity of a trained run folder (args.run_dir, its own corpus and tokenizer)
     with fp32, bf16 and int8 weights, on the same args.eval_batches batches; and the greedy-token
     agreement of the quantized models with fp32 over 8 x 128 tokens continuing val windows."""
-    from sample import load
+    from omnitron.checkpoints import load
     model, tokenizer = load(args.run_dir, device=device)
     dataset = data.prepare(args.data or None, tokenizer.spec, quiet=True)
     if dataset.tokenizer.key() != tokenizer.key():
@@ -930,6 +921,7 @@ def quantized_perplexity(args, device):
 
 
 # ----------------------------------------------------------------------------- mixture of experts
+
 
 def bench_moe(args):
     """Dense vs mixture of experts (models/switch.py) at equal active parameters per token: training
@@ -1028,10 +1020,7 @@ def plot_expert_loads(loads, path, title):
     ax.set(xlabel="expert", ylabel="share of assignments", title=f"expert load: {title}")
     ax.set_xticks([e + 0.4 - width / 2 for e in range(n)], [str(e) for e in range(n)])
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def parser(argv=()):

@@ -41,46 +41,14 @@ from pathlib import Path
 
 import torch
 
-from omnitron import evaluation
-from omnitron import lora
-from omnitron import models
-from omnitron import quantize
-from omnitron import runtime
-from omnitron import tokenization
+from omnitron import evaluation, quantize, runtime
+from omnitron.checkpoints import load, load_draft  # noqa: F401 (sample.load: the API before omnitron/checkpoints.py)
 from omnitron.evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
 from omnitron.generation import check_sampling, complete, stream
 from omnitron.runtime import UserError, autocast, resolve_device, resolve_dtype
 from omnitron.tokenization import DEFAULT_DATA_DIR
 
-
 # ----------------------------------------------------------------------------- command line
-
-def load(directory, device="cpu", dtype=None):
-    """A model directory (a training run or a Hugging Face checkpoint) and its tokenizer. A LoRA
-    adapter folder (adapter_config.json) loads its base model and the adapter, merged into it
-    (decoding then costs what the base model costs); the tokenizer is the base model's."""
-    if not Path(directory).is_dir():
-        raise UserError(f"model directory not found: {directory}")
-    adapter = lora.is_adapter(directory)
-    base = lora.base_path(directory) if adapter else directory
-    model = models.from_pretrained(base, dtype=dtype, device=device).eval()
-    if adapter:
-        lora.merge(lora.load_adapter(model, directory))
-    return model, tokenization.tokenizer_for_model(base, model.config.vocab_size)
-
-
-def load_draft(directory, model, tokenizer, device="cpu"):
-    """The draft model of speculative decoding (--draft): a model directory like --out_dir's whose
-    tokenizer is the model's and whose vocabulary has the model's size; else UserError."""
-    if not Path(directory).is_dir():
-        raise UserError(f"draft model directory not found: {directory}")
-    draft, draft_tokenizer = load(directory, device=device)
-    if draft.config.vocab_size != model.config.vocab_size or draft_tokenizer.key() != tokenizer.key():
-        raise UserError(f"the draft model in {directory} has another tokenizer or vocabulary "
-                        f"({draft_tokenizer.key()}, {draft.config.vocab_size} rows) than the model "
-                        f"({tokenizer.key()}, {model.config.vocab_size} rows)")
-    return draft
-
 
 def parser():
     p = runtime.ArgumentParser(description="Generate text from a trained model.")

@@ -37,14 +37,7 @@ from pathlib import Path
 
 import torch
 
-from omnitron import data
-from omnitron import dpo
-from omnitron import kernels
-from omnitron import lora
-from omnitron import models
-from omnitron import runtime
-from omnitron import self_reward
-from omnitron import tokenization
+from omnitron import checkpoints, data, dpo, kernels, lora, models, runtime, self_reward
 from omnitron.generation import stream
 from omnitron.kernels import performer
 from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
@@ -473,8 +466,7 @@ def load_model(flags, out_dir, dtype):
         raise UserError(f"--init_from: no model directory {src}")
     lora_resume = flags["lora_rank"] and flags["init_from"] == "resume"
     base = lora.base_path(out_dir) if lora_resume else src
-    model = models.from_pretrained(base, dtype=torch.float32)
-    tokenizer = tokenization.tokenizer_for_model(base, model.config.vocab_size)
+    model, tokenizer = checkpoints.load(base, dtype=torch.float32)  # back in train mode when fit starts
     if flags["convert_kv_heads"] and flags["init_from"] != "resume":
         if not hasattr(model, "convert_kv_heads"):
             raise UserError(f"--convert_kv_heads: {type(model).__module__} has no key/value heads to convert")

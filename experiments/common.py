@@ -1,6 +1,6 @@
-"""What the experiments share: a training run reused when its settings match (cached_run), comma-separated
-flag values, the training-run flags, matplotlib when it is installed, and the standalone entry point
-(python -m experiments.NAME)."""
+"""What the experiments share: work reused when its settings match (cached, cached_result, cached_run: a
+training run), comma-separated flag values, the training-run flags, matplotlib when it is installed and
+save_figure, and the standalone entry point (python -m experiments.NAME)."""
 import json
 import sys
 from pathlib import Path
@@ -23,7 +23,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path):
+    """Lay out a matplotlib figure, save it to path as a PNG at 120 dpi (its folder made) and say where."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
 def comma_list(csv):
+    """"a, b,,c" -> ["a", "b", "c"]: a comma-separated flag value, blanks dropped."""
     return [s.strip() for s in csv.split(",") if s.strip()]
 
 
@@ -46,15 +55,43 @@ def comma_floats(csv, flag, count=None):
     return values
 
 
+def is_cached(marker, settings, *needed):
+    """Whether the JSON file `marker` holds `settings` and every path in `needed` exists (see cached)."""
+    marker = Path(marker)
+    return marker.is_file() and json.loads(marker.read_text()) == settings and all(Path(p).exists() for p in needed)
+
+
+def cached(marker, settings, make, *needed):
+    """Call make() unless the JSON file `marker` already holds `settings` and every path in `needed` exists;
+    after make(), write `settings` to `marker`, last, so that an interrupted make() is done again.
+    Returns whether make() ran."""
+    if is_cached(marker, settings, *needed):
+        return False
+    make()
+    runtime.write_json(marker, settings)
+    return True
+
+
+def cached_result(path, settings, compute):
+    """compute()'s result (JSON-serialisable), stored in `path` as {"settings", "result"} and read back
+    while the stored settings equal `settings`."""
+    path = Path(path)
+    if path.is_file() and (stored := json.loads(path.read_text())).get("settings") == settings:
+        return stored["result"]
+    result = compute()
+    runtime.write_json(path, {"settings": settings, "result": result}, indent=1)
+    return result
+
+
 def cached_run(out, settings, label="", **flags):
     """train.run(out_dir=out, **flags), or nothing when `out` holds a finished run of the same
     settings (its settings.json, written last). Returns the run's log.jsonl records."""
     out = Path(out)
-    done = out / "settings.json"
-    if not (done.is_file() and json.loads(done.read_text()) == settings):
+
+    def train_it():
         print(f"--- {label or out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
         train.run(out_dir=str(out), **flags)
-        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))
+    cached(out / "settings.json", settings, train_it)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 

@@ -1,5 +1,5 @@
 """Few-shot evaluation, GPT-3's way (Brown et al. 2020, §2 and §3), with lm-evaluation-harness's
-request semantics: k-shot scoring of any model that sample.load loads (a run folder, a Hugging Face
+request semantics: k-shot scoring of any model that checkpoints.load loads (a run folder, a Hugging Face
 model directory, a LoRA adapter). A library module: sample.py --eval and bench.py icl use it.
 
 Prompts. A task (read_task) has a train and a test split. For a test item, K demonstrations are

@@ -207,6 +207,13 @@ def read_json(path):
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
 
+def write_json(path, obj, **dumps_kwargs):
+    """Write obj as JSON to path atomically (atomic_write): a reader sees the old file or the new one,
+    never half of one. dumps_kwargs (indent, default, ...) go to json.dumps."""
+    body = json.dumps(obj, **dumps_kwargs)
+    atomic_write(Path(path), lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
+
+
 def atomic_write(path, write_fn):
     """Call write_fn(tmp_path) on a temporary file beside `path`, then rename it onto `path`:
     readers never see half a file (used for every checkpoint and cache file)."""

@@ -48,8 +48,7 @@ from pathlib import Path
 
 import torch
 
-from omnitron import models
-from omnitron import tokenization
+from omnitron import checkpoints
 from omnitron.generation import complete
 from omnitron.runtime import UserError, atomic_write, print_table, read_jsonl, resolve_device, write_jsonl
 
@@ -334,8 +333,7 @@ def run(flags, module, train_fn):
     for t in range(1, f["self_reward"] + 1):
         folder = out_dir / f"M{t + 1}"
         if not (folder / "pairs.jsonl").is_file():
-            model = models.from_pretrained(current, dtype=torch.float32, device=device).eval()
-            tokenizer = tokenization.tokenizer_for_model(current, model.config.vocab_size)
+            model, tokenizer = checkpoints.load(current, device=device, dtype=torch.float32)
             check_judge_prompt(tokenizer, settings["judge_template"], current)
             generator = torch.Generator(device=device).manual_seed(f["seed"] + t)
             print(f"self-rewarding iteration {t}/{f['self_reward']}: {current} samples {f['sr_candidates']} "

@@ -4,7 +4,6 @@ trained on the corpus mixed with task episodes, exact match against K shots.
   python bench.py icl               # or: python -m experiments.icl
 
 The write-up, ours beside the paper's: README.md beside this file."""
-import json
 import random
 import time
 from pathlib import Path
@@ -12,10 +11,9 @@ from pathlib import Path
 import torch
 
 import train
-from omnitron import data, evaluation, models, runtime, tokenization
+from experiments.common import comma_list, layer_width_pairs, pyplot, save_figure
+from omnitron import checkpoints, data, evaluation, runtime
 from omnitron.runtime import UserError, format_eta, print_table, resolve_device
-from experiments.common import (comma_list, layer_width_pairs,
-                                pyplot)
 
 
 def icl_mixture(args, path):
@@ -82,8 +80,7 @@ def run(args):
                       sample_tokens=0, device=device, dtype="float32", seed=args.seed)
         if not (run / "config.json").is_file():
             raise UserError(f"no trained model in {run}: run without --train false first")
-        model = models.from_pretrained(run, device=device).eval()
-        tokenizer = tokenization.tokenizer_for_model(run, model.config.vocab_size)
+        model, tokenizer = checkpoints.load(run, device=device)
         params = model.num_params()
         for task in eval_tasks:
             for described in (True, False):
@@ -94,8 +91,7 @@ def run(args):
     elapsed = time.time() - t0
     print_icl(rows, shots)
     meta = {**{k: v for k, v in vars(args).items() if k != "run"}, "elapsed_s": round(elapsed, 1)}
-    body = json.dumps({"meta": meta, "results": rows}, indent=1) + "\n"
-    runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(body))
+    runtime.write_json(out / "results.json", {"meta": meta, "results": rows}, indent=1)
     print(f"results: {out / 'results.json'}")
     if args.plot:
         plot_icl(rows, shots, args.plot)
@@ -154,10 +150,7 @@ def plot_icl(rows, shots, path):
                 ax.set(ylabel="perplexity of the answer", yscale="log")
             ax.set(xlabel="number of examples in context (K)", title=f"{name}: {metric}")
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def add_parser(sub):

@@ -4,17 +4,15 @@ attention, val loss and the gap over seeds; softmax swapped for FAVOR+ and fine-
   python bench.py performer         # or: python -m experiments.performer
 
 The write-up, ours beside the paper's: README.md beside this file."""
-import json
 import statistics
 from pathlib import Path
 
 import torch
 
 import train
+from experiments.common import add_training_run_flags, cached_run
 from omnitron import runtime
 from omnitron.runtime import UserError, print_table
-from experiments.common import (add_training_run_flags, cached_run)
-
 
 PERFORMER_ARMS = {  # name -> train.py attention flags; the default Llama otherwise
     "softmax": {"attn": "sdpa"},
@@ -78,7 +76,7 @@ def run(args):
         print(f"backward compatibility (softmax seed 0 -> FAVOR+ m={args.finetune_features}): softmax {softmax[0]:.4f}, "
               f"FAVOR+ swapped in {vals[0][1]:.4f}, after {args.finetune_iters} fine-tuning steps {vals[-1][1]:.4f}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    runtime.write_json(Path(args.out) / "summary.json", summary, indent=1)
     return summary
 
 

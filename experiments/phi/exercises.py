@@ -391,6 +391,7 @@ def verify(exercises, **limits):
 def save_jsonl(exercises, path):
     """One JSON object per exercise (family, name, prompt, solution, tests, held_out)."""
     from pathlib import Path
+
     from omnitron.runtime import atomic_write
     atomic_write(Path(path), lambda tmp: Path(tmp).write_text("".join(json.dumps(asdict(e)) + "\n" for e in exercises)))
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import torch
 
-from omnitron import evaluation, generation, models, runtime, tokenization
+from experiments.common import cached, cached_result, cached_run
+from omnitron import checkpoints, evaluation, generation, models, runtime, tokenization
 from omnitron.runtime import UserError, format_eta, print_table
-from experiments.common import (cached_run)
-
 
 # the compared model: a small phi.py (3 layers, 96 wide, 0.34M non-embedding parameters), character level
 PHI_MODEL = dict(n_layer=3, n_embd=96, n_head=4, n_kv_head=4, intermediate_size=384)
@@ -35,15 +34,16 @@ def phi_init(folder, seed, block_size, **config):
     (curation.VOCAB) saved as a model directory, so that every arm starts from the same weights
     and vocabulary (train.run's --init_from). Reused when it holds the same settings (settings.json)."""
     folder = Path(folder)
-    settings, done = {"seed": seed, "block_size": block_size, **config}, folder / "settings.json"
-    if not ((folder / "model.safetensors").is_file() and done.is_file() and json.loads(done.read_text()) == settings):
+    settings = {"seed": seed, "block_size": block_size, **config}
+
+    def make():
         from experiments.phi import curation
         torch.manual_seed(seed)
         module = models.get("phi")
         model = module.Model(module.Config(vocab_size=len(curation.VOCAB), block_size=block_size, **config))
         model.save_pretrained(folder)
         tokenization.CharTokenizer(curation.VOCAB).save(folder)
-        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(settings)))  # last: the runs from it see it
+    cached(folder / "settings.json", settings, make, folder / "model.safetensors")  # settings last: runs see them
     return folder
 
 
@@ -84,10 +84,8 @@ def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
     the same on new drawings of the training families); (3) code_loss, nats per character of
     random windows of held-out modules."""
-    from experiments.phi import exercises
-    from experiments.phi import sandbox
-    model = models.from_pretrained(run).eval()
-    tok = tokenization.tokenizer_for_model(run, model.config.vocab_size)
+    from experiments.phi import exercises, sandbox
+    model, tok = checkpoints.load(run)
 
     def loss(pairs):
         scores = evaluation.loglikelihoods(model, pairs, batch_size=batch_size, reuse_context=False)
@@ -134,18 +132,16 @@ def run(args):
     data_settings = {"version": 2, **{k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters",
                                                                      "embed_tokens", "exercises_per_family", "stdlib")}}
     curated = curation.Curated(data_folder)
-    done = data_folder / "settings.json"
-    if not (done.is_file() and json.loads(done.read_text()) == data_settings and (data_folder / "manifest.json").is_file()):
+
+    def curate():
         def train_reference(corpus, name):
             init = phi_init(data_folder / f"{name}-init", 0, 128, **PHI_REFERENCE)
             run = _phi_train(args, data_folder / name, init, corpus, args.ref_iters, 3e-3, 0, f"reference {name}",
                              block_size=128, batch_size=16)
-            model = models.from_pretrained(run).eval()
-            return model, tokenization.tokenizer_for_model(run, model.config.vocab_size)
-        curated = curation.build(data_folder, train_reference, embed_tokens=args.embed_tokens,
-                                 keep_fraction=args.keep_fraction, n_label=args.n_label,
-                                 exercises_per_family=args.exercises_per_family, stdlib=args.stdlib or None)
-        runtime.atomic_write(done, lambda tmp: Path(tmp).write_text(json.dumps(data_settings)))
+            return checkpoints.load(run)
+        curation.build(data_folder, train_reference, embed_tokens=args.embed_tokens, keep_fraction=args.keep_fraction,
+                       n_label=args.n_label, exercises_per_family=args.exercises_per_family, stdlib=args.stdlib or None)
+    if cached(data_folder / "settings.json", data_settings, curate, data_folder / "manifest.json"):
         print(f"curation: {format_eta(time.time() - t0)}", flush=True)
     manifest = curated.manifest
     longest = max(len(json.loads(line)[key]) for name, key in (("heldout_functions.jsonl", "body"),
@@ -174,14 +170,8 @@ def run(args):
     for seed in range(args.seeds):
         for arm in arms:
             run = out / phi_arm_run(args, arm, seed)
-            cache = run / "eval.json"
             settings = json.loads((run / "settings.json").read_text())
-            if cache.is_file() and json.loads(cache.read_text()).get("settings") == settings:
-                result = json.loads(cache.read_text())["result"]
-            else:
-                result = phi_evaluate(run, curated, args.gen_tokens)
-                body = json.dumps({"settings": settings, "result": result}, indent=1)
-                runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(body))
+            result = cached_result(run / "eval.json", settings, lambda: phi_evaluate(run, curated, args.gen_tokens))
             rows.append({"arm": arm, "seed": seed, **result})
     tokens = (args.pretrain_iters + args.finetune_iters) * args.batch_size * args.block_size
     print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"), ("body_loss", "(1) body loss", "{:.4f}"),
@@ -207,7 +197,7 @@ def run(args):
             print(f"{key}: {summary[key]}")
     print(f"tokens per arm: {tokens:,}; classifier: {manifest.get('classifier')}")
     path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
-    runtime.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    runtime.write_json(path, summary, indent=1)
     print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
     return summary
 

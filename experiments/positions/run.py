@@ -5,7 +5,6 @@ YaRN): val loss by position up to eval_factor x the training length, at evaluati
 
 The write-up, ours beside the papers': README.md beside this file."""
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -13,10 +12,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from experiments.common import add_training_run_flags, cached_result, cached_run, is_cached, pyplot, save_figure
 from omnitron import data, models, runtime, tokenization
 from omnitron.runtime import UserError, format_eta, print_table, resolve_device
-from experiments.common import (add_training_run_flags, cached_run, pyplot)
-
 
 POSITION_METHODS = ("learned", "sinusoidal", "rope", "none")  # models/gpt.py Config.pos
 
@@ -117,8 +115,7 @@ def positions_train(args, jobs):
     cost = lambda job: job[4]["max_iters"] * job[4]["batch_size"] * job[4]["block_size"] * (  # ~ attention's share
         1.0 if job[4]["block_size"] == L else 1.0 + 0.5 * (T / L - 1))
     def cached(job):
-        done = job[2] / "settings.json"
-        return done.is_file() and json.loads(done.read_text()) == job[3]
+        return is_cached(job[2] / "settings.json", job[3])
     seconds, done_cost = 0.0, 0.0
     for i, job in enumerate(jobs):
         name, seed, out, settings, flags, base = job
@@ -150,21 +147,19 @@ def positions_curves(args, jobs, x, y, device):
     curves = {}
     key = {"windows": len(x), "length": x.shape[1], "first": x[0, :16].tolist()}
     for name, seed, out, settings, _, _ in jobs:
-        cache = out / "position_losses.json"
-        stored = json.loads(cache.read_text()) if cache.is_file() else {}
-        if stored.get("key") != {**key, "run": settings}:
+        def losses_by_variant():
             model = models.from_pretrained(out).to(device)
             limit = model.max_positions or x.shape[1]  # learned: no position past its table
             variants = {name: {}}
             if name == "rope":
                 variants.update({f"rope+{ext}": fn(args.eval_factor) for ext, fn in ROPE_EXTENSIONS.items()})
-            stored = {"key": {**key, "run": settings}, "curves": {}}
-            trained = model.config
+            losses, trained = {}, model.config
             for variant, overrides in variants.items():
                 model.config = dataclasses.replace(trained, **overrides)
-                stored["curves"][variant] = position_losses(model, x[:, :limit], y[:, :limit]).tolist()
-            runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(stored)))
-        for variant, losses in stored["curves"].items():
+                losses[variant] = position_losses(model, x[:, :limit], y[:, :limit]).tolist()
+            return losses
+        stored = cached_result(out / "position_losses.json", {**key, "run": settings}, losses_by_variant)
+        for variant, losses in stored.items():
             curves[variant, seed] = torch.tensor(losses, dtype=torch.float64)
     return curves
 
@@ -214,7 +209,7 @@ def run(args):
                "rows": [{k: v for k, v in r.items() if k in ("method", "label", "seeds", "buckets")} for r in rows],
                "curves": {f"{n}-s{s}": c.tolist() for (n, s), c in curves.items()}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary)))
+    runtime.write_json(Path(args.out) / "summary.json", summary)
     if args.plot:
         plot_positions(curves, names, L, T, args.bucket, unigram, args.plot)
     return summary
@@ -248,10 +243,7 @@ def plot_positions(curves, names, L, T, bucket, unigram, path):
     axes[1].set(title="RoPE past its training length: dashed, at evaluation only")
     top = max(np.nanmax([c.mean().item() for c in curves.values()]), unigram) + 0.3
     axes[0].set_ylim(min(c.min().item() for c in curves.values()) - 0.1, min(top, unigram + 1.5))
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def add_parser(sub):

@@ -13,12 +13,10 @@ import numpy as np
 import torch
 
 import train
+from experiments.common import add_training_run_flags, comma_floats, layer_width_pairs, pyplot, save_figure
+from experiments.scaling import fits as scaling
 from omnitron import data, models, runtime
 from omnitron.runtime import UserError, format_eta, print_table, resolve_device
-from experiments.scaling import fits as scaling
-from experiments.common import (add_training_run_flags, comma_floats, layer_width_pairs,
-                                pyplot)
-
 
 SCALING_PRESETS = {
     # ladder: the GPT shapes (n_layer, n_embd) to choose from, smallest first; head_dim: n_embd // n_head.
@@ -90,7 +88,7 @@ def scaling_train(run, folder, device, dtype, data_dir):
                        dropout=0.0, data_dir=str(data_dir))
     record = {**run, "dtype": dtype, "val_loss": result["val_loss"], "train_loss": result["train_loss"],
               "val_bpc": result["val_loss"] / np.log(2), "elapsed_s": round(result["elapsed_s"], 2)}
-    runtime.atomic_write(out / "result.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+    runtime.write_json(out / "result.json", record, indent=1)
     return {**record, "trained_now": True}
 
 
@@ -167,8 +165,7 @@ def scaling_report(results, preset, args, vocab, n_train, folder, device, dtype)
                           ("D", "D tokens", "{:,}"), ("tokens_per_param", "D/N", "{:.1f}"), ("C", "C FLOPs", "{:.3g}"),
                           ("val_loss", "val nats/char", "{:.4f}"), ("val_bpc", "val bits/char", "{:.4f}"),
                           ("elapsed_s", "wall s", "{:.0f}")])
-    runtime.atomic_write(folder / "runs.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"preset": preset, "runs": results}, indent=1) + "\n"))
+    runtime.write_json(folder / "runs.json", {"preset": preset, "runs": results}, indent=1)
     print(f"runs: {folder / 'runs.json'}")
     column = lambda key: np.array([r[key] for r in results], float)
     if len(set(column("budget"))) < 2 or min(np.unique(column("budget"), return_counts=True)[1]) < 3:
@@ -187,8 +184,7 @@ def scaling_report(results, preset, args, vocab, n_train, folder, device, dtype)
         prediction["error"] = {k: prediction[k] / trained["val_loss"] - 1 for k in ("approach3", "kaplan", "frontier")}
         print(f"verify: measured {trained['val_loss']:.4f} nats/char ({trained['val_bpc']:.4f} bits/char); predicted "
               + ", ".join(f"{k} {prediction[k]:.4f} ({100 * e:+.2f}%)" for k, e in prediction["error"].items()))
-    runtime.atomic_write(folder / "fits.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"fits": fits, "prediction": prediction}, indent=1, default=float) + "\n"))
+    runtime.write_json(folder / "fits.json", {"fits": fits, "prediction": prediction}, indent=1, default=float)
     print(f"fits: {folder / 'fits.json'}")
     if args.plot:
         plot_scaling(results, fits, prediction, args.plot)
@@ -305,10 +301,7 @@ def plot_scaling(results, fits, prediction, path):
                  label=f"trained: {prediction['measured'] * bits:.3f} (approach 3 off by {100 * prediction['error']['approach3']:+.1f}%)")
     ax3.set(xscale="log", xlabel="training FLOPs C", ylabel="val loss (bits per char)", title="compute frontier")
     ax3.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def add_parser(sub):

@@ -4,7 +4,6 @@ scratch, iterations with the model's own judge against random-pair and checker-p
   python bench.py self_reward       # or: python -m experiments.self_reward
 
 The write-up, ours beside the paper's: README.md beside this file."""
-import json
 import random
 import statistics
 import time
@@ -14,10 +13,9 @@ import numpy as np
 import torch
 
 import train
-from omnitron import generation, models, runtime, self_reward, tokenization
+from experiments.common import cached_result, pyplot, save_figure
+from omnitron import checkpoints, generation, runtime, self_reward
 from omnitron.runtime import UserError, print_table, resolve_device
-from experiments.common import (pyplot)
-
 
 SORT_JUDGE_TEMPLATE = "rate {prompt}{response}\n"  # the judge's prompt; it answers "Score: k" on the next line
 
@@ -88,21 +86,17 @@ def sort_task(folder, args, seed):
 def heldout_accuracy(model_dir, heldout, device, batch=100):
     """Exact match of greedy responses (up to the end of the line) to the held-out sorting prompts;
     cached in the model's folder (heldout_exact.json)."""
-    cache = Path(model_dir) / "heldout_exact.json"
-    if cache.is_file() and json.loads(cache.read_text())["heldout"] == str(heldout):
-        return json.loads(cache.read_text())["exact_match"]
-    model = models.from_pretrained(model_dir, dtype=torch.float32, device=device).eval()
-    tokenizer = tokenization.tokenizer_for_model(model_dir, model.config.vocab_size)
-    _, records = self_reward.read_prompts(heldout)
-    right = 0
-    for start in range(0, len(records), batch):
-        chunk = records[start:start + batch]
-        outs = generation.complete(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in chunk], 16, stop="\n",
-                                   temperature=0)
-        right += sum(o == r["answer"] for o, r in zip(outs, chunk))
-    runtime.atomic_write(cache, lambda tmp: Path(tmp).write_text(json.dumps(
-        {"heldout": str(heldout), "exact_match": right / len(records)})))
-    return right / len(records)
+    def exact_match():
+        model, tokenizer = checkpoints.load(model_dir, device=device, dtype=torch.float32)
+        _, records = self_reward.read_prompts(heldout)
+        right = 0
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            outs = generation.complete(model, tokenizer, [tokenizer.encode(r["prompt"]) for r in chunk], 16, stop="\n",
+                                       temperature=0)
+            right += sum(o == r["answer"] for o, r in zip(outs, chunk))
+        return right / len(records)
+    return cached_result(Path(model_dir) / "heldout_exact.json", {"heldout": str(heldout)}, exact_match)
 
 
 def run(args):
@@ -176,8 +170,8 @@ def run(args):
                           ("judge_accuracy", "judge acc (mean)", "{:.3f}"), ("judge_accuracy_sd", "sd", "{:.3f}"),
                           ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}"),
                           ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
-    runtime.atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(
-        json.dumps({"rows": rows, "summary": summary, "lr_sweep": sweep, "args": vars(args) | {"run": None}}, indent=1)))
+    runtime.write_json(out / "results.json", {"rows": rows, "summary": summary, "lr_sweep": sweep,
+                                              "args": vars(args) | {"run": None}}, indent=1)
     if args.plot:
         plot_self_reward(rows, conditions, args.iterations + 1, args.plot)
     return summary
@@ -202,10 +196,7 @@ def plot_self_reward(rows, conditions, n_models, path):
     for ax, n in zip(axes, (n_models, n_models - 1)):
         ax.set_xticks(range(1, n + 1))
         ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def lr_sweep(args, out, device):

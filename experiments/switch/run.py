@@ -4,7 +4,6 @@ tokens over seeds, the tokens each needs to reach the dense model's final loss, 
   python bench.py switch            # or: python -m experiments.switch
 
 The write-up, ours beside the paper's: README.md beside this file."""
-import json
 import statistics
 from pathlib import Path
 
@@ -12,10 +11,9 @@ import numpy as np
 import torch
 
 import train
+from experiments.common import add_training_run_flags, cached_run, pyplot, save_figure
 from omnitron import runtime
 from omnitron.runtime import UserError, print_table
-from experiments.common import (add_training_run_flags, cached_run, pyplot)
-
 
 SWITCH_ARMS = {  # name -> models/switch.py Config overrides; the first two are the comparison, the rest ablations
     "dense": {"n_experts": 0},            # every layer a SwiGLU MLP of width intermediate_size (512)
@@ -92,7 +90,7 @@ def run(args):
         if key in summary:
             print(f"{key}: {summary[key]}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write(Path(args.out) / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    runtime.write_json(Path(args.out) / "summary.json", summary, indent=1)
     if args.plot:
         plot_switch(runs, curves, tokens_per_step, args.plot)
     return summary
@@ -121,10 +119,7 @@ def plot_switch(runs, curves, tokens_per_step, path):
     ax.legend()
     ax2.set(xlabel="training tokens (millions)", ylabel="E * largest expert share (1: balanced)", title="expert load")
     ax2.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def add_parser(sub):

@@ -1,0 +1,337 @@
+"""experiments/phi: curation (rubric, dedup, pool, mixing, manifest), exercises, the sandbox, the run's pieces."""
+import ast
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.phi import curation, exercises, sandbox
+from experiments.phi import run as phi_experiment
+from omnitron import evaluation, models, tokenization
+from tests.helpers import ROOT
+
+# ----------------------------------------------------------------------------- the Phi recipe (curation.py, exercises.py, sandbox.py)
+# Tests of the Phi recipe (issue 18): curation.py (split, functions, dedup, rubric, classifier,
+# features, mix, manifest), exercises.py, sandbox.py and bench.py phi's pieces.
+
+
+GOOD = textwrap.dedent('''\
+    def mean_of(values):
+        """Return the arithmetic mean of a non-empty sequence of numbers.
+
+        Raises ValueError when the sequence is empty.
+        """
+        # sum first, then divide by the count
+        total = 0
+        for v in values:
+            total += v
+        if not values:
+            raise ValueError("mean of an empty sequence")
+        return total / len(values)
+    ''')
+TEST_BOILERPLATE = textwrap.dedent('''\
+    def test_thing(self):
+        self.assertEqual(helper(1), 2)
+        self.assertTrue(other_helper())
+    ''')
+TABLE = "def table():\n    return [" + ", ".join(str(i) for i in range(60)) + "]\n"
+
+
+# ----------------------------------------------------------------------------- rubric and filter
+
+
+def test_rubric_scores_the_documented_function_above_boilerplate_and_tables():
+    score, label, points = curation.rubric(GOOD)
+    assert label and score == 7 and all(points.values())
+    s_test, l_test, p_test = curation.rubric(TEST_BOILERPLATE)
+    assert not l_test and not p_test["not_test"] and not p_test["docstring"]
+    assert not p_test["self_contained"]  # helper and other_helper are not defined in it
+    s_tab, l_tab, p_tab = curation.rubric(TABLE)
+    assert not l_tab and not p_tab["not_table"] and not p_tab["sensible_length"]
+    # a test module's function is test boilerplate whatever its name
+    assert not curation.rubric(GOOD, module="test.test_statistics")[2]["not_test"]
+    assert curation.rubric("def broken(:\n") == (0, False, {p: False for p in curation.RUBRIC_POINTS})
+
+
+def test_rubric_and_classifier_are_deterministic():
+    texts = [GOOD, TEST_BOILERPLATE, TABLE] * 3
+    assert [curation.rubric(t) for t in texts] == [curation.rubric(t) for t in texts]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6))
+    y = (x[:, 0] - 2 * x[:, 3] + 0.3 * rng.normal(size=200) > 0).astype(float)
+    p1 = curation.fit_logistic(x, y)(x)
+    p2 = curation.fit_logistic(x, y)(x)
+    np.testing.assert_array_equal(p1, p2)
+    assert np.mean((p1 > 0.5) == y) > 0.9
+
+
+def test_logistic_regression_is_at_the_penalized_optimum():
+    """The fitted weights zero the gradient of the mean log-loss + l2 |w|^2 on standardized
+    features, recomputed independently in float64 numpy."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 4)) * [1, 5, 0.2, 3] + [0, 1, -2, 4]
+    y = (rng.random(300) < 1 / (1 + np.exp(-(x[:, 0] - x[:, 2])))).astype(float)
+    l2 = 1e-2
+    predict = curation.fit_logistic(x, y, l2=l2)
+    mu, sd = x.mean(0), x.std(0, ddof=1) + 1e-8
+    z = (x - mu) / sd
+    p = predict(x)
+    # recover w, b from the logits: logit(p) = z w + b, least squares on an exact linear map
+    logit = np.log(p / (1 - p))
+    coef, *_ = np.linalg.lstsq(np.c_[z, np.ones(len(z))], logit, rcond=None)
+    w = coef[:-1]  # (the bias b = coef[-1]: its gradient is mean(p - y), checked below)
+    grad_w = z.T @ (p - y) / len(y) + 2 * l2 * w
+    grad_b = np.mean(p - y)
+    assert np.abs(grad_w).max() < 1e-6 and abs(grad_b) < 1e-6
+
+
+# ----------------------------------------------------------------------------- dedup
+
+
+def _function(i):
+    return textwrap.dedent(f'''\
+        def function_{i}(data, limit={i}):
+            """Process data number {i} with its own logic."""
+            result = []
+            for index, item in enumerate(data):
+                if index > limit * {i + 1}:
+                    break
+                result.append(item ** {i % 5 + 1} + {i * 7})
+            return sorted(result, reverse={i % 2 == 0})
+        ''')
+
+
+def test_dedup_removes_planted_exact_and_near_duplicates():
+    texts = [_function(i) for i in range(20)]
+    exact = texts[3].replace("\n", "   \n")  # trailing spaces only: an exact duplicate
+    near = texts[7].replace("break", "break  # done")  # a comment added: a near duplicate
+    jaccard = lambda a, b: len(a & b) / len(a | b)  # noqa: E731
+    assert 0.8 < jaccard(curation._shingles(near), curation._shingles(texts[7])) < 1
+    assert max(jaccard(curation._shingles(texts[i]), curation._shingles(texts[j]))
+               for i in range(20) for j in range(i)) < 0.8  # the others are distinct
+    pool = texts + [exact, near]
+    kept, dropped = curation.dedup(pool)
+    assert kept == list(range(20))
+    assert dropped[20] == ("exact", 3)
+    assert dropped[21][:2] == ("near", 7) and dropped[21][2] >= 0.8
+    # the same functions in another order: the first of each group is the one kept
+    kept2, dropped2 = curation.dedup([near] + texts)
+    assert 0 in kept2 and dropped2[8][:2] == ("near", 0)
+
+
+def test_minhash_estimates_the_jaccard_similarity():
+    a = " ".join(f"w{i}" for i in range(200))
+    b = " ".join(f"w{i}" for i in range(100, 300))
+    sa, sb = curation._shingles(a), curation._shingles(b)
+    true = len(sa & sb) / len(sa | sb)
+    sig = curation.minhash([a, b], num_perm=256)
+    assert abs(np.mean(sig[0] == sig[1]) - true) < 0.08
+    assert (curation.minhash([a, b]) == curation.minhash([a, b])).all()
+
+
+# ----------------------------------------------------------------------------- pool, units, mixing, manifest
+
+
+def test_split_keeps_packages_together_and_reference_modules_in_train():
+    names = ["json", "json.decoder", "json.encoder", "csv", "textwrap", "fractions", "email", "email.utils"] + \
+        [f"mod{i}" for i in range(200)]
+    train, held = curation.split_modules(names, held_out_fraction=0.3, seed=0)
+    assert set(train) | set(held) == set(names) and not set(train) & set(held)
+    for pkg in ("json", "email"):
+        members = [n for n in names if n.split(".")[0] == pkg]
+        assert all(m in train for m in members) or all(m in held for m in members)
+    assert "textwrap" in train and "fractions" in train
+    assert 0.15 < len(held) / len(names) < 0.45
+    assert (train, held) == curation.split_modules(names, held_out_fraction=0.3, seed=0)
+
+
+def test_functions_are_dedented_and_parse_alone():
+    src = textwrap.dedent('''\
+        import os
+
+        def top(a):
+            return a
+
+        class K:
+            x = 1
+
+            @staticmethod
+            def method(b):
+                """Doc."""
+                return b
+
+        if True:
+            def hidden():
+                pass
+        ''')
+    units = curation.functions(src, "m")
+    assert [u.name for u in units] == ["top", "K.method"]
+    assert units[1].text.startswith("@staticmethod\ndef method(b):")
+    for u in units:
+        ast.parse(u.text)
+    assert curation.functions("def broken(:", "m") == []
+
+
+def test_normalize_maps_to_the_shared_vocabulary():
+    text = curation.normalize("a\tb\r\nc\u00e9\x0cd\x01")
+    assert text == "a    b\nc?d?"
+    assert set(text) <= set(curation.VOCAB) and len(curation.VOCAB) == 96
+
+
+def test_mix_gives_each_source_its_weight_and_repeats_epochs():
+    a = [f"a{i:03d}" * 5 for i in range(10)]     # 200 characters + separators
+    b = [f"b{i:03d}" * 5 for i in range(100)]    # 2000 characters
+    text, stats = curation.mix({"a": (a, 1.0), "b": (b, 3.0)}, 4000, seed=0)
+    assert stats["a"]["chars"] >= 1000 and stats["a"]["chars"] < 1000 + 23
+    assert stats["b"]["chars"] >= 3000 and stats["b"]["chars"] < 3000 + 23
+    assert stats["a"]["epochs"] > 4  # the small source is repeated
+    pieces = text.split("\n\n")  # whole texts, never cut
+    assert set(pieces) <= set(a) | set(b)
+    assert sum(x in a for x in pieces) == stats["a"]["texts"] and sum(x in b for x in pieces) == stats["b"]["texts"]
+    assert curation.mix({"a": (a, 1.0), "b": (b, 3.0)}, 4000, seed=0)[0] == text
+    with pytest.raises(ValueError):
+        curation.mix({"a": ([], 1.0)}, 10)
+
+
+def test_manifest_records_counts_and_reasons(tmp_path):
+    man = curation.Manifest()
+    units = [curation.Unit("m", f"f{i}", "x" * (i + 1)) for i in range(4)]
+    entry = man.step("dedup", units, units[:3], {"exact duplicate": 1}, ["m:f3"])
+    assert entry["in"] == 4 and entry["out"] == 3 and entry["chars_in"] == 10 and entry["chars_out"] == 6
+    man.figures["classifier"] = {"held_out_accuracy": 0.9}
+    man.save(tmp_path / "manifest.json")
+    saved = json.loads((tmp_path / "manifest.json").read_text())
+    assert saved["steps"][0]["dropped"] == {"exact duplicate": 1} and saved["classifier"]["held_out_accuracy"] == 0.9
+
+
+def test_features_are_padding_invariant_and_match_the_loglikelihoods():
+    """The mean-pooled hidden state and the cross-entropy of a text do not depend on the batch it
+    is in (right padding is masked), and the cross-entropy equals evaluation.loglikelihoods'."""
+    torch.manual_seed(0)
+    module = models.get("phi")
+    model = module.Model(module.Config(vocab_size=96, block_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=2,
+                                       intermediate_size=64)).eval()
+    tok = tokenization.CharTokenizer(curation.VOCAB)
+    texts = ["def f(x):\n    return x + 1\n", "x = 1", "class A:\n    pass\n" * 3]
+    emb, ce = curation.features(model, tok, texts, max_tokens=48)
+    for i, t in enumerate(texts):
+        e1, c1 = curation.features(model, tok, [t], max_tokens=48)
+        np.testing.assert_allclose(e1[0], emb[i], atol=1e-5)
+        np.testing.assert_allclose(c1[0], ce[i], atol=1e-5)
+        ids = tok.encode(t)[:48]
+        ref = -evaluation.loglikelihoods(model, [(ids[:1], ids[1:])], reuse_context=False)[0] / (len(ids) - 1)
+        assert abs(ref - ce[i]) < 1e-4
+    with torch.no_grad():  # the pooled vector is the mean of lm_head's input over the text
+        captured = {}
+        h = model.lm_head.register_forward_pre_hook(lambda m, a: captured.__setitem__("h", a[0]))
+        model(torch.tensor([tok.encode(texts[1])]))
+        h.remove()
+    np.testing.assert_allclose(captured["h"][0].mean(0).numpy(), emb[1], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exercises
+
+
+def test_every_kept_exercise_passes_its_tests_and_a_broken_one_is_rejected():
+    one_each = exercises.generate(per_family=1, seed=3)
+    assert len({e.family for e in one_each}) == len(exercises.FAMILIES) >= 36
+    assert sum(e.held_out for e in one_each) == 8
+    broken = exercises.build("add_const", random.Random(0))
+    broken.solution = broken.solution.replace("+", "-")
+    kept, rejected = exercises.verify(one_each + [broken])
+    assert kept == one_each
+    assert [(ex.name, status) for ex, status, _ in rejected] == [(broken.name, "failed")]
+    assert "AssertionError" in rejected[0][2]
+
+
+def test_exercise_tests_reject_a_wrong_body():
+    """The tests discriminate: a body returning None fails every family's tests (one process for
+    all, each exercise in its own namespace)."""
+    wrong = exercises.generate(per_family=1, seed=5)
+    program = "results = []\n"
+    for e in wrong:
+        src = e.prompt + "    return None\n" + e.tests
+        program += f"try:\n    exec({src!r}, {{}})\n    results.append(True)\nexcept AssertionError:\n" \
+                   f"    results.append(False)\n"
+    program += "print(sum(results))\n"
+    r = sandbox.run(program)
+    assert r.passed and r.stdout.strip() == "0"
+
+
+def test_exercises_are_templated_and_reproducible():
+    a = exercises.generate(per_family=5, seed=0)
+    assert [e.text for e in a] == [e.text for e in exercises.generate(per_family=5, seed=0)]
+    assert len({e.text for e in a}) == len(a)
+    e = a[0]
+    assert e.text.startswith("def ") and '"""' in e.prompt and e.solution.startswith("    ")
+
+
+# ----------------------------------------------------------------------------- the sandbox
+
+
+def test_sandbox_contains_hang_memory_bomb_exit_escape_network_and_output(tmp_path):
+    outside = tmp_path / "escaped.txt"
+    cases = {
+        "hang": ("import time\ntime.sleep(60)", "timeout"),
+        "busy loop": ("while True:\n    pass", "timeout"),
+        "memory bomb": ("x = bytearray(4 * 1024 ** 3)", "failed"),
+        "sys.exit(0)": ("import sys\nsys.exit(0)", "no_marker"),
+        "os._exit(0)": ("import os\nos._exit(0)", "no_marker"),
+        "write outside": (f"open({str(outside)!r}, 'w').write('x')", "failed"),
+        "os.open outside": (f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)", "failed"),
+        "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "failed"),
+        "subprocess": (f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])", "failed"),
+        "os.system": (f"import os\nos.system('touch {outside}')", "failed"),
+        "infinite output": ("while True:\n    print('x' * 1000)", "failed"),
+        "crash": ("raise RuntimeError('boom')", "failed"),
+    }
+    for name, (program, status) in cases.items():
+        r = sandbox.run(program, "assert True", timeout_s=1.5, cpu_s=3)
+        assert not r.passed and r.status == status, (name, r)
+        assert len(r.stdout) <= sandbox.KEEP_OUTPUT
+    assert not outside.exists()
+    ok = sandbox.run("open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())", "assert True")
+    assert ok.passed and ok.stdout == "fine"
+
+
+def test_sandbox_child_has_a_minimal_environment_and_its_own_folder():
+    r = sandbox.run("import os, sys\nprint(sorted(os.environ))\nprint(os.getcwd())\nprint(sys.flags.isolated)")
+    env, cwd, isolated = r.stdout.splitlines()
+    assert eval(env) == ["HOME", "LANG", "PATH"] and isolated == "1"
+    assert Path(cwd).name.startswith("omnitron-sandbox-") and not Path(cwd).exists()  # removed afterwards
+
+
+def test_pass_at_1_of_correct_and_wrong_solution_sets():
+    tasks = exercises.generate(per_family=1, seed=7, held_out=True)
+    right = [t.prompt + t.solution for t in tasks]
+    p, results = sandbox.pass_at_1(right, [t.tests for t in tasks])
+    assert p == 1.0 and all(r.passed for r in results)
+    wrong = [t.prompt + tasks[(i + 1) % len(tasks)].solution for i, t in enumerate(tasks)]  # another family's body
+    assert sandbox.pass_at_1(wrong, [t.tests for t in tasks])[0] == 0.0
+
+
+def test_completion_is_cut_where_the_function_ends():
+    text = "    return x + 1\n\n    # still inside\n    pass\ndef other():\n    return 2"
+    assert phi_experiment.phi_completion(text) == "    return x + 1\n\n    # still inside\n    pass\n"
+    assert phi_experiment.phi_completion("") == "\n"
+
+
+def test_bench_phi_refuses_unknown_arms():
+    out = subprocess.run([sys.executable, "bench.py", "phi", "--arms", "A,Z"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == ["error: --arms 'A,Z': choose from A, B, C"]
+
+
+def test_phi_init_gives_every_arm_the_same_start_and_vocabulary(tmp_path):
+    a = phi_experiment.phi_init(tmp_path / "a", 1, 32, **phi_experiment.PHI_MODEL)
+    b = phi_experiment.phi_init(tmp_path / "b", 1, 32, **phi_experiment.PHI_MODEL)
+    ma, mb = models.from_pretrained(a), models.from_pretrained(b)
+    for (n, p), (_, q) in zip(ma.state_dict().items(), mb.state_dict().items()):
+        assert torch.equal(p, q), n
+    tok = tokenization.tokenizer_for_model(a, ma.config.vocab_size)
+    assert tok.vocab_size == 96 and tok.decode(tok.encode("def f():\n    pass")) == "def f():\n    pass"

@@ -1,0 +1,35 @@
+"""Loading a model directory with its tokenizer: a training run folder, a Hugging Face checkpoint, or a
+LoRA adapter folder. Every command and experiment that reads a trained model goes through `load`."""
+from pathlib import Path
+
+from omnitron import lora, models, tokenization
+from omnitron.runtime import UserError
+
+
+def load(directory, device="cpu", dtype=None):
+    """(model, tokenizer) from a model directory (a training run or a Hugging Face checkpoint), the model
+    in eval mode on `device` in `dtype` (None: the checkpoint's). A LoRA adapter folder
+    (adapter_config.json) loads its base model and the adapter, merged into it (decoding then costs what
+    the base model costs); the tokenizer is the base model's. UserError if the directory does not
+    exist; ValueError for a corrupt or unsupported checkpoint (models.from_pretrained)."""
+    if not Path(directory).is_dir():
+        raise UserError(f"model directory not found: {directory}")
+    adapter = lora.is_adapter(directory)
+    base = lora.base_path(directory) if adapter else directory
+    model = models.from_pretrained(base, dtype=dtype, device=device).eval()
+    if adapter:
+        lora.merge(lora.load_adapter(model, directory))
+    return model, tokenization.tokenizer_for_model(base, model.config.vocab_size)
+
+
+def load_draft(directory, model, tokenizer, device="cpu"):
+    """The draft model of speculative decoding (sample.py --draft): a model directory whose tokenizer is
+    `tokenizer` and whose vocabulary has `model`'s size; else UserError."""
+    if not Path(directory).is_dir():
+        raise UserError(f"draft model directory not found: {directory}")
+    draft, draft_tokenizer = load(directory, device=device)
+    if draft.config.vocab_size != model.config.vocab_size or draft_tokenizer.key() != tokenizer.key():
+        raise UserError(f"the draft model in {directory} has another tokenizer or vocabulary "
+                        f"({draft_tokenizer.key()}, {draft.config.vocab_size} rows) than the model "
+                        f"({tokenizer.key()}, {model.config.vocab_size} rows)")
+    return draft

@@ -1,0 +1,178 @@
+"""omnitron/evaluation.py and omnitron/tasks.py: few-shot prompts, log-likelihood scoring, exact match, tasks."""
+import json
+
+import pytest
+
+import sample
+from omnitron import evaluation, runtime, tasks, tokenization
+from tests.helpers import BLOCK, CORPUS, hf_gpt2, hf_model, reference_loglikelihood, requests, run_entry_point, saved
+
+# ----------------------------------------------------------------------------- few-shot evaluation (evaluation.py, tasks.py)
+# log-likelihoods against transformers' forward, lm-eval's request rules, a planted answer, GPT-3's task definitions
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_loglikelihoods_equal_transformers_forward(tmp_path, family):
+    """Every parameter random, written by transformers' save_pretrained and loaded by our code: the
+    summed log-likelihood of each continuation equals transformers' forward on the same (truncated)
+    tokens, one request at a time and batched, with the shared context's KV cache reused or not."""
+    hf = hf_gpt2(n_positions=BLOCK) if family == "gpt2" else hf_model("llama")
+    ours = saved(hf, tmp_path / family)
+    assert ours.config.block_size == BLOCK
+    reqs = requests(hf.config.vocab_size)
+    want = [reference_loglikelihood(hf, c, x) for c, x in reqs]
+    assert max(abs(w) for w in want) > 5.0  # not a comparison of near-zero numbers
+    for batch_size in (1, 3, 64):
+        for reuse in (True, False):
+            got = evaluation.loglikelihoods(ours, reqs, batch_size=batch_size, reuse_context=reuse)
+            assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-4, (batch_size, reuse)
+    one_at_a_time = [evaluation.loglikelihoods(ours, [r])[0] for r in reqs]
+    assert max(abs(g - w) for g, w in zip(one_at_a_time, want)) <= 1e-4
+
+
+def test_truncation_and_request_encoding():
+    """lm-eval's semantics: left truncation to block + 1 tokens (a continuation longer than the block
+    is refused); trailing spaces of the context go to the continuation; context and continuation
+    are tokenized together; the tokens a tokenizer puts before a text start the context, none after."""
+    assert evaluation.truncate(list(range(10)), [10, 11], 5) == ([6, 7, 8, 9], [10, 11])
+    assert evaluation.truncate([1, 2], [3], 5) == ([1, 2], [3])
+    with pytest.raises(ValueError, match="does not fit"):
+        evaluation.truncate([1], list(range(6)), 5)
+    tok = tokenization.CharTokenizer(" :=Qabxy")
+    ctx, cont = evaluation.encode_pair(tok, "Q: ab =  ", "xy")
+    assert tok.decode(ctx) == "Q: ab =" and tok.decode(cont) == "  xy"
+    tok.template = ((7,), (6,))  # as a tokenizer.json whose post-processor adds BOS ... EOS
+    ctx, cont = evaluation.encode_pair(tok, "ab", " x")
+    assert ctx == [7, *tok.encode("ab")] and cont == tok.encode(" x")
+    with pytest.raises(ValueError, match="empty"):
+        evaluation.encode_pair(tokenization.CharTokenizer("ab"), "", "a")
+
+
+def test_scoring_picks_the_planted_answer(planted):
+    """A model trained on `words => yes`: multiple choice picks "yes" wherever it stands among the
+    choices (acc, acc_norm, acc_mutual_info), and greedy generation answers it (exact match), with
+    0 and 2 demonstrations."""
+    run, task_file = planted
+    model, tokenizer = sample.load(run)
+    task = evaluation.read_task(task_file)
+    assert task.multiple_choice and task.answer_context == "Answer:"
+    for shots in (0, 2):
+        rows = {r["metric"]: r for r in evaluation.evaluate(model, tokenizer, task, shots, progress=False)}
+        assert set(rows) == {"acc", "acc_norm", "acc_mutual_info"}
+        assert all(r["value"] == 1.0 and r["n"] == 4 and r["shots"] == shots for r in rows.values())
+        free = evaluation.Task("free", task.train, [{"input": r["input"], "output": "yes"} for r in task.test],
+                               sep=" =>")
+        em, ppl = evaluation.evaluate(model, tokenizer, free, shots, batch_size=3, progress=False)
+        assert (em["metric"], em["value"], em["n"]) == ("exact_match", 1.0, 4)
+        assert ppl["metric"] == "perplexity" and ppl["n"] == 4 and 1.0 < ppl["value"] < 5.0  # " yes" is likely
+        free.test = [{**r, "output": "no"} for r in free.test]
+        em_no, ppl_no = evaluation.evaluate(model, tokenizer, free, shots, progress=False)
+        assert em_no["value"] == 0.0 and ppl_no["value"] > 10 * ppl["value"]
+
+
+def test_sample_eval_command_line(planted, tmp_path, capsys, monkeypatch):
+    """sample.py --eval prints the table and writes the JSON; a bad task file is one `error:` line."""
+    run, task_file = planted
+    out = tmp_path / "r.json"
+    code, err = run_entry_point(["sample.py", "--out_dir", str(run), "--eval", str(task_file), "--shots", "1",
+                                 "--json", str(out), "--device", "cpu"], capsys, monkeypatch)
+    assert code == 0, err
+    table = capsys.readouterr().out
+    assert "acc_norm" in table and "stderr" in table
+    results = json.loads(out.read_text())["results"]
+    assert {r["metric"]: r["value"] for r in results} == {"acc": 1.0, "acc_norm": 1.0, "acc_mutual_info": 1.0}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
+    for argv, words in ((["--eval", str(bad)], f"{bad}:2"), (["--eval", "no_such_task"], "unknown task"),
+                        (["--eval", str(tmp_path / "missing.jsonl")], "task file not found"),
+                        (["--eval", str(task_file), "--shots", "-1"], "--shots")):
+        code, err = run_entry_point(["sample.py", "--out_dir", str(run), *argv], capsys, monkeypatch)
+        assert code == 1 and len(err) == 1 and err[0].startswith("error:") and words in err[0], err
+
+
+def test_exact_match_normalisation():
+    """GPT-3's (SQuAD's) normalisation: case, punctuation, articles and whitespace do not count; a
+    number's sign and decimal point do. "strip": only the surrounding whitespace does not."""
+    same = [("The Rose.", "rose"), (" 124\n", "124"), ("Hello,  World!", "hello world"), ("an apple", "Apple"),
+            ("-19", " -19."), ("3.5", "3.5"), ("it's", "its")]
+    differ = [("-19", "19"), ("3.5", "35"), ("rose", "roses"), ("1 2", "12")]
+    assert all(evaluation.exact_match(a, b) == 1.0 for a, b in same)
+    assert all(evaluation.exact_match(a, b) == 0.0 for a, b in differ)
+    assert evaluation.normalize_answer("Q: What is 6+(4*8)? A: -38") == "q what is 648 -38"
+    # GPT-3's arithmetic and word tasks: the answer exactly, surrounding whitespace aside
+    assert evaluation.exact_match(" succession\n", "succession", "strip") == 1.0
+    assert evaluation.exact_match("s.uccession", "succession", "strip") == 0.0 == evaluation.exact_match("Rose", "rose",
+                                                                                                         "strip")
+
+
+def test_demonstrations_never_include_the_item():
+    """Demonstrations come from the train split with a seed, never the item itself (nor a record equal
+    to it), the same for an item whatever else is evaluated; K is lowered to what fits the block."""
+    records = [{"input": f"w{i}", "output": f"o{i}"} for i in range(12)] + [{"input": "w3", "output": "o3"}]
+    for index, item in enumerate(records):
+        for k in (0, 1, 5, 11, 50):
+            demos = evaluation.sample_demos(records, item, k, seed=7, index=index)
+            assert item not in demos and len(demos) == min(k, 11 if item["input"] == "w3" else 12)
+            assert demos == evaluation.sample_demos(records, item, k, seed=7, index=index)
+    other_seed = evaluation.sample_demos(records, records[0], 5, seed=8, index=0)
+    assert other_seed != evaluation.sample_demos(records, records[0], 5, seed=7, index=0)
+    tok = tokenization.CharTokenizer("".join(sorted(set("Describe:\n =>wo0123456789"))))
+    task = evaluation.Task("t", records, records, description="Describe:")
+    context, kept = evaluation.fit_demos(tok, task, records[:10], "w11", 40, answer_tokens=4)
+    assert context == evaluation.fewshot_prompt(kept, "w11", "Describe:") and len(context) + 4 <= 40
+    assert kept == records[10 - len(kept):10] and 0 < len(kept) < 10  # the demonstrations nearest the query stay
+
+
+def test_task_files_and_fewshot_prompts(tmp_path):
+    """A user's .jsonl: header, splits, multiple choice; records without a split are test items and
+    demonstrations; sample.py's few-shot prompt is the same builder."""
+    f = tmp_path / "mine.jsonl"
+    f.write_text('{"description": "Pick:", "sep": " ->"}\n{"input": "a", "choices": ["x", "y"], "answer": 1, '
+                 '"split": "train"}\n\n{"input": "b", "choices": ["x", "y"], "answer": 0}\n')
+    task = evaluation.read_task(f)
+    assert (task.name, task.description, task.sep, task.multiple_choice) == ("mine", "Pick:", " ->", True)
+    assert [r["input"] for r in task.train] == ["a", "b"] and [r["input"] for r in task.test] == ["b"]
+    assert evaluation.fewshot_prompt(task.train[:1], "b", task.description, task.sep) == "Pick:\n\na -> y\n\nb ->"
+    assert sample.fewshot_prompt is evaluation.fewshot_prompt
+    for body, words in (('{"input": "a", "choices": ["x"], "answer": 0}', "2 or more"),
+                        ('{"input": "a", "output": "b", "split": "dev"}', "split"), ("[1]", "JSON object"),
+                        ('{"split": "train"}', "header"), ("{", "not JSON"), ('{"normalize": "x"}', "normalize"),
+                        ('{"input": "a", "output": "b", "split": "train"}', "no test records")):
+        f.write_text(body + "\n")
+        with pytest.raises(runtime.UserError, match=words):
+            evaluation.read_task(f)
+
+
+def test_generator_is_deterministic_and_follows_gpt3(tmp_path):
+    """The same files for a seed (other files for another); each task's input is its definition's
+    transformation of the output (GPT-3 §3.9), arithmetic answers are right, test words are never
+    train words, cloze distractors have the answer's length."""
+    a = tasks.generate(CORPUS, tmp_path / "a", seed=3, n_train=40, n_test=10)
+    b = tasks.generate(CORPUS, tmp_path / "b", seed=3, n_train=40, n_test=10)
+    c = tasks.generate(CORPUS, tmp_path / "c", seed=4, n_train=40, n_test=10)
+    assert [p.name for p in a] == [f"{n}.jsonl" for n in tasks.NAMES]
+    assert all(p.read_bytes() == q.read_bytes() for p, q in zip(a, b))
+    assert any(p.read_bytes() != q.read_bytes() for p, q in zip(a, c))
+    for path in a:
+        task = evaluation.read_task(path)
+        assert task.train and task.test and task.normalize == ("squad" if task.multiple_choice else "strip")
+        if task.name in tasks.WORD_TASKS:
+            assert not {r["output"] for r in task.train} & {r["output"] for r in task.test}
+        for r in task.train + task.test:
+            x, y = r["input"], r["output"]
+            if task.name.startswith("arithmetic"):
+                expr = x.removeprefix("Q: What is ").removesuffix("?")
+                expr = expr.replace(" plus ", "+").replace(" minus ", "-").replace(" times ", "*")
+                assert str(eval(expr)) == y
+            elif task.name == "cycle_letters":
+                assert x != y and x in y + y and len(x) == len(y)
+            elif task.name in ("anagrams1", "anagrams2"):
+                keep = 1 if task.name == "anagrams1" else 2
+                assert x[:keep] == y[:keep] and x[-keep:] == y[-keep:] and sorted(x) == sorted(y)
+            elif task.name == "random_insertion":
+                assert x[::2] == y and all(ch in tasks.INSERTED for ch in x[1::2])
+            elif task.name == "reversed_words":
+                assert x == y[::-1]
+            else:
+                assert len({len(ch) for ch in r["choices"]}) == 1 and len(set(r["choices"])) == 4
+    assert "2da" in tasks.NAMES[0] and len(evaluation.read_task(a[0]).test) == 10
