@@ -211,6 +211,33 @@ def bench_attention(args):
     return rows
 
 
+def add_attention_parser(sub):
+    """Register `bench.py attention` and its flags."""
+    p = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s; --scaling: "
+                       "softmax vs Performer vs a sliding window against length")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
+    p.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
+                   "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
+                   "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
+    p.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
+                   "with --scaling 512..32768")
+    p.add_argument("--scaling", action="store_true", help="cost against length: causal only, fitted "
+                   "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
+    p.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
+    p.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")
+    p.add_argument("--summary", default="", help="--scaling: write the rows, slopes and errors to this JSON file")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--n_head", type=int, default=0, help="query heads (0: 8, with --scaling 4)")
+    p.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
+    p.add_argument("--head_dim", type=int, default=0, help="head dimension (0: 64, with --scaling 32)")
+    p.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
+                   "would exceed this")
+    p.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
+    add_run_flags(p, reps=3)
+    p.set_defaults(run=bench_attention)
+    return p
+
+
 def loglog_slope(points):
     """The least-squares slope of log(y) against log(x) over points [(x, y)]: the exponent p of
     y ~ x^p (None with fewer than two points)."""
@@ -396,6 +423,20 @@ def bench_kvcache(args):
     return rows
 
 
+def add_kvcache_parser(sub, model_name):
+    """Register `bench.py kvcache` and its flags."""
+    p = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA")
+    add_model_flags(p, model_name, block_size=1024)
+    p.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
+                    "n_head/4, 1")
+    p.add_argument("--batch", type=int, default=1, help="batch size")
+    p.add_argument("--prompt_len", type=int, default=64, help="prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=256, help="generated tokens")
+    add_run_flags(p)
+    p.set_defaults(run=bench_kvcache)
+    return p
+
+
 def gemm_peak_flops(device, dtype, sizes=None, slow_s=0.1):
     """The matrix-multiply peak of this device in this dtype: the best FLOP/s over a few shapes
     (m, k, n), smallest first; a shape slower than slow_s seconds ends the search (a dtype this
@@ -516,6 +557,23 @@ def bench_speed(args):
     return rows, decode
 
 
+def add_speed_parser(sub, model_name):
+    """Register `bench.py speed` and its flags."""
+    p = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
+                        "decoding tokens/s with and without the KV cache")
+    add_model_flags(p, model_name)
+    p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
+    p.add_argument("--compile", default="both", choices=("false", "true", "both"), help="torch.compile the model")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens for decoding")
+    p.add_argument("--new_tokens", type=int, default=512, help="decoded tokens")
+    p.add_argument("--decode_batches", default="1,8", help="comma-separated batch sizes for decoding")
+    p.add_argument("--decode_reps", type=int, default=3, help="timed decoding runs (the median is reported)")
+    add_run_flags(p, reps=5)
+    p.set_defaults(run=bench_speed)
+    return p
+
+
 def bench_lora(args):
     """Full fine-tuning against LoRA (lora.py) on the same model and batch, measured in one run: what
     each trains and stores (trainable parameters, weights, AdamW state) and a training step's time
@@ -556,6 +614,21 @@ def bench_lora(args):
     return rows, ratios
 
 
+def add_lora_parser(sub, model_name):
+    """Register `bench.py lora` and its flags."""
+    p = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
+                        "parameters, optimizer state, peak memory, step time")
+    add_model_flags(p, model_name)
+    p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora_alpha", type=float, default=train.flag_default("lora_alpha"), help="LoRA alpha")
+    p.add_argument("--lora_targets", default=train.flag_default("lora_targets"), help="layers to adapt: q, k, v, "
+                    "o, mlp or all")
+    add_run_flags(p, reps=3)
+    p.set_defaults(run=bench_lora)
+    return p
+
+
 def bench_curves(args):
     """Val loss against wall time (and step) of training runs, read from their log.jsonl."""
     runs = {}
@@ -578,6 +651,16 @@ def bench_curves(args):
     ax.legend()
     save_figure(fig, args.plot)
     return runs
+
+
+def add_curves_parser(sub):
+    """Register `bench.py curves` and its flags."""
+    p = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--target", type=float, default=0.0, help="draw a horizontal line at this loss (0: none)")
+    p.add_argument("--plot", default="out/curves.png", help="PNG plot path")
+    p.set_defaults(run=bench_curves)
+    return p
 
 
 # ----------------------------------------------------------------------------- flags the subcommands share
@@ -789,6 +872,33 @@ def bench_decode(args):
     return rows
 
 
+def add_decode_parser(sub, model_name):
+    """Register `bench.py decode` and its flags."""
+    p = sub.add_parser("decode", help="greedy decoding against transformers' generate: tokens/s, bytes read per token "
+                        "and the fraction of the measured memory bandwidth; int8/bf16 weights; speculative decoding")
+    add_model_flags(p, model_name)
+    p.set_defaults(**{k: v for k, v in DECODE_MODEL.items() if k in {a.dest for a in p._actions}})
+    p.add_argument("--modes", default=",".join(DECODE_MODES), help="comma-separated, from: " + ", ".join(DECODE_MODES))
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    p.add_argument("--prompt_len", type=int, default=32, help="prompt tokens")
+    p.add_argument("--new_tokens", type=int, default=128, help="generated tokens")
+    p.add_argument("--draft_layers", type=int, default=2, help="the speculative modes' draft: the model's first N "
+                    "layers (bench.self_draft)")
+    p.add_argument("--speculate_k", type=int, default=4, help="tokens drafted per verification")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--step_variants", type=runtime.str2bool, default=True, help="on CPU, first time the compiled "
+                    "one-token step with each of issue 19's candidate settings (bench.STEP_VARIANTS)")
+    p.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
+                    "fp32, bf16 and int8 weights (empty: skip)")
+    p.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "
+                    "speculative decoding's acceptance and speed-up on real text (empty: skip)")
+    p.add_argument("--data", default="", help="--run_dir's corpus (empty: the default corpus)")
+    p.add_argument("--eval_batches", type=int, default=10, help="val batches of 8 sequences for the perplexity")
+    add_run_flags(p, reps=3)
+    p.set_defaults(run=bench_decode)
+    return p
+
+
 STEP_VARIANTS = {  # issue 19's candidates for the compiled one-token step: (inductor options, cache slots: 0 = rounded)
     "compiled (cpp_wrapper, cache rounded to a power of two)": ({"cpp_wrapper": True}, 0),
     "+ freezing (weights constant-folded, prepacked)": ({"cpp_wrapper": True, "freezing": True}, 0),
@@ -947,6 +1057,22 @@ def bench_moe(args):
     return rows, layer_rows, loads
 
 
+def add_moe_parser(sub):
+    """Register `bench.py moe` and its flags."""
+    p = sub.add_parser("moe", help="dense vs mixture of experts at equal active parameters: training tokens/s "
+                        "and memory; per-expert loop vs grouped_mm; the expert-load histogram")
+    add_model_flags(p, "switch")
+    p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
+    p.add_argument("--tokens", type=int, default=8192, help="tokens routed through one layer's experts")
+    p.add_argument("--run_dir", default="", help="a trained switch run folder for the load histogram (empty: the random model)")
+    p.add_argument("--data", default="", help="the run's corpus (empty: Shakespeare's complete works), char-level")
+    p.add_argument("--eval_batches", type=int, default=8, help="val batches of 8 sequences for the load histogram")
+    p.add_argument("--plot", default="out/bench_moe_load.png", help="PNG plot path of the load histogram (empty: none)")
+    add_run_flags(p, reps=3)
+    p.set_defaults(run=bench_moe)
+    return p
+
+
 def bench_experts(args, device):
     """Forward and forward + backward time of one layer's experts over args.tokens tokens routed top-k
     at random: the per-expert loop against grouped_mm (on CPU too: torch runs it there, slower or not)."""
@@ -1030,107 +1156,15 @@ def parser(argv=()):
     model_name = pre.parse_known_args(argv)[0].model
     p = runtime.ArgumentParser(description="Measure speed and memory.")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("attention", help="naive vs sdpa vs triton attention: time, memory, TFLOP/s; --scaling: "
-                       "softmax vs Performer vs a sliding window against length")
-    a.add_argument("--dtype", default="auto", help="float32, bfloat16, float16, or auto")
-    a.add_argument("--backends", default="", help="comma-separated registry names, each optionally +window (a "
-                   "sliding window of --window); empty: naive,sdpa on CPU, naive,sdpa,sdpa_flash,sdpa_cudnn,triton on "
-                   "CUDA; with --scaling naive,sdpa,performer,sdpa+window (and triton+window on CUDA)")
-    a.add_argument("--seq_lens", default="", help="comma-separated T; empty: 128..4096 on CPU, 1k..16k on CUDA; "
-                   "with --scaling 512..32768")
-    a.add_argument("--scaling", action="store_true", help="cost against length: causal only, fitted "
-                   "log-log slopes, the crossover with sdpa, FAVOR+'s error against m")
-    a.add_argument("--window", type=int, default=256, help="the +window backends' sliding window")
-    a.add_argument("--max_quadratic_T", type=int, default=0, help="skip the O(T^2) backends above this T (0: none)")
-    a.add_argument("--summary", default="", help="--scaling: write the rows, slopes and errors to this JSON file")
-    a.add_argument("--batch", type=int, default=1, help="batch size")
-    a.add_argument("--n_head", type=int, default=0, help="query heads (0: 8, with --scaling 4)")
-    a.add_argument("--gqa_group", type=int, default=4, help="query heads per key/value head in the GQA case")
-    a.add_argument("--head_dim", type=int, default=0, help="head dimension (0: 64, with --scaling 32)")
-    a.add_argument("--max_naive_gb", type=float, default=8.0, help="skip naive where its score matrices "
-                   "would exceed this")
-    a.add_argument("--plot", default="out/bench_attention.png", help="PNG plot path (empty: none)")
-    add_run_flags(a, reps=3)
-    a.set_defaults(run=bench_attention)
-
-    kv = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA")
-    add_model_flags(kv, model_name, block_size=1024)
-    kv.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
-                    "n_head/4, 1")
-    kv.add_argument("--batch", type=int, default=1, help="batch size")
-    kv.add_argument("--prompt_len", type=int, default=64, help="prompt tokens")
-    kv.add_argument("--new_tokens", type=int, default=256, help="generated tokens")
-    add_run_flags(kv)
-    kv.set_defaults(run=bench_kvcache)
-
-    sp = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
-                        "decoding tokens/s with and without the KV cache")
-    add_model_flags(sp, model_name)
-    sp.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
-    sp.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
-    sp.add_argument("--compile", default="both", choices=("false", "true", "both"), help="torch.compile the model")
-    sp.add_argument("--prompt_len", type=int, default=16, help="prompt tokens for decoding")
-    sp.add_argument("--new_tokens", type=int, default=512, help="decoded tokens")
-    sp.add_argument("--decode_batches", default="1,8", help="comma-separated batch sizes for decoding")
-    sp.add_argument("--decode_reps", type=int, default=3, help="timed decoding runs (the median is reported)")
-    add_run_flags(sp, reps=5)
-    sp.set_defaults(run=bench_speed)
-
-    lo = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
-                        "parameters, optimizer state, peak memory, step time")
-    add_model_flags(lo, model_name)
-    lo.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
-    lo.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
-    lo.add_argument("--lora_alpha", type=float, default=train.flag_default("lora_alpha"), help="LoRA alpha")
-    lo.add_argument("--lora_targets", default=train.flag_default("lora_targets"), help="layers to adapt: q, k, v, "
-                    "o, mlp or all")
-    add_run_flags(lo, reps=3)
-    lo.set_defaults(run=bench_lora)
-
-    cv = sub.add_parser("curves", help="val loss against wall time of training runs (their log.jsonl)")
-    cv.add_argument("runs", nargs="+", help="run folders")
-    cv.add_argument("--target", type=float, default=0.0, help="draw a horizontal line at this loss (0: none)")
-    cv.add_argument("--plot", default="out/curves.png", help="PNG plot path")
-    cv.set_defaults(run=bench_curves)
-
-    mo = sub.add_parser("moe", help="dense vs mixture of experts at equal active parameters: training tokens/s "
-                        "and memory; per-expert loop vs grouped_mm; the expert-load histogram")
-    add_model_flags(mo, "switch")
-    mo.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
-    mo.add_argument("--tokens", type=int, default=8192, help="tokens routed through one layer's experts")
-    mo.add_argument("--run_dir", default="", help="a trained switch run folder for the load histogram (empty: the random model)")
-    mo.add_argument("--data", default="", help="the run's corpus (empty: Shakespeare's complete works), char-level")
-    mo.add_argument("--eval_batches", type=int, default=8, help="val batches of 8 sequences for the load histogram")
-    mo.add_argument("--plot", default="out/bench_moe_load.png", help="PNG plot path of the load histogram (empty: none)")
-    add_run_flags(mo, reps=3)
-    mo.set_defaults(run=bench_moe)
-
-    de = sub.add_parser("decode", help="greedy decoding against transformers' generate: tokens/s, bytes read per token "
-                        "and the fraction of the measured memory bandwidth; int8/bf16 weights; speculative decoding")
-    add_model_flags(de, model_name)
-    de.set_defaults(**{k: v for k, v in DECODE_MODEL.items() if k in {a.dest for a in de._actions}})
-    de.add_argument("--modes", default=",".join(DECODE_MODES), help="comma-separated, from: " + ", ".join(DECODE_MODES))
-    de.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    de.add_argument("--prompt_len", type=int, default=32, help="prompt tokens")
-    de.add_argument("--new_tokens", type=int, default=128, help="generated tokens")
-    de.add_argument("--draft_layers", type=int, default=2, help="the speculative modes' draft: the model's first N "
-                    "layers (bench.self_draft)")
-    de.add_argument("--speculate_k", type=int, default=4, help="tokens drafted per verification")
-    de.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    de.add_argument("--step_variants", type=runtime.str2bool, default=True, help="on CPU, first time the compiled "
-                    "one-token step with each of issue 19's candidate settings (bench.STEP_VARIANTS)")
-    de.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
-                    "fp32, bf16 and int8 weights (empty: skip)")
-    de.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "
-                    "speculative decoding's acceptance and speed-up on real text (empty: skip)")
-    de.add_argument("--data", default="", help="--run_dir's corpus (empty: the default corpus)")
-    de.add_argument("--eval_batches", type=int, default=10, help="val batches of 8 sequences for the perplexity")
-    add_run_flags(de, reps=3)
-    de.set_defaults(run=bench_decode)
-
+    add_attention_parser(sub)
+    add_kvcache_parser(sub, model_name)
+    add_speed_parser(sub, model_name)
+    add_lora_parser(sub, model_name)
+    add_curves_parser(sub)
+    add_moe_parser(sub)
+    add_decode_parser(sub, model_name)
     for name in EXPERIMENTS:
         importlib.import_module(f"experiments.{name}.run").add_parser(sub)
-
     return p
 
 

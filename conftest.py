@@ -1,4 +1,5 @@
-"""Shared pytest fixtures: corpora, tokenizers and small trained or saved models (factories: tests/helpers.py)."""
+"""Shared pytest fixtures: the default attention settings around every test (autouse: they are process-wide);
+corpora, tokenizers and small trained or saved models (factories: tests/helpers.py)."""
 import json
 import os
 import random
@@ -11,7 +12,8 @@ if not torch.cuda.is_available():  # the Triton kernel runs under its interprete
 
 
 import train
-from omnitron import data, tokenization
+from omnitron import data, kernels, tokenization
+from omnitron.kernels import performer
 from omnitron.models import qwen
 from tests.helpers import (
     FAMILIES,
@@ -31,6 +33,16 @@ from tests.helpers import (
     tiny_text,
     train_bpe_with_tokenizers,
 )
+
+
+@pytest.fixture(autouse=True)
+def default_attention():
+    """Every test starts and ends with the default attention settings (they are process-wide)."""
+    kernels.configure()
+    performer.set_step(0)
+    yield
+    kernels.configure()
+    performer.set_step(0)
 
 
 @pytest.fixture

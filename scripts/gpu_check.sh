@@ -17,10 +17,10 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
-python -c "import kernels, torch; print('attn auto on this GPU:', kernels.get_backend('cuda'), torch.cuda.get_device_capability())" | tee -a "$OUT/gpu.txt"
+python -c "import torch; from omnitron import kernels; print('attn auto on this GPU:', kernels.get_backend('cuda'), torch.cuda.get_device_capability())" | tee -a "$OUT/gpu.txt"
 
 # 1. kernel tests, compiled for this GPU
-timeout 120 python -m pytest test_all.py -q -x \
+timeout 120 python -m pytest tests/test_kernels.py -q -x \
     -k "matches_float64_reference or nan_buffers or queries_than_keys or deterministic or whole_model_same_loss" \
     2>&1 | tail -n 5 | tee "$OUT/tests.txt"
 

@@ -172,16 +172,6 @@ def test_unknown_attention_backend_is_an_error():
 # use_sliding_window, and each row of a left-padded batch decoded alone.
 
 
-@pytest.fixture(autouse=True)
-def default_attention():
-    """Every test starts and ends with the default attention settings (they are process-wide)."""
-    kernels.configure()
-    performer.set_step(0)
-    yield
-    kernels.configure()
-    performer.set_step(0)
-
-
 def qkv(B=2, Hq=4, Hkv=2, T=150, D=16, S=None, scale=1.0, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     S = S or T

@@ -381,11 +381,27 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     (the caller's: bench.py trains a small phi.py). Two are trained: on the deduplicated pool
     (the classifier's embeddings, and Moore-Lewis' general side) and on REFERENCE_MODULES' functions
     (Moore-Lewis' in-domain side)."""
-    from experiments.phi import exercises as ex_mod
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     man = Manifest()
     rng = np.random.default_rng(seed)
+    sources, train_names, held_names = _pool(folder, man, stdlib, held_out_fraction, seed, log)
+    units = _rubric_labelled_units(man, sources, train_names, log)
+    _quality_filter(folder, man, units, train_reference, embed_tokens, keep_fraction, n_label, n_label_test, rng,
+                    seed, log)
+    held_ex, inst_ex = _exercises(folder, man, exercises_per_family, held_out_per_family, seed, log)
+    _evaluation_sets(folder, man, sources, held_names, rng, eval_functions, eval_windows, window, body_chars)
+    man.figures["eval_sets"].update(heldout_exercises=len(held_ex), heldout_instances=len(inst_ex))
+    man.figures["units_sample"] = [{"key": u.key, **u.meta} for u in units[:: max(1, len(units) // 50)]]
+    man.save(folder / "manifest.json")
+    return Curated(folder)
+
+
+
+
+def _pool(folder, man, stdlib, held_out_fraction, seed, log):
+    """build's first step: the standard library's modules split into train and held-out packages; the train
+    modules' files as they are are arm A's pool_A.txt. Returns (sources by module, train names, held-out names)."""
     files = stdlib_files(stdlib)
     train_names, held_names = split_modules(files, held_out_fraction, seed)
     sources = {n: normalize(files[n].read_text(encoding="utf-8", errors="replace")) for n in files}
@@ -400,7 +416,11 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     man.step("pool (arm A: the train modules' files, as they are)", [sources[n] for n in train_names],
              [sources[n] for n in train_names])
 
-    # units, dedup, rubric
+    return sources, train_names, held_names
+
+
+def _rubric_labelled_units(man, sources, train_names, log):
+    """The train modules' functions, deduplicated (exact and MinHash), each scored by the rubric."""
     units, unparsed = [], []
     for n in train_names:
         got = functions(sources[n], n)
@@ -424,7 +444,15 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
                              "points_rate": {p: round(float(np.mean([rubric(u.text, u.module)[2][p] for u in
                                                                      units[:5000]])), 3) for p in RUBRIC_POINTS}}
 
-    # reference models and features
+    return units
+
+
+def _quality_filter(folder, man, units, train_reference, embed_tokens, keep_fraction, n_label, n_label_test, rng,
+                    seed, log):
+    """Arm B's filtered_B.txt: the two reference models trained (train_reference), the classifier fitted on
+    rubric labels over the pool model's embeddings, the top keep_fraction kept; Moore-Lewis and the rubric
+    score reported beside it as other selectors."""
+    labels = np.array([u.meta["label"] for u in units])
     ref_pool = folder / "ref_pool.txt"
     atomic_write(ref_pool, lambda tmp: Path(tmp).write_text("\n\n".join(u.text for u in units)))
     domain = [u for u in units if u.module.split(".")[0] in REFERENCE_MODULES]
@@ -473,7 +501,13 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     log(f"classifier held-out accuracy {acc:.3f} (majority {base:.3f}); kept {len(filtered):,} functions, "
         f"{len(corpus_b):,} chars", flush=True)
 
-    # synthetic exercises
+
+
+def _exercises(folder, man, exercises_per_family, held_out_per_family, seed, log):
+    """The templated exercises verified in the sandbox: exercises_train.txt, heldout_exercises.jsonl
+    (families never trained on) and heldout_instances.jsonl (new drawings of the training families).
+    Returns (held-out exercises, new instances)."""
+    from experiments.phi import exercises as ex_mod
     train_ex = ex_mod.generate(exercises_per_family, seed, held_out=False)
     kept_ex, rejected = ex_mod.verify(train_ex)
     man.step("synthetic exercises (templated), verified in the sandbox", [e.text for e in train_ex],
@@ -496,7 +530,12 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     log(f"exercises: {len(kept_ex)} train ({len(ex_mod.FAMILIES) - len({e.family for e in held_ex})} families), "
         f"{len(held_ex)} held-out ({len({e.family for e in held_ex})} families)", flush=True)
 
-    # evaluation sets from the held-out modules
+    return held_ex, inst_ex
+
+
+def _evaluation_sets(folder, man, sources, held_names, rng, eval_functions, eval_windows, window, body_chars):
+    """heldout_functions.jsonl (signature + docstring -> body) and heldout_code.jsonl (random windows) from the
+    held-out modules."""
     held_units = [u for n in held_names for u in functions(sources[n], n)]
     pairs = [p for p in map(_split_body, held_units) if p and len(p[1].strip()) >= 20]
     pick = rng.permutation(len(pairs))[:eval_functions]
@@ -509,11 +548,7 @@ def build(folder, train_reference, embed_tokens=64, keep_fraction=0.3, n_label=3
     atomic_write(folder / "heldout_code.jsonl",
                  lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in windows)))
     man.figures["eval_sets"] = {"heldout_functions": len(rows), "heldout_functions_available": len(pairs),
-                                "heldout_code_windows": len(windows), "window_chars": window,
-                                "heldout_exercises": len(held_ex), "heldout_instances": len(inst_ex)}
-    man.figures["units_sample"] = [{"key": u.key, **u.meta} for u in units[:: max(1, len(units) // 50)]]
-    man.save(folder / "manifest.json")
-    return Curated(folder)
+                                "heldout_code_windows": len(windows), "window_chars": window}
 
 
 @torch.no_grad()

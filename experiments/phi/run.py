@@ -121,19 +121,47 @@ def run(args):
     pool, dedup, rubric, classifier, Moore-Lewis, exercises), then arms A (unfiltered pool), B
     (filtered pool) and C (B + a fine-tune on the exercises) of one small phi.py at the same token
     budget, --seeds seeds each; the three measures of phi_evaluate. Runs are cached by settings."""
-    from experiments.phi import curation
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
     if not arms or any(a not in PHI_ARMS for a in arms):
         raise UserError(f"--arms {args.arms!r}: choose from {', '.join(PHI_ARMS)}")
     out, t0 = Path(args.out), time.time()
+    curated = curate(args, out)
+    longest = max(len(json.loads(line)[key]) for name, key in (("heldout_functions.jsonl", "body"),
+                                                               ("heldout_code.jsonl", "text"))
+                  for line in curated.path(name).read_text().splitlines())
+    if args.block_size < longest:
+        raise UserError(f"--block_size {args.block_size}: the held-out code is scored in pieces of up to {longest} "
+                        "characters; give at least that")
+    train_arms(args, arms, out, curated)
+    rows = []
+    for seed in range(args.seeds):
+        for arm in arms:
+            run = out / phi_arm_run(args, arm, seed)
+            settings = json.loads((run / "settings.json").read_text())
+            result = cached_result(run / "eval.json", settings, lambda: phi_evaluate(run, curated, args.gen_tokens))
+            rows.append({"arm": arm, "seed": seed, **result})
+    summary = summarize(args, arms, rows, curated.manifest)
+    path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
+    runtime.write_json(path, summary, indent=1)
+    print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
+    return summary
+
+
+
+
+def curate(args, out):
+    """The curated data (curation.build, with two small reference models trained here), reused while its
+    settings match. Returns curation.Curated."""
+    from experiments.phi import curation
+    t0 = time.time()
     data_folder = out / "data"
     data_settings = {"version": 2, **{k: getattr(args, k) for k in ("keep_fraction", "n_label", "ref_iters",
                                                                      "embed_tokens", "exercises_per_family", "stdlib")}}
     curated = curation.Curated(data_folder)
 
-    def curate():
+    def build():
         def train_reference(corpus, name):
             init = phi_init(data_folder / f"{name}-init", 0, 128, **PHI_REFERENCE)
             run = _phi_train(args, data_folder / name, init, corpus, args.ref_iters, 3e-3, 0, f"reference {name}",
@@ -141,15 +169,14 @@ def run(args):
             return checkpoints.load(run)
         curation.build(data_folder, train_reference, embed_tokens=args.embed_tokens, keep_fraction=args.keep_fraction,
                        n_label=args.n_label, exercises_per_family=args.exercises_per_family, stdlib=args.stdlib or None)
-    if cached(data_folder / "settings.json", data_settings, curate, data_folder / "manifest.json"):
+    if cached(data_folder / "settings.json", data_settings, build, data_folder / "manifest.json"):
         print(f"curation: {format_eta(time.time() - t0)}", flush=True)
-    manifest = curated.manifest
-    longest = max(len(json.loads(line)[key]) for name, key in (("heldout_functions.jsonl", "body"),
-                                                               ("heldout_code.jsonl", "text"))
-                  for line in curated.path(name).read_text().splitlines())
-    if args.block_size < longest:
-        raise UserError(f"--block_size {args.block_size}: the held-out code is scored in pieces of up to {longest} "
-                        "characters; give at least that")
+    return curated
+
+
+def train_arms(args, arms, out, curated):
+    """Train every arm and seed: stage 1 from a shared initialisation (one stage-1 run serves every arm with the
+    same corpus), then stage 2; cached by settings; progress with an ETA."""
     plan = []  # (name, seed, init name or stage-1 name, corpus, iters, lr)
     for seed in range(args.seeds):
         for arm in arms:
@@ -166,13 +193,11 @@ def run(args):
         elapsed = time.time() - t_train
         print(f"[{i + 1}/{len(plan)} runs] {name} done; {format_eta(elapsed)} so far, ETA "
               f"{format_eta(elapsed / done_steps * (total_steps - done_steps))}", flush=True)
-    rows = []
-    for seed in range(args.seeds):
-        for arm in arms:
-            run = out / phi_arm_run(args, arm, seed)
-            settings = json.loads((run / "settings.json").read_text())
-            result = cached_result(run / "eval.json", settings, lambda: phi_evaluate(run, curated, args.gen_tokens))
-            rows.append({"arm": arm, "seed": seed, **result})
+
+
+def summarize(args, arms, rows, manifest):
+    """Per arm, the mean, min and max of each measure over seeds; whether B beats A (body loss) and C beats B
+    (pass@1) beyond the spread; printed, and returned as the summary."""
     tokens = (args.pretrain_iters + args.finetune_iters) * args.batch_size * args.block_size
     print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"), ("body_loss", "(1) body loss", "{:.4f}"),
                        ("pass_at_1", "(2) pass@1 unseen families", "{:.3f}"),
@@ -196,9 +221,6 @@ def run(args):
         if key in summary:
             print(f"{key}: {summary[key]}")
     print(f"tokens per arm: {tokens:,}; classifier: {manifest.get('classifier')}")
-    path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
-    runtime.write_json(path, summary, indent=1)
-    print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
     return summary
 
 
