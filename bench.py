@@ -428,7 +428,7 @@ def add_kvcache_parser(sub, model_name):
     p = sub.add_parser("kvcache", help="KV-cache bytes and decoding tokens/s for MHA, GQA and MQA")
     add_model_flags(p, model_name, block_size=1024)
     p.add_argument("--kv_heads", default="", help="comma-separated key/value head counts; empty: n_head, "
-                    "n_head/4, 1")
+                   "n_head/4, 1")
     p.add_argument("--batch", type=int, default=1, help="batch size")
     p.add_argument("--prompt_len", type=int, default=64, help="prompt tokens")
     p.add_argument("--new_tokens", type=int, default=256, help="generated tokens")
@@ -560,7 +560,7 @@ def bench_speed(args):
 def add_speed_parser(sub, model_name):
     """Register `bench.py speed` and its flags."""
     p = sub.add_parser("speed", help="training tokens/s, FLOP/s, MFU, fwd/bwd/opt split, peak memory; "
-                        "decoding tokens/s with and without the KV cache")
+                       "decoding tokens/s with and without the KV cache")
     add_model_flags(p, model_name)
     p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
     p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated: float32, bfloat16, float16")
@@ -617,13 +617,13 @@ def bench_lora(args):
 def add_lora_parser(sub, model_name):
     """Register `bench.py lora` and its flags."""
     p = sub.add_parser("lora", help="full fine-tuning vs LoRA on the same model and batch: trainable "
-                        "parameters, optimizer state, peak memory, step time")
+                       "parameters, optimizer state, peak memory, step time")
     add_model_flags(p, model_name)
     p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
     p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank")
     p.add_argument("--lora_alpha", type=float, default=train.flag_default("lora_alpha"), help="LoRA alpha")
     p.add_argument("--lora_targets", default=train.flag_default("lora_targets"), help="layers to adapt: q, k, v, "
-                    "o, mlp or all")
+                   "o, mlp or all")
     add_run_flags(p, reps=3)
     p.set_defaults(run=bench_lora)
     return p
@@ -689,7 +689,7 @@ def add_model_flags(p, model_name, block_size=None):
 
 # ----------------------------------------------------------------------------- decoding against the roofline
 
-# the model of issue 19's table: a Llama of 55.3M parameters (221 MB in fp32), untied output head
+# the decoding table's model: a Llama of 55.3M parameters (221 MB in fp32), untied output head
 DECODE_MODEL = dict(vocab_size=32000, block_size=2048, n_layer=8, n_embd=512, n_head=8, n_kv_head=2,
                     intermediate_size=1408, tie_embeddings=False)
 DECODE_MODES = ("hf_dynamic", "hf_static", "cache", "compile", "bf16", "bf16_compile", "int8", "int8_compile",
@@ -875,7 +875,7 @@ def bench_decode(args):
 def add_decode_parser(sub, model_name):
     """Register `bench.py decode` and its flags."""
     p = sub.add_parser("decode", help="greedy decoding against transformers' generate: tokens/s, bytes read per token "
-                        "and the fraction of the measured memory bandwidth; int8/bf16 weights; speculative decoding")
+                       "and the fraction of the measured memory bandwidth; int8/bf16 weights; speculative decoding")
     add_model_flags(p, model_name)
     p.set_defaults(**{k: v for k, v in DECODE_MODEL.items() if k in {a.dest for a in p._actions}})
     p.add_argument("--modes", default=",".join(DECODE_MODES), help="comma-separated, from: " + ", ".join(DECODE_MODES))
@@ -883,15 +883,15 @@ def add_decode_parser(sub, model_name):
     p.add_argument("--prompt_len", type=int, default=32, help="prompt tokens")
     p.add_argument("--new_tokens", type=int, default=128, help="generated tokens")
     p.add_argument("--draft_layers", type=int, default=2, help="the speculative modes' draft: the model's first N "
-                    "layers (bench.self_draft)")
+                   "layers (bench.self_draft)")
     p.add_argument("--speculate_k", type=int, default=4, help="tokens drafted per verification")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--step_variants", type=runtime.str2bool, default=True, help="on CPU, first time the compiled "
-                    "one-token step with each of issue 19's candidate settings (bench.STEP_VARIANTS)")
+                   "one-token step with each candidate setting (bench.STEP_VARIANTS)")
     p.add_argument("--run_dir", default="", help="a trained run folder: val perplexity and greedy agreement with "
-                    "fp32, bf16 and int8 weights (empty: skip)")
+                   "fp32, bf16 and int8 weights (empty: skip)")
     p.add_argument("--draft_dir", default="", help="a trained draft run folder for --run_dir (same tokenizer): "
-                    "speculative decoding's acceptance and speed-up on real text (empty: skip)")
+                   "speculative decoding's acceptance and speed-up on real text (empty: skip)")
     p.add_argument("--data", default="", help="--run_dir's corpus (empty: the default corpus)")
     p.add_argument("--eval_batches", type=int, default=10, help="val batches of 8 sequences for the perplexity")
     add_run_flags(p, reps=3)
@@ -899,7 +899,7 @@ def add_decode_parser(sub, model_name):
     return p
 
 
-STEP_VARIANTS = {  # issue 19's candidates for the compiled one-token step: (inductor options, cache slots: 0 = rounded)
+STEP_VARIANTS = {  # candidates for the compiled one-token step: (inductor options, cache slots: 0 = rounded)
     "compiled (cpp_wrapper, cache rounded to a power of two)": ({"cpp_wrapper": True}, 0),
     "+ freezing (weights constant-folded, prepacked)": ({"cpp_wrapper": True, "freezing": True}, 0),
     "without cpp_wrapper": ({}, 0),
@@ -1060,7 +1060,7 @@ def bench_moe(args):
 def add_moe_parser(sub):
     """Register `bench.py moe` and its flags."""
     p = sub.add_parser("moe", help="dense vs mixture of experts at equal active parameters: training tokens/s "
-                        "and memory; per-expert loop vs grouped_mm; the expert-load histogram")
+                       "and memory; per-expert loop vs grouped_mm; the expert-load histogram")
     add_model_flags(p, "switch")
     p.add_argument("--batch_size", type=int, default=train.flag_default("batch_size"), help="sequences per step")
     p.add_argument("--tokens", type=int, default=8192, help="tokens routed through one layer's experts")

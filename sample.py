@@ -30,7 +30,7 @@ Sampling filters the logits as transformers' warpers do, in their order: tempera
 top-p, min-p (generation.filter_logits); ids the tokenizer does not have (a model's vocabulary can
 be larger than its tokenizer's: Qwen2.5's 151,936 rows for 151,665 ids) are never drawn.
 
-Faster decoding (issue 19; figures from `bench.py decode`): --quantize int8 stores every linear
+Faster decoding (figures from `bench.py decode`): --quantize int8 stores every linear
 layer's weights in int8 with per-output-channel scales (gpt-fast's scheme, quantized at load;
 quantize.py), --quantize bf16 in bf16; --draft DIR decodes speculatively (Leviathan et al. 2023):
 a small model with the same tokenizer proposes --speculate_k tokens that the model verifies in one

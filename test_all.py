@@ -987,7 +987,7 @@ def test_speculative_decoding_refuses_a_cache_that_cannot_rewind():
 
 
 # ----------------------------------------------------------------------------- positions: learned, sinusoidal, RoPE, NoPE; RoPE context extension (models/gpt.py, bench.py positions)
-# Positions (issue 15, measurement 3): models/gpt.py's NoPE and RoPE context extension, and bench.py
+# Positions: models/gpt.py's NoPE and RoPE context extension, and bench.py
 # positions' per-position evaluation. Each test checks against an independent reference: transformers'
 # ROPE_INIT_FUNCTIONS, a float64 loop of prefix forwards, exact invariants.
 

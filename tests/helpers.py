@@ -53,7 +53,7 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Conf
 T_LONG = 80  # longer than max_position_embeddings (64): dynamic NTK scaling takes effect
 PADDED_PROMPTS = [[5, 1, 2, 3, 4, 6, 7], [9, 8], [3, 3, 3, 3]]  # decoded as one left-padded batch
 FILES = ["gpt", "llama", "qwen", "phi"]  # the model files LoRA is tested on
-# the registered backends that compute softmax attention (performer approximates it: test_long_context.py)
+# the registered backends that compute softmax attention (performer approximates it: its own tests in tests/test_kernels.py)
 CPU_BACKENDS = [name for name, backend in kernels.BACKENDS.items() if backend.usable("cpu") and backend.exact]
 
 
@@ -777,7 +777,7 @@ class AlwaysTiedGPT(gpt.Model):
         self.lm_head.weight = self.transformer.wte.weight
 
 
-# sampling filters and vocabularies larger than their tokenizer (issue 12, cases 4, 7, 8)
+# sampling filters and vocabularies larger than their tokenizer (ties, padded rows, tokenizer ids)
 
 
 def logit_sets(V=37):

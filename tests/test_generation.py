@@ -152,7 +152,7 @@ def test_sampling_filters():
 
 
 def test_top_p_keeps_only_the_nucleus_at_an_exact_boundary():
-    """Issue 12, case 4: probabilities exactly (0.5, 0.25, 0.25) at top_p 0.5: the nucleus is {0};
+    """Probabilities exactly (0.5, 0.25, 0.25) at top_p 0.5: the nucleus is {0};
     (0.3, 0.1, 0.1, 0.5) at top_p 0.8: {0, 3}, as transformers keeps."""
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[math.log(2), 0., 0.]])
@@ -227,7 +227,7 @@ def test_sampling_settings_out_of_range_are_refused(setting, message):
 
 def test_sample_py_with_a_vocabulary_larger_than_its_tokenizer_runs_to_the_end(padded_vocab_dir, capsys,
                                                                                 monkeypatch):
-    """Issue 12, case 7: 320 rows, 281 ids, temperature 1: the run finishes (it was KeyError
+    """320 rows, 281 ids, temperature 1: the run finishes (it was KeyError
     'Invalid token for decoding: 281' from tiktoken)."""
     code, err = run_entry_point(["sample.py", "--out_dir", str(padded_vocab_dir), "--prompt", "ROMEO:",
                                  "--temperature", "1", "--top_k", "0", "--max_new_tokens", "200", "--device", "cpu",
@@ -372,7 +372,7 @@ def test_speculative_greedy_equals_plain_greedy(name):
 
 def test_speculative_greedy_equals_transformers_generate(tmp_path):
     """Greedy tokens of ours (plain, and speculative with a 1-layer draft) are transformers'
-    generate's on a tiny random Llama (compiled = eager: test_all.py's compiled-decoding test)."""
+    generate's on a tiny random Llama (compiled = eager: the compiled-decoding test in this file)."""
     hf = hf_model("llama", seed=3)
     ours = saved(hf, tmp_path)
     prompt = tokens(8, seed=4)

@@ -165,7 +165,7 @@ def test_unknown_attention_backend_is_an_error():
 
 
 # ----------------------------------------------------------------------------- long context: Performer (FAVOR+) and sliding-window attention
-# Long context (issue 15, part A): Performer (FAVOR+) attention and sliding-window attention.
+# Long context: Performer (FAVOR+) attention and sliding-window attention.
 #
 # References: FAVOR+'s own kernel formula in float64 (phi(q).phi(k) products, normalised), exact
 # softmax attention in float64, a dense float64 window mask, transformers' Qwen2 with

@@ -156,12 +156,12 @@ def plot_icl(rows, shots, path):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.icl)."""
     p = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
-                        "on the corpus mixed with task episodes, exact match against K shots, with and without "
-                        "the task description")
+                       "on the corpus mixed with task episodes, exact match against K shots, with and without "
+                       "the task description")
     p.add_argument("--sizes", default="2x64,3x96,4x128", help="GPT models to train, n_layer x n_embd, comma-separated")
     p.add_argument("--n_head", type=int, default=4, help="attention heads of every size")
     p.add_argument("--train_tasks", default="cycle_letters,anagrams1,random_insertion,reversed_words",
-                    help="tasks of the training episodes (tasks.NAMES or .jsonl files)")
+                   help="tasks of the training episodes (tasks.NAMES or .jsonl files)")
     p.add_argument("--eval_tasks", default="reversed_words,random_insertion", help="tasks scored (held-out items)")
     p.add_argument("--shots", default="0,1,2,4,8,16", help="the K evaluated, comma-separated")
     p.add_argument("--k_max", type=int, default=20, help="training episodes have 0..k_max demonstrations")
@@ -174,7 +174,7 @@ def add_parser(sub):
     p.add_argument("--limit", type=int, default=80, help="test items per task and K")
     p.add_argument("--eval_batch_size", type=int, default=50, help="items per evaluation batch")
     p.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: evaluate the runs already "
-                    "in --out_dir)")
+                   "in --out_dir)")
     p.add_argument("--seed", type=int, default=1337, help="seed of the mixture, training and demonstrations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where the corpus and data/tasks/ live")

@@ -83,7 +83,7 @@ def run(args):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.performer)."""
     p = sub.add_parser("performer", help="the default Llama with softmax, FAVOR+ (m=64, 256) and window-64 attention: "
-                        "val loss and the gap over seeds; softmax -> FAVOR+ swapped in and fine-tuned (trains; cached)")
+                       "val loss and the gap over seeds; softmax -> FAVOR+ swapped in and fine-tuned (trains; cached)")
     p.add_argument("--arms", default=",".join(PERFORMER_ARMS), help=f"comma-separated from {', '.join(PERFORMER_ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--max_iters", type=int, default=200, help="steps per run (train.py's default is 750: see the README)")

@@ -227,24 +227,24 @@ def summarize(args, arms, rows, manifest):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.phi)."""
     p = sub.add_parser("phi", help="the Phi recipe (Textbooks Are All You Need) in miniature: curated stdlib code and "
-                        "templated exercises vs the unfiltered pool at equal tokens, 3 seeds (trains; cached by settings)")
+                       "templated exercises vs the unfiltered pool at equal tokens, 3 seeds (trains; cached by settings)")
     p.add_argument("--arms", default=",".join(PHI_ARMS), help="comma-separated from A (unfiltered pool), B (filtered "
-                    "pool), C (B + fine-tune on the synthetic exercises)")
+                   "pool), C (B + fine-tune on the synthetic exercises)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--pretrain_iters", type=int, default=400, help="stage-1 steps (every arm)")
     p.add_argument("--finetune_iters", type=int, default=60, help="stage-2 steps: A and B continue on their own "
-                    "data, C fine-tunes on the exercises (so every arm sees the same tokens)")
+                   "data, C fine-tunes on the exercises (so every arm sees the same tokens)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     p.add_argument("--block_size", type=int, default=192, help="characters per sequence")
     p.add_argument("--learning_rate", type=float, default=3e-3, help="stage-1 peak learning rate (cosine to a tenth)")
     p.add_argument("--finetune_lr", type=float, default=1e-3, help="stage-2 peak learning rate (cosine to a tenth)")
     p.add_argument("--keep_fraction", type=float, default=0.3, help="share of the deduplicated functions the "
-                    "quality classifier keeps for arm B")
+                   "quality classifier keeps for arm B")
     p.add_argument("--n_label", type=int, default=3000, help="rubric-labelled functions the classifier is fitted on")
     p.add_argument("--ref_iters", type=int, default=250, help="steps of each curation reference model")
     p.add_argument("--embed_tokens", type=int, default=64, help="characters of each function the reference models read")
     p.add_argument("--exercises_per_family", type=int, default=40, help="training exercises drawn per family "
-                    "(at most; distinct ones)")
+                   "(at most; distinct ones)")
     p.add_argument("--gen_tokens", type=int, default=64, help="greedy tokens generated per held-out exercise")
     p.add_argument("--stdlib", default="", help="the pool's folder (empty: this Python's standard library)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

@@ -17,7 +17,7 @@ from omnitron import evaluation, models, tokenization
 from tests.helpers import ROOT
 
 # ----------------------------------------------------------------------------- the Phi recipe (curation.py, exercises.py, sandbox.py)
-# Tests of the Phi recipe (issue 18): curation.py (split, functions, dedup, rubric, classifier,
+# Tests of the Phi recipe: curation.py (split, functions, dedup, rubric, classifier,
 # features, mix, manifest), exercises.py, sandbox.py and bench.py phi's pieces.
 
 

@@ -249,10 +249,10 @@ def plot_positions(curves, names, L, T, bucket, unigram, path):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.positions)."""
     p = sub.add_parser("positions", help="learned vs sinusoidal vs RoPE vs no positions: val loss by position up to "
-                        "eval_factor x the training length; RoPE with PI, NTK-aware and YaRN, at evaluation and "
-                        "after a short fine-tune (trains; cached by settings)")
+                       "eval_factor x the training length; RoPE with PI, NTK-aware and YaRN, at evaluation and "
+                       "after a short fine-tune (trains; cached by settings)")
     p.add_argument("--methods", default=",".join(POSITION_METHODS), help="comma-separated from "
-                    f"{', '.join(POSITION_METHODS)} (models/gpt.py --pos; none: NoPE)")
+                   f"{', '.join(POSITION_METHODS)} (models/gpt.py --pos; none: NoPE)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method")
     p.add_argument("--max_iters", type=int, default=600, help="training steps per run")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per step")
@@ -267,7 +267,7 @@ def add_parser(sub):
     p.add_argument("--eval_windows", type=int, default=64, help="val windows of eval_factor * L tokens")
     p.add_argument("--bucket", type=int, default=32, help="positions per point of the plot")
     p.add_argument("--finetune", default="none,linear,yarn", help="RoPE fine-tuned at eval_factor * L, comma-separated "
-                    f"from none (plain RoPE: PI's direct fine-tuning baseline), {', '.join(ROPE_EXTENSIONS)}")
+                   f"from none (plain RoPE: PI's direct fine-tuning baseline), {', '.join(ROPE_EXTENSIONS)}")
     p.add_argument("--finetune_iters", type=int, default=50, help="fine-tuning steps (0: none)")
     p.add_argument("--finetune_lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
     add_training_run_flags(p, "out/positions", "the runs' folders and summary.json", "out/positions.png")

@@ -307,16 +307,16 @@ def plot_scaling(results, fits, prediction, path):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.scaling)."""
     p = sub.add_parser("scaling", help="scaling laws measured: a grid of GPT sizes at several compute budgets, "
-                        "Kaplan's and Chinchilla's fits, a prediction at 4x the largest budget (trains; cached by settings)")
+                       "Kaplan's and Chinchilla's fits, a prediction at 4x the largest budget (trains; cached by settings)")
     p.add_argument("--preset", default="cpu", choices=sorted(SCALING_PRESETS), help="the grid: cpu (within 20 "
-                    "minutes on 2 CPU cores) or gpu (bench.SCALING_PRESETS)")
+                   "minutes on 2 CPU cores) or gpu (bench.SCALING_PRESETS)")
     p.add_argument("--budgets", default="", help="training FLOPs per run, comma-separated (empty: the preset's)")
     p.add_argument("--sizes", default="", help="the ladder of GPT shapes, n_layer x n_embd, comma-separated "
-                    "(empty: the preset's)")
+                   "(empty: the preset's)")
     p.add_argument("--window", default="", help="lo,hi: train the shapes whose tokens per parameter fall in "
-                    "[lo, hi] at each budget (empty: the preset's)")
+                   "[lo, hi] at each budget (empty: the preset's)")
     p.add_argument("--verify", action="store_true", help="also train the predicted compute-optimal model at 4x the "
-                    "largest budget and report the prediction's error")
+                   "largest budget and report the prediction's error")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--seed", type=int, default=1337, help="seed of every run (and of the bootstrap)")
     add_training_run_flags(p, "out/scaling", "the sweep folder: OUT/PRESET holds every run, runs.json, fits.json",

@@ -225,8 +225,8 @@ def lr_sweep(args, out, device):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.self_reward)."""
     p = sub.add_parser("self_reward", help="self-rewarding language models (Yuan et al. 2024) in miniature: sorting "
-                        "short strings, M1 trained from scratch, N iterations per seed with the model's own judge and "
-                        "the random-pair and checker-pair controls; held-out exact match, judge accuracy, reward gap")
+                       "short strings, M1 trained from scratch, N iterations per seed with the model's own judge and "
+                       "the random-pair and checker-pair controls; held-out exact match, judge accuracy, reward gap")
     p.add_argument("--seeds", type=int, default=3, help="seeds (task data, M1, iterations)")
     p.add_argument("--iterations", type=int, default=3, help="self-rewarding iterations (M2 .. M(N+1))")
     p.add_argument("--conditions", default="judge,random,checker", help="how pairs are chosen (train.py --sr_pairs)")
@@ -246,7 +246,7 @@ def add_parser(sub):
     p.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
     p.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
     p.add_argument("--lr_sweep", default="", help="comma-separated DPO learning rates to compare on seed 0's first "
-                    "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
+                   "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")

@@ -125,7 +125,7 @@ def plot_switch(runs, curves, tokens_per_step, path):
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.switch)."""
     p = sub.add_parser("switch", help="Switch Transformer vs dense at equal FLOPs per token: val loss against "
-                        "tokens over seeds, tokens to reach the dense model's loss, ablations (trains; cached by settings)")
+                       "tokens over seeds, tokens to reach the dense model's loss, ablations (trains; cached by settings)")
     p.add_argument("--arms", default=",".join(SWITCH_ARMS), help=f"comma-separated from {', '.join(SWITCH_ARMS)}")
     p.add_argument("--seeds", type=int, default=3, help="seeds of dense and switch (the ablations: one)")
     p.add_argument("--max_iters", type=int, default=train.flag_default("max_iters"), help="steps per run")

@@ -19,7 +19,7 @@ Silent switches, on purpose (both are decoding steps, the only calls that carry 
   (`attention` below: inductor fuses it with the cache write);
 - `triton` hands masked calls to `sdpa` (the kernel knows the causal and window rules only).
 
-Two long-context variants (issue 15; Tay et al. 2020's survey of efficient Transformers):
+Two long-context variants (Tay et al. 2020's survey of efficient Transformers):
 - `performer` (kernels/performer.py): FAVOR+ linear attention, a stateful backend: it takes the
   call's `layer` (its random features are per layer) and `cache` (its decoding state is
   S = sum phi(k) v^T, z = sum phi(k) per layer, not keys and values).

@@ -19,7 +19,7 @@ compiled kernel needs. This module compiles:
 - the sliding-window variant (WINDOW > 0: other loop bounds and one more mask) of the forward, dK/dV
   and dQ kernels, the forward for both targets and each backward kernel for one (WINDOW_JOBS).
 
-Jobs run in parallel processes. The tests call `check()` (test_all.py); a new kernel module adds
+Jobs run in parallel processes. The tests call `check()` (tests/test_kernels.py); a new kernel module adds
 its kernels to `jobs()`.
 """
 import os

@@ -82,7 +82,7 @@ def is_available(device) -> bool:
 # (BLOCK_D up to 64, 128, 256) and element size, taken from FlashAttention-2's published choices
 # (Dao 2023, section 3.3, and Triton's fused-attention tutorial) rather than a wide grid: each one
 # compiles on the first call, so the grid is what the first call costs. Every one of them fits in
-# the shared memory of both sm_80 (163 KiB per block) and sm_90 (227 KiB): test_all.py compiles
+# the shared memory of both sm_80 (163 KiB per block) and sm_90 (227 KiB): tests/test_kernels.py compiles
 # each ahead of time for both targets and checks (test_triton_kernels_compile_for_sm80_and_sm90).
 # Not yet tuned on a GPU: which of them wins is measured by bench.py attention (scripts/gpu_check.sh).
 _CONFIGS = {
