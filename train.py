@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from omnitron import checkpoints, data, dpo, kernels, lora, models, runtime, self_reward
+from omnitron import checkpoints, data, dpo, kernels, lora, models, muon, runtime, self_reward
 from omnitron.generation import stream
 from omnitron.kernels import performer
 from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
@@ -90,6 +90,15 @@ TRAIN_FLAGS = [
     ("min_lr", -1.0, "final learning rate of the cosine decay (-1: learning_rate / 10)"),
     ("warmup_iters", 100, "steps of linear warmup"),
     ("lr_decay_iters", -1, "steps of cosine decay (-1: max_iters)"),
+    ("lr_schedule", "cosine", "after warmup: cosine (decay to min_lr at lr_decay_iters) or trapezoidal (constant, "
+                              "then a linear cooldown to min_lr over the last cooldown_frac of lr_decay_iters: the "
+                              "warmup-stable-decay schedule of the modded-nanogpt speedrun)"),
+    ("cooldown_frac", 0.4, "trapezoidal: the share of max_iters spent in the linear cooldown"),
+    ("optimizer", "adamw", "adamw, or muon: Muon (orthogonalised Nesterov momentum, Jordan et al. 2024; "
+                           "omnitron/muon.py) on the hidden matrices, AdamW on embeddings, head, norms and biases"),
+    ("muon_lr", 0.02, "muon: peak learning rate of the hidden matrices (the schedule scales it with learning_rate)"),
+    ("muon_momentum", 0.95, "muon: momentum (Nesterov)"),
+    ("muon_weight_decay", 0.0, "muon: decoupled weight decay of the hidden matrices"),
     ("weight_decay", 0.1, "AdamW weight decay, on matrices and embeddings only"),
     ("beta1", 0.9, "AdamW beta1"),
     ("beta2", 0.99, "AdamW beta2"),
@@ -242,11 +251,17 @@ def lm_loss(model, batch):
 # ----------------------------------------------------------------------------- schedule, optimizer, evaluation
 
 def lr_at(step, flags):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, or (lr_schedule trapezoidal) the
+    peak until the last cooldown_frac of lr_decay_iters and a linear cooldown to min_lr there
+    (lr_decay_iters -1: max_iters)."""
     decay_iters = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
     min_lr = flags["min_lr"] if flags["min_lr"] >= 0 else flags["learning_rate"] / 10
     if step < flags["warmup_iters"]:
         return flags["learning_rate"] * (step + 1) / (flags["warmup_iters"] + 1)
+    if flags.get("lr_schedule", "cosine") == "trapezoidal":
+        cooldown = flags["cooldown_frac"] * decay_iters
+        left = (decay_iters - step) / cooldown if cooldown > 0 else 1.0
+        return min_lr + min(1.0, max(0.0, left)) * (flags["learning_rate"] - min_lr)
     if step >= decay_iters:
         return min_lr
     progress = (step - flags["warmup_iters"]) / max(1, decay_iters - flags["warmup_iters"])
@@ -255,7 +270,12 @@ def lr_at(step, flags):
 
 def make_optimizer(model, flags, device, sharded=False):
     """AdamW; weight decay on tensors of two or more dimensions (matrices, embeddings) only. The
-    fused kernel, except on FSDP's sharded parameters (DTensors), which take the foreach one."""
+    fused kernel, except on FSDP's sharded parameters (DTensors), which take the foreach one.
+    --optimizer muon: Muon on the hidden matrices and this AdamW on the rest (muon.py)."""
+    if flags.get("optimizer", "adamw") == "muon":
+        return muon.muon_with_adamw(model, flags["learning_rate"], flags["muon_lr"], flags["weight_decay"],
+                                    (flags["beta1"], flags["beta2"]), flags["muon_momentum"],
+                                    flags["muon_weight_decay"])
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": flags["weight_decay"]},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -384,6 +404,13 @@ def start(flags):
             raise UserError(f"--{name} must be at least 1, not {flags[name]}")
     if flags["max_iters"] < 0:
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
+    for name, choices in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "trapezoidal"))):
+        if flags[name] not in choices:
+            raise UserError(f"--{name} {flags[name]!r}: choose from {', '.join(choices)}")
+    if not 0 <= flags["cooldown_frac"] <= 1:
+        raise UserError(f"--cooldown_frac must be in [0, 1], not {flags['cooldown_frac']}")
+    if flags["optimizer"] == "muon" and flags["fsdp"]:
+        raise UserError("--optimizer muon orthogonalises whole matrices: use it with DDP, not --fsdp's shards")
     rank, world_size, device = setup_distributed(resolve_device(flags["device"]))
     dtype = resolve_dtype(flags["dtype"], device)
     if flags["init_from"] not in ("scratch", "resume"):  # the attention the model was trained with
@@ -591,7 +618,7 @@ def train_step(s, loss_fn, lr):
     (gradient clipping, fp16 loss scaling). Returns the loss and metrics of the last micro-batch."""
     f, n_micro = s.flags, s.flags["gradient_accumulation_steps"]
     for group in s.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_ratio", 1.0)  # muon: its peak over AdamW's
     for micro in range(n_micro):
         batch = s.dataset.get_batch("train", f["batch_size"], f["block_size"], s.data_gen, s.device, s.rank,
                                     s.world_size)
