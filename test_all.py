@@ -898,6 +898,8 @@ def test_switch_model_exports_as_qwen3_moe_top1(tmp_path):
     assert_same(ours, load_moe("qwen3_moe", tmp_path), moe_ids())
     back = models.from_pretrained(tmp_path)
     assert back.config == cfg  # the capacity factors and the z-loss coefficient come back from config.json
+    edit_config(tmp_path, experts_implementation="auto")  # what earlier exports carry: read as inert
+    assert models.from_pretrained(tmp_path).config == cfg
 
 
 def test_switch_layer_matches_transformers_switch_sparse_mlp_with_drops():
