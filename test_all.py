@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train
-from omnitron import generation, hub, kernels, models
+from omnitron import generation, hub, kernels, lora, models
 from omnitron.kernels import performer
 from omnitron.models import gpt, llama, phi, qwen, switch
 from tests.helpers import (
@@ -44,7 +44,7 @@ from tests.helpers import (
     hf_moe,
     idx,
     key_rules,
-    load_eager,
+    load_moe,
     load_hf,
     max_diff,
     moe_ids,
@@ -60,6 +60,7 @@ from tests.helpers import (
     to_hub_form,
     tokens,
     write_layout,
+    write_shards,
 )
 
 # ----------------------------------------------------------------------------- models, checkpoints, the contract
@@ -224,6 +225,41 @@ def test_save_pretrained_loads_in_transformers(tmp_path, case):
     assert back.config == ours.config
 
 
+EXPORT_CASES = {  # every model file, and each of models/switch.py's variants
+    "gpt": ("gpt", dict(bias=False, std=0.5)),
+    "llama": SAVE_CASES["llama"], "qwen2": SAVE_CASES["qwen2"], "qwen3": SAVE_CASES["qwen3"], "phi": SAVE_CASES["phi"],
+    "switch": ("switch", dict(n_experts=4, moe_intermediate_size=24)),  # qwen3_moe, top-1, capacity 1.25 / 2.0
+    "qwen2_moe": ("switch", dict(variant="qwen2_moe", qkv_bias=True, n_experts=4, top_k=2, moe_intermediate_size=24,
+                                 shared_expert_intermediate_size=16, mlp_only_layers="1", n_kv_head=2)),
+    "mixtral": ("switch", dict(variant="mixtral", n_experts=4, top_k=2, norm_topk_prob=True, intermediate_size=24,
+                               moe_intermediate_size=24, tie_embeddings=False)),
+    "olmoe": ("switch", dict(variant="olmoe", n_experts=4, top_k=2, intermediate_size=24, moe_intermediate_size=24,
+                             clip_qkv=0.8)),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_exports_load_in_transformers_with_its_defaults(tmp_path, case):
+    """What a user does with our export: AutoModelForCausalLM.from_pretrained(dir) with no argument,
+    which gives our logits (a mixture of experts' too: eval mode without targets is dropless). And
+    every key we write into config.json is read by transformers' configuration as the plain value we
+    wrote, none taken for one of its own settings (experts_implementation was: transformers 5 reads
+    it as its experts kernel and refuses "auto")."""
+    name, kw = EXPORT_CASES[case]
+    ours = tiny_model(name, **kw)
+    ours.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    config = hf_class("AutoConfig").from_pretrained(tmp_path)
+    for key, value in written.items():
+        got = getattr(config, key, "(absent)")
+        got = str(got).removeprefix("torch.") if key == "dtype" else got
+        assert json.loads(json.dumps(got)) == value, (key, value, got)
+    hf = hf_class("AutoModelForCausalLM").from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == written["architectures"][0]
+    assert_same_logits(ours, hf, idx(ours.config.vocab_size, T=30))
+    assert models.from_pretrained(tmp_path).config == ours.config
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0)),
     ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),
@@ -262,6 +298,77 @@ def test_file_layouts_load(tmp_path, layout):
     assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}  # the checkpoint's dtype is kept
     ours = models.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert_same_logits(ours, hf, tokens(40))
+
+
+WEIGHT_LAYOUTS = ("safetensors", "sharded", "bin", "sharded-bin")
+
+
+def write_weights(directory, state, layout):
+    """state as one of WEIGHT_LAYOUTS: model.safetensors, two safetensors shards and their index,
+    pytorch_model.bin, or pytorch_model.bin's two shards and their index."""
+    if layout == "safetensors":
+        save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    elif layout == "sharded":
+        write_shards(state, directory)
+    elif layout == "bin":
+        torch.save(state, directory / "pytorch_model.bin")
+    else:
+        keys = sorted(state)
+        shards = {"pytorch_model-00001-of-00002.bin": keys[::2], "pytorch_model-00002-of-00002.bin": keys[1::2]}
+        for name, ks in shards.items():
+            torch.save({k: state[k] for k in ks}, directory / name)
+        index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+        (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("layout", WEIGHT_LAYOUTS[1:] + ("adapter",))
+def test_save_over_another_checkpoint_leaves_one_set_of_weights(tmp_path, layout):
+    """save_pretrained into a folder that holds another checkpoint (train.py --init_from DIR --out_dir
+    DIR): its shards and index, pytorch_model.bin or a LoRA adapter are removed, and our loader and
+    transformers' (with its defaults) both read the new weights."""
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    if layout == "adapter":
+        ours = models.from_pretrained(tmp_path)
+        lora.apply(ours, lora.LoRAConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+        with torch.no_grad():  # an adapter that changes the logits
+            for name, p in ours.named_parameters():
+                if ".lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.3)
+        lora.save_adapter(ours, tmp_path)
+        adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**adapter, "base_model_name_or_path": str(tmp_path)}))
+        assert lora.is_adapter(tmp_path)  # checkpoints.load would read the base and this adapter
+    else:
+        state = load_file(tmp_path / "model.safetensors")
+        (tmp_path / "model.safetensors").unlink()
+        write_weights(tmp_path, state, layout)
+    old = sorted(p.name for p in tmp_path.iterdir())
+    new = randomize(models.from_pretrained(tmp_path), seed=5, std=0.3).eval()  # other weights, same config
+    new.save_pretrained(tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "generation_config.json")  # not weights
+    assert left == ["config.json", "model.safetensors"], old
+    x = tokens(20)
+    with torch.no_grad():
+        assert torch.equal(models.from_pretrained(tmp_path).eval()(x)[0], new(x)[0])
+    assert_same_logits(new, load_hf(tmp_path), x)
+
+
+@pytest.mark.parametrize("first,second", [(a, b) for i, a in enumerate(WEIGHT_LAYOUTS) for b in WEIGHT_LAYOUTS[i + 1:]])
+def test_reading_follows_transformers_order_of_preference(tmp_path, first, second):
+    """A folder with two checkpoints' files (what an interrupted save or a copy leaves): the one
+    transformers prefers (model.safetensors, then model.safetensors.index.json, pytorch_model.bin,
+    pytorch_model.bin.index.json) is the one our loader reads."""
+    hf = hf_model("llama")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    other = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) * 0.3 for k, v in state.items()}
+    write_weights(tmp_path, state, first)
+    write_weights(tmp_path, other, second)
+    ours = models.from_pretrained(tmp_path).eval()
+    assert_same_logits(ours, load_hf(tmp_path), tokens(20))
+    assert_same_logits(ours, hf, tokens(20))
 
 
 # a tensor to delete, one to add and one to reshape, per checkpoint family
@@ -721,7 +828,7 @@ def test_moe_checkpoints_give_transformers_logits_and_round_trip(tmp_path, famil
     (clip_qkv) read from transformers' save_pretrained (one matrix per expert) give transformers'
     logits; ours written back load in transformers to the same logits, in the per-expert layout."""
     hf_moe(family).save_pretrained(tmp_path / "hf")
-    hf = load_eager(family, tmp_path / "hf")
+    hf = load_moe(family, tmp_path / "hf")
     ours = models.from_pretrained(tmp_path / "hf").eval()
     assert type(ours) is switch.Model and ours.config.capacity_factor == ours.config.eval_capacity_factor == 0
     x = moe_ids()
@@ -729,7 +836,7 @@ def test_moe_checkpoints_give_transformers_logits_and_round_trip(tmp_path, famil
     ours.save_pretrained(tmp_path / "ours")
     stored = set(dict(hub.read_tensors(tmp_path / "ours")))
     assert stored == set(dict(hub.read_tensors(tmp_path / "hf")))  # transformers' per-expert names exactly
-    assert_same(ours, load_eager(family, tmp_path / "ours"), x)
+    assert_same(ours, load_moe(family, tmp_path / "ours"), x)
     if family == "qwen3_moe":  # real checkpoints carry num_experts (transformers 5.24 writes num_local_experts)
         assert json.loads((tmp_path / "ours" / "config.json").read_text())["num_experts"] == 4
 
@@ -788,9 +895,11 @@ def test_switch_model_exports_as_qwen3_moe_top1(tmp_path):
     ours.save_pretrained(tmp_path)
     hf = json.loads((tmp_path / "config.json").read_text())
     assert (hf["model_type"], hf["num_experts_per_tok"], hf["norm_topk_prob"], hf["num_experts"]) == ("qwen3_moe", 1, False, 4)
-    assert_same(ours, load_eager("qwen3_moe", tmp_path), moe_ids())
+    assert_same(ours, load_moe("qwen3_moe", tmp_path), moe_ids())
     back = models.from_pretrained(tmp_path)
     assert back.config == cfg  # the capacity factors and the z-loss coefficient come back from config.json
+    edit_config(tmp_path, experts_implementation="auto")  # what earlier exports carry: read as inert
+    assert models.from_pretrained(tmp_path).config == cfg
 
 
 def test_switch_layer_matches_transformers_switch_sparse_mlp_with_drops():
@@ -900,20 +1009,27 @@ def test_grouped_mm_equals_the_per_expert_loop():
     assert loop.down_proj.grad[2].abs().max() == 0
 
 
-def test_decoding_is_dropless_and_evaluation_drops_at_its_capacity():
+def test_decoding_and_logits_are_dropless_and_a_validation_loss_drops_at_its_capacity():
+    """eval_capacity_factor applies to a loss in eval mode (targets given: the validation loss, Switch's
+    evaluation); the logits without targets and decoding with a cache are dropless, so a row's
+    logits are those of the row alone."""
     torch.manual_seed(0)
     cfg = switch.Config(vocab_size=V, block_size=64, n_layer=2, n_embd=32, n_head=4, n_kv_head=2, n_experts=4,
                         moe_intermediate_size=24, eval_capacity_factor=0.5)
     model = randomize(switch.Model(cfg), std=0.3).eval()
     x = moe_ids(24)
     with torch.no_grad():
-        dropping = model(x)[0]
+        dropping, loss = model(x, x)
         assert model.aux_metrics()["dropped_fraction"] > 0
+        logits = model(x)[0]
+        assert model.aux_metrics()["dropped_fraction"] == 0
         cache = model.init_cache(2, 24)
         cached = torch.cat([model(x[:, :10], cache=cache)[0]] + [model(x[:, t:t + 1], cache=cache)[0] for t in range(10, 24)], 1)
+        rows = torch.cat([model(x[i:i + 1])[0] for i in range(2)])
         model.config.eval_capacity_factor = 0.0
-        dropless = model(x)[0]
+        dropless = model(x, x)[0]
     assert (cached - dropless).abs().max() <= 1e-5 and (dropping - dropless).abs().max() > 1e-3
+    assert (logits - dropless).abs().max() <= 1e-6 and (rows - logits).abs().max() <= 1e-5
 
 
 # ----------------------------------------------------------------------------- models: decoding, padding

@@ -4,11 +4,14 @@ writes config.json, which tensor names differ from its module names, which weigh
 transposed (Model.FAN_IN_FAN_OUT). This file does the rest, once:
 
   read_config(dir)            config.json as a dict
-  read_tensors(dir)           (name, tensor) from model.safetensors, pytorch_model.bin or shards
+  read_tensors(dir)           (name, tensor) from model.safetensors, shards or pytorch_model.bin, in
+                              transformers' order of preference (weight_files)
   load_weights(model, dir)    a model built on the meta device, filled from the files, every name
                               and shape checked
   checkpoint_state(model)     the tensors to write (tied matrices once, FAN_IN_FAN_OUT transposed)
-  write(dir, config, state)   config.json + model.safetensors, each written temp-then-rename
+  write(dir, config, state)   config.json + model.safetensors, each written temp-then-rename; the
+                              folder's other weight files (old shards, pytorch_model.bin, an
+                              adapter) removed, so one set of weights is left
   check_config(values, rules) the keys of config.json (or of its rope_parameters) that a model file
                               refuses, each refused in one line naming it
 
@@ -28,6 +31,12 @@ from omnitron.runtime import atomic_write, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
+# The weight files of a directory in transformers' order of preference (modeling_utils.py,
+# _get_resolved_checkpoint_files, for a local folder): the first one present is the checkpoint.
+PREFERENCE = (WEIGHTS, INDEXES[0], "pytorch_model.bin", INDEXES[1])
+# A PEFT adapter's files: with adapter_config.json in a folder, checkpoints.load (and transformers
+# with peft installed) read the adapter and its base model instead of the folder's own weights.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 # ----------------------------------------------------------------------------- config.json keys
@@ -93,18 +102,27 @@ def read_config(directory):
     return read_json(path)
 
 
+def weight_files(directory):
+    """The weight files of a model directory that a loader reads, in transformers' order of
+    preference (PREFERENCE): model.safetensors, else the shards that model.safetensors.index.json
+    names, else pytorch_model.bin, else the shards of pytorch_model.bin.index.json. Names relative to
+    the directory, sorted; [] when there is none."""
+    directory = Path(directory)
+    for name in PREFERENCE:
+        if (directory / name).is_file():
+            if name in INDEXES:
+                return sorted(set(read_json(directory / name)["weight_map"].values()))
+            return [name]
+    return []
+
+
 def read_tensors(directory):
-    """Yield (name, tensor) from model.safetensors, pytorch_model.bin (loaded weights-only), or the
-    shards that a *.index.json names, one file at a time (a shard is freed before the next is read).
-    FileNotFoundError when the directory holds none of them."""
+    """Yield (name, tensor) from the files weight_files(directory) names (model.safetensors, shards,
+    or pytorch_model.bin loaded weights-only), one file at a time (a shard is freed before the next
+    is read). FileNotFoundError when the directory holds none of them."""
     from safetensors.torch import load_file
     directory = Path(directory)
-    for index_name in INDEXES:
-        if (directory / index_name).is_file():
-            files = sorted(set(read_json(directory / index_name)["weight_map"].values()))
-            break
-    else:
-        files = [n for n in (WEIGHTS, "pytorch_model.bin") if (directory / n).is_file()][:1]
+    files = weight_files(directory)
     if not files:
         raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
     for name in files:
@@ -191,11 +209,33 @@ def checkpoint_state(model):
     return {k: (state[k].t() if k.endswith(model.FAN_IN_FAN_OUT) else state[k]).detach().contiguous() for k in names}
 
 
+def stale_files(directory):
+    """The files of `directory` that another checkpoint left and that a write of model.safetensors
+    replaces: both *.index.json and the shards they name, pytorch_model.bin, an adapter's files
+    (ADAPTER_FILES). Paths that exist; never model.safetensors or config.json."""
+    directory = Path(directory)
+    names = set(INDEXES) | {"pytorch_model.bin"} | set(ADAPTER_FILES)
+    for index in INDEXES:
+        try:
+            names |= set(read_json(directory / index)["weight_map"].values())
+        except Exception:  # no index, or one that names nothing readable: only the index itself goes
+            pass
+    names -= {WEIGHTS, CONFIG}
+    return sorted(directory / n for n in names if "/" not in n and (directory / n).is_file())
+
+
 def write(directory, config, state, metadata=None):
     """A Hugging Face model directory: model.safetensors (with {"format": "pt"} and `metadata`, str to
-    str, in its header) then config.json, each written to a temporary name and renamed."""
+    str, in its header) then config.json, each written to a temporary name and renamed; then the
+    files of an earlier checkpoint in the folder are deleted (stale_files: old shards and their
+    index, pytorch_model.bin, an adapter). model.safetensors comes first in every loader's order
+    (PREFERENCE), so from its rename on, ours and transformers read the new weights, and a write
+    interrupted before the deletions leaves files that no loader reads."""
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    stale = stale_files(directory)
     atomic_write(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": "pt", **(metadata or {})}))
     atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    for path in stale:
+        path.unlink(missing_ok=True)

@@ -14,8 +14,12 @@ per-output-channel; no zero point). The product is dequantized inside the matmul
 y = (x @ W_int8^T) * s + b. On CPU that is aten._weight_int8pack_mm, torch's fused int8-weight
 kernel, which reads the int8 weight directly; it is fast with bf16 activations and output (on this project's
 AVX2 CPU it is several times slower in fp32 than the fp32 matmul it replaces), so the activations
-enter it in bf16 and its bf16 output is scaled in the input's dtype (fp32 scales). Elsewhere (CUDA) the product is
-gpt-fast's F.linear(x, W_int8.to(x.dtype)) * s, which torch.compile fuses into one kernel.
+enter it in bf16 and its bf16 output is scaled in fp32 (fp32 scales), then cast to the input's dtype.
+Elsewhere (CUDA) the product is gpt-fast's F.linear(x, W_int8.to(x.dtype)) * s, which torch.compile
+fuses into one kernel. x @ W_int8^T is up to 127 / max|W| times larger than the layer's output
+(weights of 0.01: 12,700 times), so it never sits in float16 (largest value 65,504): in float16 the
+weight is scaled (in fp32) before the product (F.linear(x, (W_int8 * s).to(x.dtype))), and on CPU the bf16
+product (fp32's range) is scaled before the cast.
 
 What is quantized: every nn.Linear but a mixture of experts' routers (KEEP), the output head included (for tied embeddings the head gets
 its own int8 copy; the embedding table stays in its dtype: a lookup reads one row per token).
@@ -61,7 +65,9 @@ class Int8Linear(nn.Module):
         if x.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight,
                                                    self.unit_scales)
-            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype) * self.scales.to(x.dtype)
+            y = (y.view(*x.shape[:-1], self.out_features).float() * self.scales).to(x.dtype)
+        elif x.dtype == torch.float16:  # the unscaled product would overflow float16: scale the weight first
+            y = F.linear(x, (self.weight.float() * self.scales[:, None]).to(x.dtype))
         else:  # gpt-fast's form: torch.compile fuses the dequantization into the product
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)

@@ -914,10 +914,13 @@ def hf_moe(family, seed=0, **overrides):
     return randomize(hf_class(model_cls)(hf_class(config_cls)(**{**kw, **overrides})), seed, std=0.3).eval()
 
 
-def load_eager(family, directory):
-    """transformers' model of a directory with its per-expert loop (its default grouped_mm differs by
-    about 2e-3 in bf16)."""
-    return hf_class(MOE_FAMILIES[family][1]).from_pretrained(directory, experts_implementation="eager").eval()
+def load_moe(family, directory):
+    """transformers' model of a directory loaded as a user loads it: AutoModelForCausalLM with its
+    default arguments (experts_implementation: grouped_mm where it can, else eager); of the family's
+    class."""
+    hf = hf_class("AutoModelForCausalLM").from_pretrained(directory).eval()
+    assert type(hf).__name__ == MOE_FAMILIES[family][1]
+    return hf
 
 
 def moe_ids(T=20, seed=1):

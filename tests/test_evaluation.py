@@ -4,8 +4,20 @@ import json
 import pytest
 
 import sample
-from omnitron import evaluation, runtime, tasks, tokenization
-from tests.helpers import BLOCK, CORPUS, hf_gpt2, hf_model, reference_loglikelihood, requests, run_entry_point, saved
+from omnitron import evaluation, models, runtime, tasks, tokenization
+from tests.helpers import (
+    BLOCK,
+    CORPUS,
+    V,
+    hf_class,
+    hf_gpt2,
+    hf_model,
+    reference_loglikelihood,
+    requests,
+    run_entry_point,
+    saved,
+    tiny_model,
+)
 
 # ----------------------------------------------------------------------------- few-shot evaluation (evaluation.py, tasks.py)
 # log-likelihoods against transformers' forward, lm-eval's request rules, a planted answer, GPT-3's task definitions
@@ -28,6 +40,26 @@ def test_loglikelihoods_equal_transformers_forward(tmp_path, family):
             assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-4, (batch_size, reuse)
     one_at_a_time = [evaluation.loglikelihoods(ours, [r])[0] for r in reqs]
     assert max(abs(g - w) for g, w in zip(one_at_a_time, want)) <= 1e-4
+
+
+def test_switch_scores_do_not_depend_on_the_batch(tmp_path):
+    """A Switch model as train.py saves it (capacity factors 1.25 / 2.0 in its config.json), loaded
+    back: each request's score is the same scored alone (batch_size 1, no context reuse), in a batch
+    of 16, and through the cached path, and equals transformers' (AutoModelForCausalLM with its
+    defaults, dropless) on the same export. With the evaluation capacity computed over all the
+    tokens of a forward, a request alone lost experts that it kept in a batch."""
+    tiny_model("switch", block_size=BLOCK, n_experts=8, moe_intermediate_size=24).save_pretrained(tmp_path)
+    ours = models.from_pretrained(tmp_path).eval()
+    assert (ours.config.capacity_factor, ours.config.eval_capacity_factor) == (1.25, 2.0)
+    hf = hf_class("AutoModelForCausalLM").from_pretrained(tmp_path).eval()
+    reqs = requests(V)[:16]
+    want = [reference_loglikelihood(hf, c, x) for c, x in reqs]
+    assert max(abs(w) for w in want) > 5.0  # not a comparison of near-zero numbers
+    alone = [evaluation.loglikelihoods(ours, [r], batch_size=1, reuse_context=False)[0] for r in reqs]
+    batched = evaluation.loglikelihoods(ours, reqs, batch_size=16, reuse_context=False)
+    cached = evaluation.loglikelihoods(ours, reqs, batch_size=16, reuse_context=True)
+    for got in (alone, batched, cached):
+        assert max(abs(g - w) for g, w in zip(got, want)) <= 1e-4
 
 
 def test_truncation_and_request_encoding():

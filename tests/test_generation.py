@@ -329,6 +329,50 @@ def test_quantized_logits_are_within_tolerance_of_fp32(name, scheme):
     assert int((error > TOLERANCE[scheme]).sum()) <= allowed_past, error.max()
 
 
+def large_norms_small_weights(model, k=300.0):
+    """The same kind of checkpoint with its norms' weights (and biases) k times larger and every other
+    matrix but the embeddings k times smaller, as in trained float16 models: a Linear reads inputs in
+    the hundreds through weights near 0.001, so x @ W_int8^T (127 / max|W| times the output) passes
+    float16's 65,504 while the outputs stay small. In place; returns the model."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or ".ln_" in name:
+                p.mul_(k)
+            elif p.dim() >= 2 and not name.endswith(("embed_tokens.weight", "wte.weight", "wpe.weight")):
+                p.div_(k)
+    return model
+
+
+def test_int8_linear_does_not_overflow_float16():
+    """Linear(64, 1), weights 0.01, x = 10: 6.40 in every dtype; the unscaled product (127 * 10 * 64)
+    does not fit float16."""
+    linear = torch.nn.Linear(64, 1, bias=False)
+    with torch.no_grad():
+        linear.weight.fill_(0.01)
+    q = quantize.Int8Linear(linear)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        y = q(torch.full((2, 64), 10.0, dtype=dtype))
+        assert y.dtype == dtype and torch.allclose(y.float(), torch.full((2, 1), 6.4), rtol=1e-2), (dtype, y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", models.available())
+def test_int8_logits_on_every_checkpoint_dtype_are_within_tolerance(name, dtype):
+    """quantize(..., "int8") keeps a checkpoint's dtype (sample.py --quantize int8): on fp32, bf16 and
+    fp16 checkpoints with large norms and small weights (large_norms_small_weights), the int8 model's
+    logits are finite and within TOLERANCE["int8"] of the same weights' float64 forward."""
+    untied = {} if name == "gpt" else {"tie_embeddings": False}  # the head's matrix scaled, not the embedding
+    model = large_norms_small_weights(tiny_model(name, **untied)).to(dtype)
+    x = idx(vocab=model.config.vocab_size, T=24)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x)[0]
+        got = quantize.quantize(copy.deepcopy(model), "int8")(x)[0]
+    assert got.dtype == dtype and ref.abs().max() > 1.0
+    assert torch.isfinite(got).all()
+    error = (got.double() - ref).abs().amax(dim=-1) / ref.abs().max()  # per position
+    assert (error > 0).any() and error.max() <= TOLERANCE["int8"], error.max()
+
+
 def test_int8_per_channel_scales_and_round_trip():
     """gpt-fast's scheme: one scale per output row, max |row| / 127; dequantized rows are within
     half a step of the original; an all-zero row gets scale 1."""

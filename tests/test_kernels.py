@@ -387,7 +387,7 @@ def test_qwen2_sliding_window_matches_transformers(tmp_path):
         cfg = transformers.Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                                        num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
                                        sliding_window=6, max_window_layers=max_window_layers, layer_types=layer_types,
-                                       max_position_embeddings=64, attn_implementation="eager")
+                                       max_position_embeddings=64)
         hf = transformers.Qwen2ForCausalLM(cfg).eval()
         hf.save_pretrained(tmp_path)
         ours = models.from_pretrained(tmp_path).eval()

@@ -20,10 +20,16 @@ Capacity (Switch section 2.2): in a forward over N tokens each expert takes at m
 ceil(N k / E * capacity_factor) of them. The overflow is dropped first-come: the first choices of all
 tokens in token order, then the second choices, ... (GShard's priority; for k = 1 it is token order,
 as in Switch). A dropped assignment contributes 0, so a token that loses all of its experts passes
-through the block's residual unchanged. Training uses capacity_factor, an evaluation forward
-eval_capacity_factor (Switch and ST-MoE: 1.25 and 2.0), 0 means dropless, and a forward with a KV
-cache (decoding) is always dropless. Checkpoints from transformers (Mixtral, Qwen-MoE, OLMoE) load
-dropless: those models are trained without a capacity.
+through the block's residual unchanged. The N tokens are the whole batch's, so with a capacity a
+token's output depends on the other rows of the batch. Hence (model.forward, `dropless`):
+  training (model.train())                      capacity_factor (Switch: 1.25)
+  a validation loss (eval, targets given)       eval_capacity_factor (Switch and ST-MoE: 2.0)
+  logits without targets in eval mode           dropless: few-shot scores, generation and anything
+    (evaluation.py, generation.py), and any     that reads per-sequence outputs give the same
+    forward with a KV cache (decoding)          numbers alone, in any batch, cached or not, and
+                                                transformers' numbers for an export
+0 as a factor means dropless. Checkpoints from transformers (Mixtral, Qwen-MoE, OLMoE) load with
+both factors 0: those models are trained without a capacity.
 
 Auxiliary losses (model.aux_losses(), which train.py's loss adds), each per sparse layer and averaged
 over the sparse layers:
@@ -93,13 +99,15 @@ class Config:
     decoder_sparse_step: int = 1    # layer i (from 0) is sparse when (i + 1) % decoder_sparse_step == 0 ...
     mlp_only_layers: str = ""       # ... and i is not in this comma-separated list (qwen2_moe, qwen3_moe)
     capacity_factor: float = 1.25   # training: an expert takes at most ceil(N k / E * factor) of N tokens; 0: dropless
-    eval_capacity_factor: float = 2.0  # the same in evaluation (model.eval(), no cache); decoding is dropless
+    eval_capacity_factor: float = 2.0  # the same for a validation loss (model.eval(), targets given); logits
+                                       # without targets (scores, generation) and decoding are dropless
     router_aux_loss_coef: float = 0.01  # alpha of the load-balancing loss (Switch: 1e-2)
     router_z_loss_coef: float = 0.001   # the router z-loss's coefficient (ST-MoE: 1e-3)
     router_jitter_noise: float = 0.0    # training multiplies the router's input (only) by U(1 - eps, 1 + eps)
     expert_dropout: float = 0.0     # dropout inside the experts in training (Switch's fine-tuning: 0.4)
     init_scale: float = 0.1         # Switch's initialisation: matrices ~ truncated N(0, init_scale / fan_in)
-    experts_implementation: str = "auto"  # loop (per expert) | grouped_mm | auto: grouped_mm on CUDA in bf16
+    experts_implementation: str = "auto"  # loop (per expert) | grouped_mm | auto: grouped_mm on CUDA in bf16;
+                                          # the same numbers either way, so not saved in config.json
     variant: str = "qwen3_moe"      # qwen3_moe | qwen2_moe | mixtral | olmoe (see the top of the file)
     qkv_bias: bool = False          # biases on q, k and v (qwen2_moe's)
     attention_bias: bool = False    # biases on q, k, v and o (qwen3_moe's and olmoe's option)
@@ -400,10 +408,10 @@ class Block(nn.Module):
         self.sparse = config.is_sparse(layer)
         self.mlp = SparseMoE(config) if self.sparse else MLP(config.n_embd, config.intermediate_size)
 
-    def forward(self, x, rope, cache=None, mask=None):
+    def forward(self, x, rope, cache=None, mask=None, dropless=False):
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
         h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, dropless=cache is not None) if self.sparse else self.mlp(h))
+        return x + (self.mlp(h, dropless=dropless) if self.sparse else self.mlp(h))
 
 
 # Copied from models/gpt.py:cross_entropy
@@ -451,11 +459,13 @@ class Model(nn.Module):
                 s = std(w.shape[-1])
                 nn.init.trunc_normal_(w, std=s, a=-2 * s, b=2 * s)
 
-    # Copied from models/llama.py:Model.forward
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
-        sequence the cache holds (its rows possibly left-padded: kernels.KVCache)."""
+        sequence the cache holds (its rows possibly left-padded: kernels.KVCache). The capacity
+        (see the top of the file): capacity_factor in training, eval_capacity_factor for a loss in
+        eval mode; dropless with a cache or in eval mode without targets, so that a row's logits
+        do not depend on the other rows of the batch. (models/llama.py's forward but for that.)"""
         T = idx.shape[1]
         if cache is None:
             pos, mask, seq_len = torch.arange(T, device=idx.device)[None], None, T
@@ -464,8 +474,9 @@ class Model(nn.Module):
             seq_len = cache.end(T) - cache.min_pad
         rope = rope_tables(self.config, self.config.head_dim, pos, seq_len)
         x = self.model.embed_tokens(idx)
+        dropless = cache is not None or (not self.training and targets is None)
         for block in self.model.layers:
-            x = block(x, rope, cache, mask)
+            x = block(x, rope, cache, mask, dropless)
         if cache is not None:
             cache.advance(T)
         logits = self.lm_head(self.model.norm(x))
@@ -617,10 +628,11 @@ class Model(nn.Module):
         return model
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' class of config.variant loads, one matrix
-        per expert as transformers' save_pretrained writes them (hub.write). Our own options (the
-        capacity factors, the z-loss, the initialisation) go into config.json too; transformers ignores
-        them and computes dropless, as a forward with eval_capacity_factor 0 does."""
+        """config.json + model.safetensors that transformers' class of config.variant loads with its
+        default arguments, one matrix per expert as transformers' save_pretrained writes them
+        (hub.write). Our own options (OWN_KEYS: the capacity factors, the z-loss, the initialisation)
+        go into config.json too, under names that no transformers configuration reads; transformers
+        computes dropless, as our forward does in eval mode without targets."""
         cfg = self.config
         state = _per_expert(hub.checkpoint_state(self))
         if cfg.variant == "mixtral":
@@ -696,10 +708,14 @@ def _per_expert(state):
 
 # ----------------------------------------------------------------------------- config.json
 
-# Our own options, written into config.json and read back (transformers ignores them). A checkpoint
-# without them (every transformers one) is dropless and takes the other defaults.
+# Our own options, written into config.json and read back (transformers keeps them as plain attributes
+# and reads none of them: test_exports_load_in_transformers_with_its_defaults checks that each comes
+# back as written). A checkpoint without them (every transformers one) is dropless and takes the
+# other defaults. experts_implementation is not among them: transformers 5 reads a config.json key of
+# that name as its own setting (eager | grouped_mm | ...) and refuses our "auto"; how the experts are
+# computed is a choice of the machine, not of the checkpoint (Config.experts_implementation).
 OWN_KEYS = {"capacity_factor": 0.0, "eval_capacity_factor": 0.0, "router_z_loss_coef": 0.001,
-            "expert_dropout": 0.0, "init_scale": 0.1, "experts_implementation": "auto"}
+            "expert_dropout": 0.0, "init_scale": 0.1}
 
 
 def _config_fields(hf, variant):
@@ -753,7 +769,8 @@ def _hf_config(cfg, dtype):
                   clip_qkv=cfg.clip_qkv or None)
     if v in ("qwen2_moe", "qwen3_moe"):
         hf.update(intermediate_size=cfg.intermediate_size, moe_intermediate_size=cfg.moe_intermediate_size,
-                  decoder_sparse_step=cfg.decoder_sparse_step, use_sliding_window=False, sliding_window=None,
+                  decoder_sparse_step=cfg.decoder_sparse_step, use_sliding_window=False,
+                  sliding_window=0 if v == "qwen2_moe" else None,  # what transformers' class sets without a window
                   mlp_only_layers=[int(i) for i in cfg.mlp_only_layers.replace(" ", "").split(",") if i])
     if v == "qwen2_moe":
         hf.update(shared_expert_intermediate_size=cfg.shared_expert_intermediate_size, qkv_bias=cfg.qkv_bias)
@@ -792,6 +809,9 @@ CONFIG_KEYS = {
     "router_aux_loss_coef": hub.TRAINING, "router_jitter_noise": hub.TRAINING, "output_router_logits": hub.INERT,
     "attention_dropout": hub.TRAINING,
     **{key: hub.HONOURED for key in OWN_KEYS},
+    # transformers' own setting (eager, grouped_mm, ...; which earlier versions of this file wrote with
+    # our values): the same numbers with any value, so it is not read
+    "experts_implementation": hub.INERT,
 }
 ROPE_KEYS = hub.ROPE_KEYS
 
