@@ -86,6 +86,15 @@ def parser():
     p.add_argument("--description", type=runtime.str2bool, default=True, help="--eval: start the prompt with the "
                    "task's description line, when it has one")
     p.add_argument("--json", default="", help="--eval: also write the results to this JSON file")
+    p.add_argument("--fewshot_sampler", choices=evaluation.SAMPLERS, default="per_item", help="--eval: "
+                   "demonstrations drawn per item from (seed, item index) (per_item), or as lm-evaluation-harness's "
+                   "ContextSampler draws them, one generator through the items in order (lm_eval)")
+    p.add_argument("--fewshot_overflow", choices=evaluation.OVERFLOWS, default="drop", help="--eval: more shots "
+                   "than the block holds: lower K (drop, GPT-3's rule) or keep K and left-truncate the context "
+                   "(truncate, lm-evaluation-harness's)")
+    p.add_argument("--free_form", choices=evaluation.FREE_FORM, default="generate", help="--eval, free-form "
+                   "tasks: exact_match of the greedy completion (generate), or acc = is_greedy of the answer "
+                   "(loglikelihood, lm-evaluation-harness's arithmetic tasks)")
     p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="--eval: where data/tasks/ and the default "
                    "corpus live")
     return p
@@ -158,7 +167,9 @@ def run_eval(args, device, dtype):
     model, tokenizer = load(args.out_dir, device=device)
     with autocast(device, dtype):
         rows = evaluation.evaluate(model, tokenizer, task, args.shots, seed=args.seed, limit=args.limit or None,
-                                   batch_size=args.batch_size, use_description=args.description)
+                                   batch_size=args.batch_size, use_description=args.description,
+                                   sampler=args.fewshot_sampler, overflow=args.fewshot_overflow,
+                                   free_form=args.free_form)
     evaluation.report(rows, args.json or None, meta={"model": args.out_dir, "task": str(args.eval),
                                                       "seed": args.seed, "dtype": str(dtype)})
     return 0

@@ -66,6 +66,9 @@ TRAIN_FLAGS = [
     ("dpo", "", "a .jsonl file of {prompt, chosen, rejected} preference pairs: train with DPO (Rafailov et al. "
                 "2023; dpo.py) from --init_from DIR, the response tokens scored, the prompt's masked; empty: off"),
     ("dpo_beta", 0.1, "DPO: beta, the strength of the KL constraint to the reference"),
+    ("dpo_truncation", "drop_prompt_start", "DPO: a pair longer than the block: drop_prompt_start (the prompt loses "
+                                            "its start; a response longer than the block is refused) or keep_start "
+                                            "(TRL's default: the first block_size + 1 tokens, the response's end cut)"),
     ("dpo_reference", "", "DPO without --lora_rank: the frozen reference model's directory; empty: --init_from "
                           "(with --lora_rank the reference is the model with its adapters switched off)"),
     ("self_reward", 0, "with --init_from DIR and --prompts: N self-rewarding iterations (Yuan et al. 2024; "
@@ -426,6 +429,9 @@ def start(flags):
     if flags["dpo"]:
         if flags["init_from"] == "scratch":
             raise UserError("--dpo trains a trained model: give it --init_from DIR")
+        if flags["dpo_truncation"] not in dpo.TRUNCATIONS:
+            raise UserError(f"--dpo_truncation must be one of {', '.join(dpo.TRUNCATIONS)}, "
+                            f"not {flags['dpo_truncation']!r}")
         if flags["dpo_beta"] <= 0:
             raise UserError(f"--dpo_beta must be positive, not {flags['dpo_beta']}")
         if flags["fsdp"] and world_size > 1 and not flags["lora_rank"]:
@@ -455,7 +461,7 @@ def build(s, module):
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
         keep_loaded_config(s, module)
         if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
-            s.dataset = dpo.PairDataset(f["dpo"], tokenizer)
+            s.dataset = dpo.PairDataset(f["dpo"], tokenizer, f["dpo_truncation"])
         else:
             s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
         if f["init_from"] == "resume":

@@ -3,24 +3,29 @@ request semantics: k-shot scoring of any model that checkpoints.load loads (a ru
 model directory, a LoRA adapter). A library module: sample.py --eval and bench.py icl use it.
 
 Prompts. A task (read_task) has a train and a test split. For a test item, K demonstrations are
-drawn from the train split with a seed, never the item itself (sample_demos); the context is the
-optional task description, the demonstrations `input{sep} output` and the item's `input{sep}`,
-joined by "\\n\\n" (fewshot_prompt: lm-eval's fewshot_delimiter; GPT-3's format). K is lowered to
-what fits the model's block with the longest answer (fit_demos); the table reports the mean K used.
+drawn from the train split with a seed, never the item itself (sample_demos; sampler="lm_eval":
+lm-eval's ContextSampler); the context is the optional task description, the demonstrations
+`input{sep} output` and the item's `input{sep}`, joined by "\\n\\n" (fewshot_prompt: lm-eval's
+fewshot_delimiter; GPT-3's format). K is lowered to what fits the model's block with the longest
+answer (fit_demos; overflow="truncate": K kept and the context left-truncated, lm-eval's); the
+table reports the mean K used.
 
 Multiple choice (records with "choices"): the log-likelihood of each candidate continuation
 TARGET_DELIMITER + choice given the context (loglikelihoods), as lm-eval's `loglikelihood`
-requests: trailing spaces of the context moved onto the continuation, context and continuation
-tokenized together (the continuation's tokens are those of the whole after the context's), the
-whole left-truncated to block_size + 1 tokens, only the continuation's tokens scored. Metrics
-(lm-eval's names): `acc` (the largest summed log-likelihood is the answer), `acc_norm` (divided by
-the choice's length in characters), and, for a task with an `answer_context` (GPT-3: "Answer:"
-for ARC, OpenBookQA, RACE), `acc_mutual_info`: GPT-3's calibrated score
+requests (encode_pair): all trailing whitespace of the context moved onto the continuation,
+context and continuation tokenized together (the continuation's tokens are those of the whole
+after the context's), an empty context conditioned on the tokenizer's BOS (else EOS), the whole
+left-truncated to block_size + 1 tokens, only the continuation's tokens scored. Metrics (lm-eval's
+names): `acc` (the largest summed log-likelihood is the answer), `acc_norm` (divided by the
+choice's length in characters), `acc_mutual_info` (lm-eval's: log P(choice | context) -
+log P(choice | "")), and, for a task with an `answer_context` (GPT-3: "Answer:" for ARC,
+OpenBookQA, RACE), `acc_calibrated`: GPT-3's calibrated score
 log P(choice | context) - log P(choice | answer_context).
 
 Free-form (records with "output"): greedy decoding (generation.complete, a left-padded batch) up
 to the end of the line; `exact_match` after the task's normalisation (normalize_answer, GPT-3's
-for question answering, or surrounding whitespace only for its arithmetic and word tasks); and
+for question answering, or surrounding whitespace only for its arithmetic and word tasks), or,
+with free_form="loglikelihood", `acc` = is_greedy of the answer (lm-eval's arithmetic tasks); and
 `perplexity` of the reference answer (lm-eval's lambada metric).
 
 Speed: requests are batched; each distinct context runs once (one prefill into a KV cache, for
@@ -140,6 +145,22 @@ def sample_demos(pool, item, k, seed, index):
     return rng.sample(others, min(k, len(others)))
 
 
+class ContextSampler:
+    """lm-evaluation-harness's demonstration sampling (lm_eval/api/samplers.py, ContextSampler.get_context
+    and sample): one random.Random(seed) for the whole task, drawn from item after item in order;
+    for each item rnd.sample(pool, k + 1) when the item is in the pool (lm-eval: the few-shot split
+    is the test split), else rnd.sample(pool, k), then the records equal to the item removed and
+    the first k kept. An item's demonstrations depend on the items before it (sample_demos' do not)."""
+
+    def __init__(self, pool, seed):
+        self.pool, self.rnd = pool, random.Random(seed)
+
+    def get_context(self, item, k):
+        n = k + 1 if any(r is item or r == item for r in self.pool) else k
+        drawn = self.rnd.sample(self.pool, min(n, len(self.pool)))
+        return [r for r in drawn if r != item][:k]
+
+
 def find_task(name, data_dir):
     """The task file for `name`: a path to a .jsonl file, or a task of tasks.NAMES in
     DATA_DIR/tasks/ (all generated, from the default corpus, the first time one is asked for).
@@ -165,21 +186,46 @@ def generate_default_tasks(data_dir, seed=1234):
 # ----------------------------------------------------------------------------- log-likelihoods
 
 def encode_pair(tokenizer, context, continuation):
-    """(context ids, continuation ids) as lm-eval's _encode_pair makes them: trailing spaces of the
-    context moved to the start of the continuation; the continuation's ids are those of
-    tokenize(context + continuation) after the first len(tokenize(context)). The special tokens
-    that the tokenizer puts before a text (Llama 3's BOS) start the context; none go after."""
-    n_spaces = len(context) - len(context.rstrip(" "))
+    """(context ids, continuation ids) as lm-evaluation-harness makes them (lm_eval/api/model.py,
+    TemplateLM._encode_pair and TemplateLM.loglikelihood; lm_eval/models/huggingface.py,
+    HFLM.tok_encode): all trailing whitespace of the context (context.rstrip()) moved to the start
+    of the continuation; the continuation's ids are those of tokenize(context + continuation) after
+    the first len(tokenize(context)). The special tokens that the tokenizer puts before a text
+    (Llama 3's BOS) start the context, unless the context's text already starts with them (no second
+    BOS); none go after. An empty context (nothing left after moving its whitespace, and no BOS
+    template) is the tokenizer's prefix_token (BOS, else EOS), the continuation tokenized alone.
+    ValueError: an empty context and a tokenizer without BOS or EOS; a continuation without tokens."""
+    n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    before = list(tokenizer.template[0])
+    before = _before(tokenizer, context)
     ctx = before + tokenizer.encode(context, add_special_tokens=False)
-    whole = before + tokenizer.encode(context + continuation, add_special_tokens=False)
     if not ctx:
-        raise ValueError("the context is empty: a continuation needs at least one token before it")
+        if tokenizer.prefix_token is None:
+            raise ValueError("the context is empty and the tokenizer names no BOS or EOS token to condition on")
+        ctx, cont = [tokenizer.prefix_token], tokenizer.encode(continuation, add_special_tokens=False)
+        if not cont:
+            raise ValueError(f"the continuation {continuation!r} has no tokens")
+        return ctx, cont
+    whole = before + tokenizer.encode(context + continuation, add_special_tokens=False)
     if len(whole) <= len(ctx):
         raise ValueError(f"the continuation {continuation!r} has no tokens")
     return ctx, whole[len(ctx):]
+
+
+def _before(tokenizer, text):
+    """The ids the tokenizer puts before text (its template's, Llama 3's BOS), or none when the
+    text's own tokens already start with them (lm-eval's HFLM.tok_encode adds no second BOS)."""
+    before = list(tokenizer.template[0])
+    if before and tokenizer.encode(text, add_special_tokens=False)[:len(before)] == before:
+        return []
+    return before
+
+
+def context_ids(tokenizer, text):
+    """The ids of a context as a prompt: the tokenizer's ids before a text (unless the text starts
+    with them already, _before) and the text's."""
+    return _before(tokenizer, text) + tokenizer.encode(text, add_special_tokens=False)
 
 
 def truncate(ctx, cont, block_size):
@@ -197,10 +243,13 @@ def _device(model):
 
 
 @torch.no_grad()
-def loglikelihoods(model, requests, batch_size=16, reuse_context=True):
+def loglikelihoods(model, requests, batch_size=16, reuse_context=True, with_greedy=False):
     """Summed log-probabilities (nats, floats, in fp32) of each request's continuation given its
     context. requests: (context ids, continuation ids) pairs (encode_pair's), left-truncated here
     to the model's block_size (truncate). Only the continuation's tokens are scored.
+    with_greedy=True: (log-likelihood, is_greedy) pairs instead, as lm-evaluation-harness's
+    `loglikelihood` returns them (lm_eval/models/huggingface.py, HFLM._loglikelihood_tokens:
+    is_greedy when the argmax of the logits is the continuation's token at every scored position).
 
     reuse_context=True: each distinct (truncated) context runs once: up to batch_size contexts
     are prefilled together (left-padded, into a kernels.KVCache), the log-probability of each
@@ -210,18 +259,18 @@ def loglikelihoods(model, requests, batch_size=16, reuse_context=True):
     HFLM does; the same numbers up to rounding."""
     block = model.config.block_size
     reqs = [truncate(list(c), list(x), block) for c, x in requests]
-    scores = [0.0] * len(reqs)
+    scores, greedy = [0.0] * len(reqs), [True] * len(reqs)
     if reuse_context:
         by_context = {}
         for i, (ctx, _) in enumerate(reqs):
             by_context.setdefault(tuple(ctx), []).append(i)
         for chunk in _context_chunks(by_context, reqs, batch_size, block):
-            _score_shared(model, chunk, by_context, reqs, scores)
+            _score_shared(model, chunk, by_context, reqs, scores, greedy)
     else:
         order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]) - len(reqs[i][1]))
         for start in range(0, len(order), batch_size):
-            _score_whole(model, order[start:start + batch_size], reqs, scores)
-    return scores
+            _score_whole(model, order[start:start + batch_size], reqs, scores, greedy)
+    return list(zip(scores, greedy)) if with_greedy else scores
 
 
 def _context_chunks(by_context, reqs, batch_size, block):
@@ -241,9 +290,10 @@ def _context_chunks(by_context, reqs, batch_size, block):
         yield chunk
 
 
-def _score_shared(model, contexts, by_context, reqs, scores):
+def _score_shared(model, contexts, by_context, reqs, scores, greedy):
     """One prefill of `contexts` (left-padded), then one forward of all their candidates' tokens
-    after the first, against the cache's rows repeated per candidate (right-padded)."""
+    after the first, against the cache's rows repeated per candidate (right-padded). Adds to
+    scores[i] and clears greedy[i] where a scored token is not the argmax."""
     device = _device(model)
     idx, pad = left_pad(contexts, device=device)
     pad = pad if int(pad.max()) > 0 else None
@@ -251,28 +301,36 @@ def _score_shared(model, contexts, by_context, reqs, scores):
     rest = max(len(reqs[i][1]) - 1 for _, i in members)
     logits, cache = prefill(model, idx, pad, max_len=idx.shape[1] + rest if rest else None)
     first = torch.log_softmax(logits.float(), dim=-1)
+    first_argmax = first.argmax(-1).tolist()
     for row, i in members:
         scores[i] += first[row, reqs[i][1][0]].item()
+        greedy[i] = greedy[i] and first_argmax[row] == reqs[i][1][0]
     if not rest:
         return
     rows = torch.tensor([row for row, _ in members], device=device)
     cand = cache.take(rows)
     tokens = torch.tensor([reqs[i][1][:-1] + [0] * (rest + 1 - len(reqs[i][1])) for _, i in members], device=device)
     out = torch.log_softmax(model(tokens, cache=cand)[0].float(), dim=-1)  # (R, rest, V)
+    argmax = out.argmax(-1).tolist()
     for r, (_, i) in enumerate(members):
         cont = reqs[i][1][1:]
         if cont:
             pos = torch.arange(len(cont), device=device)
             scores[i] += out[r, pos, torch.tensor(cont, device=device)].sum().item()
+            greedy[i] = greedy[i] and argmax[r][:len(cont)] == cont
 
 
-def _score_whole(model, batch, reqs, scores):
-    """Requests run whole: input ctx + cont[:-1], right-padded; the continuation's log-probs."""
+def _score_whole(model, batch, reqs, scores, greedy):
+    """Requests run whole: input ctx + cont[:-1], right-padded; the continuation's log-probs, and
+    whether each of its tokens is the argmax."""
     device = _device(model)
     rows = [scored_sequence(*reqs[i]) for i in batch]
     idx, targets = right_pad([x for x, _ in rows], 0, device), right_pad([y for _, y in rows], -1, device)
-    for i, value in zip(batch, target_logprobs(model(idx)[0], targets).sum(dim=-1).tolist()):
+    logits = model(idx)[0]
+    hits = ((logits.argmax(-1) == targets) | (targets == -1)).all(-1).tolist()
+    for i, value, hit in zip(batch, target_logprobs(logits, targets).sum(dim=-1).tolist(), hits):
         scores[i] += value
+        greedy[i] = hit
 
 
 def scored_sequence(ctx, cont):
@@ -334,15 +392,16 @@ def exact_match(prediction, reference, normalize="squad"):
 
 # ----------------------------------------------------------------------------- one task at K shots
 
-def fit_demos(tokenizer, task, demos, query, block_size, answer_tokens, use_description=True):
-    """(context text, the demonstrations kept): the first demonstrations are dropped until the
-    context and answer_tokens more fit block_size (GPT-3: K is at most what the context window
-    holds). With none left and still too long, the context is left-truncated later (truncate)."""
+def fit_demos(tokenizer, task, demos, query, block_size, answer_tokens, use_description=True, overflow="drop"):
+    """(context text, the demonstrations kept): with overflow="drop", the first demonstrations are
+    dropped until the context and answer_tokens more fit block_size (GPT-3: K is at most what the
+    context window holds); with none left and still too long, the context is left-truncated later
+    (truncate). overflow="truncate": all K kept, the context left-truncated later (lm-evaluation-harness)."""
     description = task.description if use_description else None
     while True:
         context = fewshot_prompt(demos, query, description, task.sep)
-        n = len(tokenizer.template[0]) + len(tokenizer.encode(context, add_special_tokens=False))
-        if not demos or n + answer_tokens <= block_size:
+        n = len(context_ids(tokenizer, context))
+        if not demos or overflow == "truncate" or n + answer_tokens <= block_size:
             return context, demos
         demos = demos[1:]
 
@@ -374,18 +433,37 @@ def mean_stderr(values):
     return mean, math.sqrt(var / n)
 
 
+SAMPLERS = ("per_item", "lm_eval")  # sample_demos (ours) or ContextSampler (lm-evaluation-harness's)
+OVERFLOWS = ("drop", "truncate")  # too many shots for the block: lower K (GPT-3) or left-truncate (lm-eval)
+FREE_FORM = ("generate", "loglikelihood")  # exact match of a greedy generation, or is_greedy (lm-eval's arithmetic)
+
+
 def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16, use_description=True,
-             reuse_context=True, max_new_tokens=None, progress=True):
+             reuse_context=True, max_new_tokens=None, progress=True, sampler="per_item", overflow="drop",
+             free_form="generate"):
     """Evaluate `task` (read_task's) at `shots` demonstrations per item on its first `limit` test
     items (None: all). Returns the result rows: {"task", "shots" (asked), "shots_used" (the mean K
-    that fitted), "description" (bool), "metric", "value" (a fraction; perplexity: >= 1), "stderr", "n"}; metrics:
-    exact_match (free-form) or acc, acc_norm and, with an answer_context, acc_mutual_info
-    (multiple choice). Free-form tasks also report `perplexity` of the reference answers, as
-    lm-eval's lambada: exp(-mean over items of the answer's summed log-likelihood given the
-    context), a smooth measure where exact match is still 0 (no standard error). Run it under the
-    autocast the caller wants; the model in eval mode."""
+    used), "description" (bool), "metric", "value" (a fraction; perplexity: >= 1), "stderr", "n"}.
+
+    Multiple choice: acc, acc_norm; acc_mutual_info (lm-evaluation-harness's, lm_eval/api/task.py
+    ConfigurableTask.process_results: log P(choice | context) - log P(choice | ""), the empty
+    context being the tokenizer's BOS, else EOS; not reported for a tokenizer with neither); and,
+    for a task with an answer_context, acc_calibrated (GPT-3's calibration, Brown et al. 2020 §2.4:
+    log P(choice | context) - log P(choice | answer_context)).
+    Free-form: exact_match of the greedy completion (free_form="generate"), or acc = is_greedy of
+    the answer (free_form="loglikelihood", lm-eval's arithmetic tasks); and `perplexity` of the
+    reference answers, as lm-eval's lambada: exp(-mean over items of the answer's summed
+    log-likelihood given the context), a smooth measure where exact match is still 0 (no
+    standard error).
+    sampler: "per_item" (sample_demos) or "lm_eval" (ContextSampler); overflow: "drop" (fit_demos
+    lowers K to what fits, GPT-3's rule) or "truncate" (K kept, the context left-truncated, lm-eval's).
+    A value outside these: UserError. Run it under the autocast the caller wants; the model in eval mode."""
     if shots < 0:
         raise UserError(f"--shots must be >= 0, not {shots}")
+    for name, value, allowed in (("sampler", sampler, SAMPLERS), ("overflow", overflow, OVERFLOWS),
+                                 ("free_form", free_form, FREE_FORM)):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     items = task.test[:limit] if limit else task.test
     block = model.config.block_size
     if task.multiple_choice:
@@ -396,21 +474,31 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
     label = f"{task.name} {shots}-shot{' (no description)' if task.description and not use_description else ''}"
     bar = Progress(label, len(items), progress)
     contexts, used = [], []
+    lm_eval_sampler = ContextSampler(task.train, seed) if sampler == "lm_eval" else None
     for index, item in enumerate(items):
-        demos = sample_demos(task.train, item, shots, seed, index)
-        context, kept = fit_demos(tokenizer, task, demos, item["input"], block, answer_tokens, use_description)
+        demos = (lm_eval_sampler.get_context(item, shots) if lm_eval_sampler
+                 else sample_demos(task.train, item, shots, seed, index))
+        context, kept = fit_demos(tokenizer, task, demos, item["input"], block, answer_tokens, use_description,
+                                  overflow)
         contexts.append(context)
         used.append(len(kept))
     if task.multiple_choice:
         per_metric = _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar)
     else:
-        per_metric = _score_generations(model, tokenizer, task, items, contexts, answer_tokens, batch_size, bar)
         try:
             answers = [encode_pair(tokenizer, c, TARGET_DELIMITER + r["output"]) for c, r in zip(contexts, items)]
         except UserError:  # a reference the tokenizer cannot encode (a char model's vocabulary): no perplexity
             answers = None
-        if answers:
-            per_metric["perplexity"] = loglikelihoods(model, answers, batch_size, reuse_context)
+        if free_form == "loglikelihood":
+            if answers is None:
+                raise UserError(f"{task.name}: a reference answer has a character the tokenizer cannot encode")
+            scored = loglikelihoods(model, answers, batch_size, reuse_context, with_greedy=True)
+            per_metric = {"acc": [float(g) for _, g in scored], "perplexity": [ll for ll, _ in scored]}
+            bar.update(len(items))
+        else:
+            per_metric = _score_generations(model, tokenizer, task, items, contexts, answer_tokens, batch_size, bar)
+            if answers:
+                per_metric["perplexity"] = loglikelihoods(model, answers, batch_size, reuse_context)
     described = bool(use_description and task.description)
     rows = []
     for metric, values in per_metric.items():
@@ -432,30 +520,34 @@ def _n_tokens(tokenizer, text):
         return len(text.encode("utf-8"))
 
 
+def has_prefix(tokenizer):
+    """Whether an empty context can be scored: a BOS template or a prefix_token (encode_pair)."""
+    return bool(tokenizer.template[0]) or tokenizer.prefix_token is not None
+
+
 def _score_choices(model, tokenizer, task, items, contexts, batch_size, reuse_context, bar):
-    """acc, acc_norm (and acc_mutual_info) of multiple-choice items, batch_size items at a time."""
-    metrics = {"acc": [], "acc_norm": [], **({"acc_mutual_info": []} if task.answer_context else {})}
+    """acc, acc_norm, acc_mutual_info and acc_calibrated (see evaluate) of multiple-choice items,
+    batch_size items at a time."""
+    others = {"acc_mutual_info": "" if has_prefix(tokenizer) else None, "acc_calibrated": task.answer_context}
+    others = {name: ctx for name, ctx in others.items() if ctx is not None}  # metric -> its other context
+    metrics = {"acc": [], "acc_norm": [], **{name: [] for name in others}}
+    step = 1 + len(others)
     for start in range(0, len(items), batch_size):
         chunk = range(start, min(start + batch_size, len(items)))
-        requests, owners = [], []
+        requests = []
         for i in chunk:
             for c in items[i]["choices"]:
-                requests.append(encode_pair(tokenizer, contexts[i], TARGET_DELIMITER + c))
-                owners.append(i)
-                if task.answer_context:
-                    requests.append(encode_pair(tokenizer, task.answer_context, TARGET_DELIMITER + c))
-                    owners.append(i)
+                requests += [encode_pair(tokenizer, ctx, TARGET_DELIMITER + c) for ctx in (contexts[i], *others.values())]
         lls = loglikelihoods(model, requests, batch_size, reuse_context)
-        step = 2 if task.answer_context else 1
         k = 0
         for i in chunk:
             choices, gold = items[i]["choices"], items[i]["answer"]
             cond = lls[k:k + step * len(choices):step]
             metrics["acc"].append(float(_argmax(cond) == gold))
             metrics["acc_norm"].append(float(_argmax([s / len(c) for s, c in zip(cond, choices)]) == gold))
-            if task.answer_context:
-                uncond = lls[k + 1:k + step * len(choices):step]
-                metrics["acc_mutual_info"].append(float(_argmax([a - b for a, b in zip(cond, uncond)]) == gold))
+            for j, name in enumerate(others, 1):
+                other = lls[k + j:k + step * len(choices):step]
+                metrics[name].append(float(_argmax([a - b for a, b in zip(cond, other)]) == gold))
             k += step * len(choices)
         bar.update(len(chunk))
     return metrics
@@ -468,7 +560,8 @@ def _argmax(values):
 def _score_generations(model, tokenizer, task, items, contexts, max_new_tokens, batch_size, bar):
     """exact_match (task.normalize) of greedy completions, stopped at the end of the line; items
     batched by the length of their prompt (left-padded batches)."""
-    prompts = [list(tokenizer.template[0]) + tokenizer.encode(c, add_special_tokens=False) for c in contexts]
+    keep = max(1, model.config.block_size - max_new_tokens)  # lm-eval's generate_until: the context's last ids
+    prompts = [context_ids(tokenizer, c)[-keep:] for c in contexts]
     order = sorted(range(len(items)), key=lambda i: len(prompts[i]))
     scores = [0.0] * len(items)
     for start in range(0, len(order), batch_size):

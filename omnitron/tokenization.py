@@ -4,7 +4,10 @@ Shared by data.py (tokenizing corpora), train.py, sample.py and bench.py. Every 
 `encode(text, add_special_tokens=True) -> list of ids` (transformers' argument: the special tokens
 that the tokenizer puts around one sequence, `template`, e.g. Llama 3's BOS; only a Hugging Face
 tokenizer.json has any), `decode(ids) -> text`, `vocab_size`, `spec` (what `--tokenizer` names it),
-`template` ((ids before, ids after) the text), `key()` (a name for its tokenized caches) and
+`template` ((ids before, ids after) the text), `prefix_token` (the id that an empty context is
+conditioned on: BOS, else EOS, as lm-evaluation-harness's prefix_token_id; None when the tokenizer's
+files name neither), `eos_token` (the end-of-sequence id that DPO appends to a response; None
+when the files name none), `key()` (a name for its tokenized caches) and
 `save(directory)` (tokenizer_omnitron.json, plus the file of merges it needs).
 
 Tokenizers (`--tokenizer`):
@@ -59,6 +62,7 @@ class CharTokenizer:
         self.vocab_size = len(self.chars)
         self.spec = "char"
         self.template = ((), ())
+        self.prefix_token = self.eos_token = None  # no BOS or EOS in a character vocabulary
 
     def encode(self, text, add_special_tokens=True):
         """Ids of text's characters (no special tokens: the argument is the shared signature's)."""
@@ -89,11 +93,14 @@ class TiktokenTokenizer:
     first, the longest one at the leftmost place, as Hugging Face finds added tokens (tiktoken's
     own pick among overlapping ones, e.g. runs of spaces, is arbitrary); the text between them is
     Unicode-normalized (`normalizer`: None or a form such as "NFC") and BPE-encoded. `template`:
-    (ids before, ids after) the text that encode adds by default, a tokenizer.json post-processor's."""
+    (ids before, ids after) the text that encode adds by default, a tokenizer.json post-processor's.
+    `prefix_token`: BOS, else EOS, and `eos_token`: EOS, as the tokenizer's files name them (None: not named)."""
 
-    def __init__(self, encoding, spec, ranks_file=None, normalizer=None, template=((), ())):
+    def __init__(self, encoding, spec, ranks_file=None, normalizer=None, template=((), ()), prefix_token=None,
+                 eos_token=None):
         self.enc, self.spec, self.ranks_file, self.normalizer = encoding, spec, ranks_file, normalizer
         self.template = tuple(tuple(ids) for ids in template)
+        self.prefix_token, self.eos_token = prefix_token, eos_token
         self.vocab_size = encoding.n_vocab
         specials = sorted(encoding.special_tokens_set, key=len, reverse=True)
         self._specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
@@ -135,6 +142,10 @@ class TiktokenTokenizer:
             dst = Path(directory) / meta["ranks_file"]
             if not (dst.exists() and dst.samefile(self.ranks_file)):  # resuming saves where it loaded from
                 atomic_write(dst, lambda tmp: shutil.copyfile(self.ranks_file, tmp))
+            config = Path(self.ranks_file).parent / "tokenizer_config.json"  # its BOS / EOS (prefix_token)
+            dst = Path(directory) / config.name
+            if self.spec.startswith("hf:") and config.is_file() and not (dst.exists() and dst.samefile(config)):
+                atomic_write(dst, lambda tmp: shutil.copyfile(config, tmp))
         _write_json(Path(directory) / "tokenizer_omnitron.json", meta)
 
 
@@ -365,8 +376,8 @@ def hf_tokenizer(directory):
     the pre-tokenizer the split pattern, added_tokens the special tokens (with their ids); an NFC
     normalizer is applied between special tokens; the post-processor's special tokens (Llama 3's
     BOS) go around the text, unless encode(..., add_special_tokens=False). tokenizer_config.json is
-    not read (transformers 5 takes these from tokenizer.json). What tiktoken cannot reproduce
-    exactly: ValueError naming it."""
+    read only for the prefix token (prefix_token_id). What tiktoken cannot reproduce exactly, or a
+    BOS / EOS that the vocabulary lacks: ValueError naming it."""
     import tiktoken
     path = Path(directory) / "tokenizer.json"
     try:
@@ -392,7 +403,35 @@ def hf_tokenizer(directory):
         raise ValueError(f"{path}: not a valid tokenizer.json ({type(e).__name__}: {e})") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
-    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer, template)
+    bos, eos = _hf_bos_eos(Path(directory), specials, {v: k for k, v in ranks.items()})
+    prefix = template[0][0] if len(template[0]) == 1 else bos if bos is not None else eos
+    return TiktokenTokenizer(enc, "hf:tokenizer.json", path, normalizer, template, prefix, eos)
+
+
+def _hf_bos_eos(directory, specials, id_to_bytes):
+    """(BOS id, EOS id) of a Hugging Face directory, as transformers' bos_token_id and eos_token_id
+    read them: tokenizer_config.json's bos_token and eos_token (a string or {"content": ...}; null,
+    absent or no file: None), looked up among the added tokens, then the byte-level vocabulary.
+    hf_tokenizer's prefix_token (lm-evaluation-harness's HFLM.prefix_token_id) is the one token
+    that tokenizer.json's post-processor puts before the text (Llama 3's BOS), else BOS, else EOS.
+    A named token that the vocabulary lacks, or a file that is not JSON: ValueError."""
+    config_path = directory / "tokenizer_config.json"
+    if not config_path.is_file():
+        return None, None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path}: not JSON ({e})") from None
+    by_text = {t.decode("utf-8", "replace"): i for i, t in id_to_bytes.items()} | specials
+    ids = []
+    for key in ("bos_token", "eos_token"):
+        token = config.get(key)
+        if isinstance(token, dict):
+            token = token.get("content")
+        if token is not None and token not in by_text:
+            raise ValueError(f"{config_path}: {key} {token!r} is not in the vocabulary")
+        ids.append(None if token is None else by_text[token])
+    return tuple(ids)
 
 
 def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):
@@ -411,7 +450,8 @@ def named_tiktoken(name, data_dir=DEFAULT_DATA_DIR):
             shutil.copyfile(local, cached)
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
     try:
-        return TiktokenTokenizer(tiktoken.get_encoding(name), name)
+        enc = tiktoken.get_encoding(name)
+        return TiktokenTokenizer(enc, name, prefix_token=enc.eot_token, eos_token=enc.eot_token)  # <|endoftext|>
     except Exception as e:
         files = ", ".join(TIKTOKEN_FILES[name])
         raise UserError(f"tokenizer {name!r} is not available offline ({type(e).__name__}); "

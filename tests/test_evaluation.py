@@ -76,13 +76,14 @@ def test_truncation_and_request_encoding():
     tok.template = ((7,), (6,))  # as a tokenizer.json whose post-processor adds BOS ... EOS
     ctx, cont = evaluation.encode_pair(tok, "ab", " x")
     assert ctx == [7, *tok.encode("ab")] and cont == tok.encode(" x")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ValueError, match="empty"):  # a character vocabulary has no BOS or EOS to condition on
         evaluation.encode_pair(tokenization.CharTokenizer("ab"), "", "a")
 
 
 def test_scoring_picks_the_planted_answer(planted):
     """A model trained on `words => yes`: multiple choice picks "yes" wherever it stands among the
-    choices (acc, acc_norm, acc_mutual_info), and greedy generation answers it (exact match), with
+    choices (acc, acc_norm, acc_calibrated: a character vocabulary has no BOS or EOS for lm-eval's
+    acc_mutual_info), and greedy generation answers it (exact match), with
     0 and 2 demonstrations."""
     run, task_file = planted
     model, tokenizer = sample.load(run)
@@ -90,7 +91,7 @@ def test_scoring_picks_the_planted_answer(planted):
     assert task.multiple_choice and task.answer_context == "Answer:"
     for shots in (0, 2):
         rows = {r["metric"]: r for r in evaluation.evaluate(model, tokenizer, task, shots, progress=False)}
-        assert set(rows) == {"acc", "acc_norm", "acc_mutual_info"}
+        assert set(rows) == {"acc", "acc_norm", "acc_calibrated"}
         assert all(r["value"] == 1.0 and r["n"] == 4 and r["shots"] == shots for r in rows.values())
         free = evaluation.Task("free", task.train, [{"input": r["input"], "output": "yes"} for r in task.test],
                                sep=" =>")
@@ -112,7 +113,7 @@ def test_sample_eval_command_line(planted, tmp_path, capsys, monkeypatch):
     table = capsys.readouterr().out
     assert "acc_norm" in table and "stderr" in table
     results = json.loads(out.read_text())["results"]
-    assert {r["metric"]: r["value"] for r in results} == {"acc": 1.0, "acc_norm": 1.0, "acc_mutual_info": 1.0}
+    assert {r["metric"]: r["value"] for r in results} == {"acc": 1.0, "acc_norm": 1.0, "acc_calibrated": 1.0}
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"input": "a", "output": "b"}\n{"input": "c"}\n')
     for argv, words in ((["--eval", str(bad)], f"{bad}:2"), (["--eval", "no_such_task"], "unknown task"),
@@ -208,3 +209,185 @@ def test_generator_is_deterministic_and_follows_gpt3(tmp_path):
             else:
                 assert len({len(ch) for ch in r["choices"]}) == 1 and len(set(r["choices"])) == 4
     assert "2da" in tasks.NAMES[0] and len(evaluation.read_task(a[0]).test) == 10
+
+
+# ----------------------------------------------------------------------------- agreement with lm-evaluation-harness
+# lm-eval (0.4.13) is not a test dependency (it pulls in datasets, pyarrow, pandas, scikit-learn, nltk,
+# sacrebleu): its definitions are written out below, on the `tokenizers` library's encoding.
+
+def lm_eval_encode_pair(ref, context, continuation, bos=None):
+    """lm_eval/api/model.py, TemplateLM.loglikelihood and TemplateLM._encode_pair, with
+    lm_eval/models/huggingface.py, HFLM.tok_encode (the tokenizer's special tokens added, not when
+    the string already starts with the BOS text) and HFLM.prefix_token_id (`bos`): ref a tokenizers.Tokenizer."""
+    def tok_encode(text):
+        return ref.encode(text, add_special_tokens=not (bos and text.startswith(bos))).ids
+    if context == "":
+        return [ref.token_to_id(bos)], ref.encode(continuation, add_special_tokens=False).ids
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole, ctx = tok_encode(context + continuation), tok_encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def hf_folder(tmp_path, ref, name, config=None):
+    """ref's tokenizer.json (and tokenizer_config.json `config`) in a folder; returns our tokenizer of it."""
+    folder = tmp_path / name
+    folder.mkdir()
+    ref.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return tokenization.hf_tokenizer(folder)
+
+
+CONTEXTS = ["a\n", "Q: What is 4 plus 5?\nA:\n\n", "a \t\n ", "First Citizen:\n", "hear me  ", "x =>"]
+
+
+def test_encode_pair_moves_all_trailing_whitespace_as_lm_eval(tmp_path, gpt2_like):
+    """Every trailing whitespace character of the context (newlines, tabs, spaces) goes to the
+    continuation, as lm-eval's _encode_pair's context.rstrip(): the same ids as lm-eval's rule on
+    the tokenizers library's encoding."""
+    ref = gpt2_like[1]
+    ours = hf_folder(tmp_path, ref, "gpt2")
+    for context in CONTEXTS:
+        for continuation in (" b", " Citizen", "5"):
+            assert evaluation.encode_pair(ours, context, continuation) == lm_eval_encode_pair(ref, context,
+                                                                                              continuation)
+    assert evaluation.encode_pair(ours, "a\n", " b")[1][0] == ref.encode("\n").ids[0]  # the newline is scored
+
+
+def test_no_second_bos_and_the_empty_context_conditions_on_the_prefix_token(tmp_path, base_tokenizer):
+    """A BOS template (Llama 3): a context whose text starts with the BOS text gets no second BOS;
+    an empty context is [BOS] and the continuation alone, as lm-eval's loglikelihood. Without a
+    template the prefix token comes from tokenizer_config.json (bos_token, else eos_token); naming
+    neither, an empty context is refused; a named token missing from the vocabulary is refused."""
+    from tests.helpers import with_post_processor
+    bos = "<|begin_of_text|>"
+    ref = with_post_processor(base_tokenizer, "llama3")
+    ours = hf_folder(tmp_path, ref, "llama3")
+    assert ours.prefix_token == ref.token_to_id(bos)
+    for context in [bos + "Hello world", bos + "a\n", "Hello world\n", ""]:
+        for continuation in (" more", " words\n"):
+            assert evaluation.encode_pair(ours, context, continuation) == lm_eval_encode_pair(
+                ref, context, continuation, bos), (context, continuation)
+    ctx, _ = evaluation.encode_pair(ours, bos + "Hello", " world")
+    assert ctx.count(ref.token_to_id(bos)) == 1
+    plain = with_post_processor(base_tokenizer, "none")
+    for config, want in (({"bos_token": "<s>", "eos_token": "<|end_of_text|>"}, "<s>"),
+                         ({"bos_token": None, "eos_token": {"content": "<|end_of_text|>"}}, "<|end_of_text|>")):
+        tok = hf_folder(tmp_path, plain, f"plain{len(list(tmp_path.iterdir()))}", config)
+        assert tok.prefix_token == plain.token_to_id(want)
+        assert evaluation.encode_pair(tok, "", " Hello") == lm_eval_encode_pair(plain, "", " Hello", want)
+    bare = hf_folder(tmp_path, plain, "bare")
+    assert bare.prefix_token is None
+    with pytest.raises(ValueError, match="no BOS or EOS"):
+        evaluation.encode_pair(bare, "", " Hello")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        hf_folder(tmp_path, plain, "wrong", {"bos_token": "<bos>"})
+
+
+def hf_gpt2_for(ref, seed=0):
+    """A tiny random transformers GPT-2 with ref's vocabulary (block BLOCK)."""
+    return hf_gpt2(n_positions=BLOCK, vocab=ref.get_vocab_size(), seed=seed)
+
+
+def test_empty_context_loglikelihood_and_acc_mutual_info_as_lm_eval(tmp_path, gpt2_like):
+    """lm-eval's acc_mutual_info (lm_eval/api/task.py, ConfigurableTask.construct_requests and
+    process_results): argmax of log P(" c" | context) - log P(" c" | ""), the empty context its
+    prefix token; GPT-3's calibration (log P(" c" | context) - log P(" c" | "Answer:")) is
+    acc_calibrated. Per item, against transformers' forward in float64 on lm-eval's encoding."""
+    import random
+    ref = gpt2_like[1]
+    hf = hf_gpt2_for(ref)
+    folder = tmp_path / "m"
+    ours = saved(hf, folder)
+    ref.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>"}))
+    tok = tokenization.hf_tokenizer(folder)
+    rng = random.Random(0)
+    words = "the you hear speak famish die resolved rather proceed further true sure".split()
+    items = [{"input": " ".join(rng.sample(words, 3)), "choices": rng.sample(words, 4), "answer": rng.randrange(4)}
+             for _ in range(12)]
+    task = evaluation.Task("t", items, items, sep=" =>", answer_context="Answer:")
+    contexts = [evaluation.fewshot_prompt([], r["input"], None, task.sep) for r in items]
+
+    def ll(context, continuation):
+        return reference_loglikelihood(hf, *lm_eval_encode_pair(ref, context, continuation, "<|endoftext|>"))
+    want = {"acc_mutual_info": [], "acc_calibrated": []}
+    for r, c in zip(items, contexts):
+        cond = [ll(c, " " + x) for x in r["choices"]]
+        for name, other in (("acc_mutual_info", ""), ("acc_calibrated", "Answer:")):
+            pmi = [a - ll(other, " " + x) for a, x in zip(cond, r["choices"])]
+            want[name].append(float(max(range(4), key=pmi.__getitem__) == r["answer"]))
+    assert want["acc_mutual_info"] != want["acc_calibrated"]  # the two definitions differ on these items
+    bar = evaluation.Progress("t", len(items), enabled=False)
+    got = evaluation._score_choices(ours, tok, task, items, contexts, 5, True, bar)
+    assert got["acc_mutual_info"] == want["acc_mutual_info"] and got["acc_calibrated"] == want["acc_calibrated"]
+    lm = evaluation.loglikelihoods(ours, [evaluation.encode_pair(tok, "", " hear me")], with_greedy=True)[0]
+    assert abs(lm[0] - ll("", " hear me")) < 1e-4
+
+
+def test_loglikelihoods_return_is_greedy_as_lm_eval(tmp_path):
+    """with_greedy=True: (log-likelihood, is_greedy) pairs, is_greedy as lm-eval's
+    HFLM._loglikelihood_tokens (the argmax at every scored position is the continuation's token),
+    against transformers' forward; continuations built greedily are True, with and without the
+    reused context cache."""
+    import torch
+    hf = hf_gpt2(n_positions=BLOCK)
+    ours = saved(hf, tmp_path / "g")
+    reqs = requests(hf.config.vocab_size)
+    for ctx in ([3, 4, 5], list(range(2, 30)), list(range(BLOCK + 10))):
+        seq = list(ctx)
+        for _ in range(4):
+            with torch.no_grad():
+                seq.append(int(hf(torch.tensor([seq[-BLOCK:]])).logits[0, -1].double().argmax()))
+        reqs += [(ctx, seq[len(ctx):]), (ctx, seq[len(ctx):len(ctx) + 1]), (ctx, seq[len(ctx):-1] + [seq[-1] + 1])]
+
+    def greedy(ctx, cont):
+        whole = (ctx + cont)[-(BLOCK + 1):]
+        with torch.no_grad():
+            logits = hf(torch.tensor([whole[:-1]])).logits[0].double()[-len(cont):]
+        return logits.argmax(-1).tolist() == cont
+    want = [(reference_loglikelihood(hf, c, x), greedy(c, x)) for c, x in reqs]
+    assert sum(g for _, g in want) >= 6 and not all(g for _, g in want)
+    for reuse in (True, False):
+        got = evaluation.loglikelihoods(ours, reqs, batch_size=4, reuse_context=reuse, with_greedy=True)
+        assert [g for _, g in got] == [g for _, g in want]
+        assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) <= 1e-4
+
+
+def lm_eval_context_sampler(pool, items, k, seed):
+    """lm_eval/api/samplers.py, ContextSampler.get_context / sample, with the task's one
+    random.Random(fewshot_seed): k + 1 drawn when the item is in the pool, the item removed, the first k."""
+    import random
+    rnd = random.Random(seed)
+    out = []
+    for doc in items:
+        fewshotex = rnd.sample(pool, k + 1 if doc in pool else k)
+        out.append([x for x in fewshotex if x != doc][:k])
+    return out
+
+
+def test_lm_eval_flags_reproduce_its_choices(planted):
+    """sampler="lm_eval" draws lm-eval's demonstrations; overflow="truncate" keeps K (lm-eval) where
+    "drop" lowers it (GPT-3); free_form="loglikelihood" scores acc = is_greedy of the answer (lm-eval's
+    arithmetic tasks); bad values are user errors."""
+    records = [{"input": f"w{i}", "output": f"o{i}"} for i in range(12)]
+    sampler = evaluation.ContextSampler(records, 1234)
+    assert [sampler.get_context(r, 3) for r in records] == lm_eval_context_sampler(records, records, 3, 1234)
+    run, task_file = planted
+    model, tokenizer = sample.load(run)
+    task = evaluation.read_task(task_file)
+    many = evaluation.Task("many", task.train * 20, task.test, sep=" =>")
+    kept = {o: evaluation.evaluate(model, tokenizer, many, 40, overflow=o, progress=False)[0]["shots_used"]
+            for o in evaluation.OVERFLOWS}
+    assert kept["truncate"] == 40 and kept["drop"] < 40
+    free = evaluation.Task("free", task.train, [{"input": r["input"], "output": "yes"} for r in task.test], sep=" =>")
+    rows = {r["metric"]: r["value"] for r in evaluation.evaluate(model, tokenizer, free, 2, free_form="loglikelihood",
+                                                                  progress=False)}
+    assert rows["acc"] == 1.0 and 1.0 < rows["perplexity"] < 5.0
+    free.test = [{**r, "output": "no"} for r in free.test]
+    assert evaluation.evaluate(model, tokenizer, free, 2, free_form="loglikelihood", progress=False)[0]["value"] == 0.0
+    with pytest.raises(runtime.UserError, match="sampler"):
+        evaluation.evaluate(model, tokenizer, free, 2, sampler="random", progress=False)

@@ -289,6 +289,70 @@ def test_favor_gradients_match_the_formula():
         assert (a - b).abs().max().item() < 1e-8 * max(1.0, b.abs().max().item())
 
 
+def test_favor_rows_are_marginally_gaussian_and_the_estimate_is_unbiased():
+    """Choromanski et al. 2021, section 2.4: each row of W is marginally N(0, I), so that
+    phi(x).phi(y) = mean_r exp(w_r.x - |x|^2/2) exp(w_r.y - |y|^2/2) is an unbiased estimate of
+    exp(x.y) (eq. 7). Over 3000 draws of one block of D = 8 orthogonal rows: every coordinate of
+    the first and last rows has mean 0 within 3 standard errors, is positive half of the time within
+    3 standard errors (sign symmetry), and the estimate of exp(x.y) for x = y = 0.5 e_1 (where the
+    rows of a QR without the sign correction lean: 0.91 of the truth, 10 standard errors off) and for x = 0.8 e_2, y = 0.5 (e_1 + e_3) is within
+    3 standard errors of exp(x.y)."""
+    D, N = 8, 3000
+    g = torch.Generator().manual_seed(0)
+    Ws = torch.stack([performer.orthogonal_gaussian(D, D, g) for _ in range(N)])  # (N, D, D)
+    for row in (Ws[:, 0], Ws[:, -1]):  # (N, D): one row of W over the draws
+        mean, se = row.mean(0), row.std(0) / math.sqrt(N)
+        assert (mean.abs() < 3 * se).all(), (mean / se)
+        positive = (row > 0).double().mean(0)
+        assert ((positive - 0.5).abs() < 3 * math.sqrt(0.25 / N)).all(), positive
+        assert (row.var(0) - 1).abs().max() < 0.1  # unit variance: N(0, I) marginals
+    e = torch.eye(D, dtype=torch.float64)
+    for x, y in ((0.5 * e[0], 0.5 * e[0]), (0.8 * e[1], 0.5 * (e[0] + e[2]))):
+        fx = torch.exp(Ws @ x - x @ x / 2)  # (N, D): the positive random features, eq. 7, without 1/sqrt(m)
+        fy = torch.exp(Ws @ y - y @ y / 2)
+        estimates = (fx * fy).mean(-1)  # one estimate of exp(x.y) per draw
+        truth = math.exp(float(x @ y))
+        err = estimates.std().item() / math.sqrt(N)
+        assert abs(estimates.mean().item() - truth) < 3 * err, (estimates.mean().item(), truth, err)
+
+
+def favor_decoded(q, k, v, layer=0):
+    """Performer attention token by token through a kernels.KVCache (the running state)."""
+    kernels.configure("performer")
+    B, Hkv, T, D = k.shape
+    cache = kernels.KVCache(layer + 1, B, Hkv, T, D, q.dtype, q.device)
+    outs = []
+    for t in range(T):
+        outs.append(kernels.attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], layer=layer, cache=cache))
+        cache.advance(1)
+    return torch.cat(outs, dim=2)
+
+
+def test_favor_causal_outputs_depend_on_past_keys_only_in_float32():
+    """A later key of large norm cannot underflow the earlier keys' features: T = 2, D = 64, |k_0| = 30
+    and k_1 = D^(1/4) times the longest row of W: out_0 is v_0 (its only key) in float32. On that
+    input and on 150 positions of keys whose norms span 0.1 to 12 (three chunks), the full forward
+    in float32 equals token-by-token decoding and the forward of every prefix (output t of the
+    sequence cut after t), and the float64 formula where float32 can hold it."""
+    D = 64
+    W = performer.features(0, D)
+    g = torch.Generator().manual_seed(0)
+    k0 = torch.randn(D, generator=g, dtype=torch.float64)
+    k = torch.stack([30 * k0 / k0.norm(), D ** 0.25 * W[W.norm(dim=1).argmax()]])[None, None]  # (1, 1, 2, D)
+    q = torch.randn(1, 1, 2, D, generator=g, dtype=torch.float64)
+    v = torch.randn(1, 1, 2, D, generator=g, dtype=torch.float64)
+    out = kernels.attention(q.float(), k.float(), v.float(), backend="performer")
+    assert (out[:, :, 0] - v[:, :, 0].float()).abs().max().item() < 1e-5
+    assert (out - favor_decoded(q.float(), k.float(), v.float())).abs().max().item() < 1e-5
+    q, k, v = qkv(B=2, Hq=4, Hkv=2, T=150, D=16, seed=3, dtype=torch.float32)
+    k = k * torch.exp(torch.empty(2, 2, 150, 1).uniform_(math.log(0.1), math.log(12), generator=g))
+    full = kernels.attention(q, k, v, backend="performer")
+    assert (full - favor_decoded(q, k, v)).abs().max().item() < 1e-4
+    for t in (0, 1, 5, 63, 64, 100, 149):
+        prefix = kernels.attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1], backend="performer")
+        assert (prefix[:, :, t] - full[:, :, t]).abs().max().item() < 1e-5, t
+
+
 def test_performer_refuses_what_it_cannot_honour():
     q, k, v = qkv(T=8)
     with pytest.raises(ValueError, match="cannot honour an explicit attention mask"):

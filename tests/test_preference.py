@@ -301,3 +301,122 @@ def test_dpo_with_lora_under_fsdp_equals_one_process(tmp_path):
         assert a["step"] == b["step"]
         for key in ("train_loss", "val_loss", "reward_margin", "logp_chosen", "logp_rejected"):
             assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-5, key
+
+
+# ----------------------------------------------------------------------------- agreement with TRL
+# TRL (1.16) is not a test dependency (it pulls in datasets, pyarrow and pandas): its definitions are
+# written out below in float64, on the tokenizers library's encoding and transformers' forward.
+
+def trl_tokenize_row(ref, eos, prompt, response):
+    """trl/trainer/dpo_trainer.py, DPOTrainer.tokenize_row for a decoder-only model: prompt and
+    response tokenized separately without special tokens, the EOS id appended to the response."""
+    return ref.encode(prompt, add_special_tokens=False).ids, ref.encode(response, add_special_tokens=False).ids + [eos]
+
+
+def trl_logp(hf, prompt_ids, response_ids, max_length=None, truncation_mode="keep_start"):
+    """trl/trainer/dpo_trainer.py, DPOTrainer.concatenated_forward: input prompt + response (cut to
+    max_length from the start or the end), labels the response's ids, the prompt's masked; the
+    log-probabilities of the labels summed, here in float64. Returns (logp, input ids, labels)."""
+    ids = prompt_ids + response_ids
+    mask = [0] * len(prompt_ids) + [1] * len(response_ids)
+    if max_length is not None:
+        cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+        ids, mask = ids[cut], mask[cut]
+    logp = torch.log_softmax(hf(torch.tensor([ids[:-1]])).logits[0].double(), dim=-1)
+    labels = [t if m else -1 for t, m in zip(ids[1:], mask[1:])]
+    return sum(logp[i, t] for i, t in enumerate(labels) if t != -1), ids, labels
+
+
+def trl_sigmoid_loss(pw, pl, rw, rl, beta):
+    """trl/trainer/dpo_trainer.py, DPOTrainer.dpo_loss, loss_type="sigmoid" (the paper's eq. 7)."""
+    return -torch.nn.functional.logsigmoid(beta * ((pw - rw) - (pl - rl)))
+
+
+BPE_PAIRS = [{"prompt": "a", "chosen": " cat", "rejected": " dog"},
+             {"prompt": "First Citi", "chosen": "zen: hear me", "rejected": "zen, die"},
+             {"prompt": "You're all resol", "chosen": "ved rather", "rejected": "ved to famish"}]
+
+
+def test_dpo_scores_separately_tokenized_response_and_eos_as_trl(tmp_path, gpt2_like):
+    """Prompt and response tokenized separately and concatenated, EOS appended to the response and
+    scored, the prompt masked: our batch rows are TRL's input ids and labels, and the loss and
+    log-probs equal TRL's sigmoid loss in float64 (a BPE whose merges would cross the boundary)."""
+    from tests.helpers import hf_gpt2
+    from omnitron import tokenization
+    ref = gpt2_like[1]
+    folder = tmp_path / "policy"
+    hf_policy, hf_ref = hf_gpt2(vocab=ref.get_vocab_size(), seed=0), hf_gpt2(vocab=ref.get_vocab_size(), seed=1)
+    hf_policy.save_pretrained(folder)
+    hf_ref.save_pretrained(tmp_path / "reference")
+    ref.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok, eos = tokenization.hf_tokenizer(folder), ref.token_to_id("<|endoftext|>")
+    assert tok.eos_token == eos
+    merged = ref.encode("First Citizen: hear me").ids
+    assert merged[:len(ref.encode("First Citi").ids)] != ref.encode("First Citi").ids  # a merge across the boundary
+    dataset = dpo.PairDataset(write_jsonl(tmp_path / "pairs.jsonl", BPE_PAIRS), tok)
+    x, y = dataset.batch([0, 1, 2], block_size=64)
+    beta, want, logps = 0.1, [], []
+    with torch.no_grad():
+        for row, p in enumerate(BPE_PAIRS):
+            sides = []
+            for which, offset in (("chosen", 0), ("rejected", 3)):
+                pr, rs = trl_tokenize_row(ref, eos, p["prompt"], p[which])
+                lp, ids, labels = trl_logp(hf_policy, pr, rs)
+                n = len(ids) - 1
+                assert x[row + offset, :n].tolist() == ids[:-1] and y[row + offset, :n].tolist() == labels
+                assert (y[row + offset, n:] == -1).all()
+                sides += [lp, trl_logp(hf_ref, pr, rs)[0]]
+            logps.append(sides[0])
+            want.append(trl_sigmoid_loss(sides[0], sides[2], sides[1], sides[3], beta))
+    ours = models.from_pretrained(folder).eval()
+    loss, metrics = dpo.DPOLoss(dpo.load_reference(tmp_path / "reference", "cpu"), beta)(ours, (x, y))
+    assert loss.item() == pytest.approx(torch.stack(want).mean().item(), abs=1e-5)
+    assert metrics["logp_chosen"].item() == pytest.approx(torch.stack(logps).mean().item(), abs=1e-4)
+
+
+def test_dpo_turns_dropout_off_in_the_policy(tmp_path):
+    """With policy = reference the loss is exactly log 2 although the policy is in train mode with
+    dropout 0.1 on its residual branches and LoRA's adapters (TRL's disable_dropout=True), for a
+    frozen reference copy and for the LoRA reference (adapters off)."""
+    import transformers
+    cfg = transformers.GPT2Config(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "m")
+    model = models.from_pretrained(tmp_path / "m")
+    assert model.config.dropout == 0.1
+    batch = dpo.PairDataset(write_jsonl(tmp_path / "pairs.jsonl", PAIRS), CharTokenizer(CHARS)).batch([0, 1, 2], 64)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    loss, _ = dpo.DPOLoss(reference, 0.1)(model.train(), batch)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    adapted = lora.apply(models.from_pretrained(tmp_path / "m"), lora.LoRAConfig(4, 8.0, ["c_attn", "c_fc"],
+                                                                                 lora_dropout=0.3)).train()
+    loss, _ = dpo.DPOLoss(None, 0.1)(adapted, batch)  # B = 0: the adapted model is its base
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_dpo_truncation_of_pairs_longer_than_the_block(tmp_path):
+    """drop_prompt_start (default): the prompt loses its start, the response and EOS stay whole, a
+    response longer than the block is refused in one error naming the pair; keep_start: the row is
+    the first block_size + 1 tokens, as TRL's truncation_mode="keep_start"."""
+    tok = CharTokenizer(CHARS)
+    tok.eos_token = CHARS.index("S")  # a character vocabulary with an end-of-sequence token
+    pairs = [{"prompt": "abcdefghijklmnop:", "chosen": "rst uv", "rejected": "xyz"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    block = 12
+    x, y = dpo.PairDataset(path, tok).batch([0], block)
+    prompt, chosen = tok.encode(pairs[0]["prompt"]), tok.encode("rst uv") + [tok.eos_token]
+    kept = (prompt + chosen)[-(block + 1):]
+    assert x[0].tolist() == kept[:-1] and y[0].tolist() == [-1] * (block - len(chosen)) + chosen
+    start = dpo.PairDataset(path, tok, truncation="keep_start")
+    x, y = start.batch([0], 20)
+    ids = (prompt + chosen)[:21]
+    labels = [t if i >= len(prompt) else -1 for i, t in enumerate(ids)][1:]
+    assert x[0].tolist() == ids[:-1] and y[0].tolist() == labels and labels[-1] != tok.eos_token
+    with pytest.raises(runtime.UserError, match="pair 1.*does not fit block_size 5"):
+        dpo.PairDataset(path, tok).check_block_size(5)
+    with pytest.raises(runtime.UserError, match="pair 1.*no response token"):
+        start.check_block_size(12)
+    with pytest.raises(runtime.UserError, match="--dpo_truncation"):
+        dpo.PairDataset(path, tok, truncation="keep_end")
