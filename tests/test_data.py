@@ -1,5 +1,6 @@
 """omnitron/data.py and omnitron/tokenization.py: corpora, memmaps, batches; tokenizers against tiktoken and
 Hugging Face tokenizers."""
+import hashlib
 import importlib
 import json
 import random
@@ -470,3 +471,16 @@ def test_tokenizer_config_add_bos_token_does_not_change_transformers_ids(base_to
             (tmp_path / "tokenizer_config.json").write_text(json.dumps(config | flags | {"tokenizer_class": cls}))
             auto = hf_class("AutoTokenizer").from_pretrained(tmp_path)
             assert auto(TEMPLATE_TEXT).input_ids == tok.encode(TEMPLATE_TEXT), (cls, flags)
+
+
+def test_the_shipped_tinyshakespeare_is_nanogpts_text_and_its_split(tmp_path):
+    """--data tinyshakespeare: the shipped archive unpacks to the 1,115,394-character char-rnn text (its
+    sha256), 65 characters, nanoGPT's 90/10 split by position; a damaged copy in the cache is replaced."""
+    ds = data.prepare("tinyshakespeare", "char", tmp_path)
+    text = (tmp_path / "tinyshakespeare" / "input.txt").read_bytes()
+    assert len(text) == 1_115_394 and hashlib.sha256(text).hexdigest() == data.NAMED_CORPORA["tinyshakespeare"][1]
+    assert ds.tokenizer.vocab_size == 65 and text.startswith(b"First Citizen:\nBefore we proceed")
+    # nanoGPT's train split (1,003,854 characters); val one shorter: the file's last newline is stripped
+    assert ds.manifest["n_train"] == 1_003_854 and ds.manifest["n_val"] == 111_539
+    (tmp_path / "tinyshakespeare" / "input.txt").write_text("damaged")
+    assert data.named_corpus("tinyshakespeare", tmp_path).read_bytes() == text
