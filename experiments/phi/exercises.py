@@ -375,9 +375,12 @@ def generate(per_family=20, seed=0, held_out=None, families=None):
     return out
 
 
-def verify(exercises, **limits):
-    """Run each exercise's solution against its tests in the sandbox (one process each). Returns
+def verify(exercises, report=print, **limits):
+    """Run each exercise's solution against its tests in the sandbox (one process each), after
+    calling `report` with sandbox.describe()'s line (what the sandbox does not contain). Returns
     (kept, rejected): rejected is [(exercise, sandbox status, last line of stderr)]."""
+    if report:
+        report(sandbox.describe(limits.get("isolation")))
     kept, rejected = [], []
     for ex in exercises:
         r = sandbox.run(ex.prompt + ex.solution, ex.tests, **limits)

@@ -83,7 +83,8 @@ def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     functions' bodies given their signature + docstring; (2) pass_at_1 of greedy completions of the
     held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
     the same on new drawings of the training families); (3) code_loss, nats per character of
-    random windows of held-out modules."""
+    random windows of held-out modules; sandbox: sandbox.describe()'s line, the containment the
+    programs ran under."""
     from experiments.phi import exercises, sandbox
     model, tok = checkpoints.load(run)
 
@@ -113,7 +114,7 @@ def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
     p1, unseen = solve(exercises.load_jsonl(curated.path("heldout_exercises.jsonl")))
     p1_seen, seen = solve(exercises.load_jsonl(curated.path("heldout_instances.jsonl")))
     return {"body_loss": body, "code_loss": code, "pass_at_1": p1, "pass_at_1_seen_families": p1_seen,
-            "unseen_families": unseen, "seen_families": seen}
+            "unseen_families": unseen, "seen_families": seen, "sandbox": sandbox.describe()}
 
 
 def run(args):

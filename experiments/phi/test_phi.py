@@ -1,10 +1,17 @@
 """experiments/phi: curation (rubric, dedup, pool, mixing, manifest), exercises, the sandbox, the run's pieces."""
 import ast
 import json
+import os
 import random
+import secrets
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,43 +282,218 @@ def test_exercises_are_templated_and_reproducible():
 # ----------------------------------------------------------------------------- the sandbox
 
 
-def test_sandbox_contains_hang_memory_bomb_exit_escape_network_and_output(tmp_path):
+@pytest.mark.parametrize("isolation", [None, "audit-hook"])
+def test_sandbox_contains_hang_memory_bomb_exit_escape_network_and_output(tmp_path, isolation):
     outside = tmp_path / "escaped.txt"
     cases = {
         "hang": ("import time\ntime.sleep(60)", "timeout"),
         "busy loop": ("while True:\n    pass", "timeout"),
         "memory bomb": ("x = bytearray(4 * 1024 ** 3)", "failed"),
-        "sys.exit(0)": ("import sys\nsys.exit(0)", "no_marker"),
-        "os._exit(0)": ("import os\nos._exit(0)", "no_marker"),
+        "sys.exit(0)": ("import sys\nsys.exit(0)", "exited"),
+        "os._exit(0)": ("import os\nos._exit(0)", "exited"),
         "write outside": (f"open({str(outside)!r}, 'w').write('x')", "failed"),
         "os.open outside": (f"import os\nos.open({str(outside)!r}, os.O_WRONLY | os.O_CREAT)", "failed"),
         "network": ("import socket\nsocket.create_connection(('127.0.0.1', 9))", "failed"),
         "subprocess": (f"import subprocess\nsubprocess.run(['touch', {str(outside)!r}])", "failed"),
-        "os.system": (f"import os\nos.system('touch {outside}')", "failed"),
+        "os.system": (f"import os\nassert os.system('touch {outside}') == 0", "failed"),  # -1 when fork fails
         "infinite output": ("while True:\n    print('x' * 1000)", "failed"),
         "crash": ("raise RuntimeError('boom')", "failed"),
     }
     for name, (program, status) in cases.items():
-        r = sandbox.run(program, "assert True", timeout_s=1.5, cpu_s=3)
+        r = sandbox.run(program, "assert True", timeout_s=1.5, cpu_s=3, isolation=isolation)
         assert not r.passed and r.status == status, (name, r)
         assert len(r.stdout) <= sandbox.KEEP_OUTPUT
     assert not outside.exists()
-    ok = sandbox.run("open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())", "assert True")
+    ok = sandbox.run("open('inside.txt', 'w').write('fine')\nprint(open('inside.txt').read())", "assert True",
+                     isolation=isolation)
     assert ok.passed and ok.stdout == "fine"
 
 
-def test_sandbox_child_has_a_minimal_environment_and_its_own_folder():
+def test_sandbox_child_has_an_empty_environment_and_its_own_folder():
     r = sandbox.run("import os, sys\nprint(sorted(os.environ))\nprint(os.getcwd())\nprint(sys.flags.isolated)")
     env, cwd, isolated = r.stdout.splitlines()
-    assert eval(env) == ["HOME", "LANG", "PATH"] and isolated == "1"
+    assert eval(env) == [] and isolated == "1"
     assert Path(cwd).name.startswith("omnitron-sandbox-") and not Path(cwd).exists()  # removed afterwards
+
+
+# An attacker's first step against an in-process audit hook: find the hook's set of blocked events
+# through the garbage collector and empty it. Where there is no such hook, or gc is refused, it does nothing.
+DISARM = """
+import gc
+try:
+    for _o in gc.get_objects():
+        if isinstance(_o, set) and "os.kill" in _o:
+            _o.clear()
+except Exception:
+    pass
+"""
+ADD_FIVE_TESTS = "assert add_five(3) == 8\nassert add_five(-1) == 4\n"
+
+
+@pytest.mark.parametrize("isolation", [None, "audit-hook"])
+def test_sandbox_verdict_cannot_be_forged(isolation):
+    """A wrong solution cannot be scored as passed: not by printing what it finds in its own files
+    (a pass marker) or writing to any descriptor and exiting before the tests, and not by returning
+    an object that equals everything."""
+    forge = textwrap.dedent("""
+        import os, re
+        def add_five(x):
+            return 0
+        text = open('/proc/self/cmdline', errors='replace').read()
+        for name in os.listdir('.'):
+            try:
+                text += open(name, errors='replace').read()
+            except OSError:
+                pass
+        for marker in set(re.findall(r'SANDBOX-OK-[0-9a-f]+', text)):
+            print(marker, flush=True)
+        for fd in range(1, 64):
+            try:
+                os.write(fd, b'{"ready": true}\\n{"passed": true}\\nPASSED\\n')
+            except OSError:
+                pass
+        os._exit(0)
+    """)
+    always_equal = "class Anything:\n    def __eq__(self, other):\n        return True\n\n" \
+                   "def add_five(x):\n    return Anything()\n"
+    for name, program in {"forged marker": forge, "always equal": always_equal}.items():
+        r = sandbox.run(program, ADD_FIVE_TESTS, isolation=isolation)
+        assert not r.passed and r.status != "passed", (name, r)
+    right = sandbox.run("def add_five(x):\n    return x + 5\n", ADD_FIVE_TESTS, isolation=isolation)
+    assert right.passed and right.status == "passed", right
+
+
+@pytest.mark.parametrize("isolation", [None, "audit-hook"])
+def test_sandbox_writes_nothing_outside_its_folder(isolation):
+    """sqlite3.connect, os.open relative to a directory descriptor and os.mkfifo, each aimed at the
+    folder above the program's, leave nothing there."""
+    name = "omnitron-escape-" + secrets.token_hex(6)
+    targets = {"sqlite3.connect": ((f"import sqlite3\nc = sqlite3.connect('../{name}.db')\n"
+                                    "c.execute('create table t (x)')\nc.commit()\n"), f"{name}.db"),
+               "os.open(dir_fd=)": ((f"import os\nd = os.open('..', os.O_RDONLY)\n"
+                                     f"os.write(os.open('{name}.txt', os.O_WRONLY | os.O_CREAT, dir_fd=d), b'x')\n"),
+                                    f"{name}.txt"),
+               "os.mkfifo": (f"import os\nos.mkfifo('../{name}.fifo')\n", f"{name}.fifo")}
+    parent = Path(tempfile.gettempdir())
+    try:
+        for call, (program, target) in targets.items():
+            r = sandbox.run(program, "assert True", isolation=isolation)
+            assert not (parent / target).exists(), (call, r)
+            assert not r.passed, (call, r)
+    finally:
+        for _, target in targets.values():
+            (parent / target).unlink(missing_ok=True)
+
+
+def test_sandbox_cannot_read_the_evaluators_environment():
+    """The program's environment is empty, and the evaluator's (a process started with a secret in
+    its environment, which /proc/PID/environ shows) cannot be read."""
+    token = secrets.token_hex(8)
+    program = textwrap.dedent("""
+        import os
+        print(dict(os.environ))
+        for pid in (os.getppid(), EVALUATOR):
+            try:
+                print(open(f'/proc/{pid}/environ', errors='replace').read())
+            except OSError as e:
+                print(type(e).__name__)
+    """)
+    evaluator = ("import os, sys\nfrom experiments.phi import sandbox\n"
+                 "r = sandbox.run(sys.argv[1].replace('EVALUATOR', str(os.getpid())))\n"
+                 "print(r.passed, r.stdout, r.stderr)")
+    out = subprocess.run([sys.executable, "-c", evaluator, program], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMNITRON_TEST_SECRET": token}, timeout=60)
+    assert token not in out.stdout + out.stderr
+    assert out.returncode == 0 and out.stdout.startswith("True {}\n"), out  # passed, an empty environment
+
+
+def _processes_with(token):
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_sandbox_leaves_no_process_behind():
+    """A child that starts its own session (out of the program's process group) does not outlive the run."""
+    token = "omnitron-orphan-" + secrets.token_hex(6)
+    program = DISARM + textwrap.dedent(f"""
+        import os, sys, time
+        if os.fork() == 0:
+            os.setsid()
+            os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(20)', '{token}'])
+        time.sleep(0.5)
+    """)
+    sandbox.run(program, "assert True", timeout_s=5)
+    deadline = time.time() + 2
+    while _processes_with(token) and time.time() < deadline:  # a dying namespace may take a moment
+        time.sleep(0.05)
+    survivors = _processes_with(token)
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors
+
+
+def test_sandbox_cannot_signal_its_parent():
+    received = []
+    old = signal.signal(signal.SIGUSR1, lambda *_: received.append(True))
+    try:
+        program = DISARM + textwrap.dedent(f"""
+            import os, signal
+            for pid in (os.getppid(), {os.getpid()}):
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                except OSError as e:
+                    print(type(e).__name__)
+        """)
+        sandbox.run(program, "assert True")
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert not received
+
+
+def test_sandbox_has_no_network_not_even_loopback():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        server.settimeout(1.0)
+        port = server.getsockname()[1]
+        program = DISARM + f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'x')\n"
+        r = sandbox.run(program, "assert True")
+        try:
+            server.accept()[0].close()
+            reached = True
+        except socket.timeout:
+            reached = False
+    assert not reached and not r.passed, r
+
+
+@pytest.mark.skipif(not shutil.which("bwrap"), reason="bubblewrap is not installed")
+def test_isolated_layer_is_active_where_bubblewrap_is_installed():
+    """With bwrap installed (CI installs it) programs run under it: in their own PID namespace (the
+    runner is pid 2 under bwrap's init), as nobody when the evaluator is root, seeing only /usr, the
+    Python installation and their folder."""
+    assert sandbox.layer() == "bubblewrap" and sandbox.describe().startswith("sandbox: bubblewrap")
+    r = sandbox.run("import os\nprint(os.getpid(), os.getuid(), sorted(os.listdir('/')))")
+    assert r.passed and r.layer == "bubblewrap", r
+    pid, uid, top = r.stdout.split(" ", 2)
+    assert pid == "2" and int(uid) == (sandbox.NOBODY if os.geteuid() == 0 else os.geteuid())
+    assert not set(eval(top)) - {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "dev", "proc", "tmp",
+                                 *Path(sys.prefix).resolve().parts[1:2], *Path(tempfile.gettempdir()).parts[1:2]}
 
 
 def test_pass_at_1_of_correct_and_wrong_solution_sets():
     tasks = exercises.generate(per_family=1, seed=7, held_out=True)
     right = [t.prompt + t.solution for t in tasks]
-    p, results = sandbox.pass_at_1(right, [t.tests for t in tasks])
+    reported = []
+    p, results = sandbox.pass_at_1(right, [t.tests for t in tasks], report=reported.append)
     assert p == 1.0 and all(r.passed for r in results)
+    assert reported == [sandbox.describe()] and "not contained: " in reported[0]  # one line, first
     wrong = [t.prompt + tasks[(i + 1) % len(tasks)].solution for i, t in enumerate(tasks)]  # another family's body
     assert sandbox.pass_at_1(wrong, [t.tests for t in tasks])[0] == 0.0
 
