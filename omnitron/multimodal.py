@@ -159,6 +159,34 @@ def eval_texts(digit_rows, kind, seed=0):
     return out
 
 
+TEST_SCENES = 500  # the held-out scenes that the experiment scores and sample.py --image N shows
+
+
+def test_scenes(data_dir=data.DEFAULT_DATA_DIR, scene_digits=3, n=TEST_SCENES):
+    """The fixed held-out scenes: (images (n, 8, 8 * scene_digits) in [0, 1], digits (n lists)), built
+    from the test split's images only (test_items, seed 0)."""
+    images, labels = data.digits(data_dir)
+    idx, digits = test_items(labels, split_digits(labels)["test"], n, scene_digits)
+    return scene_images(images, idx), digits
+
+
+def read_image(path, height=DIGIT_SIZE, width=3 * DIGIT_SIZE):
+    """An image file for sample.py --image: a .npy array or a text file of comma- or space-separated
+    grey levels 0-16, height x width -> (height, width) float32 in [0, 1]. UserError for a file that is
+    missing, unreadable or of another shape or range."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--image: no file {path}")
+    try:
+        raw = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter="," if "," in path.read_text() else None)
+    except (ValueError, OSError) as e:
+        raise UserError(f"--image: cannot read {path}: {e}") from None
+    if raw.shape != (height, width) or raw.min() < 0 or raw.max() > GREY_LEVELS:
+        raise UserError(f"--image: {path} must be {height} x {width} grey levels 0-{GREY_LEVELS}, not "
+                        f"{' x '.join(map(str, raw.shape))} of {raw.min()}..{raw.max()}")
+    return torch.as_tensor(raw, dtype=torch.float32) / GREY_LEVELS
+
+
 class SceneDataset:
     """Scenes of the digits with their texts, tokenized: train.py's dataset under --mm_images
     (get_batch as data.Dataset's, but batches are (images, x, y)). Training scenes are drawn afresh
