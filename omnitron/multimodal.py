@@ -425,6 +425,16 @@ class GatedBlock(nn.Module):
         super().__init__()
         self.block, self.xattn, self.media = block, xattn, None
 
+    def __getattr__(self, name):
+        """What the model file reads on its blocks (a mixture's router statistics: block.mlp, block.sparse)
+        is the wrapped block's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "block":
+                raise
+            return getattr(self.block, name)
+
     def forward(self, x, *args, **kwargs):
         if self.media is not None:
             x = self.xattn(x, self.media)

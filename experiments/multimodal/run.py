@@ -94,8 +94,9 @@ def bridge_run(args, lm, arm, queries, seed):
 
 
 def decode_ms(model, tokenizer, image, new_tokens=16):
-    """Milliseconds per decoded token after the image and `digits:` (the prefix prefilled once), the
-    best of three, and the prefill's: (per token, prefill)."""
+    """Milliseconds per decoded token after the image and `digits:` (the prefix prefilled once; up to
+    new_tokens, fewer where a learned position table ends), the best of three, and the prefill's:
+    (per token, prefill)."""
     best = (float("inf"), float("inf"))
     for _ in range(3):
         t0 = time.perf_counter()
@@ -104,6 +105,8 @@ def decode_ms(model, tokenizer, image, new_tokens=16):
             media = inner.bridge(image[None])
             prefix = media if inner.bridge.config.inject == "prefix" else None
             ids = torch.tensor([tokenizer.encode(multimodal.after_image("digits:"))])
+            length = (0 if prefix is None else prefix.shape[1]) + ids.shape[1]
+            new_tokens = min(new_tokens, (model.max_positions or length + new_tokens) - length)  # a learned table's end
             cache = model.init_cache(1, (0 if prefix is None else prefix.shape[1]) + ids.shape[1] + new_tokens)
             with multimodal.attend_to(inner, media):
                 logits = model(ids, cache=cache, prefix=prefix)[0][:, -1]
