@@ -144,3 +144,11 @@ def model_dirs(tmp_path_factory):
         tiny_model("llama", **{"vocab_size": 96, "block_size": 256, **kw}).save_pretrained(root / name)
         tokenization.CharTokenizer([chr(i) for i in range(32, 127)]).save(root / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A data_dir holding the digits (data.digits_file: scikit-learn's pinned wheel, pip download), once per session."""
+    root = tmp_path_factory.mktemp("digits_data")
+    data.digits_file(root)
+    return root

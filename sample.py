@@ -9,6 +9,7 @@
   python sample.py --out_dir out/gpt --prompt "ROMEO:" --prompt "JULIET: O" --compile   # one batch, compiled steps
   python sample.py --out_dir out/llama --prompt "ROMEO:" --quantize int8 --compile       # int8 weights (quantize.py)
   python sample.py --out_dir out/llama --prompt "ROMEO:" --draft out/llama_small        # speculative decoding
+  python sample.py --out_dir out/mm --image 7 --prompt "how many 8s?" --temperature 0  # a question about an image
 
 Several prompts (and --num_samples > 1) are decoded together as one batch, left-padded to the
 longest (kernels.KVCache masks the padding): greedy decoding gives each row the tokens it would
@@ -35,13 +36,18 @@ layer's weights in int8 with per-output-channel scales (gpt-fast's scheme, quant
 quantize.py), --quantize bf16 in bf16; --draft DIR decodes speculatively (Leviathan et al. 2023):
 a small model with the same tokenizer proposes --speculate_k tokens that the model verifies in one
 forward; greedy output is the model's own, and sampling keeps the model's distribution.
+
+--image asks about an image: --out_dir is then a multimodal bridge's folder (train.py --mm_images;
+multimodal.py), --image N the N-th held-out test scene (made of test images only; its digits are
+printed) or a file of grey levels, and each --prompt the text after the image (`digits:`,
+`how many 8s?`, `largest?`, `sum?`), answered to the end of its line.
 """
 import sys
 from pathlib import Path
 
 import torch
 
-from omnitron import evaluation, quantize, runtime
+from omnitron import evaluation, multimodal, quantize, runtime
 from omnitron.checkpoints import load, load_draft  # noqa: F401 (sample.load: the API before omnitron/checkpoints.py)
 from omnitron.evaluation import fewshot_prompt, read_fewshot, read_task  # noqa: F401 (read_fewshot: sample's API)
 from omnitron.generation import check_sampling, complete, stream
@@ -96,7 +102,10 @@ def parser():
                    "tasks: exact_match of the greedy completion (generate), or acc = is_greedy of the answer "
                    "(loglikelihood, lm-evaluation-harness's arithmetic tasks)")
     p.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="--eval: where data/tasks/ and the default "
-                   "corpus live")
+                   "corpus live; --image N: where the digits are")
+    p.add_argument("--image", default=None, help="with a multimodal bridge's --out_dir: the image the prompts ask "
+                   "about: N (the N-th held-out test scene, 0-based) or a .npy / text file of grey levels 0-16 "
+                   "(None: no image)")
     return p
 
 
@@ -121,6 +130,8 @@ def main(argv=None):
     dtype = resolve_dtype(args.dtype, device)
     if args.eval:
         return run_eval(args, device, dtype)
+    if args.image is not None:
+        return run_image(args, device, dtype)
     model, tokenizer = load(args.out_dir, device=device)
     draft = load_draft(args.draft, model, tokenizer, device) if args.draft else None
     for m in (model, draft):
@@ -155,6 +166,29 @@ def main(argv=None):
         texts = complete(model, tokenizer, [prompt_ids[i] for i in rows], args.max_new_tokens, stop=stop, **sampling)
         for n, (i, text) in enumerate(zip(rows, texts)):
             print(prompts[i] + text + ("\n" + "-" * 40 if n + 1 < len(rows) else ""))
+    return 0
+
+
+def run_image(args, device, dtype):
+    """--image: each prompt's completion after the image (multimodal.generate), to the end of its line."""
+    model, tokenizer = load(args.out_dir, device=device)
+    if not hasattr(model, "bridge"):
+        raise UserError(f"--image needs a multimodal bridge: {args.out_dir} has no {multimodal.BRIDGE_CONFIG}")
+    cfg = model.bridge.config
+    if args.image.isdigit():
+        images, digits = multimodal.test_scenes(args.data_dir, cfg.image_width // multimodal.DIGIT_SIZE)
+        if int(args.image) >= len(images):
+            raise UserError(f"--image {args.image}: there are {len(images)} test scenes (0..{len(images) - 1})")
+        image = images[int(args.image)]
+        print(f"test scene {args.image}: the digits {' '.join(map(str, digits[int(args.image)]))}")
+    else:
+        image = multimodal.read_image(args.image, cfg.image_height, cfg.image_width)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast(device, dtype):
+        for prompt in [read_prompt(p) for p in args.prompt or ["digits:"]]:
+            answer = multimodal.generate(model, tokenizer, image, multimodal.after_image(prompt), args.max_new_tokens,
+                                         args.temperature, generator)
+            print(prompt + answer)
     return 0
 
 

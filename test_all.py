@@ -591,6 +591,46 @@ def test_model_contract(tmp_path, name):
             assert torch.equal(model(seq)[0], full)
 
 
+@pytest.mark.parametrize("name", models.available())
+def test_model_contract_prefix(name):
+    """forward(idx, targets, cache, prefix): prefix (B, P, n_embd) before the token embeddings, logits and
+    loss over the tokens only; an empty prefix is no prefix; gradients reach the prefix through a frozen
+    model; decoding after a prefilled prefix gives the logits of the whole forward."""
+    model = contract_model(models.get(name)).double()
+    cfg = model.config
+    if hasattr(cfg, "eval_capacity_factor"):
+        cfg.eval_capacity_factor = 0.0  # dropless, as decoding is
+    gen = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, V, (2, 12), generator=gen)
+    prefix = torch.randn(2, 5, cfg.n_embd, generator=gen, dtype=torch.float64)
+    y = seq.roll(-1, dims=1)
+    y[:, -1] = -1
+    with torch.no_grad():
+        plain, plain_loss = model(seq, y)
+        empty, empty_loss = model(seq, y, prefix=prefix[:, :0])
+        with_image, loss = model(seq, y, prefix=prefix)
+    assert torch.equal(empty, plain) and torch.equal(empty_loss, plain_loss)
+    assert with_image.shape == plain.shape == (2, 12, V)  # the text positions only
+    assert (with_image - plain).abs().max() > 1e-3  # the prefix is seen
+    ref = torch.nn.functional.cross_entropy(with_image[:, :-1].reshape(-1, V), y[:, :-1].reshape(-1))
+    assert abs(loss.item() - ref.item()) <= 1e-12 * ref.item()  # the loss is the text's
+    # every language-model parameter frozen: the gradient still reaches the prefix, and only the prefix
+    model.requires_grad_(False)
+    leaf = prefix.clone().requires_grad_(True)
+    model(seq, y, prefix=leaf)[1].backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    # with a cache: the prefix prefilled once with the first tokens, then one token at a time
+    with torch.no_grad():
+        cache = model.init_cache(2, 24)
+        steps = [model(seq[:, :4], cache=cache, prefix=prefix)[0]] + [
+            model(seq[:, t:t + 1], cache=cache)[0] for t in range(4, 12)]
+        assert cache.end(0) == 5 + 12
+        assert (torch.cat(steps, dim=1) - with_image).abs().max().item() <= 1e-9 * with_image.abs().max().item()
+        with pytest.raises(ValueError, match="left-padded"):
+            model(seq, cache=model.init_cache(2, 24, pad=[0, 2]), prefix=prefix)
+
+
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("name", models.available())
 def test_loss_is_the_fp32_cross_entropy_of_bf16_logits(name, device):

@@ -7,6 +7,7 @@
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
   python train.py --init_from out/sft --dpo pairs.jsonl --out_dir out/dpo          # DPO (dpo.py)
   python train.py --init_from out/M1 --self_reward 3 --prompts p.jsonl --out_dir out/sr   # self-rewarding (self_reward.py)
+  python train.py --init_from out/text --mm_images digits --mm_queries 8 --out_dir out/mm   # images (multimodal.py)
 
 From Python, train.run(model="gpt", max_iters=100, ...) takes the same flags as keyword arguments
 and returns the final metrics and the run folder; train.run(..., loss_fn=f) trains with another
@@ -19,7 +20,9 @@ model.safetensors, so sample.py and transformers load it directly), its tokenize
 train_state.pt (optimizer, step, RNG states, data position, flags; loaded weights-only) and
 log.jsonl (one JSON object per log line). A LoRA run's folder holds the adapter instead of the model
 (lora.py: adapter_config.json, which names the base model's directory, and adapter_model.safetensors),
-train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter folded in.
+train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter folded in. A multimodal
+run's folder (--mm_images) holds the bridge (multimodal.py: multimodal.json, which names the frozen
+model's directory, and multimodal.safetensors), and the language model too when --mm_freeze false.
 
 The stages, in the order train() calls them: start (processes, device, precision), build (model,
 tokenizer, data), prepare (optimizer, saved state), fit (the loop), finish (merge, sample).
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from omnitron import checkpoints, data, dpo, kernels, lora, models, muon, runtime, self_reward
+from omnitron import checkpoints, data, dpo, kernels, lora, models, multimodal, muon, runtime, self_reward
 from omnitron.generation import stream
 from omnitron.kernels import performer
 from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
@@ -86,6 +89,22 @@ TRAIN_FLAGS = [
     ("sr_pairs", "judge", "self-rewarding: how pairs are chosen: judge (the model's own scores), or the "
                           "controls random (two candidates at random) and checker (the prompts' checker: an "
                           "upper bound)"),
+    ("mm_images", "", "digits: train a bridge that feeds images to the language model (multimodal.py: a patch "
+                       "encoder, a Perceiver resampler, a projection; Flamingo, BLIP-2) on scenes of scikit-learn's "
+                       "handwritten digits, from --init_from DIR (or scratch with --mm_freeze false); empty: off"),
+    ("mm_scene_digits", 3, "multimodal: digits side by side in a scene"),
+    ("mm_texts", "captions", "multimodal: the texts the bridge trains on: captions (`digits: 3 8 1`) or all "
+                             "(captions and the questions `how many 8s? 1`, `largest? 8`, `sum? 12`)"),
+    ("mm_queries", 8, "multimodal: N, the resampler's learned queries (the media's length); 0: no resampler, "
+                      "every patch token goes to the language model"),
+    ("mm_depth", 2, "multimodal: resampler layers"),
+    ("mm_width", 64, "multimodal: the patch encoder's and the resampler's width"),
+    ("mm_heads", 4, "multimodal: attention heads of the resampler and the gated layers"),
+    ("mm_patch", 4, "multimodal: patches of p x p pixels"),
+    ("mm_inject", "prefix", "multimodal: how the media reach the language model: prefix (a soft prompt before "
+                            "the text, BLIP-2) or xattn (tanh-gated cross-attention before each block, Flamingo)"),
+    ("mm_xattn_hidden", 0, "multimodal xattn: the gated layers' feed-forward width (0: no feed-forward)"),
+    ("mm_freeze", True, "multimodal: freeze the language model and train the bridge alone; false: train both"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence"),
@@ -294,13 +313,14 @@ def evaluate(model, dataset, flags, ctx, device, rank=0, world_size=1):
     process takes its slice, and the means are averaged). Returns {"train": nats, "val": nats}."""
     model.eval()
     out = {}
+    loss_of = getattr(dataset, "model_loss", None) or (lambda m, batch: m(*batch)[1])  # scenes: with the image
     for split in ("train", "val"):
         gen = torch.Generator().manual_seed(flags["seed"] + 1)
         losses = []
         for _ in range(flags["eval_iters"]):
-            x, y = dataset.get_batch(split, flags["batch_size"], flags["block_size"], gen, device, rank, world_size)
+            batch = dataset.get_batch(split, flags["batch_size"], flags["block_size"], gen, device, rank, world_size)
             with ctx:
-                losses.append(model(x, y)[1])
+                losses.append(loss_of(model, batch))
         mean = torch.stack(losses).mean()
         if world_size > 1:
             torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.AVG)
@@ -440,7 +460,54 @@ def start(flags):
                             "a full frozen reference copy would not be sharded)")
         if not flags["lora_rank"] and not flags["dpo_reference"]:
             flags["dpo_reference"] = flags["init_from"]  # saved in train_state.pt: a resumed run keeps it
+    if flags["mm_images"]:
+        check_multimodal(flags, world_size)
     return Session(flags, rank, world_size, device, dtype, autocast(device, dtype))
+
+
+def check_multimodal(flags, world_size):
+    """The --mm_* flags that cannot work: UserError."""
+    if flags["mm_images"] != "digits":
+        raise UserError(f"--mm_images: the images are digits (scikit-learn's handwritten digits), not {flags['mm_images']!r}")
+    if flags["mm_inject"] not in multimodal.INJECTIONS:
+        raise UserError(f"--mm_inject must be {' or '.join(multimodal.INJECTIONS)}, not {flags['mm_inject']!r}")
+    if flags["mm_texts"] not in multimodal.TEXTS:
+        raise UserError(f"--mm_texts must be {' or '.join(multimodal.TEXTS)}, not {flags['mm_texts']!r}")
+    for name in ("mm_scene_digits", "mm_width", "mm_heads", "mm_patch"):
+        if flags[name] < 1:
+            raise UserError(f"--{name} must be at least 1, not {flags[name]}")
+    if flags["mm_queries"] < 0 or flags["mm_depth"] < 1 or flags["mm_xattn_hidden"] < 0:
+        raise UserError("--mm_queries and --mm_xattn_hidden must be 0 or more, --mm_depth at least 1")
+    if flags["init_from"] == "resume":
+        raise UserError("--mm_images cannot resume a run yet: start it again")
+    if flags["mm_freeze"] and flags["init_from"] == "scratch":
+        raise UserError("--mm_freeze freezes a trained language model: give it --init_from DIR (or --mm_freeze false)")
+    if flags["lora_rank"] or flags["dpo"] or flags["self_reward"] or flags["convert_kv_heads"]:
+        raise UserError("--mm_images trains a bridge of its own: not with --lora_rank, --dpo, --self_reward or "
+                        "--convert_kv_heads")
+    if world_size > 1:
+        raise UserError("--mm_images trains in one process")
+
+
+def attach_bridge(s):
+    """--mm_images: the model gets its bridge (multimodal.attach), sized by the --mm_* flags; from
+    scratch, the scenes replace the corpus (whose tokenizer they use)."""
+    f, model = s.flags, s.model
+    if not isinstance(s.dataset, multimodal.SceneDataset):
+        s.dataset = multimodal.SceneDataset(s.dataset.tokenizer, f["data_dir"], f["mm_scene_digits"], f["mm_texts"])
+    try:
+        config = multimodal.BridgeConfig(
+            n_embd=model.config.n_embd, image_width=multimodal.DIGIT_SIZE * f["mm_scene_digits"],
+            patch=f["mm_patch"], width=f["mm_width"], heads=f["mm_heads"], queries=f["mm_queries"],
+            depth=f["mm_depth"], inject=f["mm_inject"], xattn_hidden=f["mm_xattn_hidden"], freeze_lm=f["mm_freeze"],
+            base_model=str(Path(f["init_from"]).resolve()) if f["mm_freeze"] else "")
+    except ValueError as e:
+        raise UserError(f"--mm_*: {e}") from None
+    multimodal.attach(model, config)
+    limit, need = model.max_positions, config.media_tokens + s.dataset.manifest["longest_text"]
+    if f["mm_inject"] == "prefix" and limit is not None and need > limit:
+        raise UserError(f"a prefix of {config.media_tokens} media tokens and the texts need {need} positions; "
+                        f"the model has {limit}")
 
 
 def build(s, module):
@@ -463,12 +530,16 @@ def build(s, module):
         keep_loaded_config(s, module)
         if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
             s.dataset = dpo.PairDataset(f["dpo"], tokenizer, f["dpo_truncation"])
+        elif f["mm_images"]:  # scenes of digits (attach_bridge)
+            s.dataset = multimodal.SceneDataset(tokenizer, f["data_dir"], f["mm_scene_digits"], f["mm_texts"])
         else:
             s.dataset = data.prepare(f["data"] or None, tokenizer, f["data_dir"])
         if f["init_from"] == "resume":
             state = load_train_state(s.out_dir, f["lora_rank"])
     if s.world_size > 1 and s.rank == 0:
         torch.distributed.barrier()
+    if f["mm_images"]:
+        attach_bridge(s)
     s.dataset.check_block_size(f["block_size"])
     limit = s.model.max_positions
     if limit is not None and f["block_size"] > limit:
@@ -554,6 +625,13 @@ def describe(s):
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
           f"steps {s.step}..{f['max_iters']}" + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
                                                  f"{f['dpo_beta']}" if f["dpo"] else ""), flush=True)
+    if f["mm_images"]:
+        bridge, lm = multimodal.count_params(model)
+        cfg = model.bridge.config
+        s.say(f"multimodal bridge ({cfg.queries or 'no'} queries, {cfg.media_tokens} media tokens, {cfg.inject}): "
+              f"{bridge:,} parameters; language model {lm:,} parameters, "
+              f"{'frozen' if cfg.freeze_lm else 'trained too'}; scenes of {f['mm_scene_digits']} digits from "
+              f"{manifest['n_train']} train / {manifest['n_val']} val images, texts: {f['mm_texts']}", flush=True)
     if f["lora_rank"]:
         trainable, total = lora.count_params(model)
         cfg = model.lora_config
@@ -686,6 +764,12 @@ def save_checkpoint(s, elapsed):
     model, metadata = s.model, {"step": str(s.step)}
     if s.flags["lora_rank"]:  # the base model and its tokenizer stay where adapter_config.json points
         lora.save_adapter(model, s.out_dir, state=model_state, metadata=metadata)
+    elif s.flags["mm_images"]:  # the bridge; a frozen language model stays where multimodal.json points
+        multimodal.save(model, s.out_dir, state=model_state, metadata=metadata)
+        if not s.flags["mm_freeze"]:
+            with multimodal.language_model(model):
+                model.save_pretrained(s.out_dir, metadata=metadata)
+            s.dataset.tokenizer.save(s.out_dir)
     else:
         if any(type(p).__name__ == "DTensor" for p in model.parameters()):  # sharded: write a gathered copy
             with torch.device("meta"):
@@ -731,7 +815,7 @@ def finish(s, losses, elapsed):
         s.say(f"merged model (base + adapter) saved in {merged}", flush=True)
     if s.world_size > 1:
         torch.distributed.destroy_process_group()
-    elif f["sample_tokens"] > 0:
+    elif f["sample_tokens"] > 0 and not f["mm_images"]:
         s.model.eval()
         print("sample:", flush=True)
         prompt = s.dataset.tokenizer.encode("\n")
@@ -757,6 +841,10 @@ def train(flags, module, loss_fn=None):
             raise UserError("--dpo is a training objective of its own: it cannot take another loss_fn")
         reference = None if flags["lora_rank"] else dpo.load_reference(flags["dpo_reference"], s.device)
         loss_fn = dpo.DPOLoss(reference, flags["dpo_beta"])
+    if flags["mm_images"]:
+        if loss_fn is not None:
+            raise UserError("--mm_images trains with its own loss (multimodal.loss_fn): it cannot take another loss_fn")
+        loss_fn = multimodal.loss_fn
     prepare(s, state)
     describe(s)
     losses, metrics, elapsed = fit(s, loss_fn)

@@ -1,8 +1,8 @@
-"""Loading a model directory with its tokenizer: a training run folder, a Hugging Face checkpoint, or a
-LoRA adapter folder. Every command and experiment that reads a trained model goes through `load`."""
+"""Loading a model directory with its tokenizer: a training run folder, a Hugging Face checkpoint, a
+LoRA adapter folder, or a multimodal bridge's folder. Every command and experiment that reads a trained model goes through `load`."""
 from pathlib import Path
 
-from omnitron import lora, models, tokenization
+from omnitron import lora, models, multimodal, tokenization
 from omnitron.runtime import UserError
 
 
@@ -10,15 +10,18 @@ def load(directory, device="cpu", dtype=None):
     """(model, tokenizer) from a model directory (a training run or a Hugging Face checkpoint), the model
     in eval mode on `device` in `dtype` (None: the checkpoint's). A LoRA adapter folder
     (adapter_config.json) loads its base model and the adapter, merged into it (decoding then costs what
-    the base model costs); the tokenizer is the base model's. UserError if the directory does not
+    the base model costs); the tokenizer is the base model's. A multimodal bridge's folder
+    (multimodal.json) loads its language model with the bridge attached (model.bridge). UserError if the directory does not
     exist; ValueError for a corrupt or unsupported checkpoint (models.from_pretrained)."""
     if not Path(directory).is_dir():
         raise UserError(f"model directory not found: {directory}")
-    adapter = lora.is_adapter(directory)
-    base = lora.base_path(directory) if adapter else directory
+    adapter, bridge = lora.is_adapter(directory), multimodal.is_bridge(directory)
+    base = lora.base_path(directory) if adapter else multimodal.base_path(directory) if bridge else directory
     model = models.from_pretrained(base, dtype=dtype, device=device).eval()
     if adapter:
         lora.merge(lora.load_adapter(model, directory))
+    if bridge:
+        multimodal.load_bridge(model, directory).eval()
     return model, tokenization.tokenizer_for_model(base, model.config.vocab_size)
 
 

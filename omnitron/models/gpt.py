@@ -217,6 +217,18 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# Copied from models/llama.py:with_prefix
+def with_prefix(x, prefix, cache=None):
+    """(prefix then x, P): the token embeddings x (B, T, C) after prefix (B, P, C), cast to x's dtype,
+    and P (0 without a prefix). A non-empty prefix into a left-padded cache is a ValueError: the
+    padding slots come first in every row, where the prefix would have to be."""
+    if prefix is None:
+        return x, 0
+    if prefix.shape[1] and cache is not None and cache.pad is not None:
+        raise ValueError("a prefix cannot be prefilled into a left-padded cache")
+    return torch.cat((prefix.to(x.dtype), x), dim=1), prefix.shape[1]
+
+
 def cross_entropy(logits, targets):
     """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
     computed in fp32. Under autocast F.cross_entropy upcasts by itself (autocast's fp32 list:
@@ -256,12 +268,22 @@ class Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, prefix=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
-        sequence the cache holds (its rows possibly left-padded: kernels.KVCache)."""
+        sequence the cache holds (its rows possibly left-padded: kernels.KVCache). prefix (B, P,
+        n_embd), optional: embeddings placed before the tokens' (an image's soft prompt:
+        omnitron/multimodal.py), in the first P positions, which get their position embeddings
+        too; the logits and the loss are the tokens' only. With a cache the prefix goes in once,
+        with the prompt (the prefill)."""
         cfg = self.config
-        B, T = idx.shape
+        x = self.transformer.wte(idx)
+        if cfg.pos == "sinusoidal":
+            # Vaswani et al. 3.4 multiply the embeddings by sqrt(d_model) before adding the sinusoids (whose
+            # entries are of size 1): without it a GPT-initialised embedding (std 0.02) is lost under them
+            x = x * math.sqrt(cfg.n_embd)
+        x, P = with_prefix(x, prefix, cache)
+        T = x.shape[1]
         end = cache.end(T) if cache is not None else T
         if cfg.pos == "learned" and end > cfg.block_size:
             raise ValueError(f"sequence of {end} tokens is longer than the learned position table "
@@ -271,14 +293,11 @@ class Model(nn.Module):
         else:
             pos, mask = cache.positions(T, idx.device), cache.mask(T, idx.device)
             seq_len = cache.end(T) - cache.min_pad
-        x = self.transformer.wte(idx)
         rope = None
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(pos)
         elif cfg.pos == "sinusoidal":
-            # Vaswani et al. 3.4 multiply the embeddings by sqrt(d_model) before adding the sinusoids (whose
-            # entries are of size 1): without it a GPT-initialised embedding (std 0.02) is lost under them
-            x = x * math.sqrt(cfg.n_embd) + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
+            x = x + sinusoidal_positions(pos, cfg.n_embd).to(x.dtype)
         elif cfg.pos == "rope":
             rope = rope_tables(cfg, cfg.head_dim, pos, seq_len)
         x = self.transformer.drop(x)
@@ -286,7 +305,7 @@ class Model(nn.Module):
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.transformer.ln_f(x))
+        logits = self.lm_head(self.transformer.ln_f(x[:, P:]))
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)

@@ -186,6 +186,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def with_prefix(x, prefix, cache=None):
+    """(prefix then x, P): the token embeddings x (B, T, C) after prefix (B, P, C), cast to x's dtype,
+    and P (0 without a prefix). A non-empty prefix into a left-padded cache is a ValueError: the
+    padding slots come first in every row, where the prefix would have to be."""
+    if prefix is None:
+        return x, 0
+    if prefix.shape[1] and cache is not None and cache.pad is not None:
+        raise ValueError("a prefix cannot be prefilled into a left-padded cache")
+    return torch.cat((prefix.to(x.dtype), x), dim=1), prefix.shape[1]
+
+
 # Copied from models/gpt.py:cross_entropy
 def cross_entropy(logits, targets):
     """Mean cross-entropy of logits (B, T, vocab) against targets (B, T), -1 targets ignored: a scalar
@@ -221,23 +232,26 @@ class Model(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, prefix=None):
         """idx (B, T) token ids -> logits (B, T, vocab), and the mean cross-entropy against
         targets (B, T) when given (-1 targets are ignored). With a cache, idx continues the
-        sequence the cache holds (its rows possibly left-padded: kernels.KVCache)."""
-        T = idx.shape[1]
+        sequence the cache holds (its rows possibly left-padded: kernels.KVCache). prefix (B, P,
+        n_embd), optional: embeddings placed before the tokens' (an image's soft prompt:
+        omnitron/multimodal.py), in the first P positions; the logits and the loss are the tokens'
+        only. With a cache the prefix goes in once, with the prompt (the prefill)."""
+        x, P = with_prefix(self.model.embed_tokens(idx), prefix, cache)
+        T = x.shape[1]
         if cache is None:
             pos, mask, seq_len = torch.arange(T, device=idx.device)[None], None, T
         else:
             pos, mask = cache.positions(T, idx.device), cache.mask(T, idx.device)
             seq_len = cache.end(T) - cache.min_pad
         rope = rope_tables(self.config, self.config.head_dim, pos, seq_len)
-        x = self.model.embed_tokens(idx)
         for block in self.model.layers:
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x[:, P:]))
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)
