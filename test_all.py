@@ -260,6 +260,21 @@ def test_exports_load_in_transformers_with_its_defaults(tmp_path, case):
     assert models.from_pretrained(tmp_path).config == ours.config
 
 
+@pytest.mark.parametrize("pos", ["sinusoidal", "rope", "none"])
+def test_gpt_positions_transformers_cannot_compute_are_refused_by_transformers(tmp_path, pos):
+    """transformers' GPT-2 has a learned position table only: a GPT with other positions is written under
+    its own model_type, so transformers refuses it in one error instead of loading a random table, and
+    our loader reads it back with the same logits."""
+    ours = tiny_model("gpt", pos=pos).eval()
+    ours.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "omnitron_gpt"
+    with pytest.raises((ValueError, KeyError), match="omnitron_gpt"):
+        hf_class("AutoModelForCausalLM").from_pretrained(tmp_path)
+    back = models.from_pretrained(tmp_path).eval()
+    x = idx(ours.config.vocab_size, T=20)
+    assert back.config == ours.config and torch.equal(back(x)[0], ours(x)[0])
+
+
 @pytest.mark.parametrize("family,overrides", [
     ("llama", dict(rope_scaling={"type": "linear", "factor": 2.0}, rope_theta=500000.0)),
     ("qwen2", dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})),

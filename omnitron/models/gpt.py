@@ -379,7 +379,7 @@ class Model(nn.Module):
         """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
         in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
         hf = hub.read_config(directory)
-        if hf.get("model_type") != "gpt2":
+        if hf.get("model_type") not in ("gpt2", OWN_MODEL_TYPE):
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'gpt2'")
         hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", 1024), n_layer=hf["n_layer"],
@@ -406,7 +406,10 @@ class Model(nn.Module):
 
     def save_pretrained(self, directory, metadata=None):
         """config.json + model.safetensors that transformers' GPT2LMHeadModel loads (hub.write);
-        lm_head.weight is stored when it is not tied."""
+        lm_head.weight is stored when it is not tied. Positions other than a learned table have no
+        GPT-2 equivalent in transformers (it would load a random table without a word): such a model is
+        written as model_type OWN_MODEL_TYPE, which transformers refuses and models.from_pretrained
+        reads."""
         cfg = self.config
         state = hub.checkpoint_state(self)
         if not cfg.bias:  # Hugging Face's GPT-2 always has biases: give it zeros
@@ -415,7 +418,9 @@ class Model(nn.Module):
                     state[key[:-len("weight")] + "bias"] = torch.zeros_like(tensor)
                 elif key.endswith(self.FAN_IN_FAN_OUT):
                     state[key[:-len("weight")] + "bias"] = tensor.new_zeros(tensor.shape[1])
-        hf = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": cfg.vocab_size,
+        learned = cfg.pos == "learned"
+        hf = {"model_type": "gpt2" if learned else OWN_MODEL_TYPE,
+              "architectures": ["GPT2LMHeadModel" if learned else "OmnitronGPT"], "vocab_size": cfg.vocab_size,
               "n_positions": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
               "n_inner": cfg.n_inner or None, "activation_function": cfg.activation,
               "layer_norm_epsilon": cfg.layer_norm_eps, "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
@@ -431,6 +436,9 @@ class Model(nn.Module):
 
 
 # ----------------------------------------------------------------------------- config.json
+
+# The model_type of a GPT whose positions transformers' GPT-2 cannot compute (sinusoidal, RoPE, none)
+OWN_MODEL_TYPE = "omnitron_gpt"
 
 # Every key of transformers' GPT2Config (beyond hub.COMMON_KEYS), and what from_pretrained does with
 # it (hub.HONOURED, INERT, TRAINING; a tuple: the values honoured, any other refused in one line).
