@@ -49,10 +49,11 @@ def test_an_experiment_runs_alone_with_bench_pys_flags():
     r = subprocess.run([sys.executable, "-m", "experiments.switch", "--arms", "nope"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
-        "error: unknown arm(s) nope; arms: dense, switch, switch_alpha0, switch_init1, switch_top2, switch_baseline"]
+        "error: unknown arm(s) nope; arms: dense, switch, dense_wide, dense_init0.1, switch_init0.1, switch_alpha0, "
+        "switch_top2"]
     usage = subprocess.run([sys.executable, "-m", "experiments.switch", "--help"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120).stdout
-    assert usage.startswith("usage: python -m experiments.switch ") and "--ablation_iters" in usage
+    assert usage.startswith("usage: python -m experiments.switch ") and "--init_scale" in usage
 
 
 def test_the_location_dependent_paths_resolve_to_the_checkout():
