@@ -42,7 +42,8 @@ from omnitron.generation import generate, speculative_decode
 from omnitron.runtime import UserError, autocast, print_table, resolve_device, resolve_dtype
 
 # The paper experiments: `bench.py NAME` runs experiments/NAME/run.py (its add_parser and run).
-EXPERIMENTS = ("switch", "positions", "scaling", "performer", "icl", "phi", "self_reward", "multimodal")
+EXPERIMENTS = ("switch", "positions", "scaling", "performer", "icl", "phi", "self_reward", "multimodal",
+               "time_to_quality")
 
 
 # ----------------------------------------------------------------------------- measuring
