@@ -1,9 +1,26 @@
-"""In-context learning (Brown et al. 2020, GPT-3's Figure 1.2) in miniature: GPT models of three sizes
-trained on the corpus mixed with task episodes, exact match against K shots.
+"""In-context learning (Brown et al. 2020, GPT-3's Figure 1.2) in miniature, on synthetic episodes designed
+so that accuracy can rise with the number of demonstrations K at this scale. Two arms:
 
-  python bench.py icl               # or: python -m experiments.icl
+  python bench.py icl                  # or python -m experiments.icl: arm `tasks`, evidence accumulation
+  python bench.py icl --arm cipher     # arm `cipher`: the task-learning go/no-go
 
-The write-up, ours beside the paper's: README.md beside this file."""
+- `tasks`: implicit Bayesian task inference (Xie et al. 2021). Four fixed substitutions of a letter
+  (TASKS: they disagree on every letter); in an episode each demonstration follows the
+  episode's task with probability q, else one of the other tasks, and the query always follows the
+  episode's task. The Bayes-optimal accuracy (bayes_accuracy) rises with K: the reference curve.
+  Three GPT sizes (RoPE), three seeds, exact match at every K, no task description.
+- `cipher`: task learning. Every episode draws a fresh random letter cipher (12 lowercase -> 12
+  uppercase letters), which exists only in its context; demonstrations and query are single
+  letters. Trained in stages, scored at every stage: exact match against K beside the ceiling (the query's letter
+  among the demonstrations'), and the answer's loss against the plateau ln 12 of a model that
+  ignores the demonstrations.
+
+Training windows are aligned to episodes (AlignedLoss: no target is trained without the start of its
+episode in the window). The run writes its numbers to --results (experiments/icl/results.json, one key
+per arm); README.md beside this file is the write-up and its tables are markdown_tables(results)."""
+import itertools
+import json
+import math
 import random
 import time
 from pathlib import Path
@@ -11,176 +28,505 @@ from pathlib import Path
 import torch
 
 import train
-from experiments.common import comma_list, layer_width_pairs, pyplot, save_figure
+from experiments.common import cached, cached_result, cached_run, comma_list, layer_width_pairs, pyplot, save_figure
 from omnitron import checkpoints, data, evaluation, runtime
-from omnitron.runtime import UserError, format_eta, print_table, resolve_device
+from omnitron.evaluation import TARGET_DELIMITER
+from omnitron.runtime import UserError, format_eta, resolve_device
+
+ALPHABET = "abcdefghijkl"  # the inputs' letters (and the cipher's plaintext letters)
+UPPER = "ABCDEFGHIJKL"  # the answers' letters (and the cipher's ciphertext letters)
+SEP = " ="  # between a demonstration's input and output (then TARGET_DELIMITER), as the word tasks' files
+START = "~"  # the first character of every episode: aligned_loss finds episodes by it
+ARMS = ("tasks", "cipher")
+ARM_DEFAULTS = {  # flags whose default depends on the arm
+    "tasks": {"sizes": "1x32,2x64,3x96", "seeds": "1,2,3", "max_iters": 800},
+    "cipher": {"sizes": "2x64", "seeds": "1", "max_iters": 2500},
+}
 
 
-def icl_mixture(args, path):
-    """The training text of bench.py icl: the corpus's train part (its first 90%) in chunks of about
-    1,000 characters, interleaved with task episodes, corpus_fraction of the characters being corpus.
-    An episode is one task of --train_tasks (uniformly), K uniform in 0..k_max demonstrations and a
-    query from the task's train split, the task's description before them half of the time (GPT-3's
-    format: evaluation.fewshot_prompt), then the answer; episodes end with a blank line.
-    Test items are never in it (the tasks' splits hold out words). Written temp-then-rename."""
-    rng = random.Random(args.seed)
-    text = data.read_corpus(data.corpus_files(data.shakespeare_dir(args.data_dir)))[0]
-    corpus = text[:int(len(text) * (1 - data.VAL_FRACTION))]
-    train_tasks = [evaluation.read_task(evaluation.find_task(name, args.data_dir)) for name in comma_list(args.train_tasks)]
-    parts, n_corpus, n_tasks = [], 0, 0
-    while n_corpus + n_tasks < args.mixture_chars:
-        if n_corpus < args.corpus_fraction * (n_corpus + n_tasks + 1):
-            start = rng.randrange(len(corpus) - 1000)
-            blank = corpus.find("\n\n", start)  # start at a paragraph when there is one after
-            start = blank + 2 if blank >= 0 else start
-            chunk = corpus[start:start + 1000].rsplit("\n", 1)[0] + "\n\n"
-            n_corpus += len(chunk)
-            parts.append(chunk)
-        else:
-            task = rng.choice(train_tasks)
-            query, k = rng.choice(task.train), rng.randint(0, args.k_max)
-            demos = [d for d in rng.sample(task.train, k + 1) if d is not query][:k]
-            description = task.description if rng.random() < 0.5 else None
-            episode = (evaluation.fewshot_prompt(demos, query["input"], description, task.sep)
-                       + evaluation.TARGET_DELIMITER + query["output"] + "\n\n")
-            n_tasks += len(episode)
-            parts.append(episode)
+# ----------------------------------------------------------------------------- the tasks and the episodes
+
+SCRAMBLE = "HCKAJEBLFIDG"  # a fixed order of UPPER
+
+
+def substitution(offset):
+    """The task that writes letter i of ALPHABET as SCRAMBLE[(i + offset) mod 12]: tasks of different
+    offsets (mod 12) disagree on every letter (the rows of a Latin square)."""
+    return lambda letter: SCRAMBLE[(ALPHABET.index(letter) + offset) % len(ALPHABET)]
+
+
+TASKS = {f"sub{offset}": substitution(offset) for offset in (0, 3, 6, 9)}  # four fixed letter substitutions
+
+
+def random_letter(rng):
+    """One letter of ALPHABET, uniformly: an input of either arm."""
+    return rng.choice(ALPHABET)
+
+
+def noisy_episode(rng, k, q, names):
+    """One episode of the `tasks` arm: its task uniform over `names` (keys of TASKS); k
+    demonstrations, each following the episode's task with probability q, else one of the other
+    tasks (uniformly); the query always follows the episode's task. Returns {"task", "demos":
+    [{"input", "output", "task"}], "input", "output"}."""
+    task = rng.choice(names)
+    others = [n for n in names if n != task]
+    demos = []
+    for _ in range(k):
+        t = task if rng.random() < q else rng.choice(others)
+        w = random_letter(rng)
+        demos.append({"input": w, "output": TASKS[t](w), "task": t})
+    w = random_letter(rng)
+    return {"task": task, "demos": demos, "input": w, "output": TASKS[task](w)}
+
+
+def cipher_episode(rng, k):
+    """One episode of the `cipher` arm: a fresh bijection ALPHABET -> UPPER, k demonstrations and a
+    query, letters drawn uniformly (with replacement) and written through the bijection. "seen":
+    whether the query's letter is the input of some demonstration. Returns {"task", "demos", "input",
+    "output", "seen"}."""
+    key = dict(zip(ALPHABET, rng.sample(UPPER, len(UPPER))))
+    letters = [random_letter(rng) for _ in range(k + 1)]
+    demos = [{"input": c, "output": key[c]} for c in letters[:k]]
+    return {"task": "cipher", "demos": demos, "input": letters[k], "output": key[letters[k]],
+            "seen": letters[k] in letters[:k]}
+
+
+def context(episode):
+    """The prompt of an episode: START, then GPT-3's format without a description
+    (evaluation.fewshot_prompt): `input = output` per demonstration, then `query =`."""
+    return START + evaluation.fewshot_prompt(episode["demos"], episode["input"], None, SEP)
+
+
+def continuation(episode):
+    """What follows the prompt: TARGET_DELIMITER, the answer and the end of its line."""
+    return TARGET_DELIMITER + episode["output"] + "\n"
+
+
+def episode_chars(k):
+    """Characters of an episode with k demonstrations, with the blank line that ends it."""
+    return len(START) + k * (2 + len(SEP) + len(TARGET_DELIMITER) + 2) + 2 + len(SEP) + 3
+
+
+def write_stream(path, arm, seed, n_chars, k_max, q, names):
+    """The training text of an arm: episodes (K uniform in 0..k_max) one after the other, each
+    ended by a blank line, until n_chars characters; seeded by (arm, seed). Written temp-then-rename.
+    Returns the number of episodes."""
+    rng = random.Random(f"train:{arm}:{seed}")
+    parts, n = [], 0
+    while n < n_chars:
+        k = rng.randint(0, k_max)
+        ep = noisy_episode(rng, k, q, names) if arm == "tasks" else cipher_episode(rng, k)
+        parts.append(context(ep) + continuation(ep) + "\n")
+        n += len(parts[-1])
     body = "".join(parts)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     runtime.atomic_write(path, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"))
-    return n_corpus, n_tasks
+    return len(parts)
+
+
+# ----------------------------------------------------------------------------- references
+
+def compositions(total, parts):
+    """Every tuple of `parts` non-negative integers summing to `total`."""
+    if parts == 1:
+        yield (total,)
+        return
+    for first in range(total + 1):
+        for rest in compositions(total - first, parts - 1):
+            yield (first, *rest)
+
+
+def bayes_accuracy(k, q, n_tasks):
+    """The Bayes-optimal probability of answering a `tasks` query right after k demonstrations,
+    exactly, when every demonstration reveals which task produced it (true of TASKS on
+    letters, since they disagree on every letter): the posterior of task t is proportional to r^(n_t), n_t the demonstrations
+    produced by t and r = q (n_tasks - 1) / (1 - q), so the best guess is the most frequent task
+    (r > 1), the least frequent (r < 1) or any (r = 1; q = 1: every demonstration is right), ties
+    broken uniformly. Sums the multinomial probability of every count vector (true task's count first).
+    k >= 0, 0 <= q <= 1, n_tasks >= 2; returns a probability in [1/n_tasks, 1]. Xie et al. 2021 §2."""
+    if q == 1:
+        return 1.0 if k > 0 else 1 / n_tasks
+    r = q * (n_tasks - 1) / (1 - q)
+    sign = (r > 1) - (r < 1)
+    p_other = (1 - q) / (n_tasks - 1)
+    total = 0.0
+    for counts in compositions(k, n_tasks):
+        prob = math.factorial(k) * q ** counts[0] * p_other ** (k - counts[0])
+        for c in counts:
+            prob /= math.factorial(c)
+        scores = [sign * c for c in counts]
+        winners = [i for i, s in enumerate(scores) if s == max(scores)]
+        total += prob / len(winners) if 0 in winners else 0.0
+    return total
+
+
+def cipher_ceiling(k, n_letters=len(ALPHABET)):
+    """The probability that a cipher query's letter (uniform over n_letters) is the input of one of
+    k demonstrations (each uniform, independent): 1 - (1 - 1/n_letters)^k. Beyond it no rule can be
+    sure of the answer, only guess among the letters not yet used (one left when all others are seen)."""
+    return 1 - (1 - 1 / n_letters) ** k
+
+
+# ----------------------------------------------------------------------------- training and scoring
+
+def aligned_targets(x, y, start_id):
+    """y (B, T) with every target before the first START of its row's input x (B, T) set to -1 (a row
+    without START: all): each trained target sees the start of its episode, as training on windows
+    aligned to episodes does."""
+    is_start = x == start_id
+    first = torch.where(is_start.any(1), is_start.int().argmax(1), torch.full_like(is_start[:, 0], x.shape[1],
+                                                                               dtype=torch.long))
+    positions = torch.arange(x.shape[1], device=x.device)
+    return y.masked_fill(positions[None, :] < first[:, None], -1)
+
+
+class AlignedLoss:
+    """train.run's loss_fn: the language-model loss (train.lm_loss) on aligned_targets."""
+
+    def __init__(self, start_id):
+        self.start_id = start_id
+
+    def __call__(self, model, batch):
+        x, y = batch
+        return train.lm_loss(model, (x, aligned_targets(x, y, self.start_id)))
+
+
+def score(model, tokenizer, episodes, batch_size):
+    """[(exact match 0/1, nats)] per episode: exact match when greedy decoding after the prompt gives
+    the answer and the end of its line (is_greedy of continuation(), lm-eval's loglikelihood); nats:
+    minus that continuation's log-likelihood (space, answer letter and newline; the two separators
+    cost almost nothing once the format is learned)."""
+    requests = [evaluation.encode_pair(tokenizer, context(ep), continuation(ep)) for ep in episodes]
+    scored = evaluation.loglikelihoods(model, requests, batch_size, with_greedy=True)
+    return [(float(greedy), -ll) for ll, greedy in scored]
+
+
+def eval_episodes(arm, k, q, names, n):
+    """n evaluation episodes with k demonstrations, the same for every model and seed (seeded by the
+    arm, k and q; the training streams use other seeds)."""
+    rng = random.Random(f"eval:{arm}:{k}:{q}")
+    return [noisy_episode(rng, k, q, names) if arm == "tasks" else cipher_episode(rng, k) for _ in range(n)]
+
+
+def evaluate_model(run_dir, arm, shots, q, names, args):
+    """One row per K of shots (and, for `tasks`, the largest K with q = 1: clean demonstrations) for
+    the model in run_dir: {"k", "q", "exact_match", "stderr", "nats", "n"} (+ "ceiling" for cipher)."""
+    model, tokenizer = checkpoints.load(run_dir, device=resolve_device(args.device))
+    cells = [(k, q) for k in shots] + ([(max(shots), 1.0)] if arm == "tasks" and q < 1 else [])
+    rows = []
+    with torch.no_grad():
+        for k, qk in cells:
+            episodes = eval_episodes(arm, k, qk, names, args.eval_episodes)
+            scored = score(model, tokenizer, episodes, args.eval_batch_size)
+            hits = [s for s, _ in scored]
+            mean = sum(hits) / len(hits)
+            row = {"k": k, "q": qk, "exact_match": mean, "stderr": math.sqrt(mean * (1 - mean) / len(hits)),
+                   "nats": sum(n for _, n in scored) / len(scored), "n": len(hits)}
+            if arm == "cipher":
+                row["ceiling"] = sum(ep["seen"] for ep in episodes) / len(episodes)
+            rows.append(row)
+    return rows, model.num_params()
+
+
+def spread(values):
+    """(mean, sample standard deviation (0 for one value), min, max)."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd, min(values), max(values)
+
+
+# ----------------------------------------------------------------------------- the arms
+
+def train_flags(args, n_layer, n_embd, seed, stream, start_id):
+    """train.run's flags for one model of an arm."""
+    return dict(model="gpt", pos="rope", data=str(stream), data_dir=str(args.data_dir), n_layer=n_layer,
+                n_head=args.n_head, n_embd=n_embd, block_size=args.block_size, batch_size=args.batch_size,
+                learning_rate=args.learning_rate, warmup_iters=min(30, args.max_iters // 10 + 1),
+                lr_schedule="trapezoidal", cooldown_frac=0.2, lr_decay_iters=args.max_iters, dropout=0.0, eval_iters=2, sample_tokens=0,
+                device=resolve_device(args.device), dtype="float32", seed=seed, loss_fn=AlignedLoss(start_id))
+
+
+def prepare_stream(args, arm, seed, names):
+    """The seed's training stream of the arm (written once per settings) and the id of START."""
+    out = Path(args.out_dir)
+    stream = out / f"{arm}_stream_seed{seed}.txt"
+    settings = {"arm": arm, "seed": seed, "chars": args.stream_chars, "k_max": args.k_max, "q": args.q,
+                "tasks": names}
+    cached(out / f"{arm}_stream_seed{seed}.json", settings,
+           lambda: write_stream(stream, arm, seed, args.stream_chars, args.k_max, args.q, names), stream)
+    start_id = data.prepare(str(stream), "char", args.data_dir, quiet=True).tokenizer.encode(START)[0]
+    return stream, settings, start_id
+
+
+def run_tasks(args, shots, sizes, seeds, names):
+    """Arm `tasks`: every size x seed trained (cached) and scored; per (size, K, q) the seeds' mean,
+    standard deviation, min and max; the Bayes curve at every K."""
+    rows, params = [], {}
+    for seed in seeds:
+        stream, stream_settings, start_id = prepare_stream(args, "tasks", seed, names)
+        for n_layer, n_embd in sizes:
+            size = f"{n_layer}x{n_embd}"
+            run_dir = Path(args.out_dir) / f"tasks_{size}_seed{seed}"
+            flags = train_flags(args, n_layer, n_embd, seed, stream, start_id)
+            settings = {**{k: v for k, v in flags.items() if k not in ("loss_fn", "device", "data_dir")},
+                        "stream": stream_settings}
+            if args.train:
+                cached_run(run_dir, settings, f"tasks {size} seed {seed}", max_iters=args.max_iters, eval_interval=args.max_iters,
+                           log_interval=max(args.max_iters // 5, 1), **flags)
+            if not (run_dir / "config.json").is_file():
+                raise UserError(f"no trained model in {run_dir}: run without --train false first")
+            eval_settings = {"train": settings, "max_iters": args.max_iters, "shots": shots,
+                             "n": args.eval_episodes}
+            result = cached_result(run_dir / "icl_eval.json", eval_settings,
+                                   lambda: dict(zip(("rows", "params"),
+                                                    evaluate_model(run_dir, "tasks", shots, args.q, names, args))))
+            params[size] = result["params"]
+            rows += [{"size": size, "seed": seed, **r} for r in result["rows"]]
+    summary = []
+    for size in dict.fromkeys(r["size"] for r in rows):
+        for k, q in dict.fromkeys((r["k"], r["q"]) for r in rows):
+            mine = [r for r in rows if r["size"] == size and r["k"] == k and r["q"] == q]
+            mean, sd, lo, hi = spread([r["exact_match"] for r in mine])
+            summary.append({"size": size, "params": params[size], "k": k, "q": q, "exact_match": mean, "sd": sd,
+                            "min": lo, "max": hi, "nats": spread([r["nats"] for r in mine])[0],
+                            "seeds": len(mine), "n": mine[0]["n"]})
+    bayes = {str(k): bayes_accuracy(k, args.q, len(names)) for k in shots}
+    return {"rows": rows, "summary": summary, "bayes": bayes, "chance": 1 / len(names)}
+
+
+def run_cipher(args, shots, sizes, seeds):
+    """Arm `cipher`: every size x seed trained in --stages equal stages (resumed, one cosine schedule
+    over all of them), scored after each stage: exact match and nats per answer against K,
+    the ceiling, and the train loss curve (log.jsonl)."""
+    rows, curves = [], {}
+    stage_steps = [round(args.max_iters * (i + 1) / args.stages) for i in range(args.stages)]
+    for seed in seeds:
+        stream, stream_settings, start_id = prepare_stream(args, "cipher", seed, [])
+        for n_layer, n_embd in sizes:
+            size = f"{n_layer}x{n_embd}"
+            run_dir = Path(args.out_dir) / f"cipher_{size}_seed{seed}"
+            flags = train_flags(args, n_layer, n_embd, seed, stream, start_id)
+            base = {**{k: v for k, v in flags.items() if k not in ("loss_fn", "device", "data_dir")},
+                    "stream": stream_settings}
+            for i, steps in enumerate(stage_steps):
+                settings = {**base, "stage_steps": stage_steps[:i + 1]}
+                stage_log = max((steps - (stage_steps[i - 1] if i else 0)) // 4, 1)
+
+                def train_stage(i=i, steps=steps, stage_log=stage_log):
+                    print(f"--- cipher {size} seed {seed}: training to step {steps} in {run_dir}", flush=True)
+                    train.run(out_dir=str(run_dir), max_iters=steps, eval_interval=steps, log_interval=stage_log,
+                              **({"init_from": "resume"} if i else {}), **flags)
+                if args.train:
+                    cached(run_dir / f"stage_{i}.json", settings, train_stage)
+                eval_settings = {"train": settings, "shots": shots, "n": args.eval_episodes}
+                if not (run_dir / f"stage_{i}.json").is_file() and not (run_dir / f"eval_stage_{i}.json").is_file():
+                    raise UserError(f"no trained model in {run_dir}: run without --train false first")
+                result = cached_result(run_dir / f"eval_stage_{i}.json", eval_settings,
+                                       lambda: dict(zip(("rows", "params"),
+                                                        evaluate_model(run_dir, "cipher", shots, 1.0, [], args))))
+                tokens = steps * args.batch_size * args.block_size
+                rows += [{"size": size, "seed": seed, "step": steps, "tokens": tokens, "params": result["params"], **r}
+                         for r in result["rows"]]
+            log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+            curves[f"{size}_seed{seed}"] = [[r["step"] * args.batch_size * args.block_size, r["train_loss"]]
+                                           for r in log if "lr" in r]  # the logged steps' aligned loss
+    plateau = math.log(len(UPPER))
+    k_top = max(shots)
+    final = [r for r in rows if r["k"] == k_top and r["step"] == stage_steps[-1]]
+    transition = [r["tokens"] for r in rows if r["k"] == k_top and r["nats"] < plateau - 1.0]
+    verdict = {"plateau_nats": plateau, "threshold_nats": plateau - 1.0,
+               "transition_tokens": min(transition) if transition else None,
+               "final_nats": [r["nats"] for r in final], "final_exact_match": [r["exact_match"] for r in final],
+               "tokens": stage_steps[-1] * args.batch_size * args.block_size}
+    return {"rows": rows, "curves": curves, "ceiling": {str(k): cipher_ceiling(k) for k in shots},
+            "verdict": verdict}
+
+
+# ----------------------------------------------------------------------------- run
+
+def resolve_arm_defaults(args):
+    """The flags left at their arm-dependent default (empty or 0) set from ARM_DEFAULTS[args.arm]."""
+    for name, value in ARM_DEFAULTS[args.arm].items():
+        if not getattr(args, name):
+            setattr(args, name, value)
 
 
 def run(args):
-    """GPT-3's Figure 1.2 in miniature: models of --sizes trained on the corpus mixed with task
-    episodes of 0..k_max demonstrations (icl_mixture), then scored (evaluation.evaluate, exact
-    match on held-out items) at every K of --shots, with and without the task description."""
+    """One arm of the experiment (--arm): train (cached by settings), score, print the tables, write
+    the arm's numbers into --results (its other arm's kept) and out_dir/results.json, and plot."""
+    if args.arm not in ARMS:
+        raise UserError(f"--arm must be one of {', '.join(ARMS)}, not {args.arm!r}")
+    resolve_arm_defaults(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    out = Path(args.out_dir)
     shots, sizes = [int(k) for k in comma_list(args.shots)], layer_width_pairs(args.sizes)
-    if max(shots) >= args.k_max:
-        raise UserError(f"--k_max {args.k_max} must be above the largest K evaluated ({max(shots)}), so that the "
-                        "answer after the last demonstration was a training target")
-    eval_tasks = [evaluation.read_task(evaluation.find_task(n, args.data_dir)) for n in comma_list(args.eval_tasks)]
-    mixture = out / "mixture.txt"
-    if args.train:
-        n_corpus, n_tasks = icl_mixture(args, mixture)
-        print(f"training mixture {mixture}: {n_corpus:,} corpus + {n_tasks:,} task characters "
-              f"({', '.join(comma_list(args.train_tasks))}; K in 0..{args.k_max})", flush=True)
-    rows, t0 = [], time.time()
-    for n_layer, n_embd in sizes:
-        run = out / f"gpt_{n_layer}x{n_embd}"
-        if args.train:
-            train.run(model="gpt", data=str(mixture), data_dir=str(args.data_dir), out_dir=str(run), n_layer=n_layer,
-                      n_head=args.n_head, n_embd=n_embd, block_size=args.block_size, batch_size=args.batch_size,
-                      max_iters=args.max_iters, warmup_iters=args.max_iters // 10, learning_rate=args.learning_rate,
-                      dropout=0.0, eval_interval=args.max_iters, eval_iters=5, log_interval=max(args.max_iters // 5, 1),
-                      sample_tokens=0, device=device, dtype="float32", seed=args.seed)
-        if not (run / "config.json").is_file():
-            raise UserError(f"no trained model in {run}: run without --train false first")
-        model, tokenizer = checkpoints.load(run, device=device)
-        params = model.num_params()
-        for task in eval_tasks:
-            for described in (True, False):
-                for k in shots:
-                    for row in evaluation.evaluate(model, tokenizer, task, k, seed=args.seed, limit=args.limit,
-                                                   batch_size=args.eval_batch_size, use_description=described):
-                        rows.append({**row, "size": f"{n_layer}x{n_embd}", "params_m": params / 1e6})
+    seeds = [int(s) for s in comma_list(str(args.seeds))]
+    names = comma_list(args.tasks)
+    if unknown := [n for n in names if n not in TASKS]:
+        raise UserError(f"--tasks: unknown task(s) {', '.join(unknown)}; the tasks: {', '.join(TASKS)}")
+    if args.arm == "tasks" and len(names) < 2:
+        raise UserError("--tasks: at least two tasks, so that a demonstration can follow another task")
+    if not 0 < args.q <= 1:
+        raise UserError(f"--q must be in (0, 1], not {args.q}")
+    if max(shots) > args.k_max:
+        raise UserError(f"--k_max {args.k_max} is below the largest K evaluated ({max(shots)}): the training "
+                        "episodes must have as many demonstrations")
+    if episode_chars(args.k_max) > args.block_size:
+        raise UserError(f"--block_size {args.block_size} does not hold an episode of {args.k_max} demonstrations "
+                        f"({episode_chars(args.k_max)} characters): raise it or lower --k_max")
+    if args.arm == "cipher" and not 1 <= args.stages <= args.max_iters:
+        raise UserError(f"--stages must be between 1 and --max_iters, not {args.stages}")
+    t0 = time.time()
+    if args.arm == "tasks":
+        result = run_tasks(args, shots, sizes, seeds, names)
+    else:
+        result = run_cipher(args, shots, sizes, seeds)
     elapsed = time.time() - t0
-    print_icl(rows, shots)
-    meta = {**{k: v for k, v in vars(args).items() if k != "run"}, "elapsed_s": round(elapsed, 1)}
-    runtime.write_json(out / "results.json", {"meta": meta, "results": rows}, indent=1)
-    print(f"results: {out / 'results.json'}")
+    meta = {k: v for k, v in vars(args).items() if k not in ("run", "device", "data_dir", "out_dir", "plot",
+                                                            "results", "train", "threads")}
+    result = {"meta": {**meta, "elapsed_s": round(elapsed, 1)}, **result}
+    runtime.write_json(Path(args.out_dir) / f"{args.arm}_results.json", result, indent=1)
+    if args.results:
+        path = Path(args.results)
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        runtime.write_json(path, {**stored, args.arm: result}, indent=1)
+        print(f"results: {path}")
+    print(markdown_tables({args.arm: result}))
     if args.plot:
-        plot_icl(rows, shots, args.plot)
-    print(f"bench icl: {format_eta(elapsed)} ({elapsed:.0f} s) in all")
-    return rows
+        args.plot = Path(args.out_dir) / f"{args.arm}.png" if args.plot == "auto" else args.plot
+        (plot_tasks if args.arm == "tasks" else plot_cipher)(result, args.plot)
+    print(f"bench icl --arm {args.arm}: {format_eta(elapsed)} ({elapsed:.0f} s) in all")
+    return result
 
 
-def print_icl(rows, shots):
-    """Per metric, one line per (task, size, description) with its value at every K: exact match
-    in % ± standard error, and the reference answers' perplexity."""
-    for metric, title, fmt in (("exact_match", "exact match (%) on held-out items, ± standard error",
-                                lambda r: f"{100 * r['value']:.0f} ±{100 * (r['stderr'] or 0):.0f}"),
-                               ("perplexity", "perplexity of the reference answers (lm-eval's lambada metric)",
-                                lambda r: f"{r['value']:.3g}")):
-        table = {}
-        for r in (r for r in rows if r["metric"] == metric):
-            key = (r["task"], r["size"], r["description"])
-            table.setdefault(key, {"task": r["task"], "size": r["size"], "params": r["params_m"],
-                                   "description": "yes" if r["description"] else "no", "n": r["n"]})
-            table[key][f"k{r['shots']}"] = fmt(r)
-        if table:
-            columns = [("task", "task", "{}"), ("size", "layers x width", "{}"), ("params", "params (M)", "{:.2f}"),
-                       ("description", "description", "{}")] + [(f"k{k}", f"K={k}", "{}") for k in shots]
-            print(title)
-            print_table(list(table.values()), columns + [("n", "n", "{}")])
+def markdown_tables(results):
+    """The README's tables from a results file's contents ({arm: result}): for `tasks`, exact match (%)
+    per size and K, the seeds' mean ± standard deviation, with the Bayes-optimal row and the clean
+    demonstrations' column; for `cipher`, per stage exact match (%) and nats per answer at every
+    K, with the ceiling row."""
+    out = []
+    if "tasks" in results:
+        res = results["tasks"]
+        ks = sorted({r["k"] for r in res["summary"] if r["q"] < 1} | {int(k) for k in res["bayes"]})
+        clean = sorted({r["k"] for r in res["summary"] if r["q"] == 1})
+        q = res["meta"]["q"]
+        head = ["model (params)", *[f"K={k}" for k in ks], *[f"K={k}, q=1" for k in clean]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for size in dict.fromkeys(r["size"] for r in res["summary"]):
+            cells = {(r["k"], r["q"]): r for r in res["summary"] if r["size"] == size}
+            first = next(iter(cells.values()))
+            row = [f"{size} ({first['params'] / 1e6:.2f}M)"]
+            row += [f"{100 * cells[(k, q)]['exact_match']:.0f} ± {100 * cells[(k, q)]['sd']:.0f}" for k in ks]
+            row += [f"{100 * cells[(k, 1.0)]['exact_match']:.0f} ± {100 * cells[(k, 1.0)]['sd']:.0f}" for k in clean]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("| Bayes-optimal | " + " | ".join(f"{100 * res['bayes'][str(k)]:.0f}" for k in ks)
+                     + " |" + " 100 |" * len(clean))
+        out.append("\n".join(lines))
+    if "cipher" in results:
+        res = results["cipher"]
+        ks = sorted({r["k"] for r in res["rows"]})
+        head = ["model, seed", "tokens", *[f"K={k}" for k in ks]]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r0 in [r for r in res["rows"] if r["k"] == ks[0]]:
+            cells = {r["k"]: r for r in res["rows"]
+                     if (r["size"], r["seed"], r["step"]) == (r0["size"], r0["seed"], r0["step"])}
+            lines.append(f"| {r0['size']}, {r0['seed']} | {r0['tokens'] / 1e6:.2f}M | "
+                         + " | ".join(f"{100 * cells[k]['exact_match']:.0f} / {cells[k]['nats']:.2f}" for k in ks)
+                         + " |")
+        lines.append("| ceiling | | " + " | ".join(f"{100 * res['ceiling'][str(k)]:.0f}" for k in ks) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
-def plot_icl(rows, shots, path):
-    """Exact match (top) and the answers' perplexity (bottom, log scale) against K (symlog axis:
-    K = 0 shown), per task and size: solid with the description, dashed without."""
+# ----------------------------------------------------------------------------- plots
+
+def plot_tasks(result, path):
+    """Exact match (%) against K (symlog axis: K = 0 shown) per size, the seeds' mean with their min-max
+    as error bars, beside the Bayes-optimal curve and chance."""
     plt = pyplot()
     if plt is None:
         return
-    names = list(dict.fromkeys(r["task"] for r in rows))
-    sizes = list(dict.fromkeys(r["size"] for r in rows))
-    metrics = [m for m in ("exact_match", "perplexity") if any(r["metric"] == m for r in rows)]
-    fig, axes = plt.subplots(len(metrics), len(names), figsize=(5.5 * len(names), 4 * len(metrics)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for row_axes, metric in zip(axes, metrics):
-        scale = 100 if metric == "exact_match" else 1
-        for ax, name in zip(row_axes, names):
-            for c, size in enumerate(sizes):
-                for described, style in ((True, "-"), (False, "--")):
-                    mine = sorted((r for r in rows if r["task"] == name and r["size"] == size and r["metric"] == metric
-                                   and r["description"] == described), key=lambda r: r["shots"])
-                    if mine:
-                        ax.plot([r["shots"] for r in mine], [scale * r["value"] for r in mine], style, marker="o",
-                                color=colors[c % len(colors)],
-                                label=f"{size} ({mine[0]['params_m']:.2f}M){'' if described else ', no description'}")
-            ax.set_xscale("symlog", linthresh=1)
-            ax.set_xticks(shots, [str(k) for k in shots])
-            ax.minorticks_off()
-            if metric == "exact_match":
-                ax.set(ylabel="exact match (%)", ylim=(-2, 102))
-            else:
-                ax.set(ylabel="perplexity of the answer", yscale="log")
-            ax.set(xlabel="number of examples in context (K)", title=f"{name}: {metric}")
-            ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    q = result["meta"]["q"]
+    ks = sorted(int(k) for k in result["bayes"])
+    ax.plot(ks, [100 * result["bayes"][str(k)] for k in ks], "k--", marker="s", label="Bayes-optimal")
+    ax.axhline(100 * result["chance"], color="grey", lw=0.8, ls=":", label="chance")
+    for size in dict.fromkeys(r["size"] for r in result["summary"]):
+        mine = sorted((r for r in result["summary"] if r["size"] == size and r["q"] == q), key=lambda r: r["k"])
+        y = [100 * r["exact_match"] for r in mine]
+        err = [[100 * (r["exact_match"] - r["min"]) for r in mine], [100 * (r["max"] - r["exact_match"]) for r in mine]]
+        ax.errorbar([r["k"] for r in mine], y, yerr=err, marker="o", capsize=3,
+                    label=f"{size} ({mine[0]['params'] / 1e6:.2f}M), {mine[0]['seeds']} seeds")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
+    ax.set(xlabel="number of examples in context (K)", ylabel="exact match (%)", ylim=(-2, 102),
+           title=f"task inference from noisy demonstrations (q = {q})")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def plot_cipher(result, path):
+    """Left: exact match (%) against K after each stage, with the ceiling. Right: nats per answer
+    letter at the largest K against training tokens, with the plateau ln 12."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ks = sorted({r["k"] for r in result["rows"]})
+    left.plot(ks, [100 * result["ceiling"][str(k)] for k in ks], "k--", marker="s", label="ceiling (all letters seen)")
+    for key in dict.fromkeys((r["size"], r["seed"], r["tokens"]) for r in result["rows"]):
+        mine = sorted((r for r in result["rows"] if (r["size"], r["seed"], r["tokens"]) == key), key=lambda r: r["k"])
+        left.plot(ks, [100 * r["exact_match"] for r in mine], marker="o",
+                  label=f"{key[0]} seed {key[1]}, {key[2] / 1e6:.1f}M tokens")
+    left.set_xscale("symlog", linthresh=1)
+    left.set_xticks(ks, [str(k) for k in ks])
+    left.minorticks_off()
+    left.set(xlabel="number of examples in context (K)", ylabel="exact match (%)", ylim=(-2, 102),
+             title="fresh cipher per episode")
+    left.legend(fontsize=7)
+    for size, seed in dict.fromkeys((r["size"], r["seed"]) for r in result["rows"]):
+        mine = sorted((r for r in result["rows"] if (r["size"], r["seed"]) == (size, seed) and r["k"] == ks[-1]),
+                      key=lambda r: r["tokens"])
+        right.plot([r["tokens"] / 1e6 for r in mine], [r["nats"] for r in mine], marker="o", label=f"{size} seed {seed}")
+    right.axhline(result["verdict"]["plateau_nats"], color="grey", ls=":", label="ln 12: demonstrations ignored")
+    right.set(xlabel="training tokens (M)", ylabel=f"nats per answer at K={ks[-1]}", ylim=(0, None))
+    right.legend(fontsize=7)
     save_figure(fig, path)
 
 
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.icl)."""
-    p = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): models of 3 sizes trained "
-                       "on the corpus mixed with task episodes, exact match against K shots, with and without "
-                       "the task description")
-    p.add_argument("--sizes", default="2x64,3x96,4x128", help="GPT models to train, n_layer x n_embd, comma-separated")
-    p.add_argument("--n_head", type=int, default=4, help="attention heads of every size")
-    p.add_argument("--train_tasks", default="cycle_letters,anagrams1,random_insertion,reversed_words",
-                   help="tasks of the training episodes (tasks.NAMES or .jsonl files)")
-    p.add_argument("--eval_tasks", default="reversed_words,random_insertion", help="tasks scored (held-out items)")
+    p = sub.add_parser("icl", help="in-context learning (GPT-3's Figure 1.2 in miniature): arm tasks, accuracy "
+                       "against K from noisy demonstrations beside the Bayes-optimal curve; arm cipher, the "
+                       "task-learning go/no-go on a fresh cipher per episode")
+    p.add_argument("--arm", default="tasks", help="tasks (evidence accumulation) or cipher (task learning)")
+    p.add_argument("--sizes", default="", help="GPT models (RoPE), n_layer x n_embd, comma-separated (empty: "
+                   "tasks 2x32,2x64,3x96; cipher 2x64)")
+    p.add_argument("--seeds", default="", help="training seeds, comma-separated (empty: tasks 1,2,3; cipher 1)")
+    p.add_argument("--max_iters", type=int, default=0, help="training steps of every model (0: tasks 800, "
+                   "cipher 2500)")
+    p.add_argument("--stages", type=int, default=5, help="cipher: scored after each of this many equal stages")
+    p.add_argument("--tasks", default=",".join(TASKS), help="tasks arm: the transformations, comma-separated")
+    p.add_argument("--q", type=float, default=0.5, help="tasks arm: probability that a demonstration follows the "
+                   "episode's task")
     p.add_argument("--shots", default="0,1,2,4,8,16", help="the K evaluated, comma-separated")
-    p.add_argument("--k_max", type=int, default=20, help="training episodes have 0..k_max demonstrations")
-    p.add_argument("--corpus_fraction", type=float, default=0.25, help="share of corpus characters in the mixture")
-    p.add_argument("--mixture_chars", type=int, default=3_000_000, help="characters of training text")
-    p.add_argument("--block_size", type=int, default=384, help="tokens (characters) per training sequence and context")
-    p.add_argument("--batch_size", type=int, default=16, help="training sequences per step")
-    p.add_argument("--max_iters", type=int, default=400, help="training steps of every size")
+    p.add_argument("--k_max", type=int, default=16, help="training episodes have 0..k_max demonstrations")
+    p.add_argument("--n_head", type=int, default=4, help="attention heads of every size")
+    p.add_argument("--stream_chars", type=int, default=2_000_000, help="characters of each seed's training stream")
+    p.add_argument("--block_size", type=int, default=128, help="tokens (characters) per training window")
+    p.add_argument("--batch_size", type=int, default=32, help="training windows per step")
     p.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--limit", type=int, default=80, help="test items per task and K")
-    p.add_argument("--eval_batch_size", type=int, default=50, help="items per evaluation batch")
-    p.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: evaluate the runs already "
+    p.add_argument("--eval_episodes", type=int, default=300, help="evaluation episodes per K")
+    p.add_argument("--eval_batch_size", type=int, default=50, help="episodes per evaluation batch")
+    p.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: score the runs already "
                    "in --out_dir)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the mixture, training and demonstrations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where the corpus and data/tasks/ live")
-    p.add_argument("--out_dir", default="out/icl", help="runs, the mixture and results.json")
-    p.add_argument("--plot", default="out/icl/icl.png", help="PNG plot path (empty: none)")
+    p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where the tokenized streams are cached")
+    p.add_argument("--out_dir", default="out/icl", help="runs, streams and each arm's results")
+    p.add_argument("--results", default="experiments/icl/results.json",
+                   help="the results file the README quotes (one key per arm; empty: none)")
+    p.add_argument("--plot", default="auto", help="PNG plot path (auto: OUT_DIR/ARM.png; empty: none)")
     runtime.add_device_flags(p, dtype=False, attn=False)
     p.set_defaults(run=run)
     return p
-
