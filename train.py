@@ -75,6 +75,11 @@ TRAIN_FLAGS = [
                                             "(TRL's default: the first block_size + 1 tokens, the response's end cut)"),
     ("dpo_reference", "", "DPO without --lora_rank: the frozen reference model's directory; empty: --init_from "
                           "(with --lora_rank the reference is the model with its adapters switched off)"),
+    ("dpo_replay", "", "DPO: a text corpus replayed beside the pairs: each step adds --dpo_replay_weight times the "
+                       "language-model loss of --dpo_replay_batch random windows of it (dpo.ReplayLoss; keeps a "
+                       "skill the pairs do not train, such as a self-rewarding model's judging); empty: off"),
+    ("dpo_replay_weight", 1.0, "DPO replay: the weight of the replay loss (nats per token) beside the DPO loss"),
+    ("dpo_replay_batch", 0, "DPO replay: windows of --block_size tokens per step; 0: --batch_size"),
     ("self_reward", 0, "with --init_from DIR and --prompts: N self-rewarding iterations (Yuan et al. 2024; "
                        "self_reward.py): the model samples, judges its own candidates, and is DPO-trained on "
                        "(best, worst) pairs; OUT_DIR/M2 .. M(N+1) are the new models; 0: off"),
@@ -458,8 +463,13 @@ def start(flags):
         if flags["fsdp"] and world_size > 1 and not flags["lora_rank"]:
             raise UserError("--dpo --fsdp needs --lora_rank (the reference is then the model with its adapters off; "
                             "a full frozen reference copy would not be sharded)")
+        if flags["dpo_replay_weight"] < 0 or flags["dpo_replay_batch"] < 0:
+            raise UserError("--dpo_replay_weight and --dpo_replay_batch must be 0 or more, not "
+                            f"{flags['dpo_replay_weight']} and {flags['dpo_replay_batch']}")
         if not flags["lora_rank"] and not flags["dpo_reference"]:
             flags["dpo_reference"] = flags["init_from"]  # saved in train_state.pt: a resumed run keeps it
+    elif flags["dpo_replay"]:
+        raise UserError("--dpo_replay adds a replay loss to DPO: it needs --dpo (or --self_reward)")
     if flags["mm_images"]:
         check_multimodal(flags, world_size)
     return Session(flags, rank, world_size, device, dtype, autocast(device, dtype))
@@ -841,6 +851,12 @@ def train(flags, module, loss_fn=None):
             raise UserError("--dpo is a training objective of its own: it cannot take another loss_fn")
         reference = None if flags["lora_rank"] else dpo.load_reference(flags["dpo_reference"], s.device)
         loss_fn = dpo.DPOLoss(reference, flags["dpo_beta"])
+        if flags["dpo_replay"]:  # the replay corpus, tokenized with the model's tokenizer
+            replay = data.prepare(flags["dpo_replay"], s.dataset.tokenizer, flags["data_dir"])
+            replay.check_block_size(flags["block_size"])
+            loss_fn = dpo.ReplayLoss(loss_fn, replay, flags["dpo_replay_weight"],
+                                     flags["dpo_replay_batch"] or flags["batch_size"], flags["block_size"],
+                                     torch.Generator().manual_seed(flags["seed"] + 2))
     if flags["mm_images"]:
         if loss_fn is not None:
             raise UserError("--mm_images trains with its own loss (multimodal.loss_fn): it cannot take another loss_fn")

@@ -95,6 +95,36 @@ def cached_run(out, settings, label="", **flags):
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
+RESULTS_BEGIN, RESULTS_END = "<!-- results: begin (written by the run) -->", "<!-- results: end -->"
+
+
+def readme_results_block(readme):
+    """The text between RESULTS_BEGIN and RESULTS_END in a README (stripped), or None without them."""
+    text = Path(readme).read_text()
+    if RESULTS_BEGIN not in text or RESULTS_END not in text:
+        return None
+    return text.split(RESULTS_BEGIN, 1)[1].split(RESULTS_END, 1)[0].strip()
+
+
+def write_results(path, results, render):
+    """Write a run's numbers to `path` (JSON) and, when a README.md beside it holds the RESULTS_BEGIN and
+    RESULTS_END markers, replace the text between them with render(results) (markdown), so that the
+    README's table is the results file's. Empty path: nothing. Returns whether a README was updated."""
+    if not path:
+        return False
+    path = Path(path)
+    runtime.write_json(path, results, indent=1)
+    print(f"results: {path}")
+    readme = path.parent / "README.md"
+    if not readme.is_file() or readme_results_block(readme) is None:
+        return False
+    head, rest = readme.read_text().split(RESULTS_BEGIN, 1)
+    text = f"{head}{RESULTS_BEGIN}\n{render(results).strip()}\n{RESULTS_END}{rest.split(RESULTS_END, 1)[1]}"
+    runtime.atomic_write(readme, lambda tmp: Path(tmp).write_text(text))
+    print(f"results table: {readme}")
+    return True
+
+
 def add_training_run_flags(p, out, out_help, plot=None):
     """--data, --data_dir, --threads, --device, --out and (unless plot is None) --plot: the flags of the
     subcommands that train runs (switch, scaling, positions, performer)."""

@@ -208,6 +208,28 @@ class DPOLoss:
                                "logp_chosen": policy[:B].detach().mean(), "logp_rejected": policy[B:].detach().mean()}
 
 
+class ReplayLoss:
+    """DPO with replay: ReplayLoss(objective, dataset, weight, batch_size, block_size, generator)(model,
+    batch) -> (loss, metrics) is objective(model, batch)'s loss (a DPOLoss) plus weight times the
+    model's language-model loss (mean cross-entropy, nats per token) on batch_size random windows of
+    block_size tokens of `dataset` (a data.Dataset, its train split, drawn with `generator`). It
+    keeps a skill that the preference pairs do not train: in self-rewarding, the judge, replayed
+    from its seed examples (the remedy of Wu et al. 2024, Meta-Rewarding Language Models, section 1,
+    which trains the judge in every iteration). train.py's --dpo_replay, --dpo_replay_weight and
+    --dpo_replay_batch. Logged beside the objective's metrics: dpo_loss and replay_loss. A resumed
+    run draws its replay windows afresh (the generator's state is not saved)."""
+
+    def __init__(self, objective, dataset, weight, batch_size, block_size, generator):
+        self.objective, self.dataset, self.weight = objective, dataset, weight
+        self.batch_size, self.block_size, self.generator = batch_size, block_size, generator
+
+    def __call__(self, model, batch):
+        loss, metrics = self.objective(model, batch)
+        x, y = self.dataset.get_batch("train", self.batch_size, self.block_size, self.generator, batch[0].device)
+        replay = model(x, y)[1]
+        return loss + self.weight * replay, {**metrics, "dpo_loss": loss.detach(), "replay_loss": replay.detach()}
+
+
 def load_reference(directory, device, dtype=torch.float32):
     """The frozen reference model (eval mode, no gradients) of a full fine-tuning run: the model
     directory the run started from."""

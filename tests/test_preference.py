@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from omnitron import dpo, lora, models, runtime, self_reward
+from omnitron import data, dpo, lora, models, runtime, self_reward
 from omnitron.tokenization import CharTokenizer
 from tests.helpers import ROOT, read_log, torchrun
 
@@ -159,6 +159,36 @@ def test_dpo_trains_through_train_py_and_resumes(tmp_path, lora_rank):
     for a, b in zip(resumed, logged):
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
         assert a["reward_margin"] == pytest.approx(b["reward_margin"], abs=1e-6)
+
+
+def test_dpo_replay_adds_the_weighted_language_model_loss_of_the_replay_windows(tmp_path):
+    """ReplayLoss = DPO loss + weight * the cross-entropy of the replay windows, the latter recomputed
+    by transformers' GPT-2 on the same windows (drawn again with the same generator seed); through
+    train.py the replay is logged, and --dpo_replay without --dpo is one error line."""
+    init, hf = model_dir(tmp_path, "init")
+    (tmp_path / "judge.txt").write_text("rate sort cab:abc\nScore: 5\nrate sort ba:b\nScore: 2\n" * 20)
+    tok = CharTokenizer(CHARS)
+    replay = data.prepare(tmp_path / "judge.txt", tok, tmp_path / "data")
+    model = models.from_pretrained(init).eval()
+    pairs = dpo.PairDataset(write_jsonl(tmp_path / "pairs.jsonl", PAIRS), tok)
+    objective = dpo.DPOLoss(copy.deepcopy(model).requires_grad_(False), 0.1)
+    loss, metrics = dpo.ReplayLoss(objective, replay, 0.5, 3, 16, torch.Generator().manual_seed(7))(
+        model, pairs.batch([0, 1, 2], 32))
+    x, y = replay.get_batch("train", 3, 16, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(hf(x).logits.double().flatten(0, 1), y.flatten())
+    assert metrics["dpo_loss"].item() == pytest.approx(math.log(2), abs=1e-6)  # policy = reference
+    assert metrics["replay_loss"].item() == pytest.approx(expected.item(), abs=1e-4)
+    assert loss.item() == pytest.approx(math.log(2) + 0.5 * expected.item(), abs=1e-4)
+    write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
+    train.run(**dpo_flags(tmp_path, init, "replayed", dpo_replay=str(tmp_path / "judge.txt"), dpo_replay_weight=0.5,
+                          data_dir=str(tmp_path / "data")))
+    logged = [r for r in read_log(tmp_path / "replayed") if "replay_loss" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4]
+    assert all(r["train_loss"] == pytest.approx(r["dpo_loss"] + 0.5 * r["replay_loss"], rel=1e-5) for r in logged)
+    with pytest.raises(runtime.UserError, match="--dpo_replay adds a replay loss to DPO"):
+        train.run(init_from=str(init), dpo_replay=str(tmp_path / "judge.txt"), out_dir=str(tmp_path / "x"),
+                  max_iters=1, device="cpu")
 
 
 def test_bad_preference_inputs_end_in_one_error_line(tmp_path):

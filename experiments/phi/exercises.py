@@ -19,6 +19,7 @@ that a small model has a chance; they still need a word-to-code mapping it never
 """
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 
 from experiments.phi import sandbox
@@ -42,6 +43,11 @@ class Exercise:
         return self.prompt + self.solution
 
 
+def _number_name(k):
+    """A constant's name in a function name: its word up to twelve (add_seven), else its digits (add_57)."""
+    return NUMBER_WORDS[k] if 0 <= k < len(NUMBER_WORDS) else str(k)
+
+
 def _ints(rng, n, lo=-9, hi=9):
     return [rng.randint(lo, hi) for _ in range(n)]
 
@@ -51,24 +57,24 @@ def _word(rng):
 
 
 # Each family: make(rng) -> (name, params, docstring, body lines, reference function, list of argument tuples).
-def _add_const(rng):
-    k = rng.randint(2, 12)
+def _add_const(rng, hi=12):
+    k = rng.randint(2, hi)
     v = rng.choice(["x", "n", "value"])
-    return (f"add_{NUMBER_WORDS[k]}", v, f"Return {v} plus {k}.", [f"return {v} + {k}"], lambda a: a + k,
+    return (f"add_{_number_name(k)}", v, f"Return {v} plus {k}.", [f"return {v} + {k}"], lambda a: a + k,
             [(a,) for a in _ints(rng, 4, -20, 20)])
 
 
-def _sub_const(rng):
-    k = rng.randint(2, 12)
+def _sub_const(rng, hi=12):
+    k = rng.randint(2, hi)
     v = rng.choice(["x", "n", "value"])
-    return (f"subtract_{NUMBER_WORDS[k]}", v, f"Return {v} minus {k}.", [f"return {v} - {k}"], lambda a: a - k,
+    return (f"subtract_{_number_name(k)}", v, f"Return {v} minus {k}.", [f"return {v} - {k}"], lambda a: a - k,
             [(a,) for a in _ints(rng, 4, -20, 20)])
 
 
-def _mul_const(rng):
-    k = rng.randint(2, 12)
+def _mul_const(rng, hi=12):
+    k = rng.randint(2, hi)
     v = rng.choice(["x", "n", "value"])
-    return (f"times_{NUMBER_WORDS[k]}", v, f"Return {v} times {k}.", [f"return {v} * {k}"], lambda a: a * k,
+    return (f"times_{_number_name(k)}", v, f"Return {v} times {k}.", [f"return {v} * {k}"], lambda a: a * k,
             [(a,) for a in _ints(rng, 4, -20, 20)])
 
 
@@ -108,8 +114,8 @@ def _min_two(rng):
             [f"return min({a}, {b})"], min, [tuple(_ints(rng, 2, -20, 20)) for _ in range(4)])
 
 
-def _clamp(rng):
-    lo, hi = sorted(rng.sample(range(-10, 11), 2))
+def _clamp(rng, span=10):
+    lo, hi = sorted(rng.sample(range(-span, span + 1), 2))
     v = rng.choice(["x", "n", "value"])
     return ("clamp", v, f"Return {v} limited to the range {lo} to {hi}.", [f"return max({lo}, min({v}, {hi}))"],
             lambda a: max(lo, min(a, hi)), [(a,) for a in _ints(rng, 4, -20, 20)])
@@ -149,11 +155,11 @@ def _last(rng):
     return ("last", v, f"Return the last item of {v}.", [f"return {v}[-1]"], lambda xs: xs[-1], _lists(rng))
 
 
-def _count_value(rng):
-    k = rng.randint(0, 3)
+def _count_value(rng, hi=3):
+    k = rng.randint(0, hi)
     v = rng.choice(["xs", "numbers", "items"])
-    return (f"count_{NUMBER_WORDS[k]}s", v, f"Return how many times {k} occurs in {v}.", [f"return {v}.count({k})"],
-            lambda xs: xs.count(k), [([rng.randint(0, 3) for _ in range(rng.randint(0, 7))],) for _ in range(4)])
+    return (f"count_{_number_name(k)}s", v, f"Return how many times {k} occurs in {v}.", [f"return {v}.count({k})"],
+            lambda xs: xs.count(k), [([rng.randint(0, hi) for _ in range(rng.randint(0, 7))],) for _ in range(4)])
 
 
 def _positives(rng):
@@ -168,10 +174,10 @@ def _negatives(rng):
             lambda xs: [x for x in xs if x < 0], _lists(rng, lo=0))
 
 
-def _scale_all(rng):
-    k = rng.randint(2, 9)
+def _scale_all(rng, hi=9):
+    k = rng.randint(2, hi)
     v = rng.choice(["xs", "numbers", "items"])
-    return (f"scale_by_{NUMBER_WORDS[k]}", v, f"Return a list of each number of {v} times {k}.",
+    return (f"scale_by_{_number_name(k)}", v, f"Return a list of each number of {v} times {k}.",
             [f"return [x * {k} for x in {v}]"], lambda xs: [x * k for x in xs], _lists(rng, lo=0))
 
 
@@ -206,22 +212,22 @@ def _reverse_string(rng):
     return ("backwards", v, f"Return the string {v} reversed.", [f"return {v}[::-1]"], lambda s: s[::-1], _strings(rng))
 
 
-def _starts_with(rng):
-    p = _word(rng)[:rng.randint(1, 3)]
+def _starts_with(rng, words=WORDS):
+    p = rng.choice(words)[:rng.randint(1, 3)]
     v = rng.choice(["s", "text", "word"])
     return (f"starts_with_{p}", v, f"Return True if {v} starts with '{p}'.", [f"return {v}.startswith('{p}')"],
             lambda s: s.startswith(p), [(rng.choice([p + _word(rng), _word(rng)]),) for _ in range(4)])
 
 
-def _ends_with(rng):
-    p = _word(rng)[-rng.randint(1, 3):]
+def _ends_with(rng, words=WORDS):
+    p = rng.choice(words)[-rng.randint(1, 3):]
     v = rng.choice(["s", "text", "word"])
     return (f"ends_with_{p}", v, f"Return True if {v} ends with '{p}'.", [f"return {v}.endswith('{p}')"],
             lambda s: s.endswith(p), [(rng.choice([_word(rng) + p, _word(rng)]),) for _ in range(4)])
 
 
-def _count_char(rng):
-    c = rng.choice("aeiorst")
+def _count_char(rng, letters="aeiorst"):
+    c = rng.choice(letters)
     v = rng.choice(["s", "text", "word"])
     return (f"count_{c}", v, f"Return how many times the letter '{c}' occurs in {v}.", [f"return {v}.count('{c}')"],
             lambda s: s.count(c), _strings(rng))
@@ -233,17 +239,17 @@ def _word_count(rng):
             lambda s: len(s.split()), _strings(rng))
 
 
-def _join_words(rng):
-    sep = rng.choice(["-", ", ", " ", "+", "/"])
+def _join_words(rng, seps=("-", ", ", " ", "+", "/")):
+    sep = rng.choice(seps)
     v = rng.choice(["words", "parts", "names"])
     return ("join", v, f"Return the strings of {v} joined by '{sep}'.", [f"return '{sep}'.join({v})"],
             lambda ws: sep.join(ws), [([_word(rng) for _ in range(rng.randint(0, 4))],) for _ in range(4)])
 
 
-def _repeat_string(rng):
-    k = rng.randint(2, 5)
+def _repeat_string(rng, hi=5):
+    k = rng.randint(2, hi)
     v = rng.choice(["s", "text", "word"])
-    return (f"repeat_{NUMBER_WORDS[k]}", v, f"Return {v} repeated {k} times.", [f"return {v} * {k}"],
+    return (f"repeat_{_number_name(k)}", v, f"Return {v} repeated {k} times.", [f"return {v} * {k}"],
             lambda s: s * k, _strings(rng))
 
 
@@ -257,8 +263,8 @@ def _dicts(rng, n=4):
     return [({_word(rng): rng.randint(0, 9) for _ in range(rng.randint(0, 4))},) for _ in range(n)]
 
 
-def _dict_get(rng):
-    key, default = _word(rng), rng.randint(0, 9)
+def _dict_get(rng, words=WORDS, hi=9):
+    key, default = rng.choice(words), rng.randint(0, hi)
     v = rng.choice(["d", "table", "counts"])
     return (f"get_{key}", v, f"Return the value of key '{key}' in {v}, or {default} if it is missing.",
             [f"return {v}.get('{key}', {default})"], lambda d: d.get(key, default),
@@ -310,11 +316,11 @@ def _fibonacci(rng):
             [(rng.randint(0, 12),) for _ in range(4)])
 
 
-def _power(rng):
-    b = rng.randint(2, 5)
+def _power(rng, hi=5):
+    b = rng.randint(2, hi)
     v = rng.choice(["n", "k"])
-    return (f"power_of_{NUMBER_WORDS[b]}", v, f"Return {b} to the power {v}, computed recursively.",
-            [f"if {v} == 0:", "    return 1", f"return {b} * power_of_{NUMBER_WORDS[b]}({v} - 1)"],
+    return (f"power_of_{_number_name(b)}", v, f"Return {b} to the power {v}, computed recursively.",
+            [f"if {v} == 0:", "    return 1", f"return {b} * power_of_{_number_name(b)}({v} - 1)"],
             lambda n: b ** n, [(rng.randint(0, 8),) for _ in range(4)])
 
 
@@ -346,33 +352,162 @@ FAMILIES = {
 }
 
 
-def build(family, rng):
-    """One exercise of a family, drawn with rng (random.Random)."""
+# ----------------------------------------------------------------------------- wide drawings
+# The diversity of phi-1's CodeExercises (section 2.3: "diverse" exercises, so that the model cannot memorise
+# them) and of TinyStories (Eldan & Li 2023): in a wide drawing the constants span a wide range (WIDE_RANGES),
+# the function and argument names come from pools of about a hundred identifiers, and the docstring's frame
+# has five wordings. Thousands of distinct exercises per family: copying names and constants from the prompt
+# is the only way to solve them.
+
+WIDE_WORDS = WORDS + ["amber", "bread", "candle", "delta", "eagle", "forest", "garden", "harbor", "island", "jacket",
+                      "kettle", "ladder", "marble", "needle", "orange", "pepper", "quartz", "rocket", "silver",
+                      "tunnel", "umbrella", "violet", "window", "yellow", "zebra"]
+WIDE_RANGES = {  # family -> keyword arguments of its maker in a wide drawing
+    "add_const": dict(hi=99), "sub_const": dict(hi=99), "mul_const": dict(hi=99), "clamp": dict(span=60),
+    "count_value": dict(hi=9), "scale_all": dict(hi=99), "starts_with": dict(words=WIDE_WORDS),
+    "ends_with": dict(words=WIDE_WORDS), "count_char": dict(letters="abcdefghijklmnopqrstuvwxyz"),
+    "join_words": dict(seps=("-", ", ", " ", "+", "/", ":", ";", "|", "_", " and ", "->", ".")),
+    "repeat_string": dict(hi=9), "dict_get": dict(words=WIDE_WORDS, hi=99), "power": dict(hi=9),
+}
+# argument names: 100 identifiers (none a builtin, a keyword, or a name the templates' bodies use themselves)
+IDENTIFIERS = ("a b c d e f g h j k m n p q r s t u v w y z aa bb xx yy zz num val arg inp obj elem item_ "
+               "data seq arr lst vals nums ints digits amounts scores counts sizes weights totals entries "
+               "records rows cells text word line name label msg token phrase title note chars src dst "
+               "left right first_ second_ lhs rhs alpha beta gamma delta omega start stop lo hi base top "
+               "number count size total amount score weight width height depth level rank index offset "
+               "table mapping lookup store cache config params registry").split()
+_VERBS = ["get", "make", "compute", "find", "calc", "build", "do", "solve", "eval", "apply"]
+_NOUNS = ["result", "answer", "output", "value", "thing", "item", "data", "stuff", "number", "it"]
+FRAMES = ("Return {}", "Returns {}", "Compute and return {}", "Give back {}", "This function returns {}")
+_QUOTED = re.compile(r"('[^']*')")
+
+
+def _rename(text, mapping):
+    """text with each whole word of `mapping` replaced, outside single-quoted literals and not after a dot
+    (an attribute: '-'.join stays when a function named join is renamed)."""
+    pattern = re.compile(r"(?<![.\w])(" + "|".join(map(re.escape, mapping)) + r")\b")
+    return "".join(part if part.startswith("'") else pattern.sub(lambda m: mapping[m.group(1)], part)
+                   for part in _QUOTED.split(text))
+
+
+def _widen(name, params, doc, body, rng):
+    """A drawing made wide: a new function name (verb_noun, 100 of them), new argument names from IDENTIFIERS
+    (none that the docstring or body already uses), and one of FRAMES around the docstring's "Return ...".
+    Returns (name, params, doc, body)."""
+    old = [a.strip() for a in params.split(",")]
+    used = set(re.findall(r"\w+", doc + " " + " ".join(body)))
+    new = rng.sample([i for i in IDENTIFIERS if i not in used], len(old))
+    fname = f"{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}"
+    mapping = {**dict(zip(old, new)), name: fname}
+    doc = _rename(doc, dict(zip(old, new)))
+    if doc.startswith("Return "):
+        doc = rng.choice(FRAMES).format(doc[len("Return "):])
+    return fname, ", ".join(new), doc, [_rename(line, mapping) for line in body]
+
+
+def build(family, rng, wide=False):
+    """One exercise of a family, drawn with rng (random.Random): today's narrow drawing, or (wide) with the
+    family's WIDE_RANGES and new names and wording (_widen)."""
     make, held_out = FAMILIES[family]
-    name, params, doc, body, ref, inputs = make(rng)
+    name, params, doc, body, ref, inputs = make(rng, **(WIDE_RANGES.get(family, {}) if wide else {}))
+    if wide:
+        name, params, doc, body = _widen(name, params, doc, body, rng)
     prompt = f'def {name}({params}):\n    """{doc}"""\n'
     solution = "".join(f"    {line}\n" for line in body)
     tests = "".join(f"assert {name}({', '.join(map(repr, args))}) == {ref(*args)!r}\n" for args in inputs)
     return Exercise(family, name, prompt, solution, tests, held_out)
 
 
-def generate(per_family=20, seed=0, held_out=None, families=None):
-    """Distinct exercises (by text), up to per_family of each family (a family with few distinct
-    drawings gives fewer), unverified. held_out: None (all), True or False (only those families)."""
+def generate(per_family=20, seed=0, held_out=None, families=None, wide=False, exclude=()):
+    """Distinct exercises (by text, none in `exclude`), up to per_family of each family (a family with few
+    distinct drawings gives fewer), unverified. held_out: None (all), True or False (only those families);
+    wide: wide drawings (build)."""
     rng = random.Random(seed)
-    out = []
+    out, exclude = [], set(exclude)
     for family in families or FAMILIES:
         if held_out is not None and FAMILIES[family][1] != held_out:
             continue
         seen = set()
         for _ in range(per_family * 10):
-            ex = build(family, rng)
-            if ex.text not in seen:
+            ex = build(family, rng, wide)
+            if ex.text not in seen and ex.text not in exclude:
                 seen.add(ex.text)
                 out.append(ex)
             if len(seen) == per_family:
                 break
     return out
+
+
+# ----------------------------------------------------------------------------- two-step compositions
+# Held-out set 2: two operations of the training families in one function ("Return x plus 3, then times
+# 2." -> return (x + 3) * 2). Never trained on: they test whether the model composes what it learned.
+
+def _int_step(rng):
+    """(docstring phrase, expression maker E -> text, function) of one integer operation of a training family."""
+    k = rng.randint(2, 99)
+    wrap = lambda e: e if e.isidentifier() else f"({e})"  # a compound inner expression in parentheses
+    return rng.choice([(f"plus {k}", lambda e: f"{e} + {k}", lambda a: a + k),
+                       (f"times {k}", lambda e: f"{wrap(e)} * {k}", lambda a: a * k),
+                       ("squared", lambda e: f"{wrap(e)} * {wrap(e)}", lambda a: a * a)])
+
+
+_LIST_FIRST = [  # (phrase "the ... of V", expression over V, function)
+    ("the positive numbers of {v}", "[x for x in {v} if x > 0]", lambda xs: [x for x in xs if x > 0]),
+    ("the items of {v} in reverse order", "{v}[::-1]", lambda xs: xs[::-1]),
+    ("the items of {v} sorted in increasing order", "sorted({v})", sorted),
+]
+_LIST_THEN = [  # (phrase, template over the inner expression E, function)
+    ("the sum of", "sum({})", sum), ("the number of items in", "len({})", len),
+    ("the first item of", "{}[0]", lambda xs: xs[0]), ("the largest number in", "max({})", max),
+]
+_STRING_STEPS = [("in upper case", "{}.upper()", str.upper), ("reversed", "{}[::-1]", lambda s: s[::-1])]
+
+
+def composition(rng):
+    """One two-step exercise (family "compose_int", "compose_list" or "compose_str"), wide names as in _widen."""
+    kind = rng.choice(["compose_int", "compose_list", "compose_str"])
+    v = rng.choice(IDENTIFIERS)
+    fname = f"{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}"
+    if kind == "compose_int":
+        (p1, e1, f1), (p2, e2, f2) = _int_step(rng), _int_step(rng)
+        doc, expr, ref = f"{v} {p1}, then {p2}.", e2(e1(v)), lambda a: f2(f1(a))
+        inputs = [(a,) for a in _ints(rng, 4, -20, 20)]
+    elif kind == "compose_list":
+        (p1, e1, f1), (p2, e2, f2) = rng.choice(_LIST_FIRST), rng.choice(_LIST_THEN)
+        doc, expr, ref = f"{p2} {p1.format(v=v)}.", e2.format(e1.format(v=v)), lambda xs: f2(f1(xs))
+        inputs = [([rng.randint(1, 9)] + _ints(rng, rng.randint(1, 5)),) for _ in range(4)]  # a positive first
+    else:
+        (p1, e1, f1), (p2, e2, f2) = rng.sample(_STRING_STEPS, 2)
+        doc, expr, ref = f"{v} {p1}, {p2}.", e2.format(e1.format(v)), lambda s: f2(f1(s))
+        inputs = _strings(rng)
+    doc = rng.choice(FRAMES).format(doc)
+    prompt = f'def {fname}({v}):\n    """{doc}"""\n'
+    tests = "".join(f"assert {fname}({', '.join(map(repr, args))}) == {ref(*args)!r}\n" for args in inputs)
+    return Exercise(kind, fname, prompt, f"    return {expr}\n", tests, True)
+
+
+def compositions(n, seed=0):
+    """n distinct two-step exercises (composition), unverified."""
+    rng, out, seen = random.Random(seed), [], set()
+    while len(out) < n:
+        ex = composition(rng)
+        if ex.text not in seen:
+            seen.add(ex.text)
+            out.append(ex)
+    return out
+
+
+def check(exercise):
+    """Whether an exercise's own templated solution passes its tests, run here (exec in a fresh namespace):
+    for the thousands of wide training drawings, whose solutions are this file's templates (trusted code),
+    where a sandboxed process each would cost about 0.1 s. Model outputs always go through the sandbox."""
+    namespace = {}
+    try:
+        exec(exercise.prompt + exercise.solution, namespace)
+        exec(exercise.tests, namespace)
+    except Exception:
+        return False
+    return True
 
 
 def verify(exercises, report=print, **limits):

@@ -1,9 +1,12 @@
 """The Phi recipe (Gunasekar et al. 2023, Textbooks Are All You Need) in miniature: curated code
-(curation.py) and templated exercises (exercises.py, checked in sandbox.py) against the unfiltered pool.
+(curation.py) and templated exercises (exercises.py, checked in sandbox.py). Stage 1 trains on the
+unfiltered or the filtered pool; stage 2 mixes exercises with replay of the arm's own stage-1 corpus:
+wide exercises (thousands of distinct drawings per family) or today's narrow ones (the diversity
+control); pass@1 on new instances of the trained families, two-step compositions and unseen families.
 
   python bench.py phi               # or: python -m experiments.phi
 
-The write-up, ours beside the paper's: README.md beside this file."""
+The write-up, ours beside the paper's: README.md beside this file; the numbers: results.json beside it."""
 import json
 import statistics
 import time
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import cached, cached_result, cached_run
+from experiments.common import cached, cached_result, cached_run, write_results
 from omnitron import checkpoints, evaluation, generation, models, runtime, tokenization
 from omnitron.runtime import UserError, format_eta, print_table
 
@@ -22,10 +25,16 @@ PHI_MODEL = dict(n_layer=3, n_embd=96, n_head=4, n_kv_head=4, intermediate_size=
 PHI_REFERENCE = dict(n_layer=2, n_embd=96, n_head=4, n_kv_head=4, intermediate_size=384)  # curation's scorers
 
 
-PHI_ARMS = {  # arm -> (stage-1 corpus, stage-2 corpus): stage 2 continues stage 1 for --finetune_iters steps
-    "A": ("pool_A.txt", "pool_A.txt"),              # the unfiltered pool throughout
-    "B": ("filtered_B.txt", "filtered_B.txt"),      # the filtered pool throughout (repeated epochs)
-    "C": ("filtered_B.txt", "exercises_train.txt"),  # B, then a fine-tune on the synthetic exercises
+PHI_ARMS = {  # arm -> (stage-1 corpus, stage-2 exercises): stage 2 continues stage 1 for --finetune_iters steps on
+    # a mix of those exercises (--exercise_share of the characters) and replay of the stage-1 corpus
+    "B+wide": ("filtered_B.txt", "wide"),      # filtered code, then wide exercises: the recipe
+    "A+wide": ("pool_A.txt", "wide"),          # unfiltered code, then wide exercises: filtering measured on pass@1
+    "B+narrow": ("filtered_B.txt", "narrow"),  # filtered code, then today's 355 narrow exercises: the diversity control
+}
+EVAL_SETS = {  # name -> (file in OUT/exercises, what it tests)
+    "new_instances": ("new_instances.jsonl", "new wide drawings of the 33 training families"),
+    "compositions": ("compositions.jsonl", "two-step compositions of training operations"),
+    "unseen_families": ("unseen_families.jsonl", "the 8 held-out sibling families (min beside max, ...)"),
 }
 
 
@@ -62,8 +71,8 @@ def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None,
 
 
 def phi_arm_run(args, arm, seed):
-    """The folder name of an arm's final run: its budget in it, so runs of other lengths sit beside it."""
-    return f"{arm}-{args.pretrain_iters}+{args.finetune_iters}-s{seed}"
+    """The folder name of an arm's final run: its budget and mix in it, so runs of other settings sit beside it."""
+    return f"{arm}-{args.pretrain_iters}+{args.finetune_iters}-x{args.exercise_share:g}-s{seed}"
 
 
 def phi_completion(text):
@@ -77,56 +86,144 @@ def phi_completion(text):
     return "\n".join(body).rstrip() + "\n"
 
 
+def _sandboxed_pass_at_1(tasks, programs):
+    """pass@1 of programs against their tasks' tests in the sandbox; a program that does not compile
+    (compile() parses, it runs nothing) fails without a sandboxed process, the verdict the sandbox would give.
+    Returns (pass@1, [(passed, status)])."""
+    from experiments.phi import sandbox
+    verdicts, runnable = [None] * len(tasks), []
+    for i, program in enumerate(programs):
+        try:
+            compile(program, "<sample>", "exec")
+            runnable.append(i)
+        except (SyntaxError, ValueError):
+            verdicts[i] = (False, "syntax_error")
+    _, results = sandbox.pass_at_1([programs[i] for i in runnable], [tasks[i].tests for i in runnable])
+    for i, r in zip(runnable, results):
+        verdicts[i] = (r.passed, r.status)
+    return (sum(v[0] for v in verdicts) / len(verdicts) if verdicts else 0.0), verdicts
+
+
 @torch.no_grad()
-def phi_evaluate(run, curated, gen_tokens=64, batch_size=32):
-    """The three measures of a trained model: (1) body_loss, nats per character of held-out
-    functions' bodies given their signature + docstring; (2) pass_at_1 of greedy completions of the
-    held-out exercise families, run with their tests in the sandbox (and pass_at_1_seen_families:
-    the same on new drawings of the training families); (3) code_loss, nats per character of
-    random windows of held-out modules; sandbox: sandbox.describe()'s line, the containment the
-    programs ran under."""
-    from experiments.phi import exercises, sandbox
+def phi_losses(run, curated, batch_size=32):
+    """(1) body_loss: nats per character of held-out functions' bodies given their signature + docstring;
+    (3) code_loss: nats per character of random windows of held-out modules."""
     model, tok = checkpoints.load(run)
 
     def loss(pairs):
         scores = evaluation.loglikelihoods(model, pairs, batch_size=batch_size, reuse_context=False)
         return -sum(scores) / sum(len(c) for _, c in pairs)
     rows = [json.loads(line) for line in curated.path("heldout_functions.jsonl").read_text().splitlines()]
-    body = loss([(tok.encode(r["prompt"]), tok.encode(r["body"])) for r in rows])
     windows = [json.loads(line)["text"] for line in curated.path("heldout_code.jsonl").read_text().splitlines()]
-    code = loss([(tok.encode(w[:1]), tok.encode(w[1:])) for w in windows])
+    return {"body_loss": loss([(tok.encode(r["prompt"]), tok.encode(r["body"])) for r in rows]),
+            "code_loss": loss([(tok.encode(w[:1]), tok.encode(w[1:])) for w in windows])}
 
-    def solve(tasks):
+
+@torch.no_grad()
+def phi_evaluate(run, curated, exercise_dir, gen_tokens=64, batch_size=32):
+    """The measures of a trained model: body_loss and code_loss (phi_losses), and pass@1 of greedy
+    completions (gen_tokens characters, cut where the function ends: phi_completion) run with their tests
+    in the sandbox, on each of EVAL_SETS (pass_at_1_NAME, and NAME: passed, exercises, by family, statuses,
+    the first 8 samples); sandbox: sandbox.describe()'s line, the containment the programs ran under."""
+    from experiments.phi import exercises, sandbox
+    model, tok = checkpoints.load(run)
+    result = phi_losses(run, curated, batch_size)
+    for name, (file, _) in EVAL_SETS.items():
+        tasks = exercises.load_jsonl(Path(exercise_dir) / file)
         outs = []
         for s in range(0, len(tasks), batch_size):
             chunk = tasks[s:s + batch_size]
             outs += generation.complete(model, tok, [tok.encode(t.prompt) for t in chunk], gen_tokens, stop="\n\n",
                                         temperature=0)
-        programs = [t.prompt + phi_completion(o) for t, o in zip(tasks, outs)]
-        p1, results = sandbox.pass_at_1(programs, [t.tests for t in tasks])
+        p1, verdicts = _sandboxed_pass_at_1(tasks, [t.prompt + phi_completion(o) for t, o in zip(tasks, outs)])
         by_family = {}
-        for t, r in zip(tasks, results):
-            by_family.setdefault(t.family, []).append(r.passed)
-        return p1, {"passed": sum(r.passed for r in results), "exercises": len(tasks),
-                    "by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
-                    "statuses": {st: sum(r.status == st for r in results) for st in {r.status for r in results}},
-                    "samples": [{"prompt": t.prompt, "completion": phi_completion(o)} for t, o in zip(tasks, outs)][:8]}
-    p1, unseen = solve(exercises.load_jsonl(curated.path("heldout_exercises.jsonl")))
-    p1_seen, seen = solve(exercises.load_jsonl(curated.path("heldout_instances.jsonl")))
-    return {"body_loss": body, "code_loss": code, "pass_at_1": p1, "pass_at_1_seen_families": p1_seen,
-            "unseen_families": unseen, "seen_families": seen, "sandbox": sandbox.describe()}
+        for t, (passed, _) in zip(tasks, verdicts):
+            by_family.setdefault(t.family, []).append(passed)
+        result[f"pass_at_1_{name}"] = p1
+        result[name] = {"passed": sum(v[0] for v in verdicts), "exercises": len(tasks),
+                        "by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
+                        "statuses": {st: sum(v[1] == st for v in verdicts) for st in {v[1] for v in verdicts}},
+                        "samples": [{"prompt": t.prompt, "completion": phi_completion(o)}
+                                    for t, o in zip(tasks, outs)][:8]}
+    result["sandbox"] = sandbox.describe()
+    return result
+
+
+def exercise_sets(args, out, curated):
+    """The wide exercises and the three held-out sets in OUT/exercises (reused while their settings match):
+    wide_train.txt (--wide_per_family distinct wide drawings of each training family, each checked against
+    its tests: exercises.check), narrow_train.txt (curation's exercises_train.txt: today's 355), and
+    EVAL_SETS' files, verified in the sandbox: new_instances.jsonl (--eval_instances new wide drawings per
+    training family, none in the training texts), compositions.jsonl (--eval_compositions two-step
+    exercises), unseen_families.jsonl (--eval_unseen wide drawings per held-out family). Returns the folder."""
+    from experiments.phi import exercises
+    folder = out / "exercises"
+    settings = {"version": 1, **{k: getattr(args, k) for k in ("wide_per_family", "eval_instances",
+                                                                "eval_compositions", "eval_unseen")}}
+
+    def make():
+        folder.mkdir(parents=True, exist_ok=True)
+        wide = exercises.generate(args.wide_per_family, seed=100, held_out=False, wide=True)
+        kept = [e for e in wide if exercises.check(e)]
+        if len(kept) != len(wide):
+            raise RuntimeError(f"{len(wide) - len(kept)} wide exercises fail their own tests: a template is broken")
+        runtime.atomic_write(folder / "wide_train.txt", lambda tmp: Path(tmp).write_text("\n\n".join(e.text for e in kept)))
+        runtime.atomic_write(folder / "narrow_train.txt", lambda tmp: Path(tmp).write_text(
+            curated.path("exercises_train.txt").read_text()))
+        trained = {e.text for e in kept}
+        sets = {"new_instances": exercises.generate(args.eval_instances, 200, held_out=False, wide=True, exclude=trained),
+                "compositions": exercises.compositions(args.eval_compositions, 300),
+                "unseen_families": exercises.generate(args.eval_unseen, 400, held_out=True, wide=True)}
+        counts = {"wide_train": len(kept), "wide_train_chars": sum(len(e.text) for e in kept)}
+        for name, tasks in sets.items():
+            ok, rejected = exercises.verify(tasks)
+            if rejected:
+                raise RuntimeError(f"{name}: {len(rejected)} reference solutions fail in the sandbox: {rejected[0]}")
+            exercises.save_jsonl(ok, folder / EVAL_SETS[name][0])
+            counts[name] = len(ok)
+        runtime.write_json(folder / "counts.json", counts)
+    cached(folder / "settings.json", settings, make, folder / "counts.json")
+    return folder
+
+
+def stage2_corpus(args, out, curated, exercise_dir, stage1_corpus, kind):
+    """The stage-2 corpus of an arm (OUT/stage2/, reused while its settings match): --exercise_share of the
+    characters from the exercises of `kind` (wide or narrow), the rest replay of the arm's stage-1 corpus
+    (its paragraphs), mixed by curation.mix to the stage's tokens (finetune_iters x batch_size x block_size
+    characters, 64 blocks at least), so that each wide exercise is read about once and the narrow ones many
+    times."""
+    from experiments.phi import curation
+    path = out / "stage2" / f"{Path(stage1_corpus).stem}-{kind}-x{args.exercise_share:g}-{args.finetune_iters}.txt"
+    total = max(args.finetune_iters * args.batch_size, 64) * args.block_size  # 64 blocks at least: a val split
+    settings = {"stage1": stage1_corpus, "kind": kind, "share": args.exercise_share, "total": total,
+                "exercises": json.loads((exercise_dir / "settings.json").read_text())}
+
+    def make():
+        ex = (exercise_dir / f"{kind}_train.txt").read_text().split("\n\n")
+        replay = [t for t in curated.path(stage1_corpus).read_text().split("\n\n") if t.strip()]
+        text, stats = curation.mix({"exercises": (ex, args.exercise_share), "replay": (replay, 1 - args.exercise_share)},
+                                   total, seed=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runtime.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+        runtime.write_json(path.with_suffix(".json"), stats)
+    cached(path.with_suffix(".settings.json"), settings, make, path)
+    return path
 
 
 def run(args):
-    """The Phi recipe at small scale (Gunasekar et al. 2023): the curated data (curation.build:
-    pool, dedup, rubric, classifier, Moore-Lewis, exercises), then arms A (unfiltered pool), B
-    (filtered pool) and C (B + a fine-tune on the exercises) of one small phi.py at the same token
-    budget, --seeds seeds each; the three measures of phi_evaluate. Runs are cached by settings."""
+    """The Phi recipe at small scale (Gunasekar et al. 2023): the curated data (curation.build: pool, dedup,
+    rubric, classifier, Moore-Lewis, exercises), the wide exercises and held-out sets (exercise_sets), then the
+    arms of PHI_ARMS of one small phi.py at the same token budget, --seeds seeds each: stage 1 on the filtered
+    or unfiltered pool, stage 2 on exercises mixed with replay of that pool; phi_evaluate's measures, and the
+    stage-1 models' losses (forgetting = the change over stage 2). Writes OUT/summary-*.json and --results
+    (with the README's table). Runs are cached by settings."""
     if args.threads:
         torch.set_num_threads(args.threads)
     arms = [a for a in args.arms.split(",") if a]
     if not arms or any(a not in PHI_ARMS for a in arms):
         raise UserError(f"--arms {args.arms!r}: choose from {', '.join(PHI_ARMS)}")
+    if not 0 < args.exercise_share < 1:
+        raise UserError(f"--exercise_share {args.exercise_share}: give a fraction between 0 and 1 (exclusive)")
     out, t0 = Path(args.out), time.time()
     curated = curate(args, out)
     longest = max(len(json.loads(line)[key]) for name, key in (("heldout_functions.jsonl", "body"),
@@ -135,21 +232,30 @@ def run(args):
     if args.block_size < longest:
         raise UserError(f"--block_size {args.block_size}: the held-out code is scored in pieces of up to {longest} "
                         "characters; give at least that")
-    train_arms(args, arms, out, curated)
+    exercise_dir = exercise_sets(args, out, curated)
+    train_arms(args, arms, out, curated, exercise_dir)
     rows = []
     for seed in range(args.seeds):
         for arm in arms:
+            stage1 = out / _stage1_name(arm, seed)
+            before = cached_result(stage1 / "losses.json", json.loads((stage1 / "settings.json").read_text()),
+                                   lambda: phi_losses(stage1, curated))
             run = out / phi_arm_run(args, arm, seed)
-            settings = json.loads((run / "settings.json").read_text())
-            result = cached_result(run / "eval.json", settings, lambda: phi_evaluate(run, curated, args.gen_tokens))
-            rows.append({"arm": arm, "seed": seed, **result})
-    summary = summarize(args, arms, rows, curated.manifest)
+            settings = {**json.loads((run / "settings.json").read_text()), "gen_tokens": args.gen_tokens,
+                        "exercises": json.loads((exercise_dir / "settings.json").read_text())}
+            print(f"evaluating {run.name} ({format_eta(time.time() - t0)} so far)", flush=True)
+            result = cached_result(run / "eval.json", settings,
+                                   lambda: phi_evaluate(run, curated, exercise_dir, args.gen_tokens))
+            rows.append({"arm": arm, "seed": seed, **result, "forgetting_body": result["body_loss"] - before["body_loss"],
+                         "forgetting_code": result["code_loss"] - before["code_loss"],
+                         "stage1_body_loss": before["body_loss"], "stage1_code_loss": before["code_loss"]})
+    summary = summarize(args, arms, rows, curated.manifest, json.loads((exercise_dir / "counts.json").read_text()))
+    summary["elapsed_s"] = round(time.time() - t0, 1)
     path = out / f"summary-{args.pretrain_iters}+{args.finetune_iters}.json"
     runtime.write_json(path, summary, indent=1)
+    write_results(args.results, summary, results_table)
     print(f"bench phi: {format_eta(time.time() - t0)} in all; {path}", flush=True)
     return summary
-
-
 
 
 def curate(args, out):
@@ -175,81 +281,124 @@ def curate(args, out):
     return curated
 
 
-def train_arms(args, arms, out, curated):
+def _stage1_name(arm, seed):
+    return f"{PHI_ARMS[arm][0].split('_')[0]}-stage1-s{seed}"
+
+
+def train_arms(args, arms, out, curated, exercise_dir):
     """Train every arm and seed: stage 1 from a shared initialisation (one stage-1 run serves every arm with the
-    same corpus), then stage 2; cached by settings; progress with an ETA."""
-    plan = []  # (name, seed, init name or stage-1 name, corpus, iters, lr)
+    same corpus), then stage 2 on the arm's mix (stage2_corpus); cached by settings; progress with an ETA."""
+    plan = []  # (name, seed, init name or stage-1 name, corpus path, iters, lr)
     for seed in range(args.seeds):
         for arm in arms:
-            first, second = PHI_ARMS[arm]
-            stage1 = f"{first.split('_')[0]}-stage1-s{seed}"
+            first, kind = PHI_ARMS[arm]
+            stage1 = _stage1_name(arm, seed)
             if (stage1, seed) not in [(p[0], p[1]) for p in plan]:
-                plan.append((stage1, seed, f"init-s{seed}", first, args.pretrain_iters, args.learning_rate))
-            plan.append((phi_arm_run(args, arm, seed), seed, stage1, second, args.finetune_iters, args.finetune_lr))
+                plan.append((stage1, seed, f"init-s{seed}", curated.path(first), args.pretrain_iters, args.learning_rate))
+            corpus = stage2_corpus(args, out, curated, exercise_dir, first, kind)
+            plan.append((phi_arm_run(args, arm, seed), seed, stage1, corpus, args.finetune_iters, args.finetune_lr))
     total_steps, done_steps, t_train = sum(p[4] for p in plan), 0, time.time()
     for i, (name, seed, parent, corpus, iters, lr) in enumerate(plan):
         init = phi_init(out / parent, seed, args.block_size, **PHI_MODEL) if parent.startswith("init") else out / parent
-        _phi_train(args, out / name, init, curated.path(corpus), iters, lr, seed, f"[{i + 1}/{len(plan)}] {name}")
+        _phi_train(args, out / name, init, corpus, iters, lr, seed, f"[{i + 1}/{len(plan)}] {name}")
         done_steps += iters
         elapsed = time.time() - t_train
         print(f"[{i + 1}/{len(plan)} runs] {name} done; {format_eta(elapsed)} so far, ETA "
               f"{format_eta(elapsed / done_steps * (total_steps - done_steps))}", flush=True)
 
 
-def summarize(args, arms, rows, manifest):
-    """Per arm, the mean, min and max of each measure over seeds; whether B beats A (body loss) and C beats B
-    (pass@1) beyond the spread; printed, and returned as the summary."""
+MEASURES = ("pass_at_1_new_instances", "pass_at_1_compositions", "pass_at_1_unseen_families", "body_loss", "code_loss",
+            "forgetting_body", "forgetting_code")
+
+
+def summarize(args, arms, rows, manifest, counts):
+    """Per arm, the mean, min and max of each of MEASURES over seeds, and the comparisons the README states
+    (each a mean difference and whether the seeds' ranges separate); printed, and returned as the summary."""
     tokens = (args.pretrain_iters + args.finetune_iters) * args.batch_size * args.block_size
-    print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"), ("body_loss", "(1) body loss", "{:.4f}"),
-                       ("pass_at_1", "(2) pass@1 unseen families", "{:.3f}"),
-                       ("pass_at_1_seen_families", "pass@1 new instances", "{:.3f}"),
-                       ("code_loss", "(3) held-out code loss", "{:.4f}")])
-    summary = {"tokens_per_arm": tokens, "model": PHI_MODEL, "rows": rows, "arms": {}}
+    print_table(rows, [("arm", "arm", "{}"), ("seed", "seed", "{}"),
+                       ("pass_at_1_new_instances", "pass@1 new instances", "{:.3f}"),
+                       ("pass_at_1_compositions", "pass@1 compositions", "{:.3f}"),
+                       ("pass_at_1_unseen_families", "pass@1 unseen families", "{:.3f}"),
+                       ("body_loss", "(1) body loss", "{:.4f}"), ("forgetting_body", "vs stage 1", "{:+.4f}"),
+                       ("code_loss", "(3) held-out code loss", "{:.4f}"), ("forgetting_code", "vs stage 1", "{:+.4f}")])
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "results", "threads", "stdlib", "out")}
+    summary = {"settings": settings, "tokens_per_arm": tokens, "model": PHI_MODEL, "exercises": counts, "arms": {},
+               "rows": [{k: v for k, v in r.items() if k not in EVAL_SETS} for r in rows],
+               "samples": {r["arm"]: {name: r[name]["samples"][:3] for name in EVAL_SETS} for r in rows if r["seed"] == 0}}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
         summary["arms"][arm] = {k: {"mean": statistics.mean(r[k] for r in mine), "min": min(r[k] for r in mine),
-                                    "max": max(r[k] for r in mine)}
-                               for k in ("body_loss", "pass_at_1", "pass_at_1_seen_families", "code_loss")}
-    a = summary["arms"]
-    if {"A", "B"} <= set(a):
-        summary["B_beats_A_on_body_loss_beyond_spread"] = a["B"]["body_loss"]["max"] < a["A"]["body_loss"]["min"]
-    if {"B", "C"} <= set(a):
-        summary["C_beats_B_on_pass_at_1_beyond_spread"] = a["C"]["pass_at_1"]["min"] > a["B"]["pass_at_1"]["max"]
+                                    "max": max(r[k] for r in mine)} for k in MEASURES}
+    a, comparisons = summary["arms"], {}
+    for (hi, lo, key) in (("B+wide", "B+narrow", "pass_at_1_new_instances"), ("B+wide", "A+wide", "pass_at_1_new_instances"),
+                          ("A+wide", "B+wide", "body_loss")):
+        if {hi, lo} <= set(a):
+            comparisons[f"{hi} - {lo}: {key}"] = {"difference": a[hi][key]["mean"] - a[lo][key]["mean"],
+                                                  "ranges_separate": a[hi][key]["min"] > a[lo][key]["max"]}
+    summary["comparisons"] = comparisons
     summary["manifest"] = {k: manifest[k] for k in ("classifier", "selection_precision", "split") if k in manifest}
     for arm, m in a.items():
         print(f"{arm}: " + ", ".join(f"{k} {v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]" for k, v in m.items()))
-    for key in ("B_beats_A_on_body_loss_beyond_spread", "C_beats_B_on_pass_at_1_beyond_spread"):
-        if key in summary:
-            print(f"{key}: {summary[key]}")
-    print(f"tokens per arm: {tokens:,}; classifier: {manifest.get('classifier')}")
+    for key, c in comparisons.items():
+        print(f"{key}: {c['difference']:+.4f}, seed ranges separate: {c['ranges_separate']}")
+    print(f"tokens per arm: {tokens:,}; exercises: {counts}")
     return summary
+
+
+def results_table(summary):
+    """The README's results table (markdown) of a summary: per arm, pass@1 on the three held-out sets and the
+    two losses with their change over stage 2 (mean [min, max] over seeds)."""
+    s = summary["settings"]
+    cell = lambda m, f: f"{f.format(m['mean'])} [{f.format(m['min'])}, {f.format(m['max'])}]"
+    lines = ["| arm | pass@1 new instances | pass@1 compositions | pass@1 unseen families | (1) body loss "
+             "| change over stage 2 | (3) held-out code loss | change over stage 2 |", "|---|---|---|---|---|---|---|---|"]
+    for arm, m in summary["arms"].items():
+        lines.append(f"| {arm} | " + " | ".join(cell(m[k], f) for k, f in (
+            ("pass_at_1_new_instances", "{:.3f}"), ("pass_at_1_compositions", "{:.3f}"),
+            ("pass_at_1_unseen_families", "{:.3f}"), ("body_loss", "{:.3f}"), ("forgetting_body", "{:+.3f}"),
+            ("code_loss", "{:.3f}"), ("forgetting_code", "{:+.3f}"))) + " |")
+    ex = summary["exercises"]
+    return "\n".join(lines) + (
+        f"\n\nMean [min, max] over {s['seeds']} seeds; {s['pretrain_iters']} + {s['finetune_iters']} steps "
+        f"({summary['tokens_per_arm']:,} characters per arm), stage 2 {s['exercise_share']:.0%} exercises; held-out "
+        f"sets of {ex['new_instances']}, {ex['compositions']} and {ex['unseen_families']} exercises; "
+        f"{summary['elapsed_s'] / 60:.1f} min for the command (cached runs reused).")
 
 
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.phi)."""
-    p = sub.add_parser("phi", help="the Phi recipe (Textbooks Are All You Need) in miniature: curated stdlib code and "
-                       "templated exercises vs the unfiltered pool at equal tokens, 3 seeds (trains; cached by settings)")
-    p.add_argument("--arms", default=",".join(PHI_ARMS), help="comma-separated from A (unfiltered pool), B (filtered "
-                   "pool), C (B + fine-tune on the synthetic exercises)")
+    p = sub.add_parser("phi", help="the Phi recipe (Textbooks Are All You Need) in miniature: curated stdlib code, "
+                       "then wide or narrow templated exercises mixed with replay; pass@1 on new instances, "
+                       "compositions and unseen families, 3 seeds (trains; cached by settings)")
+    p.add_argument("--arms", default=",".join(PHI_ARMS), help="comma-separated from B+wide (filtered code, then wide "
+                   "exercises), A+wide (unfiltered code, then wide exercises), B+narrow (filtered code, then the 355 "
+                   "narrow exercises: the diversity control)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--pretrain_iters", type=int, default=400, help="stage-1 steps (every arm)")
-    p.add_argument("--finetune_iters", type=int, default=60, help="stage-2 steps: A and B continue on their own "
-                   "data, C fine-tunes on the exercises (so every arm sees the same tokens)")
+    p.add_argument("--finetune_iters", type=int, default=300, help="stage-2 steps: exercises mixed with replay of the "
+                   "arm's stage-1 corpus")
+    p.add_argument("--exercise_share", type=float, default=0.5, help="stage 2: the exercises' share of the characters "
+                   "(the rest: replay)")
     p.add_argument("--batch_size", type=int, default=16, help="sequences per step")
     p.add_argument("--block_size", type=int, default=192, help="characters per sequence")
     p.add_argument("--learning_rate", type=float, default=3e-3, help="stage-1 peak learning rate (cosine to a tenth)")
-    p.add_argument("--finetune_lr", type=float, default=1e-3, help="stage-2 peak learning rate (cosine to a tenth)")
+    p.add_argument("--finetune_lr", type=float, default=2e-3, help="stage-2 peak learning rate (cosine to a tenth)")
     p.add_argument("--keep_fraction", type=float, default=0.3, help="share of the deduplicated functions the "
                    "quality classifier keeps for arm B")
     p.add_argument("--n_label", type=int, default=3000, help="rubric-labelled functions the classifier is fitted on")
     p.add_argument("--ref_iters", type=int, default=250, help="steps of each curation reference model")
     p.add_argument("--embed_tokens", type=int, default=64, help="characters of each function the reference models read")
-    p.add_argument("--exercises_per_family", type=int, default=40, help="training exercises drawn per family "
-                   "(at most; distinct ones)")
+    p.add_argument("--exercises_per_family", type=int, default=40, help="narrow training exercises drawn per family "
+                   "(at most; distinct ones): the diversity control's")
+    p.add_argument("--wide_per_family", type=int, default=300, help="wide training exercises per family (distinct)")
+    p.add_argument("--eval_instances", type=int, default=6, help="held-out set 1: new wide drawings per training family")
+    p.add_argument("--eval_compositions", type=int, default=100, help="held-out set 2: two-step compositions")
+    p.add_argument("--eval_unseen", type=int, default=5, help="held-out set 3: wide drawings per unseen family")
     p.add_argument("--gen_tokens", type=int, default=64, help="greedy tokens generated per held-out exercise")
     p.add_argument("--stdlib", default="", help="the pool's folder (empty: this Python's standard library)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--out", default="out/phi", help="curated data, runs, summary-PRETRAIN+FINETUNE.json")
+    p.add_argument("--out", default="out/phi", help="curated data, exercises, runs, summary-PRETRAIN+FINETUNE.json")
+    p.add_argument("--results", default="experiments/phi/results.json", help="the numbers of the run (JSON; the "
+                   "README beside it gets its results table); empty: none")
     p.set_defaults(run=run)
     return p
-

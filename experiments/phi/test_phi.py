@@ -506,7 +506,92 @@ def test_completion_is_cut_where_the_function_ends():
 
 def test_bench_phi_refuses_unknown_arms():
     out = subprocess.run([sys.executable, "bench.py", "phi", "--arms", "A,Z"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 1 and out.stderr.strip().splitlines() == ["error: --arms 'A,Z': choose from A, B, C"]
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        "error: --arms 'A,Z': choose from B+wide, A+wide, B+narrow"]
+
+
+# ----------------------------------------------------------------------------- wide exercises and compositions
+
+
+def test_wide_drawings_are_diverse_correct_and_leave_the_narrow_ones_unchanged():
+    """Wide drawings: thousands of distinct exercises per family, each passing its own tests, names and
+    constants renamed consistently in the docstring and the body (a recursive call included, an attribute
+    such as '-'.join not), today's narrow drawings unchanged (the diversity control's 355, 35,131 characters)."""
+    many = exercises.generate(2000, seed=1, families=["add_const", "sort_list"], wide=True)
+    assert len(many) == 4000 and len({e.text for e in many}) == 4000
+    one_each = exercises.generate(20, seed=2, wide=True)
+    assert len({e.family for e in one_each}) == len(exercises.FAMILIES) and all(map(exercises.check, one_each))
+    for e in one_each:
+        params = ast.parse(e.prompt + e.solution).body[0].args.args
+        assert all(a.arg in exercises.IDENTIFIERS for a in params)
+        assert all(a.arg in e.prompt.split('"""')[1] for a in params if e.family not in ("factorial", "sum_to"))
+    rec = next(e for e in one_each if e.family == "fibonacci")
+    assert rec.solution.count(rec.name + "(") == 2
+    join = next(e for e in one_each if e.family == "join_words")
+    assert "'.join(" in join.solution
+    narrow = exercises.generate(40, seed=0, held_out=False)
+    assert len(narrow) == 355 and sum(len(e.text) for e in narrow) == 35131
+    broken = exercises.build("add_const", random.Random(0), wide=True)
+    broken.solution = broken.solution.replace("+", "-")
+    assert not exercises.check(broken)
+
+
+def test_compositions_chain_two_operations_and_pass_in_the_sandbox():
+    tasks = exercises.compositions(12, seed=4)
+    assert len({t.text for t in tasks}) == 12 and {t.family for t in tasks} <= {"compose_int", "compose_list",
+                                                                                "compose_str"}
+    assert all(t.held_out and ", then " in t.prompt or t.family != "compose_int" for t in tasks)
+    kept, rejected = exercises.verify(tasks, report=None)
+    assert kept == tasks and not rejected
+    # the composition's test fails a body that applies only one of the two operations
+    t = next(t for t in tasks if t.family == "compose_int")
+    one_step = t.solution.split("*")[0].replace("(", "") + "\n" if "*" in t.solution else "    return 0\n"
+    assert not exercises.check(exercises.Exercise(t.family, t.name, t.prompt, one_step, t.tests, True))
+
+
+def test_phi_runs_end_to_end_at_a_tiny_budget(tmp_path):
+    """The experiment at a tiny budget on a pool of 12 standard-library modules: every arm trains in two stages
+    (stage 2 a mix of exercises and replay), is scored on the three held-out sets, and the results file and the
+    README table rendered from it are written."""
+    import sysconfig
+    from experiments import common
+    root = Path(sysconfig.get_paths()["stdlib"])
+    stdlib = tmp_path / "stdlib"
+    stdlib.mkdir()
+    for name in ("textwrap", "heapq", "colorsys", "shlex", "fnmatch", "glob", "reprlib", "bisect",  # train
+                 "csv", "sched", "code", "genericpath"):  # held out (split_modules' hash)
+        shutil.copy(root / f"{name}.py", stdlib / f"{name}.py")
+    (tmp_path / "res").mkdir()
+    (tmp_path / "res" / "README.md").write_text(f"{common.RESULTS_BEGIN}\npending\n{common.RESULTS_END}\n")
+    argv = ["phi", "--stdlib", str(stdlib), "--out", str(tmp_path / "phi"), "--results", str(tmp_path / "res" / "results.json"),
+            "--seeds", "1", "--pretrain_iters", "2", "--finetune_iters", "2", "--batch_size", "2", "--ref_iters", "2",
+            "--n_label", "60", "--exercises_per_family", "1", "--wide_per_family", "2", "--eval_instances", "1",
+            "--eval_compositions", "3", "--eval_unseen", "1", "--gen_tokens", "8", "--threads", "1"]
+    import bench
+    assert bench.main(argv) == 0
+    results = json.loads((tmp_path / "res" / "results.json").read_text())
+    assert set(results["arms"]) == set(phi_experiment.PHI_ARMS)
+    assert results["exercises"]["new_instances"] == 33 and results["exercises"]["compositions"] == 3
+    for row in results["rows"]:
+        for name in phi_experiment.EVAL_SETS:
+            assert 0 <= row[f"pass_at_1_{name}"] <= 1
+        assert row["forgetting_body"] == pytest.approx(row["body_loss"] - row["stage1_body_loss"])
+    mixes = sorted((tmp_path / "phi" / "stage2").glob("*.txt"))
+    assert len(mixes) == 3  # filtered + wide, pool + wide, filtered + narrow
+    assert common.readme_results_block(tmp_path / "res" / "README.md") == phi_experiment.results_table(results).strip()
+
+
+def test_the_readme_table_is_the_results_file():
+    """The README's results table is the one rendered from results.json beside it (or, before the first default
+    run, a line saying the numbers are pending)."""
+    from experiments import common
+    folder = Path(phi_experiment.__file__).parent
+    block = common.readme_results_block(folder / "README.md")
+    assert block is not None
+    if (folder / "results.json").is_file():
+        assert block == phi_experiment.results_table(json.loads((folder / "results.json").read_text())).strip()
+    else:
+        assert "pending" in block
 
 
 def test_phi_init_gives_every_arm_the_same_start_and_vocabulary(tmp_path):

@@ -1,9 +1,11 @@
 """Self-rewarding language models (Yuan et al. 2024) in miniature: sorting short strings, M1 trained from
-scratch, iterations with the model's own judge against random-pair and checker-pair controls.
+scratch, iterations with the model's own judge against random-pair and checker-pair controls, and the judge
+kept alive by replaying its seed examples in every iteration's DPO objective (the remedy of Meta-Rewarding,
+Wu et al. 2024), with about 200 or 1,000 prompts per iteration.
 
   python bench.py self_reward       # or: python -m experiments.self_reward
 
-The write-up, ours beside the paper's: README.md beside this file."""
+The write-up, ours beside the paper's: README.md beside this file; the numbers: results.json beside it."""
 import random
 import statistics
 import time
@@ -13,11 +15,21 @@ import numpy as np
 import torch
 
 import train
-from experiments.common import cached_result, pyplot, save_figure
+from experiments.common import cached_result, pyplot, save_figure, write_results
 from omnitron import checkpoints, generation, runtime, self_reward
 from omnitron.runtime import UserError, print_table, resolve_device
 
 SORT_JUDGE_TEMPLATE = "rate {prompt}{response}\n"  # the judge's prompt; it answers "Score: k" on the next line
+
+# arm -> (pairs by: train.py --sr_pairs, replay the judge's seed examples, prompts per iteration: "base" --prompts
+# or "large" --large_prompts, with DPO steps scaled by the same factor so that each pair is seen as often)
+ARMS = {
+    "judge": ("judge", False, "base"),                  # the paper's loop: the model's own judge
+    "random": ("random", False, "base"),                # control: pairs at random (should not improve)
+    "checker": ("checker", False, "base"),              # control: the exact checker's pairs (the upper bound)
+    "judge+replay": ("judge", True, "base"),            # the judge's seed examples replayed in every DPO run
+    "judge+replay+large": ("judge", True, "large"),     # the same with --large_prompts prompts per iteration
+}
 
 
 def sort_prompt(letters):
@@ -52,10 +64,13 @@ def sort_task(folder, args, seed):
     """The sorting task's files in `folder` (written once per seed): corpus.txt (M1's supervised data:
     --sr_instructions correct `sort LETTERS:SORTED` lines and --sr_judge_examples judge lines `rate
     sort LETTERS:RESPONSE` + `Score: k`, the responses perturbed and scored by self_reward.sort_rubric),
-    prompts.jsonl (the self-rewarding prompts; the header names the judge template and the checker)
-    and heldout.jsonl (the evaluation prompts). Every string of letters is used once across all of them."""
+    judge.txt (those judge lines alone: the replay corpus), prompts.jsonl (the self-rewarding prompts;
+    the header names the judge template and the checker), prompts_N.jsonl (N = --large_prompts: the same
+    prompts and more) and heldout.jsonl (the evaluation prompts). Every string of letters is used once
+    across the corpus, the prompts and the held-out prompts."""
     folder = Path(folder)
-    if (folder / "heldout.jsonl").is_file():
+    large = folder / f"prompts_{args.large_prompts}.jsonl"
+    if all((folder / name).is_file() for name in ("heldout.jsonl", "judge.txt", large.name)):
         return folder
     rng = random.Random(seed)
     lo, hi = (int(x) for x in args.lengths.split("-"))
@@ -72,12 +87,23 @@ def sort_task(folder, args, seed):
         response = perturbed(s, rng, args.alphabet)
         lines.append(SORT_JUDGE_TEMPLATE.replace("{prompt}", sort_prompt(s)).replace("{response}", response)
                      + f"Score: {self_reward.sort_rubric(s, response)}")
+    judge_lines = lines[a:]
     rng.shuffle(lines)
+    # the large prompt set: the base prompts, then new strings drawn with a generator of their own (so that
+    # the files above, and the M1 trained on them, do not depend on --large_prompts)
+    extra_rng, more = random.Random(seed + 10_000), []
+    while len(more) < args.large_prompts - args.prompts:
+        s = "".join(extra_rng.choice(args.alphabet) for _ in range(extra_rng.randint(lo, hi)))
+        if s not in seen:
+            seen.add(s)
+            more.append(s)
     folder.mkdir(parents=True, exist_ok=True)
     header = {"judge_template": SORT_JUDGE_TEMPLATE, "stop": "\n", "judge_stop": "\n", "checker": "sort"}
-    for name, chunk in (("prompts.jsonl", strings[b:c]), ("heldout.jsonl", strings[c:])):
+    for name, chunk in (("prompts.jsonl", strings[b:c]), (large.name, strings[b:c] + more),
+                        ("heldout.jsonl", strings[c:])):
         runtime.write_jsonl(folder / name, [header] + [{"prompt": sort_prompt(s), "answer": "".join(sorted(s))}
                                                            for s in chunk])
+    runtime.atomic_write(folder / "judge.txt", lambda tmp: Path(tmp).write_text("\n".join(judge_lines) + "\n"))
     runtime.atomic_write(folder / "corpus.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return folder
 
@@ -99,19 +125,36 @@ def heldout_accuracy(model_dir, heldout, device, batch=100):
     return cached_result(Path(model_dir) / "heldout_exact.json", {"heldout": str(heldout)}, exact_match)
 
 
+def arm_settings(args, arm):
+    """(pairs by, replay corpus name or None, prompts file name, DPO steps, run folder name) of an arm (ARMS)."""
+    pairs_from, replay, prompts = ARMS[arm]
+    large = prompts == "large"
+    steps = args.dpo_iters * args.large_prompts // args.prompts if large else args.dpo_iters
+    name = f"{arm}-lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{steps}steps"
+    if replay:
+        name += f"-replay{args.replay_weight:g}x{args.replay_batch}"
+    return pairs_from, "judge.txt" if replay else None, \
+        f"prompts_{args.large_prompts}.jsonl" if large else "prompts.jsonl", steps, name
+
+
 def run(args):
     """Self-rewarding iterations on sorting short strings (checking is easier than producing): per seed,
-    M1 trained from scratch on the instruction and judge seed data, then --iterations rounds of
-    self-rewarding DPO (train.py --self_reward) with the model's own judge, and the controls: pairs at
-    random, pairs by the exact checker (the upper bound). Held-out exact match of every M_t, and each
-    iteration's judge accuracy and reward gap. Every run is cached in its folder."""
+    M1 trained from scratch on the instruction and judge seed data (cached: a finished M1 is reused),
+    then --iterations rounds of self-rewarding DPO (train.py --self_reward) in each arm of --arms (ARMS:
+    the model's own judge; the controls, pairs at random and pairs by the exact checker; the judge with
+    its seed examples replayed in every DPO run, train.py --dpo_replay; the same with --large_prompts
+    prompts). Held-out exact match of every M_t, and each iteration's judge accuracy, reward gap and
+    pair precision; written to out_dir/results.json and --results (with the README's table). Every run
+    is cached in its folder."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     out, rows = Path(args.out_dir), []
-    conditions = [c for c in args.conditions.split(",") if c]
-    if unknown := [c for c in conditions if c not in self_reward.PAIRS_FROM]:
-        raise UserError(f"unknown condition(s) {', '.join(unknown)}; choose from {', '.join(self_reward.PAIRS_FROM)}")
+    arms = [c for c in args.arms.split(",") if c]
+    if not arms or (unknown := [c for c in arms if c not in ARMS]):
+        raise UserError(f"--arms {args.arms!r}: choose from {', '.join(ARMS)}")
+    if args.large_prompts < args.prompts:
+        raise UserError(f"--large_prompts {args.large_prompts} must be at least --prompts {args.prompts}")
     t0 = time.time()
     for seed in range(args.seeds):
         folder = sort_task(out / f"seed{seed}" / "task", args, 1000 + seed)
@@ -124,15 +167,19 @@ def run(args):
                       warmup_iters=50, eval_interval=args.m1_iters, eval_iters=5, log_interval=max(1, args.m1_iters // 4),
                       sample_tokens=0, seed=seed, device=device)
         m1_acc = heldout_accuracy(m1, folder / "heldout.jsonl", device)
-        for condition in conditions:
-            run_dir = out / f"seed{seed}" / f"{condition}-lr{args.dpo_lr:g}-beta{args.dpo_beta:g}-{args.dpo_iters}steps"
-            print(f"--- seed {seed}, pairs by {condition}: {args.iterations} iterations into {run_dir} "
+        for arm in arms:
+            pairs_from, replay, prompts, steps, name = arm_settings(args, arm)
+            run_dir = out / f"seed{seed}" / name
+            print(f"--- seed {seed}, {arm}: {args.iterations} iterations into {run_dir} "
                   f"({runtime.format_eta(time.time() - t0)} so far)", flush=True)
-            result = train.run(init_from=str(m1), self_reward=args.iterations, prompts=str(folder / "prompts.jsonl"),
-                               sr_pairs=condition, out_dir=str(run_dir), sr_max_new_tokens=16, sr_judge_tokens=12, block_size=args.block_size,
-                               max_iters=args.dpo_iters, batch_size=args.dpo_batch, learning_rate=args.dpo_lr,
-                               dpo_beta=args.dpo_beta, warmup_iters=0, min_lr=args.dpo_lr, eval_interval=args.dpo_iters,
-                               eval_iters=2, log_interval=args.dpo_iters, seed=seed, device=device)
+            replay_flags = dict(dpo_replay=str(folder / replay), dpo_replay_weight=args.replay_weight,
+                                dpo_replay_batch=args.replay_batch, data_dir=str(out / "data")) if replay else {}
+            result = train.run(init_from=str(m1), self_reward=args.iterations, prompts=str(folder / prompts),
+                               sr_pairs=pairs_from, out_dir=str(run_dir), sr_max_new_tokens=16, sr_judge_tokens=12,
+                               block_size=args.block_size, max_iters=steps, batch_size=args.dpo_batch,
+                               learning_rate=args.dpo_lr, dpo_beta=args.dpo_beta, warmup_iters=0, min_lr=args.dpo_lr,
+                               eval_interval=steps, eval_iters=2, log_interval=steps, seed=seed, device=device,
+                               **replay_flags)
             accs = [m1_acc] + [heldout_accuracy(run_dir / f"M{t + 1}", folder / "heldout.jsonl", device)
                                for t in range(1, args.iterations + 1)]
             for t, acc in enumerate(accs, 1):
@@ -142,53 +189,90 @@ def run(args):
                     read = lambda name: [obj for _, obj in runtime.read_jsonl(folder_t / name)]
                     it["pairs_true_better"] = self_reward.pair_precision(read("judgements.jsonl"), read("pairs.jsonl"),
                                                                          "\n")[0]
-                rows.append({"seed": seed, "condition": condition, "model": f"M{t}", "heldout_exact": acc,
+                rows.append({"seed": seed, "arm": arm, "model": f"M{t}", "heldout_exact": acc,
                              "judge_accuracy": it.get("judge_pairwise_accuracy"), "reward_gap": it.get("reward_gap"),
                              "pairs_true_better": it.get("pairs_true_better"),
                              "pairs": it.get("pairs"), "mean_score": it.get("mean_score"),
                              "sample_exact": it.get("exact_match"), "malformed": it.get("malformed_judgements")})
     sweep = lr_sweep(args, out, device) if args.lr_sweep else []
-    print_table(rows, [("seed", "seed", "{}"), ("condition", "pairs by", "{}"), ("model", "model", "{}"),
+    print_table(rows, [("seed", "seed", "{}"), ("arm", "arm", "{}"), ("model", "model", "{}"),
                        ("heldout_exact", "held-out exact", "{:.3f}"), ("sample_exact", "samples exact", "{:.3f}"),
                        ("judge_accuracy", "judge acc", "{:.3f}"), ("mean_score", "self-score", "{:.2f}"),
                        ("reward_gap", "gap", "{:+.2f}"), ("pairs", "pairs", "{}"),
                        ("pairs_true_better", "pairs right", "{:.2f}"), ("malformed", "malformed", "{}")])
-    summary = []
-    for condition in conditions:
-        for t in range(1, args.iterations + 2):
-            sel = [r for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
-            row = {"condition": condition, "model": f"M{t}"}
-            for key in ("heldout_exact", "judge_accuracy", "reward_gap", "pairs_true_better"):
-                vals = [r[key] for r in sel if r[key] is not None]
-                if vals:
-                    row[key] = statistics.mean(vals)
-                    row[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            summary.append(row)
+    summary = summarize(rows, arms, args.iterations + 1)
     print()
-    print_table(summary, [("condition", "pairs by", "{}"), ("model", "model", "{}"),
+    print_table(summary, [("arm", "arm", "{}"), ("model", "model", "{}"),
                           ("heldout_exact", "held-out exact (mean)", "{:.3f}"), ("heldout_exact_sd", "sd", "{:.3f}"),
+                          ("gain", "vs M1 (mean)", "{:+.3f}"), ("gain_sd", "sd", "{:.3f}"), ("seeds_up", "seeds up", "{}"),
                           ("judge_accuracy", "judge acc (mean)", "{:.3f}"), ("judge_accuracy_sd", "sd", "{:.3f}"),
-                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("reward_gap_sd", "sd", "{:.2f}"),
-                          ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
-    runtime.write_json(out / "results.json", {"rows": rows, "summary": summary, "lr_sweep": sweep,
-                                              "args": vars(args) | {"run": None}}, indent=1)
+                          ("reward_gap", "gap (mean)", "{:+.2f}"), ("pairs_true_better", "pairs right (mean)", "{:.2f}")])
+    settings = {k: v for k, v in vars(args).items() if k not in ("run", "results", "plot", "threads", "device")}
+    results = {"settings": settings, "elapsed_s": round(time.time() - t0, 1), "summary": summary, "rows": rows,
+               "lr_sweep": sweep}
+    runtime.write_json(out / "results.json", results, indent=1)
+    write_results(args.results, results, results_table)
     if args.plot:
-        plot_self_reward(rows, conditions, args.iterations + 1, args.plot)
+        plot_self_reward(rows, arms, args.iterations + 1, args.plot)
     return summary
 
 
-def plot_self_reward(rows, conditions, n_models, path):
+def summarize(rows, arms, n_models):
+    """Per arm and model M_t: the mean and sample standard deviation over seeds of the held-out exact
+    match, the judge's accuracy, the reward gap and the pairs' precision; the change from the same
+    seed's M1 (gain, its sd, and seeds_up: how many seeds went up)."""
+    summary = []
+    for arm in arms:
+        first = {r["seed"]: r["heldout_exact"] for r in rows if r["arm"] == arm and r["model"] == "M1"}
+        for t in range(1, n_models + 1):
+            sel = [r for r in rows if r["arm"] == arm and r["model"] == f"M{t}"]
+            row = {"arm": arm, "model": f"M{t}", "seeds": len(sel)}
+            gains = [r["heldout_exact"] - first[r["seed"]] for r in sel]
+            for key, vals in [(k, [r[k] for r in sel if r[k] is not None]) for k in
+                              ("heldout_exact", "judge_accuracy", "reward_gap", "pairs_true_better")] + [("gain", gains)]:
+                if vals:
+                    row[key] = statistics.mean(vals)
+                    row[key + "_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row["seeds_up"] = sum(g > 0 for g in gains)
+            summary.append(row)
+    return summary
+
+
+def results_table(results):
+    """The README's results table (markdown) of a results file: per arm, held-out exact match of M1 ..
+    M_n (mean ± sd over seeds, %), the change from M1 with the seeds that went up, and the judge's
+    accuracy of each iteration."""
+    summary, s = results["summary"], results["settings"]
+    n = max(int(r["model"][1:]) for r in summary)
+    pct = lambda r, k: f"{100 * r[k]:.1f} ± {100 * r[k + '_sd']:.1f}" if k in r else "–"
+    head = ["arm"] + [f"M{t}" for t in range(1, n + 1)] + [f"M{t} − M1 (seeds up)" for t in range(2, n + 1)] + \
+        [f"judge acc M{t}" for t in range(1, n)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in dict.fromkeys(r["arm"] for r in summary):
+        by = {r["model"]: r for r in summary if r["arm"] == arm}
+        cells = [arm] + [pct(by[f"M{t}"], "heldout_exact") for t in range(1, n + 1)]
+        cells += [f"{100 * by[f'M{t}']['gain']:+.1f} ± {100 * by[f'M{t}']['gain_sd']:.1f} ({by[f'M{t}']['seeds_up']} of "
+                  f"{by[f'M{t}']['seeds']})" for t in range(2, n + 1)]
+        cells += [pct(by[f"M{t}"], "judge_accuracy") for t in range(1, n)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (f"\n\nHeld-out exact match and judge accuracy (%), mean ± sd over {s['seeds']} seeds; "
+                               f"{s['prompts']} prompts per iteration ({s['large_prompts']} in the large arm), "
+                               f"{s['iterations']} iterations; {results['elapsed_s'] / 60:.1f} min for the command "
+                               "(cached runs reused).")
+
+
+def plot_self_reward(rows, arms, n_models, path):
     """Held-out exact match of M1 .. M_n and the judge's pairwise accuracy of M1 .. M_{n-1}, per
-    condition: the seeds' mean (line) and their range (band)."""
+    arm: the seeds' mean (line) and their range (band)."""
     plt = pyplot()
     if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for condition in conditions:
+    for arm in arms:
         for ax, key, n in ((axes[0], "heldout_exact", n_models), (axes[1], "judge_accuracy", n_models - 1)):
-            values = np.array([[r[key] for r in rows if r["condition"] == condition and r["model"] == f"M{t}"]
+            values = np.array([[r[key] for r in rows if r["arm"] == arm and r["model"] == f"M{t}"]
                                for t in range(1, n + 1)], dtype=float)  # (models, seeds)
-            line, = ax.plot(range(1, n + 1), values.mean(1), marker="o", label=f"pairs by {condition}")
+            line, = ax.plot(range(1, n + 1), values.mean(1), marker="o", label=arm)
             ax.fill_between(range(1, n + 1), values.min(1), values.max(1), alpha=0.15, color=line.get_color())
     axes[0].set(xlabel="model M_t", ylabel="held-out exact match", title="sorting: the model's answers")
     axes[1].set(xlabel="model M_t (the judge of iteration t)", ylabel="pairwise accuracy vs the checker",
@@ -227,14 +311,18 @@ def add_parser(sub):
     p = sub.add_parser("self_reward", help="self-rewarding language models (Yuan et al. 2024) in miniature: sorting "
                        "short strings, M1 trained from scratch, N iterations per seed with the model's own judge and "
                        "the random-pair and checker-pair controls; held-out exact match, judge accuracy, reward gap")
-    p.add_argument("--seeds", type=int, default=3, help="seeds (task data, M1, iterations)")
+    p.add_argument("--seeds", type=int, default=5, help="seeds (task data, M1, iterations)")
     p.add_argument("--iterations", type=int, default=3, help="self-rewarding iterations (M2 .. M(N+1))")
-    p.add_argument("--conditions", default="judge,random,checker", help="how pairs are chosen (train.py --sr_pairs)")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated from judge (the model's own judge), "
+                   "random and checker (the controls), judge+replay (the judge's seed examples replayed in each DPO "
+                   "run), judge+replay+large (the same with --large_prompts prompts per iteration)")
     p.add_argument("--alphabet", default="abcdefgh", help="the letters of the strings")
     p.add_argument("--lengths", default="3-6", help="string lengths, LO-HI")
     p.add_argument("--sr_instructions", type=int, default=300, help="M1's instruction examples (correct sortings)")
     p.add_argument("--sr_judge_examples", type=int, default=600, help="M1's judge examples (perturbed, rubric-scored)")
     p.add_argument("--prompts", type=int, default=200, help="self-rewarding prompts per iteration")
+    p.add_argument("--large_prompts", type=int, default=1000, help="prompts per iteration of the large arm (its "
+                   "DPO steps scaled by large_prompts / prompts)")
     p.add_argument("--heldout", type=int, default=300, help="held-out evaluation prompts")
     p.add_argument("--n_layer", type=int, default=2, help="M1: layers")
     p.add_argument("--n_head", type=int, default=4, help="M1: heads")
@@ -245,11 +333,17 @@ def add_parser(sub):
     p.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
     p.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")
     p.add_argument("--dpo_beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--replay_weight", type=float, default=1.0, help="replay arms: weight of the judge examples' "
+                   "language-model loss beside the DPO loss (train.py --dpo_replay_weight)")
+    p.add_argument("--replay_batch", type=int, default=16, help="replay arms: windows of the judge examples per DPO "
+                   "step (train.py --dpo_replay_batch)")
     p.add_argument("--lr_sweep", default="", help="comma-separated DPO learning rates to compare on seed 0's first "
                    "iteration (how --dpo_lr was chosen: 1e-5,3e-5,1e-4); empty: none")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out_dir", default="out/self_reward", help="runs (cached) and results.json")
+    p.add_argument("--results", default="experiments/self_reward/results.json", help="the numbers of the run (JSON; "
+                   "the README beside it gets its results table); empty: none")
     p.add_argument("--plot", default="out/self_reward/self_reward.png", help="PNG plot path (empty: none)")
     p.set_defaults(run=run)
     return p
