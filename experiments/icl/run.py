@@ -18,7 +18,6 @@ so that accuracy can rise with the number of demonstrations K at this scale. Two
 Training windows are aligned to episodes (AlignedLoss: no target is trained without the start of its
 episode in the window). The run writes its numbers to --results (experiments/icl/results.json, one key
 per arm); README.md beside this file is the write-up and its tables are markdown_tables(results)."""
-import itertools
 import json
 import math
 import random

@@ -151,7 +151,7 @@ def run(args):
     device = resolve_device(args.device)
     out, rows = Path(args.out_dir), []
     arms = [c for c in args.arms.split(",") if c]
-    if not arms or (unknown := [c for c in arms if c not in ARMS]):
+    if not arms or any(c not in ARMS for c in arms):
         raise UserError(f"--arms {args.arms!r}: choose from {', '.join(ARMS)}")
     if args.large_prompts < args.prompts:
         raise UserError(f"--large_prompts {args.large_prompts} must be at least --prompts {args.prompts}")

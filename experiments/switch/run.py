@@ -7,7 +7,6 @@ for both kinds, no balance loss, top-2).
   python bench.py switch            # or: python -m experiments.switch
 
 The write-up, ours beside the paper's: README.md beside this file; the numbers: results.json beside it."""
-import math
 import statistics
 from pathlib import Path
 
