@@ -216,15 +216,18 @@ class SceneDataset:
                             f"({self.manifest['longest_text']} tokens)")
 
     def get_batch(self, split, batch_size, block_size, generator, device="cpu", rank=0, world_size=1):
-        """batch_size random scenes of the split's images with a text each: (images (B, 8, 8K) in
-        [0, 1], x (B, T) ids, y (B, T) next ids, -1 past a row's end). Every rank draws the global
-        batch and keeps its slice, as data.Dataset.get_batch does."""
+        """batch_size random scenes of the split's images with a text each (after_image, then a
+        newline): (images (B, 8, 8K) in [0, 1], x (B, T) ids, y (B, T) next ids, -1 past a row's
+        end). Every rank draws the global batch and keeps its slice, as data.Dataset.get_batch does."""
         pool = self.splits[split]
         ix = torch.randint(len(pool), (world_size * batch_size, self.scene_digits), generator=generator)
         idx = pool[ix[rank * batch_size:(rank + 1) * batch_size].numpy()]
         rows = self.labels[idx].tolist()
         texts = random_texts(rows, self.kinds, generator)[:len(rows)]
-        x, y = text_batch(self.tokenizer, [after_image(p, a) for p, a in texts], device)
+        # each text ends with its newline, as every line of the text-only corpus does: the end of the
+        # answer is a target too (exact_match and generate stop there; a decoder fine-tuned without it
+        # forgets where an answer ends)
+        x, y = text_batch(self.tokenizer, [after_image(p, a) + "\n" for p, a in texts], device)
         return scene_images(self.images, idx).to(device), x, y
 
     @staticmethod

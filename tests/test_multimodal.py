@@ -145,6 +145,22 @@ def test_texts():
     assert multimodal.after_image("sum?", " 12") == ". sum? 12"
 
 
+def test_scene_batches_end_each_text_with_its_newline(digits_data_dir):
+    """A training text is the line after the image, newline included: ". digits: 3 8 1\\n", the last
+    target of each row the newline."""
+    chars = sorted(set(multimodal.text_corpus(200)))
+    class Chars:
+        def encode(self, s):
+            return [chars.index(c) for c in s]
+    ds = multimodal.SceneDataset(Chars(), digits_data_dir)
+    images, x, y = ds.get_batch("train", 4, 32, torch.Generator().manual_seed(0))
+    assert images.shape == (4, 8, 24) and 0 <= images.min() and images.max() <= 1
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        ids = [row_x[0]] + [t for t in row_y if t != -1]
+        text = "".join(chars[t] for t in ids)
+        assert text.startswith(". digits: ") and text.endswith("\n") and len(text) == len(". digits: 3 8 1\n")
+
+
 def test_bridge_run_end_to_end_and_sample_answers(digits_data_dir, tmp_path, capsys):
     """A text-only decoder, a frozen-LM bridge and a fully trained one through train.run; their folders
     load (checkpoints.load) and sample.py answers a question about a held-out scene."""
