@@ -16,7 +16,7 @@ import torch
 
 import train
 from experiments.common import (add_training_run_flags, cached, cached_result, cached_run, comma_list, pyplot,
-                                save_figure)
+                                save_figure, write_results)
 from omnitron import data, models, runtime, tokenization
 from omnitron.runtime import UserError, print_table, resolve_device
 
@@ -276,9 +276,7 @@ def run(args):
                 [(f"b{i}", f"acc {lo}-{hi}", "{}") for i, (lo, hi) in enumerate(buckets)])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runtime.write_json(Path(args.out) / "summary.json", summary, indent=1)
-    if args.results:
-        runtime.write_json(args.results, summary, indent=1)
-        print(f"results: {args.results}")
+    write_results(args.results, summary, lambda summary: "\n".join(results_table(summary)))
     if args.plot:
         plot_positions(summary, methods, args.plot)
     return summary

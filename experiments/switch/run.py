@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.common import add_training_run_flags, cached_result, cached_run, comma_list, pyplot, save_figure
+from experiments.common import (add_training_run_flags, cached_result, cached_run, comma_list, pyplot,
+                                save_figure, write_results)
 from omnitron import checkpoints, data, runtime
 from omnitron.runtime import UserError, print_table
 
@@ -167,9 +168,7 @@ def run(args):
         print(f"{key}: {value}")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runtime.write_json(Path(args.out) / "summary.json", summary, indent=1)
-    if args.results:
-        runtime.write_json(args.results, summary, indent=1)
-        print(f"results: {args.results}")
+    write_results(args.results, summary, lambda summary: "\n".join(results_table(summary)))
     if args.plot:
         plot_switch(runs, curves, clocks, tokens_per_step, args.plot)
     return summary
