@@ -98,12 +98,12 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def _adamw(p, state, group):
         g = p.grad
         if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] = 0  # a Python int: the bias corrections need no device sync
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
         beta1, beta2 = group["betas"]
         state["step"] += 1
-        t = state["step"].item()
+        t = state["step"]
         state["exp_avg"].lerp_(g, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
