@@ -32,34 +32,35 @@ from omnitron import checkpoints, data, evaluation, runtime
 from omnitron.evaluation import TARGET_DELIMITER
 from omnitron.runtime import UserError, format_eta, resolve_device
 
-ALPHABET = "abcdefghijkl"  # the inputs' letters (and the cipher's plaintext letters)
+ALPHABET = "abcdefghijkl"  # the cipher's plaintext letters
 UPPER = "ABCDEFGHIJKL"  # the answers' letters (and the cipher's ciphertext letters)
 SEP = " ="  # between a demonstration's input and output (then TARGET_DELIMITER), as the word tasks' files
 START = "~"  # the first character of every episode: aligned_loss finds episodes by it
 ARMS = ("tasks", "cipher")
 ARM_DEFAULTS = {  # flags whose default depends on the arm
-    "tasks": {"sizes": "1x32,2x64,3x96", "seeds": "1,2,3", "max_iters": 800},
-    "cipher": {"sizes": "2x64", "seeds": "1", "max_iters": 2500},
+    "tasks": {"sizes": "1x32,2x64,3x96", "seeds": "1,2,3", "max_iters": 1200, "learning_rate": 1.5e-3},
+    "cipher": {"sizes": "2x64", "seeds": "1", "max_iters": 2500, "learning_rate": 3e-3},
 }
 
 
 # ----------------------------------------------------------------------------- the tasks and the episodes
 
-SCRAMBLE = "HCKAJEBLFIDG"  # a fixed order of UPPER
+TASK_INPUTS = "abcdef"  # the `tasks` arm's input letters
+TASK_TABLE = {  # task -> its answers to TASK_INPUTS in order: each task writes into its own six capitals
+    "sub0": "DAFCEB", "sub1": "JGLIHK", "sub2": "NQMPRO", "sub3": "VTXSWU"}
 
 
-def substitution(offset):
-    """The task that writes letter i of ALPHABET as SCRAMBLE[(i + offset) mod 12]: tasks of different
-    offsets (mod 12) disagree on every letter (the rows of a Latin square)."""
-    return lambda letter: SCRAMBLE[(ALPHABET.index(letter) + offset) % len(ALPHABET)]
+def substitution(answers):
+    """The task that writes letter i of TASK_INPUTS as answers[i]."""
+    return lambda letter: answers[TASK_INPUTS.index(letter)]
 
 
-TASKS = {f"sub{offset}": substitution(offset) for offset in (0, 3, 6, 9)}  # four fixed letter substitutions
+TASKS = {name: substitution(answers) for name, answers in TASK_TABLE.items()}  # four fixed letter substitutions
 
 
-def random_letter(rng):
-    """One letter of ALPHABET, uniformly: an input of either arm."""
-    return rng.choice(ALPHABET)
+def random_letter(rng, letters=ALPHABET):
+    """One letter of `letters`, uniformly: an input of either arm."""
+    return rng.choice(letters)
 
 
 def noisy_episode(rng, k, q, names):
@@ -72,9 +73,9 @@ def noisy_episode(rng, k, q, names):
     demos = []
     for _ in range(k):
         t = task if rng.random() < q else rng.choice(others)
-        w = random_letter(rng)
+        w = random_letter(rng, TASK_INPUTS)
         demos.append({"input": w, "output": TASKS[t](w), "task": t})
-    w = random_letter(rng)
+    w = random_letter(rng, TASK_INPUTS)
     return {"task": task, "demos": demos, "input": w, "output": TASKS[task](w)}
 
 
@@ -106,15 +107,15 @@ def episode_chars(k):
     return len(START) + k * (2 + len(SEP) + len(TARGET_DELIMITER) + 2) + 2 + len(SEP) + 3
 
 
-def write_stream(path, arm, seed, n_chars, k_max, q, names):
-    """The training text of an arm: episodes (K uniform in 0..k_max) one after the other, each
-    ended by a blank line, until n_chars characters; seeded by (arm, seed). Written temp-then-rename.
-    Returns the number of episodes."""
+def write_stream(path, arm, seed, n_chars, k_max, q_range, names):
+    """The training text of an arm: episodes (K uniform in 0..k_max; for `tasks`, each episode's q
+    uniform in q_range = (low, high)) one after the other, each ended by a blank line, until n_chars
+    characters; seeded by (arm, seed). Written temp-then-rename. Returns the number of episodes."""
     rng = random.Random(f"train:{arm}:{seed}")
     parts, n = [], 0
     while n < n_chars:
         k = rng.randint(0, k_max)
-        ep = noisy_episode(rng, k, q, names) if arm == "tasks" else cipher_episode(rng, k)
+        ep = noisy_episode(rng, k, rng.uniform(*q_range), names) if arm == "tasks" else cipher_episode(rng, k)
         parts.append(context(ep) + continuation(ep) + "\n")
         n += len(parts[-1])
     body = "".join(parts)
@@ -180,14 +181,19 @@ def aligned_targets(x, y, start_id):
 
 
 class AlignedLoss:
-    """train.run's loss_fn: the language-model loss (train.lm_loss) on aligned_targets."""
+    """train.run's loss_fn: the language-model loss (train.lm_loss) on aligned_targets, without the
+    targets whose id is in `skip_ids` (the inputs' letters: uniform noise no model can predict, whose
+    gradients only dilute the answers')."""
 
-    def __init__(self, start_id):
-        self.start_id = start_id
+    def __init__(self, start_id, skip_ids=()):
+        self.start_id, self.skip_ids = start_id, torch.tensor(sorted(skip_ids), dtype=torch.long)
 
     def __call__(self, model, batch):
         x, y = batch
-        return train.lm_loss(model, (x, aligned_targets(x, y, self.start_id)))
+        y = aligned_targets(x, y, self.start_id)
+        if len(self.skip_ids):
+            y = y.masked_fill(torch.isin(y, self.skip_ids.to(y.device)), -1)
+        return train.lm_loss(model, (x, y))
 
 
 def score(model, tokenizer, episodes, batch_size):
@@ -236,25 +242,28 @@ def spread(values):
 
 # ----------------------------------------------------------------------------- the arms
 
-def train_flags(args, n_layer, n_embd, seed, stream, start_id):
+def train_flags(args, n_layer, n_embd, seed, stream, loss_fn):
     """train.run's flags for one model of an arm."""
     return dict(model="gpt", pos="rope", data=str(stream), data_dir=str(args.data_dir), n_layer=n_layer,
                 n_head=args.n_head, n_embd=n_embd, block_size=args.block_size, batch_size=args.batch_size,
                 learning_rate=args.learning_rate, warmup_iters=min(30, args.max_iters // 10 + 1),
                 lr_schedule="trapezoidal", cooldown_frac=0.2, lr_decay_iters=args.max_iters, dropout=0.0, eval_iters=2, sample_tokens=0,
-                device=resolve_device(args.device), dtype="float32", seed=seed, loss_fn=AlignedLoss(start_id))
+                device=resolve_device(args.device), dtype="float32", seed=seed, loss_fn=loss_fn)
 
 
 def prepare_stream(args, arm, seed, names):
     """The seed's training stream of the arm (written once per settings) and the id of START."""
     out = Path(args.out_dir)
     stream = out / f"{arm}_stream_seed{seed}.txt"
-    settings = {"arm": arm, "seed": seed, "chars": args.stream_chars, "k_max": args.k_max, "q": args.q,
-                "tasks": names}
+    settings = {"arm": arm, "seed": seed, "chars": args.stream_chars, "k_max": args.k_max,
+                "q": args.train_q, "tasks": names}
     cached(out / f"{arm}_stream_seed{seed}.json", settings,
-           lambda: write_stream(stream, arm, seed, args.stream_chars, args.k_max, args.q, names), stream)
-    start_id = data.prepare(str(stream), "char", args.data_dir, quiet=True).tokenizer.encode(START)[0]
-    return stream, settings, start_id
+           lambda: write_stream(stream, arm, seed, args.stream_chars, args.k_max, args.train_q, names), stream)
+    tokenizer = data.prepare(str(stream), "char", args.data_dir, quiet=True).tokenizer
+    inputs = TASK_INPUTS if arm == "tasks" else ALPHABET
+    skip = () if args.train_inputs else [tokenizer.encode(c)[0] for c in inputs]
+    settings = {**settings, "inputs_trained": args.train_inputs}
+    return stream, settings, AlignedLoss(tokenizer.encode(START)[0], skip)
 
 
 def run_tasks(args, shots, sizes, seeds, names):
@@ -262,11 +271,11 @@ def run_tasks(args, shots, sizes, seeds, names):
     standard deviation, min and max; the Bayes curve at every K."""
     rows, params = [], {}
     for seed in seeds:
-        stream, stream_settings, start_id = prepare_stream(args, "tasks", seed, names)
+        stream, stream_settings, loss_fn = prepare_stream(args, "tasks", seed, names)
         for n_layer, n_embd in sizes:
             size = f"{n_layer}x{n_embd}"
             run_dir = Path(args.out_dir) / f"tasks_{size}_seed{seed}"
-            flags = train_flags(args, n_layer, n_embd, seed, stream, start_id)
+            flags = train_flags(args, n_layer, n_embd, seed, stream, loss_fn)
             settings = {**{k: v for k, v in flags.items() if k not in ("loss_fn", "device", "data_dir")},
                         "stream": stream_settings}
             if args.train:
@@ -300,11 +309,11 @@ def run_cipher(args, shots, sizes, seeds):
     rows, curves = [], {}
     stage_steps = [round(args.max_iters * (i + 1) / args.stages) for i in range(args.stages)]
     for seed in seeds:
-        stream, stream_settings, start_id = prepare_stream(args, "cipher", seed, [])
+        stream, stream_settings, loss_fn = prepare_stream(args, "cipher", seed, [])
         for n_layer, n_embd in sizes:
             size = f"{n_layer}x{n_embd}"
             run_dir = Path(args.out_dir) / f"cipher_{size}_seed{seed}"
-            flags = train_flags(args, n_layer, n_embd, seed, stream, start_id)
+            flags = train_flags(args, n_layer, n_embd, seed, stream, loss_fn)
             base = {**{k: v for k, v in flags.items() if k not in ("loss_fn", "device", "data_dir")},
                     "stream": stream_settings}
             for i, steps in enumerate(stage_steps):
@@ -367,6 +376,10 @@ def run(args):
         raise UserError("--tasks: at least two tasks, so that a demonstration can follow another task")
     if not 0 < args.q <= 1:
         raise UserError(f"--q must be in (0, 1], not {args.q}")
+    train_q = [float(v) for v in comma_list(args.train_q)]
+    if len(train_q) != 2 or not 0 < train_q[0] <= train_q[1] <= 1:
+        raise UserError(f"--train_q must be low,high with 0 < low <= high <= 1, not {args.train_q!r}")
+    args.train_q = train_q
     if max(shots) > args.k_max:
         raise UserError(f"--k_max {args.k_max} is below the largest K evaluated ({max(shots)}): the training "
                         "episodes must have as many demonstrations")
@@ -501,21 +514,25 @@ def add_parser(sub):
                        "task-learning go/no-go on a fresh cipher per episode")
     p.add_argument("--arm", default="tasks", help="tasks (evidence accumulation) or cipher (task learning)")
     p.add_argument("--sizes", default="", help="GPT models (RoPE), n_layer x n_embd, comma-separated (empty: "
-                   "tasks 2x32,2x64,3x96; cipher 2x64)")
+                   "tasks 1x32,2x64,3x96; cipher 2x64)")
     p.add_argument("--seeds", default="", help="training seeds, comma-separated (empty: tasks 1,2,3; cipher 1)")
-    p.add_argument("--max_iters", type=int, default=0, help="training steps of every model (0: tasks 800, "
+    p.add_argument("--max_iters", type=int, default=0, help="training steps of every model (0: tasks 1200, "
                    "cipher 2500)")
     p.add_argument("--stages", type=int, default=5, help="cipher: scored after each of this many equal stages")
     p.add_argument("--tasks", default=",".join(TASKS), help="tasks arm: the transformations, comma-separated")
     p.add_argument("--q", type=float, default=0.5, help="tasks arm: probability that a demonstration follows the "
                    "episode's task")
+    p.add_argument("--train_q", default="0.5,1", help="tasks arm: each training episode's q is uniform in this "
+                   "range (low,high); the evaluation's is --q")
+    p.add_argument("--train_inputs", type=runtime.str2bool, default=True, help="whether the loss also trains the "
+                   "demonstrations' input letters (uniform noise)")
     p.add_argument("--shots", default="0,1,2,4,8,16", help="the K evaluated, comma-separated")
     p.add_argument("--k_max", type=int, default=16, help="training episodes have 0..k_max demonstrations")
     p.add_argument("--n_head", type=int, default=4, help="attention heads of every size")
     p.add_argument("--stream_chars", type=int, default=2_000_000, help="characters of each seed's training stream")
     p.add_argument("--block_size", type=int, default=128, help="tokens (characters) per training window")
     p.add_argument("--batch_size", type=int, default=32, help="training windows per step")
-    p.add_argument("--learning_rate", type=float, default=3e-3, help="peak learning rate")
+    p.add_argument("--learning_rate", type=float, default=0, help="peak learning rate (0: tasks 1.5e-3, cipher 3e-3)")
     p.add_argument("--eval_episodes", type=int, default=300, help="evaluation episodes per K")
     p.add_argument("--eval_batch_size", type=int, default=50, help="episodes per evaluation batch")
     p.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: score the runs already "

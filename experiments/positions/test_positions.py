@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import bench
-import train
 from experiments.positions import run as positions_experiment
 from omnitron import data
 from omnitron.generation import generate
@@ -35,23 +34,46 @@ def test_place_passkey_writes_both_sentences_at_their_positions():
     assert set(text[:3] + text[27:67] + text[95:]) == {"_"}  # nothing else written
 
 
-def test_passkey_loss_places_one_key_per_row_within_its_distances(tmp_path, monkeypatch):
+class Recorder(torch.nn.Module):
+    """A model that records the batch it is given: logits a fixed function of the input ids, the loss
+    their mean cross-entropy (as models/gpt.py)."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table, self.seen = torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(1)), []
+
+    def forward(self, x, y):
+        self.seen.append((x, y))
+        logits = self.table[x]
+        return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+
+def test_passkey_loss_places_one_key_per_row_and_weights_its_digits(tmp_path):
+    """One key per row within the distances; seeded by (seed, step); the loss is the language-model loss plus
+    key_weight times the digits' mean cross-entropy, each computed here from the text itself."""
     ds = data.prepare(str(passkey_corpus(tmp_path / "c.txt")), "char", str(tmp_path / "d"), quiet=True)
-    loss_fn = positions_experiment.PasskeyLoss(ds.tokenizer, seed=3, min_distance=30, max_distance=50)
-    seen = []  # the batches PasskeyLoss hands to train.lm_loss
+    loss_fn = positions_experiment.PasskeyLoss(ds.tokenizer, seed=3, min_distance=30, max_distance=50, key_weight=2.5)
+    model = Recorder(ds.tokenizer.vocab_size)
     x, y = ds.get_batch("train", 4, 80, torch.Generator().manual_seed(0))
-    monkeypatch.setattr(train, "lm_loss", lambda model, batch: seen.append(batch))
-    loss_fn(None, (x, y))
-    bx, by = seen[0]
+    loss, metrics = loss_fn(model, (x, y))
+    bx, by = model.seen[0]
     assert torch.equal(bx[:, 1:], by[:, :-1])
+    digit_losses = []
     for row in torch.cat([bx[:, :1], by], 1):
         text = ds.tokenizer.decode(row.tolist())
         key = text.index(" The pass key is ") + len(" The pass key is ")
         answer = text.index(" What is the pass key? ") + len(" What is the pass key? ")
         assert 30 <= answer - key <= 50 and text[key:key + 5] == text[answer:answer + 5] and text[key:key + 5].isdigit()
+        logp = torch.log_softmax(model.table[row[answer - 1:answer + 4]].double(), -1)
+        digit_losses += [-logp[i, row[answer + i]] for i in range(5)]
+    lm = torch.nn.functional.cross_entropy(model.table[bx].flatten(0, 1).double(), by.flatten().long())
+    key_loss = torch.stack(digit_losses).mean()
+    assert metrics["passkey_loss"].item() == pytest.approx(key_loss.item(), rel=1e-5)
+    assert metrics["lm_loss"].item() == pytest.approx(lm.item(), rel=1e-5)
+    assert loss.item() == pytest.approx((lm + 2.5 * key_loss).item(), rel=1e-5)
     again = positions_experiment.PasskeyLoss(ds.tokenizer, seed=3, min_distance=30, max_distance=50)
-    again(None, (x, y))
-    assert torch.equal(seen[1][0], bx)  # seeded by (seed, step): the same draws again
+    again(model, (x, y))
+    assert torch.equal(model.seen[1][0], bx)  # seeded by (seed, step): the same draws again
 
 
 def test_passkey_correct_is_greedy_decodings_exact_match(tmp_path):
