@@ -38,8 +38,10 @@ SEP = " ="  # between a demonstration's input and output (then TARGET_DELIMITER)
 START = "~"  # the first character of every episode: aligned_loss finds episodes by it
 ARMS = ("tasks", "cipher")
 ARM_DEFAULTS = {  # flags whose default depends on the arm
-    "tasks": {"sizes": "1x32,2x64,3x96", "seeds": "1,2,3", "max_iters": 1200, "learning_rate": 1.5e-3},
-    "cipher": {"sizes": "2x64", "seeds": "1", "max_iters": 2500, "learning_rate": 3e-3},
+    "tasks": {"sizes": "1x32,2x64,3x96", "seeds": "1,2,3", "max_iters": 1200, "learning_rate": 1.5e-3,
+              "optimizer": "muon"},
+    "cipher": {"sizes": "2x64", "seeds": "1", "max_iters": 2500, "learning_rate": 3e-3,
+               "optimizer": "muon"},
 }
 
 
@@ -160,6 +162,23 @@ def bayes_accuracy(k, q, n_tasks):
     return total
 
 
+def bayes_on_episodes(episodes, q, names):
+    """The Bayes-optimal score on these very episodes (what bayes_accuracy's expectation is for an
+    infinite sample): per episode, the tasks whose demonstration count maximises the posterior
+    r^(n_t) (r = q (tasks - 1) / (1 - q); the most frequent task for r > 1), ties split. Returns a
+    fraction."""
+    if q == 1:
+        return sum(1.0 if ep["demos"] else 1 / len(names) for ep in episodes) / len(episodes)
+    r = q * (len(names) - 1) / (1 - q)
+    sign = (r > 1) - (r < 1)
+    total = 0.0
+    for ep in episodes:
+        scores = {t: sign * sum(d["task"] == t for d in ep["demos"]) for t in names}
+        best = [t for t in names if scores[t] == max(scores.values())]
+        total += (ep["task"] in best) / len(best)
+    return total / len(episodes)
+
+
 def cipher_ceiling(k, n_letters=len(ALPHABET)):
     """The probability that a cipher query's letter (uniform over n_letters) is the input of one of
     k demonstrations (each uniform, independent): 1 - (1 - 1/n_letters)^k. Beyond it no rule can be
@@ -248,7 +267,8 @@ def train_flags(args, n_layer, n_embd, seed, stream, loss_fn):
                 n_head=args.n_head, n_embd=n_embd, block_size=args.block_size, batch_size=args.batch_size,
                 learning_rate=args.learning_rate, warmup_iters=min(30, args.max_iters // 10 + 1),
                 lr_schedule="trapezoidal", cooldown_frac=0.2, lr_decay_iters=args.max_iters, dropout=0.0, eval_iters=2, sample_tokens=0,
-                device=resolve_device(args.device), dtype="float32", seed=seed, loss_fn=loss_fn)
+                device=resolve_device(args.device), dtype="float32", seed=seed, loss_fn=loss_fn,
+                **({"optimizer": args.optimizer} if args.optimizer != "adamw" else {}))
 
 
 def prepare_stream(args, arm, seed, names):
@@ -299,7 +319,9 @@ def run_tasks(args, shots, sizes, seeds, names):
                             "min": lo, "max": hi, "nats": spread([r["nats"] for r in mine])[0],
                             "seeds": len(mine), "n": mine[0]["n"]})
     bayes = {str(k): bayes_accuracy(k, args.q, len(names)) for k in shots}
-    return {"rows": rows, "summary": summary, "bayes": bayes, "chance": 1 / len(names)}
+    sample = {str(k): bayes_on_episodes(eval_episodes("tasks", k, args.q, names, args.eval_episodes), args.q, names)
+              for k in shots}
+    return {"rows": rows, "summary": summary, "bayes": bayes, "bayes_on_episodes": sample, "chance": 1 / len(names)}
 
 
 def run_cipher(args, shots, sizes, seeds):
@@ -433,6 +455,9 @@ def markdown_tables(results):
             lines.append("| " + " | ".join(row) + " |")
         lines.append("| Bayes-optimal | " + " | ".join(f"{100 * res['bayes'][str(k)]:.0f}" for k in ks)
                      + " |" + " 100 |" * len(clean))
+        if "bayes_on_episodes" in res:
+            lines.append("| Bayes-optimal on these episodes | " + " | ".join(
+                f"{100 * res['bayes_on_episodes'][str(k)]:.0f}" for k in ks) + " |" + " 100 |" * len(clean))
         out.append("\n".join(lines))
     if "cipher" in results:
         res = results["cipher"]
@@ -462,6 +487,9 @@ def plot_tasks(result, path):
     q = result["meta"]["q"]
     ks = sorted(int(k) for k in result["bayes"])
     ax.plot(ks, [100 * result["bayes"][str(k)] for k in ks], "k--", marker="s", label="Bayes-optimal")
+    if "bayes_on_episodes" in result:
+        ax.plot(ks, [100 * result["bayes_on_episodes"][str(k)] for k in ks], color="grey", ls="--", marker="x",
+                label="Bayes-optimal on the evaluated episodes")
     ax.axhline(100 * result["chance"], color="grey", lw=0.8, ls=":", label="chance")
     for size in dict.fromkeys(r["size"] for r in result["summary"]):
         mine = sorted((r for r in result["summary"] if r["size"] == size and r["q"] == q), key=lambda r: r["k"])
@@ -533,6 +561,8 @@ def add_parser(sub):
     p.add_argument("--block_size", type=int, default=128, help="tokens (characters) per training window")
     p.add_argument("--batch_size", type=int, default=32, help="training windows per step")
     p.add_argument("--learning_rate", type=float, default=0, help="peak learning rate (0: tasks 1.5e-3, cipher 3e-3)")
+    p.add_argument("--optimizer", default="", help="train.py's --optimizer: adamw, or muon (the hidden "
+                   "matrices at train.py's --muon_lr, the rest AdamW at --learning_rate; empty: muon)")
     p.add_argument("--eval_episodes", type=int, default=300, help="evaluation episodes per K")
     p.add_argument("--eval_batch_size", type=int, default=50, help="episodes per evaluation batch")
     p.add_argument("--train", type=runtime.str2bool, default=True, help="train (false: score the runs already "

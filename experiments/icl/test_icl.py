@@ -137,3 +137,17 @@ def test_readme_tables_are_the_results_files():
     readme = (HERE / "README.md").read_text()
     for arm, result in json.loads(path.read_text()).items():
         assert icl.markdown_tables({arm: result}) in readme, arm
+
+
+def test_bayes_on_episodes_is_majority_vote_and_converges_to_bayes_accuracy():
+    """On hand-made episodes: the majority task scores 1, a two-way tie 1/2, a wrong majority 0; on many
+    generated episodes it approaches bayes_accuracy."""
+    names = list(icl.TASKS)
+    demo = lambda t: {"input": "a", "output": icl.TASKS[t]("a"), "task": t}  # noqa: E731
+    eps = [{"task": "sub0", "demos": [demo("sub0"), demo("sub0"), demo("sub1")]},
+           {"task": "sub0", "demos": [demo("sub0"), demo("sub1")]},
+           {"task": "sub0", "demos": [demo("sub2"), demo("sub2"), demo("sub0")]}]
+    assert icl.bayes_on_episodes(eps, 0.5, names) == pytest.approx((1 + 0.5 + 0) / 3)
+    rng = random.Random(1)
+    many = [icl.noisy_episode(rng, 8, 0.5, names) for _ in range(4000)]
+    assert icl.bayes_on_episodes(many, 0.5, names) == pytest.approx(icl.bayes_accuracy(8, 0.5, 4), abs=0.025)
