@@ -4,6 +4,7 @@ choice, their command-line flags, user errors that end in one line, and atomic f
 A library module: it imports nothing from the project but kernels (for the --attn choices).
 """
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -63,13 +64,31 @@ def autocast(device, dtype):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (`--max_iters ten`, an unknown flag) are user errors: one `error:`
     line and exit 1 through run_cli, as every other bad input, instead of usage text and exit 2.
-    --help shows every flag's default."""
+    --help shows every flag's default. A flag is given whole: argparse's prefix matching is off
+    (`--max_iter 10` is refused, not taken as --max_iters), in subcommands too (their parsers are
+    of this class)."""
 
-    def __init__(self, *args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+    def __init__(self, *args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):  # a flag misspelt or cut short: name the nearest
+            flags = self.flag_names()
+            given = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            near = [([f for f in flags if f.startswith(a)] or difflib.get_close_matches(a, flags, n=1, cutoff=0.7)
+                     or [None])[0] for a in given]
+            if near := [n for n in near if n]:
+                message += f" (did you mean {', '.join(near)}?)"
         raise UserError(message)
+
+    def flag_names(self):
+        """The --flags of this parser and of its subcommands' parsers."""
+        names = {f for f in self._option_string_actions if f.startswith("--")}
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    names |= {f for f in sub._option_string_actions if f.startswith("--")}
+        return sorted(names)
 
 
 def str2bool(s):

@@ -185,6 +185,12 @@ BAD_INVOCATIONS = [
      "rope_factor must be positive"),
     (["bench.py", "attention", "--window", "0"], "--window must be at least 1"),
     (["bench.py", "scaling", "--sizes", "2x7"], "multiple of the head size"),
+    # a flag cut short is never taken for the flag it starts: the flag meant is named
+    (["train.py", "--max_iter", "10"], "unrecognized arguments: --max_iter 10 (did you mean --max_iters?)"),
+    (["sample.py", "--temp", "0"], "(did you mean --temperature?)"),
+    (["bench.py", "speed", "--n_lay", "2"], "(did you mean --n_layer?)"),
+    (["bench.py", "switch", "--max_iter", "3"], "(did you mean --max_iters?)"),
+    (["-m", "experiments.icl", "--shot", "2"], "(did you mean --shots?)"),
 ]
 
 

@@ -253,3 +253,20 @@ def test_fine_tune_a_mixture_of_experts_checkpoint_fully_and_with_lora(corpus, t
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert "model.layers.0.mlp.shared_expert.up_proj" in wrapped and "model.layers.1.mlp.down_proj" in wrapped
     assert "model.layers.0.self_attn.q_proj" in wrapped and not any("experts." in n or n.endswith(".gate") for n in wrapped)
+
+
+# ----------------------------------------------------------------------------- runs never lost, always resumable
+
+
+def test_flags_are_never_taken_by_prefix():
+    """argparse's prefix matching is off: `--max_iter 10` (a typo of --max_iters) is refused with the flag
+    meant, in train.py, sample.py and bench.py's subcommands (the experiments' parsers too)."""
+    import bench
+    import sample
+    with pytest.raises(runtime.UserError, match=r"unrecognized arguments: --max_iter 10 \(did you mean --max_iters\?\)"):
+        train.parse_args(["--max_iter", "10"])
+    with pytest.raises(runtime.UserError, match="did you mean --temperature"):
+        sample.parser().parse_args(["--temp", "0"])
+    for argv in (["speed", "--n_lay", "2"], ["switch", "--max_iter", "3"], ["icl", "--shot", "2"]):
+        with pytest.raises(runtime.UserError, match="unrecognized arguments"):
+            bench.parser(argv).parse_args(argv)
