@@ -3,7 +3,7 @@
   python train.py --model gpt                          # the default: Shakespeare, char tokens, CPU-sized
   python train.py --config config/tinyshakespeare_cpu.toml
   python train.py --model gpt --resume                 # continue out/gpt where it stopped
-  python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
+  python train.py --init_from HF_DIR --data my.txt --out_dir out/ft   # fine-tune a Hugging Face checkpoint
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
   python train.py --init_from out/sft --dpo pairs.jsonl --out_dir out/dpo          # DPO (dpo.py)
   python train.py --init_from out/M1 --self_reward 3 --prompts p.jsonl --out_dir out/sr   # self-rewarding (self_reward.py)
@@ -58,6 +58,9 @@ TRAIN_FLAGS = [
     ("convert_kv_heads", 0, "with --init_from DIR: mean-pool the key/value heads into this many groups (GQA "
                             "uptraining, Ainslie et al. 2023) before training (0: keep)"),
     ("resume", False, "same as --init_from resume"),
+    ("overwrite", False, "replace the trained run in --out_dir; without it, a new run into a folder that holds a "
+                         "trained checkpoint stops and says what is there (continue it with --resume, or pick "
+                         "another --out_dir)"),
     ("lora_rank", 0, "with --init_from DIR: freeze the model and train rank-r LoRA adapters (Hu et al. 2021) "
                      "on the --lora_targets layers; 0: off (full fine-tuning)"),
     ("lora_alpha", 16.0, "LoRA: the update B A is scaled by lora_alpha / lora_rank"),
@@ -143,6 +146,7 @@ TRAIN_FLAGS = [
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
+LOG = "log.jsonl"  # a run's losses, one JSON record a line
 MODEL_FLAGS_EXCLUDED = {"vocab_size", "block_size"}  # set from the tokenizer and --block_size
 
 
@@ -214,10 +218,10 @@ def resolve_flags(module, explicit, config, config_path=""):
     flags.update(explicit)
     flags["out_dir"] = flags["out_dir"] or f"out/{flags['model']}"
     if flags["init_from"] == "resume":
-        state_path = Path(flags["out_dir"]) / "train_state.pt"
+        state_path = Path(flags["out_dir"]) / checkpoints.TRAIN_STATE
         if not state_path.is_file():
             raise UserError(f"nothing to resume: no {state_path}")
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)["args"]
+        saved = checkpoints.read_train_state(flags["out_dir"])["args"]
         flags = {**flags, **saved, **explicit}
     return flags
 
@@ -762,6 +766,30 @@ def write_log(log_file, record):
         log_file.flush()
 
 
+def read_log(path):
+    """The records of a run's log.jsonl ([] without one). A last line cut off while it was written (the
+    run killed) is left out; another line that is not a JSON record with a step: UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            if n == len(lines):
+                break
+            raise UserError(f"{path}:{n}: not a log record; the log is damaged: delete that line (the log only "
+                            "records the losses) and run the command again")
+        records.append(record)
+    return records
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(s, elapsed):
@@ -798,16 +826,58 @@ def save_checkpoint(s, elapsed):
 
 def load_train_state(out_dir, lora_rank):
     """train_state.pt of a run folder (weights-only), after checking that the model (or adapter) file
-    beside it was written at the same step; a torn checkpoint: UserError."""
-    from safetensors import safe_open
-    state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    beside it was written at the same step; a torn checkpoint, or a damaged file: UserError."""
+    state = checkpoints.read_train_state(out_dir)
     weights = lora.ADAPTER_WEIGHTS if lora_rank else "model.safetensors"
-    with safe_open(out_dir / weights, "pt") as f:
-        model_step = int((f.metadata() or {}).get("step", -1))
+    model_step = weights_step(out_dir / weights)
     if model_step != state["step"]:
         raise UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
-                        f"(step {state['step']}) do not match; the last checkpoint was interrupted")
+                        f"(step {state['step']}) do not match; the last checkpoint was interrupted while it was "
+                        f"written: start a new run from its model with --init_from {out_dir} --out_dir NEW_DIR, "
+                        "or train again with --overwrite")
     return state
+
+
+def weights_step(path):
+    """The training step a checkpoint's weights file was written at (its safetensors metadata), -1 when it
+    names none. A file that cannot be read: ValueError naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return int((f.metadata() or {}).get("step", -1))
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load {path}: {type(e).__name__}: {runtime.first_line(e)}; "
+                         f"{runtime.DAMAGED}") from None
+
+
+WEIGHTS = ("model.safetensors", lora.ADAPTER_WEIGHTS, multimodal.BRIDGE_WEIGHTS)  # what a checkpoint's model is in
+
+
+def check_out_dir(flags):
+    """A new run (not --resume, no --overwrite) into a folder that holds a trained checkpoint (model weights
+    and a train_state.pt past step 0) would replace it: UserError naming what is there (step, val loss)
+    and the three ways on (--resume, another --out_dir, --overwrite). A missing or empty folder is fine."""
+    out = Path(flags["out_dir"])
+    if flags["init_from"] == "resume" or flags["overwrite"] or not (out / checkpoints.TRAIN_STATE).is_file():
+        return
+    if not any((out / name).is_file() for name in WEIGHTS):
+        return
+    ways = "continue it with --resume, train into another --out_dir, or pass --overwrite to replace it"
+    try:
+        step = checkpoints.read_train_state(out)["step"]
+    except UserError:
+        raise UserError(f"{out / checkpoints.TRAIN_STATE} is damaged: {out} holds a run that cannot be resumed; "
+                        "train into another --out_dir, or pass --overwrite to replace it") from None
+    if step <= 0:
+        return
+    try:
+        evaluations = [r for r in read_log(out / LOG) if r["step"] == step and "val_loss" in r]
+    except UserError:
+        evaluations = []
+    loss = f", val loss {evaluations[-1]['val_loss']:.4f}" if evaluations else ""
+    raise UserError(f"{out} already holds a trained run (step {step}{loss}): {ways}")
 
 
 # ----------------------------------------------------------------------------- the end, and the whole run
@@ -861,6 +931,7 @@ def train(flags, module, loss_fn=None):
         if loss_fn is not None:
             raise UserError("--mm_images trains with its own loss (multimodal.loss_fn): it cannot take another loss_fn")
         loss_fn = multimodal.loss_fn
+    check_out_dir(flags)  # after every check of the flags and inputs, before anything is written
     prepare(s, state)
     describe(s)
     losses, metrics, elapsed = fit(s, loss_fn)

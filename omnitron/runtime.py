@@ -218,12 +218,37 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- files
 
+DAMAGED = "the file is damaged or incomplete: copy it again, or train the run that wrote it again"
+
+
 def read_json(path):
-    """A JSON file as Python objects; ValueError naming the file when it is not valid JSON."""
+    """A JSON file as Python objects; ValueError naming the file, and what to do, when it is not
+    valid JSON."""
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); {DAMAGED}") from None
+
+
+def load_tensors(path):
+    """The tensors of a .safetensors file, or of a weights-only torch file (pytorch_model.bin), as a
+    dict of name -> tensor on the CPU. A file that cannot be read: ValueError naming it and what to
+    do (FileNotFoundError when it is missing)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors', zip's and pickle's errors, and EOFError for an empty file
+        raise ValueError(f"cannot load {path}: {type(e).__name__}: {first_line(e)}; {DAMAGED}") from None
+
+
+def first_line(error):
+    """The first line of an exception's message ('' when it has none)."""
+    return str(error).splitlines()[0] if str(error) else ""
 
 
 def write_json(path, obj, **dumps_kwargs):

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import torch
 
 import sample
 import train
-from omnitron import generation, kernels, runtime
+from omnitron import generation, kernels, runtime, tasks
 from omnitron.kernels import performer
 from tests.helpers import ROOT, bad_files, hf_class, run_cli, run_entry_point, tiny_model, tiny_text, train_args
 
@@ -70,6 +72,45 @@ def test_fewshot_command_line(corpus, tmp_path):
     assert "\n" not in r.stdout[len("love => LOVE\n\nnight => NIGHT\n\nday =>"):].rstrip("\n")
     r = run_cli("sample.py", "--out_dir", str(tmp_path / "run"), "--fewshot", str(f), "--shots", "3")
     assert r.returncode == 1 and "needs 4" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def shakespeare_like_run(tmp_path_factory):
+    """A tiny char model of a text whose characters, like Shakespeare's, have no '=' or '>' (tiny_text and
+    the letters of the word tasks' description), with the word task reversed_words made from it in its
+    data_dir/tasks (where sample.py --eval finds the built-in tasks). Returns (run folder, data_dir)."""
+    root = tmp_path_factory.mktemp("shakespeare_like")
+    text = tiny_text() + "\nPlease, reverse the letters of the word: write that word.\n"
+    (root / "corpus.txt").write_text(text)
+    train.run(data=str(root / "corpus.txt"), data_dir=str(root / "d"), out_dir=str(root / "run"), max_iters=2,
+              eval_interval=2, eval_iters=1, batch_size=4, block_size=128, n_layer=1, n_head=2, n_embd=16,
+              sample_tokens=0, device="cpu", dtype="float32")
+    tasks.generate(text, root / "d" / "tasks", names=["reversed_words"], n_train=20, n_test=4)
+    return root / "run", root / "d"
+
+
+DAMAGES = {"truncated": lambda raw: raw[:len(raw) // 2], "empty": lambda raw: b""}
+RUN_FILES = ["train_state.pt", "model.safetensors", "config.json", "tokenizer_omnitron.json"]
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_run_file_is_one_line_naming_it_and_the_way_on(shakespeare_like_run, tmp_path, capsys,
+                                                                monkeypatch, name, damage):
+    """Every file of a run folder, cut short or empty: --resume, sample.py and a new run into the folder
+    each end in one error line that names the file and says what to do."""
+    run = tmp_path / "run"
+    shutil.copytree(shakespeare_like_run[0], run)
+    (run / name).write_bytes(DAMAGES[damage]((run / name).read_bytes()))
+    data_dir = shakespeare_like_run[1]
+    resume = ["train.py", "--out_dir", str(run), "--resume", "--max_iters", "3", "--data_dir", str(data_dir)]
+    fresh = ["train.py", "--out_dir", str(run), "--max_iters", "1", "--data_dir", str(data_dir), "--data",
+             str(data_dir.parent / "corpus.txt"), "--block_size", "8", "--n_layer", "1", "--n_embd", "16"]
+    commands = [resume, fresh] if name == "train_state.pt" else [resume, ["sample.py", "--out_dir", str(run)]]
+    for argv in commands:
+        code, err = run_entry_point(argv, capsys, monkeypatch)
+        assert code == 1 and len(err) == 1 and str(run / name) in err[0], (argv, err)
+        assert any(way in err[0] for way in ("--overwrite", "copy it again")), err
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])

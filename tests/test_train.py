@@ -1,5 +1,11 @@
 """train.py: the training loop in stages, resume, fine-tuning, configs, several processes."""
 
+import json
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -256,6 +262,30 @@ def test_fine_tune_a_mixture_of_experts_checkpoint_fully_and_with_lora(corpus, t
 
 
 # ----------------------------------------------------------------------------- runs never lost, always resumable
+
+
+def test_a_trained_run_is_not_replaced_without_overwrite(corpus, tmp_path):
+    """A new run into a folder that holds a trained checkpoint stops in one line naming what is there and
+    the three ways on, before writing anything; --overwrite replaces it; an empty folder is fine. The
+    experiments' cached_run retrains into a folder whose settings changed (it passes --overwrite)."""
+    from experiments.common import cached_run
+    (tmp_path / "empty").mkdir()
+    train.main(train_args(corpus, tmp_path, "empty", max_iters=4))
+    before = (tmp_path / "empty" / "model.safetensors").read_bytes()
+    val = read_log(tmp_path / "empty")[-1]["val_loss"]
+    with pytest.raises(runtime.UserError) as e:
+        train.main(train_args(corpus, tmp_path, "empty", max_iters=2))
+    assert f"holds a trained run (step 4, val loss {val:.4f})" in str(e.value)
+    assert all(way in str(e.value) for way in ("--resume", "another --out_dir", "--overwrite"))
+    assert (tmp_path / "empty" / "model.safetensors").read_bytes() == before  # nothing written
+    with pytest.raises(runtime.UserError, match="holds a trained run"):
+        train.run(**train_flags(corpus, tmp_path, "empty", max_iters=2))
+    train.main(train_args(corpus, tmp_path, "empty", max_iters=2, overwrite=True))
+    assert torch.load(tmp_path / "empty" / "train_state.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in read_log(tmp_path / "empty") if "val_loss" in r] == [0, 2]
+    flags = {k: v for k, v in train_flags(corpus, tmp_path, "empty", max_iters=3).items() if k != "out_dir"}
+    log = cached_run(tmp_path / "empty", {"settings": "new"}, **flags)  # no settings.json: trained again
+    assert log[-1]["step"] == 3 and json.loads((tmp_path / "empty" / "settings.json").read_text()) == {"settings": "new"}
 
 
 def test_flags_are_never_taken_by_prefix():
