@@ -24,6 +24,11 @@ train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter fo
 run's folder (--mm_images) holds the bridge (multimodal.py: multimodal.json, which names the frozen
 model's directory, and multimodal.safetensors), and the language model too when --mm_freeze false.
 
+A new run never replaces a trained one by accident: into a folder that holds a trained checkpoint it
+stops and says what is there (continue it with --resume, pick another --out_dir, or --overwrite).
+Ctrl-C stops after the step in progress, checkpoints it and prints the --resume command; a resumed run
+continues log.jsonl from its checkpoint's step.
+
 The stages, in the order train() calls them: start (processes, device, precision), build (model,
 tokenizer, data), prepare (optimizer, saved state), fit (the loop), finish (merge, sample).
 """
@@ -32,7 +37,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
 from contextlib import nullcontext
@@ -413,6 +420,8 @@ class Session:
     scaler: torch.amp.GradScaler = None
     data_gen: torch.Generator = None  # draws the training batches: its state is the data position
     step: int = 0
+    start_step: int = 0  # the step this process started from (a resumed run's checkpoint)
+    saved_step: int = None  # the step of the last checkpoint in out_dir (None: none yet)
     elapsed_before: float = 0.0  # seconds of training before this process (a resumed run)
 
     @property
@@ -619,6 +628,8 @@ def prepare(s, state=None):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         s.step, s.elapsed_before = state["step"], state["elapsed_s"]
+        s.saved_step = state["step"]
+    s.start_step = s.step
     s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
 
 
@@ -672,29 +683,85 @@ class Clock:
         self.interval_start, self.interval_steps = time.time() if now is None else now, 0
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) while the loop runs in one process: the first asks it to stop after the step in
+    progress (fit checkpoints there, so nothing is cut half-way); a second interrupts at once
+    (KeyboardInterrupt). Installed in the main thread only, and only over Python's own SIGINT handler
+    (a process that ignores SIGINT keeps ignoring it)."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.requested, self.previous = enabled, False, None
+
+    def __enter__(self):
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 def fit(s, loss_fn=None):
     """Train from s.step to max_iters with loss_fn (default lm_loss; see train()): evaluate and
     checkpoint every eval_interval steps and at max_iters; print and log (out_dir/log.jsonl) every
-    log_interval steps and at max_iters. Returns (the last evaluation {"train", "val"}, the last logged
-    loss_fn metrics, seconds of training in all)."""
+    log_interval steps and at max_iters. A resumed run's log continues from the checkpoint's step
+    (resume_log; an evaluation logged at that step is not repeated). Ctrl-C in one process: the loop
+    stops after the step in progress, checkpoints it and raises runtime.Interrupted (stop_here).
+    Returns (the last evaluation {"train", "val"}, the last logged loss_fn metrics, seconds of training
+    in all)."""
     f, loss_fn = s.flags, loss_fn or lm_loss
     s.out_dir.mkdir(parents=True, exist_ok=True)
-    log_path, mode = s.out_dir / "log.jsonl", "a" if f["init_from"] == "resume" else "w"
+    log_path, resumed = s.out_dir / LOG, f["init_from"] == "resume"
+    logged = resume_log(log_path, s.step, rewrite=s.rank == 0) if resumed else None
+    if not resumed and s.rank == 0:  # a replaced run's state (--overwrite) never pairs with this run's files
+        (s.out_dir / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
     clock, losses, metrics = Clock(s.step), {}, {}
-    with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
+    with (open(log_path, "a" if resumed else "w") if s.rank == 0 else nullcontext()) as log_file, \
+            StopRequest(enabled=s.world_size == 1) as stop:
         s.model.train()
         while True:
             performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
             if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
-                losses = evaluate_and_checkpoint(s, clock, log_file)
+                if logged is not None and s.step == clock.first_step:  # logged before the run stopped
+                    losses = {"train": logged.get("train_lm_loss", logged.get("train_loss")), "val": logged["val_loss"]}
+                else:
+                    losses = evaluate_and_checkpoint(s, clock, log_file)
             if s.step >= f["max_iters"]:
                 break
+            if stop.requested:
+                stop_here(s, clock)
             lr = lr_at(s.step, f)
             loss, step_metrics = train_step(s, loss_fn, lr)
             clock.interval_steps += 1
             if s.step % f["log_interval"] == 0 or s.step == f["max_iters"]:
                 metrics = log_progress(s, clock, log_file, lr, loss, step_metrics)
     return losses, metrics, s.elapsed_before + time.time() - clock.t0
+
+
+def stop_here(s, clock):
+    """Ctrl-C during fit: checkpoint this step (unless that is done) and raise runtime.Interrupted
+    with the line that says which step the checkpoint holds and how to continue."""
+    if s.saved_step != s.step:
+        save_checkpoint(s, s.elapsed_before + time.time() - clock.t0)
+    raise runtime.Interrupted(f"interrupted at step {s.step} of {s.flags['max_iters']}: checkpoint saved in "
+                              f"{s.out_dir} (step {s.step}); continue with: python train.py --out_dir {s.out_dir} "
+                              f"--resume")
+
+
+def interrupted_line(s):
+    """What a Ctrl-C that stopped the run at once says: the step of the last checkpoint in out_dir and the
+    --resume command, or that there is none."""
+    if s.saved_step is None:
+        return f"interrupted at step {s.step} before the first checkpoint: nothing to resume in {s.out_dir}"
+    return (f"interrupted at step {s.step}: the last checkpoint in {s.out_dir} holds step {s.saved_step}; "
+            f"continue with: python train.py --out_dir {s.out_dir} --resume")
 
 
 def evaluate_and_checkpoint(s, clock, log_file):
@@ -790,6 +857,18 @@ def read_log(path):
     return records
 
 
+def resume_log(path, step, rewrite=True):
+    """A resumed run's log.jsonl: the records up to the checkpoint's `step` kept and those after it (the
+    steps the stopped run did after its last checkpoint, which this run does again) dropped, written back
+    (rewrite; rank 0 only), so that the log holds each step once and elapsed_s never runs back. Returns
+    the evaluation record logged at `step` (None when there is none)."""
+    kept = [r for r in read_log(path) if r["step"] <= step]
+    if rewrite:
+        runtime.write_jsonl(path, kept)
+    evaluations = [r for r in kept if r["step"] == step and "val_loss" in r]
+    return evaluations[-1] if evaluations else None
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(s, elapsed):
@@ -821,7 +900,8 @@ def save_checkpoint(s, elapsed):
              "rng": {"torch": torch.get_rng_state(), "data": s.data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
              "elapsed_s": elapsed, "args": s.flags}
-    runtime.atomic_write(s.out_dir / "train_state.pt", lambda tmp: torch.save(state, tmp))
+    runtime.atomic_write(s.out_dir / checkpoints.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
+    s.saved_step = s.step
 
 
 def load_train_state(out_dir, lora_rank):
@@ -883,11 +963,19 @@ def check_out_dir(flags):
 # ----------------------------------------------------------------------------- the end, and the whole run
 
 def finish(s, losses, elapsed):
-    """The closing lines: the final loss; with --merge, the base model with the adapter folded in
-    (OUT_DIR/merged); leave the process group, or print a sample of sample_tokens tokens."""
+    """The closing lines: the final loss and the time (a resumed run: its own steps and seconds, then the
+    whole run's); with --merge, the base model with the adapter folded in (OUT_DIR/merged); leave the
+    process group, or print a sample of sample_tokens tokens."""
     f = s.flags
-    s.say(f"done: val loss {losses['val']:.4f} after {s.step} steps, {format_eta(elapsed)} ({elapsed:.0f} s); "
-          f"model saved in {s.out_dir}", flush=True)
+    lm = " lm" if f["dpo"] else ""
+    if s.start_step:
+        mine = elapsed - s.elapsed_before
+        timing = (f"this run: steps {s.start_step}..{s.step} in {format_eta(mine)} ({mine:.0f} s); "
+                  f"{format_eta(elapsed)} ({elapsed:.0f} s) of training in all")
+    else:
+        timing = f"{format_eta(elapsed)} ({elapsed:.0f} s)"
+    s.say(f"done: val{lm} loss {losses['val']:.4f} after {s.step} steps, {timing}; model saved in {s.out_dir}",
+          flush=True)
     if f["merge"]:
         merged = s.out_dir / "merged"
         lora.merge(s.model).save_pretrained(merged)
@@ -911,10 +999,28 @@ def train(flags, module, loss_fn=None):
     loss_fn(model, batch) -> (scalar loss, {name: scalar metric}) is what the steps minimise (default
     lm_loss); its metrics, those of the last micro-batch of a logged step, go into log.jsonl beside
     train_loss. Returns {"val_loss", "train_loss" (the last evaluation, nats), the last logged metrics,
-    "step", "elapsed_s", "out_dir"}."""
+    "step", "elapsed_s", "out_dir"}. A folder that holds a trained run is not replaced without
+    --overwrite (check_out_dir, once the flags and inputs are checked). Ctrl-C: runtime.Interrupted,
+    whose line says which step the last checkpoint holds and how to continue."""
     if flags["self_reward"]:
-        return self_reward.run(flags, module, train)
-    s = start(flags)
+        try:
+            return self_reward.run(flags, module, train)
+        except KeyboardInterrupt:
+            raise runtime.Interrupted(f"interrupted: run the same command again to continue ({flags['out_dir']} "
+                                      "keeps the finished iterations and the last checkpoint)") from None
+    s = None
+    try:
+        s = start(flags)
+        return stages(s, flags, module, loss_fn)
+    except KeyboardInterrupt as e:
+        if isinstance(e, runtime.Interrupted) or (s is not None and s.rank != 0):
+            raise
+        raise runtime.Interrupted(interrupted_line(s) if s is not None else
+                                  "interrupted before training started") from None
+
+
+def stages(s, flags, module, loss_fn):
+    """train()'s stages after start: build, the objective, prepare, fit, finish."""
     state = build(s, module)
     if flags["dpo"]:
         if loss_fn is not None:

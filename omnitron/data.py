@@ -213,6 +213,8 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
         tokenizer = fixed.key()
     folder = data_dir / name / tokenizer.replace(":", "-")
     text, source_hash, docs = read_corpus(files)
+    if fixed is not None and (made := _made_with(data_dir / name, fixed, source_hash, data_dir)):
+        return made  # the cache this tokenizer was made with (a resumed or fine-tuned run's own)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -251,6 +253,25 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
         manifest["chars"] = tok.chars
     atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return Dataset(folder, tok, manifest)
+
+
+def _made_with(corpus_dir, tokenizer, source_hash, data_dir):
+    """The Dataset in corpus_dir that was tokenized by a tokenizer built from the corpus (char, bpe:N)
+    equal to `tokenizer` (a loaded model's), or None: a run trained on this corpus and then resumed or
+    fine-tuned reads the cache it was trained from instead of tokenizing the corpus again."""
+    spec = getattr(tokenizer, "spec", "")
+    if spec != "char" and not spec.startswith("bpe:"):
+        return None
+    folder = corpus_dir / spec.replace(":", "-")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("tokenizer") != spec or manifest.get("source_sha256") != source_hash:
+        return None
+    if _tokenizer_for(folder, manifest, data_dir).key() != tokenizer.key():
+        return None
+    return Dataset(folder, tokenizer, manifest)
 
 
 def _tokenizer_for(folder, manifest, data_dir):

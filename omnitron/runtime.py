@@ -170,9 +170,15 @@ def trained_attention(flags, directory, say=print):
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what was kept and how to go on (train.py: the checkpoint's
+    step and the --resume command); run_cli prints it and exits 130."""
+
+
 def run_cli(main):
     """Run a command's main(); a user error (bad flag value, missing or corrupt file, bad corpus)
-    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead."""
+    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead.
+    Ctrl-C exits 130, printing the line of an Interrupted."""
     try:
         sys.exit(main())
     except (UserError, ValueError, OSError) as e:
@@ -180,7 +186,9 @@ def run_cli(main):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted) and str(e):
+            print(e, file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -300,3 +300,64 @@ def test_flags_are_never_taken_by_prefix():
     for argv in (["speed", "--n_lay", "2"], ["switch", "--max_iter", "3"], ["icl", "--shot", "2"]):
         with pytest.raises(runtime.UserError, match="unrecognized arguments"):
             bench.parser(argv).parse_args(argv)
+
+
+def test_resume_continues_the_log_and_the_cache_and_says_what_this_run_did(corpus, tmp_path, capsys):
+    """A run killed after its checkpoint (step 4) had logged steps 5 and 6: resumed, the log holds each
+    step once, elapsed_s never runs back, and the evaluation at step 4 is not repeated; the corpus is
+    read from the cache the run was trained from (no second tokenized copy); the closing line gives this
+    run's steps and time apart from the whole run's."""
+    train.main(train_args(corpus, tmp_path, max_iters=4))
+    log = tmp_path / "run" / "log.jsonl"
+    last = read_log(tmp_path / "run")[-1]["elapsed_s"]
+    with open(log, "a") as f:  # what the killed run wrote after its last checkpoint, the last line cut short
+        f.write(json.dumps({"step": 5, "elapsed_s": last + 50, "train_loss": 9.0}) + "\n")
+        f.write(json.dumps({"step": 6, "elapsed_s": last + 60, "train_loss": 9.0}) + "\n" + '{"step": 7, "ela')
+    capsys.readouterr()
+    train.main(train_args(corpus, tmp_path, max_iters=8) + ["--resume"])
+    out = capsys.readouterr().out
+    records = read_log(tmp_path / "run")
+    training = [r["step"] for r in records if "val_loss" not in r]
+    evaluations = [r["step"] for r in records if "val_loss" in r]
+    assert training == list(range(1, 9)) and evaluations == [0, 4, 8]
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(records, records[1:]))
+    assert all(r["train_loss"] != 9.0 for r in records)
+    assert "step 4:" not in out and "this run: steps 4..8 in" in out and "of training in all" in out
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() for p in p.iterdir()) == ["char"]
+
+
+def test_ctrl_c_checkpoints_says_where_and_the_resumed_log_runs_on(corpus, tmp_path):
+    """SIGINT to a real run: it stops after the step in progress, checkpoints it, says in one line which
+    step that is and the --resume command, and exits 130; resumed, log.jsonl's steps run on without
+    repeats and its clock never goes back."""
+    out = tmp_path / "run"
+    args = train_args(corpus, tmp_path, max_iters=100000, eval_interval=10, log_interval=5, lr_decay_iters=None,
+                      warmup_iters=None)
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not any(r["step"] >= 10 and "val_loss" in r for r in read_log_lines(out / "log.jsonl")):
+            assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert p.returncode == 130 and err.splitlines() == [
+        f"interrupted at step {saved} of 100000: checkpoint saved in {out} (step {saved}); continue with: "
+        f"python train.py --out_dir {out} --resume"]
+    train.main([*args, f"--max_iters={saved + 6}", "--resume"])
+    records = read_log(out)
+    for kind in (lambda r: "val_loss" not in r, lambda r: "val_loss" in r):
+        steps = [r["step"] for r in records if kind(r)]
+        assert steps == sorted(set(steps)) and steps[-1] == saved + 6
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(records, records[1:]))
+
+
+def read_log_lines(path):
+    """The whole lines of a log.jsonl being written ([] before it exists)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("}\n")]
