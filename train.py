@@ -766,13 +766,16 @@ def interrupted_line(s):
 
 def evaluate_and_checkpoint(s, clock, log_file):
     """Evaluate, print and log the losses, and checkpoint (not at the step a run starts or resumes
-    from, unless that is max_iters). Returns the losses {"train", "val"}."""
+    from, unless that is max_iters). With --dpo the evaluation is the language-model loss beside a
+    training loss that is DPO's: its lines say `lm loss` and log.jsonl's key is train_lm_loss (val_loss
+    is always the language-model loss). Returns the losses {"train", "val"}."""
     f = s.flags
     losses = evaluate(s.train_model, s.dataset, f, s.ctx, s.device, s.rank, s.world_size)
     elapsed = s.elapsed_before + time.time() - clock.t0
-    s.say(f"step {s.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+    lm = " lm" if f["dpo"] else ""
+    s.say(f"step {s.step}: train{lm} loss {losses['train']:.4f}, val{lm} loss {losses['val']:.4f}", flush=True)
     write_log(log_file, {"step": s.step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"],
-                         "train_loss": losses["train"]})
+                         "train_lm_loss" if f["dpo"] else "train_loss": losses["train"]})
     if s.step > clock.first_step or s.step == f["max_iters"]:
         save_checkpoint(s, elapsed)
     clock.restart_interval()  # throughput excludes evaluation time
@@ -816,7 +819,8 @@ def log_progress(s, clock, log_file, lr, loss, metrics):
     step_time = (now - clock.interval_start) / clock.interval_steps
     eta = (now - clock.t0) / (s.step - clock.first_step) * (f["max_iters"] - s.step)  # evaluations included
     shown = "".join(f" | {name} {value:.4f}" for name, value in metrics.items())
-    s.say(f"iter {s.step}/{f['max_iters']} | loss {loss_value:.4f}{shown} | lr {lr:.2e} | "
+    name = "dpo loss" if f["dpo"] and not f["dpo_replay"] else "loss"  # DPO's, not the evaluations' lm loss
+    s.say(f"iter {s.step}/{f['max_iters']} | {name} {loss_value:.4f}{shown} | lr {lr:.2e} | "
           f"{s.tokens_per_step / step_time:,.0f} tok/s | {step_time * 1000:.0f} ms/iter | "
           f"ETA {format_eta(eta)}", flush=True)
     write_log(log_file, {"step": s.step, "elapsed_s": round(s.elapsed_before + now - clock.t0, 3),
