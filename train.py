@@ -52,6 +52,8 @@ from omnitron.generation import stream
 from omnitron.kernels import performer
 from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
 
+INIT_BLOCK_SIZE = 1024  # --init_from DIR without --block_size: the model's length, up to this
+
 TRAIN_FLAGS = [
     # (name, default, help)
     ("model", "gpt", "the model file models/NAME.py"),
@@ -122,7 +124,8 @@ TRAIN_FLAGS = [
     ("mm_freeze", True, "multimodal: freeze the language model and train the bridge alone; false: train both"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
-    ("block_size", 128, "tokens per sequence"),
+    ("block_size", 128, "tokens per sequence; with --init_from DIR and no --block_size: the model's own length "
+                        f"(its config's block_size), at most {INIT_BLOCK_SIZE}"),
     ("gradient_accumulation_steps", 1, "micro-batches per optimizer step"),
     ("learning_rate", 3e-3, "peak learning rate"),
     ("min_lr", -1.0, "final learning rate of the cosine decay (-1: learning_rate / 10)"),
@@ -155,6 +158,7 @@ TRAIN_FLAGS = [
 ]
 LOG = "log.jsonl"  # a run's losses, one JSON record a line
 MODEL_FLAGS_EXCLUDED = {"vocab_size", "block_size"}  # set from the tokenizer and --block_size
+MODEL_BLOCK_SIZE = 0  # --block_size's value while a loaded model's own length is still to be read (build)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -230,6 +234,8 @@ def resolve_flags(module, explicit, config, config_path=""):
             raise UserError(f"nothing to resume: no {state_path}")
         saved = checkpoints.read_train_state(flags["out_dir"])["args"]
         flags = {**flags, **saved, **explicit}
+    elif flags["init_from"] != "scratch" and "block_size" not in explicit:
+        flags["block_size"] = MODEL_BLOCK_SIZE  # the loaded model's own length (build)
     return flags
 
 
@@ -442,7 +448,8 @@ def start(flags):
     """The process: join the process group under torchrun, pick the device, dtype and attention
     backend, seed the RNG. Flag combinations that cannot work: UserError."""
     for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if flags[name] < 1:
+        if flags[name] < 1 and not (name == "block_size" and flags[name] == MODEL_BLOCK_SIZE
+                                    and flags["init_from"] not in ("scratch", "resume")):
             raise UserError(f"--{name} must be at least 1, not {flags[name]}")
     if flags["max_iters"] < 0:
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
@@ -551,6 +558,8 @@ def build(s, module):
     else:
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
         keep_loaded_config(s, module)
+        if f["block_size"] == MODEL_BLOCK_SIZE:  # --init_from DIR without --block_size: the model's own length
+            f["block_size"] = min(s.model.config.block_size, INIT_BLOCK_SIZE)
         if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
             s.dataset = dpo.PairDataset(f["dpo"], tokenizer, f["dpo_truncation"])
         elif f["mm_images"]:  # scenes of digits (attach_bridge)
@@ -566,7 +575,9 @@ def build(s, module):
     s.dataset.check_block_size(f["block_size"])
     limit = s.model.max_positions
     if limit is not None and f["block_size"] > limit:
-        raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions")
+        raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions: give --block_size "
+                        f"{limit} or less" + (" (or leave it out: --init_from takes the model's own length)"
+                                              if f["init_from"] != "scratch" else ""))
     return state
 
 

@@ -302,6 +302,18 @@ def test_flags_are_never_taken_by_prefix():
             bench.parser(argv).parse_args(argv)
 
 
+def test_init_from_takes_the_models_own_block_size(corpus, tmp_path):
+    """--init_from DIR without --block_size trains at the model's own length (here 32, below the default
+    128), and refuses a longer explicit one in a line that says what fits."""
+    train.main(train_args(corpus, tmp_path, "base", max_iters=2, block_size=32))
+    result = train.run(**train_flags(corpus, tmp_path, "tuned", init_from=tmp_path / "base", max_iters=2,
+                                     block_size=None))
+    assert result["step"] == 2
+    assert torch.load(tmp_path / "tuned" / "train_state.pt", weights_only=True)["args"]["block_size"] == 32
+    with pytest.raises(runtime.UserError, match="--block_size 64 exceeds the model's 32 positions: give --block_size 32"):
+        train.run(**train_flags(corpus, tmp_path, "longer", init_from=tmp_path / "base", max_iters=2, block_size=64))
+
+
 def test_resume_continues_the_log_and_the_cache_and_says_what_this_run_did(corpus, tmp_path, capsys):
     """A run killed after its checkpoint (step 4) had logged steps 5 and 6: resumed, the log holds each
     step once, elapsed_s never runs back, and the evaluation at step 4 is not repeated; the corpus is
