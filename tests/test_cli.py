@@ -89,6 +89,41 @@ def shakespeare_like_run(tmp_path_factory):
     return root / "run", root / "d"
 
 
+def test_fewshot_defaults_work_on_a_model_without_their_characters(shakespeare_like_run, tmp_path, capsys,
+                                                                   monkeypatch):
+    """The default separator ' =>' and the word tasks' ' =' have characters a Shakespeare char model lacks:
+    --fewshot and --eval take one the model can spell, and say so; a character chosen by the user (--sep,
+    the file's header) or in a demonstration or the prompt is one error line naming where it came from."""
+    run, data_dir = shakespeare_like_run
+    f = tmp_path / "t.jsonl"
+    records = [{"input": w, "output": w.upper()} for w in ("rose", "name", "fair", "art")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["sample.py", "--out_dir", str(run), "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]
+    code, err = run_entry_point([*base, "--fewshot", str(f), "--shots", "2", "--prompt", "art"], capsys, monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("rose: ROSE\n\nname: NAME\n\nart:"), (err, out)
+    assert err == ["note: this model's vocabulary lacks '=', '>' of the separator ' =>': the demonstrations read "
+                   "'input: output' (choose another with --sep)"]
+    code, err = run_entry_point([*base, "--eval", "reversed_words", "--data_dir", str(data_dir), "--shots", "2",
+                                 "--limit", "2"], capsys, monkeypatch)
+    assert code == 0 and "exact_match" in capsys.readouterr().out, err
+    assert err[-1].startswith("note: this model's vocabulary lacks '=' of the separator ' ='"), err
+    header = tmp_path / "header.jsonl"
+    header.write_text(json.dumps({"sep": " =>"}) + "\n" + f.read_text())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "rose=", "output": "ROSE"}) + "\n" + f.read_text())
+    for args, message in [
+        (["--fewshot", str(header)], f"the separator ' =>' (the \"sep\" of {header}'s header) has '=', '>'"),
+        (["--fewshot", str(f), "--sep", " ="], "the separator ' =' (--sep) has '='"),
+        (["--fewshot", str(bad)], f"the demonstration 'rose=' (its input) in {bad} has '='"),
+        (["--fewshot", str(f), "--prompt", "x=y"], "the prompt (--prompt) has 'x', '='"),
+        (["--prompt", "2 > 1"], "the prompt (--prompt) has '2', '>', '1'"),
+    ]:
+        code, err = run_entry_point([*base, *args, "--shots", "2"], capsys, monkeypatch)
+        assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {message}, which this model's "
+                                                                 "vocabulary lacks: "), err
+
+
 DAMAGES = {"truncated": lambda raw: raw[:len(raw) // 2], "empty": lambda raw: b""}
 RUN_FILES = ["train_state.pt", "model.safetensors", "config.json", "tokenizer_omnitron.json"]
 
