@@ -48,6 +48,7 @@ printed) or a file of grey levels, and each --prompt the text after the image (`
 """
 import dataclasses
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -161,10 +162,11 @@ def main(argv=None):
                     generator=generator, compile=args.compile)
     if draft is not None:
         sampling.update(draft=draft, speculate_k=args.speculate_k)
-    with autocast(device, dtype):
+    with autocast(device, dtype), compile_errors(args.compile):
         if len(prompts) == 1 and args.num_samples == 1:  # one row: show it as it comes
-            print(prompts[0], end="", flush=True)
-            stream(model, tokenizer, prompt_ids[0], args.max_new_tokens, stop=stop, **sampling)
+            # the prompt is shown with the first generated text: an error in the first step (--compile's
+            # compilation) comes alone
+            stream(model, tokenizer, prompt_ids[0], args.max_new_tokens, stop=stop, head=prompts[0], **sampling)
             print()
             return 0
         rows = [i for i in range(len(prompts)) for _ in range(args.num_samples)]
@@ -207,6 +209,20 @@ def separator(args, task, built_in=False):
     if task.sep_given and not built_in:
         return task.sep, f"the \"sep\" of {args.fewshot or args.eval}'s header"
     return task.sep, None
+
+
+@contextmanager
+def compile_errors(compiling):
+    """With --compile: torch.compile's failures (no C++ compiler found, an inductor error) are one error
+    line that says to sample without --compile."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        from_torch = isinstance(e, OSError) or type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+        if not compiling or not from_torch:
+            raise
+        raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {runtime.first_line(e)}); "
+                        "sample without --compile (on a CPU it needs a C++ compiler)") from None
 
 
 def run_image(args, device, dtype):

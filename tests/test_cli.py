@@ -124,6 +124,21 @@ def test_fewshot_defaults_work_on_a_model_without_their_characters(shakespeare_l
                                                                  "vocabulary lacks: "), err
 
 
+def test_compile_failure_is_one_line_before_any_text(shakespeare_like_run, capsys, monkeypatch):
+    """sample.py --compile where torch.compile cannot compile (no C++ compiler): one error line that says
+    to drop --compile, and the prompt is not printed before it."""
+    def no_compiler(model):
+        def step(*args, **kwargs):
+            raise FileNotFoundError(2, "No such file or directory", "g++")
+        return step
+    monkeypatch.setattr(generation, "compiled_decoder", no_compiler)
+    code, err = run_entry_point(["sample.py", "--out_dir", str(shakespeare_like_run[0]), "--prompt", "ROMEO:",
+                                 "--compile", "--max_new_tokens", "5", "--device", "cpu"], capsys, monkeypatch)
+    assert code == 1 and capsys.readouterr().out == ""
+    assert err == ["error: --compile: torch.compile failed (FileNotFoundError: [Errno 2] No such file or "
+                   "directory: 'g++'); sample without --compile (on a CPU it needs a C++ compiler)"]
+
+
 DAMAGES = {"truncated": lambda raw: raw[:len(raw) // 2], "empty": lambda raw: b""}
 RUN_FILES = ["train_state.pt", "model.safetensors", "config.json", "tokenizer_omnitron.json"]
 
