@@ -20,8 +20,12 @@ puts around a text (a Hugging Face tokenizer.json's post-processor: Llama 3's BO
 Few-shot prompts are built GPT-3's way (Brown et al. 2020): an optional task description line,
 K demonstrations `input => output` separated by blank lines, then `query =>`; the completion is
 generated up to the end of its line. The .jsonl file holds one {"input": ..., "output": ...}
-object per line, and optionally one {"description": ...} line (evaluation.read_task: the format of
-the tasks in data/tasks/ too).
+object per line, and optionally one header line {"description": ..., "sep": ...} (evaluation.read_task:
+the format of the tasks in data/tasks/ too); "sep" is what goes between input and output (default
+" =>"), and --sep overrides it. A model whose vocabulary cannot spell the default separator (a
+character model of Shakespeare has no '=' or '>') gets one that it can (evaluation.SEPARATORS; a note
+says which); a separator chosen in the header or with --sep, a demonstration or a prompt with a
+character the vocabulary lacks is one error naming where the character came from.
 
 --eval TASK scores the model on a task at --shots K (evaluation.py: GPT-3's k-shot evaluation with
 lm-evaluation-harness's request semantics) and prints a table (task, K, metric, value, stderr, n);
@@ -42,7 +46,9 @@ multimodal.py), --image N the N-th held-out test scene (made of test images only
 printed) or a file of grey levels, and each --prompt the text after the image (`digits:`,
 `how many 8s?`, `largest?`, `sum?`), answered to the end of its line.
 """
+import dataclasses
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -81,7 +87,12 @@ def parser():
     p.add_argument("--draft", default="", help="a draft model directory (same tokenizer) for speculative decoding "
                    "(empty: none)")
     p.add_argument("--speculate_k", type=int, default=4, help="tokens the draft proposes per verification")
-    p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt")
+    p.add_argument("--fewshot", default=None, help="a .jsonl file of demonstrations for a few-shot prompt: "
+                   "{\"input\", \"output\"} lines, optionally a header {\"description\", \"sep\"} (sep: between "
+                   "input and output, default ' =>')")
+    p.add_argument("--sep", default=None, help="--fewshot and --eval: the separator between a demonstration's "
+                   "input and output, over the task's (None: the task's; when the model's vocabulary cannot spell "
+                   "a default one, the first of ' =>', ' =', ' ->', ':', ' -' that it can)")
     p.add_argument("--shots", type=int, default=3, help="number of demonstrations in the few-shot prompt (and "
                    "per item with --eval)")
     p.add_argument("--eval", default=None, metavar="TASK", help="evaluate the model on a task at --shots K "
@@ -140,14 +151,9 @@ def main(argv=None):
     prompts = [read_prompt(p) for p in args.prompt or ["\n"]]
     stop = None
     if args.fewshot:
-        task = read_task(args.fewshot, what="few-shot file")
-        records = evaluation.all_records(task)
-        need = args.shots + (0 if args.prompt else 1)  # without --prompt, the next record is the query
-        if args.shots < 0 or len(records) < need:
-            raise UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
-                                 f"{need} (the query included)")
-        queries = prompts if args.prompt else [records[args.shots]["input"]]
-        prompts, stop = [fewshot_prompt(records[:args.shots], q, task.description, task.sep) for q in queries], "\n"
+        prompts, stop = fewshot_prompts(args, tokenizer, prompts), "\n"
+    else:
+        evaluation.check_readable(tokenizer, [(p, "the prompt (--prompt)", "change the prompt") for p in prompts])
     prompt_ids = [tokenizer.encode(p, add_special_tokens=True) for p in prompts]  # Llama 3: BOS first
     if not all(prompt_ids):
         raise UserError("the prompt is empty")
@@ -156,10 +162,11 @@ def main(argv=None):
                     generator=generator, compile=args.compile)
     if draft is not None:
         sampling.update(draft=draft, speculate_k=args.speculate_k)
-    with autocast(device, dtype):
+    with autocast(device, dtype), compile_errors(args.compile):
         if len(prompts) == 1 and args.num_samples == 1:  # one row: show it as it comes
-            print(prompts[0], end="", flush=True)
-            stream(model, tokenizer, prompt_ids[0], args.max_new_tokens, stop=stop, **sampling)
+            # the prompt is shown with the first generated text: an error in the first step (--compile's
+            # compilation) comes alone
+            stream(model, tokenizer, prompt_ids[0], args.max_new_tokens, stop=stop, head=prompts[0], **sampling)
             print()
             return 0
         rows = [i for i in range(len(prompts)) for _ in range(args.num_samples)]
@@ -167,6 +174,55 @@ def main(argv=None):
         for n, (i, text) in enumerate(zip(rows, texts)):
             print(prompts[i] + text + ("\n" + "-" * 40 if n + 1 < len(rows) else ""))
     return 0
+
+
+def fewshot_prompts(args, tokenizer, prompts):
+    """--fewshot: the few-shot prompt of each query (the --prompts; without them, the record after the
+    demonstrations), with a separator the model can spell (evaluation.readable_sep: the task's, --sep's, or
+    one of its characters when nobody chose it). A character the vocabulary lacks: UserError naming
+    where it came from (the separator, the description, a demonstration, the prompt) and what to change."""
+    task = read_task(args.fewshot, what="few-shot file")
+    records = evaluation.all_records(task)
+    need = args.shots + (0 if args.prompt else 1)  # without --prompt, the next record is the query
+    if args.shots < 0 or len(records) < need:
+        raise UserError(f"{args.fewshot} has {len(records)} demonstrations; --shots {args.shots} needs "
+                        f"{need} (the query included)")
+    sep, note = evaluation.readable_sep(tokenizer, *separator(args, task))
+    demos = records[:args.shots]
+    queries = prompts if args.prompt else [records[args.shots]["input"]]
+    edit = f"edit or remove it in {args.fewshot}"
+    evaluation.check_readable(tokenizer, [
+        (task.description, f"the description in {args.fewshot}", edit),
+        *[(d[key], f"the demonstration {d['input']!r} (its {key}) in {args.fewshot}", f"{edit}, or give fewer --shots")
+          for d in demos for key in ("input", "output")],
+        *[(q, "the prompt (--prompt)" if args.prompt else f"the query {q!r} (the record after the shots in "
+           f"{args.fewshot})", "change the prompt" if args.prompt else "give --prompt") for q in queries]])
+    if note:  # after the checks: an error is the one line
+        print(note, file=sys.stderr, flush=True)
+    return [fewshot_prompt(demos, q, task.description, sep) for q in queries]
+
+
+def separator(args, task, built_in=False):
+    """(the separator, who chose it: "--sep", the task file's header, or None for a default) of a task."""
+    if args.sep is not None:
+        return args.sep, "--sep"
+    if task.sep_given and not built_in:
+        return task.sep, f"the \"sep\" of {args.fewshot or args.eval}'s header"
+    return task.sep, None
+
+
+@contextmanager
+def compile_errors(compiling):
+    """With --compile: torch.compile's failures (no C++ compiler found, an inductor error) are one error
+    line that says to sample without --compile."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        from_torch = isinstance(e, OSError) or type(e).__module__.startswith(("torch._dynamo", "torch._inductor"))
+        if not compiling or not from_torch:
+            raise
+        raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {runtime.first_line(e)}); "
+                        "sample without --compile (on a CPU it needs a C++ compiler)") from None
 
 
 def run_image(args, device, dtype):
@@ -197,13 +253,19 @@ def run_eval(args, device, dtype):
     for flag, least in (("shots", 0), ("limit", 0), ("batch_size", 1)):
         if getattr(args, flag) < least:
             raise UserError(f"--{flag} must be >= {least}, not {getattr(args, flag)}")
-    task = read_task(evaluation.find_task(args.eval, args.data_dir))
+    path = evaluation.find_task(args.eval, args.data_dir)
+    task = read_task(path)
     model, tokenizer = load(args.out_dir, device=device)
+    built_in = args.eval in evaluation.task_generator.NAMES and path.parent == Path(args.data_dir) / "tasks"
+    sep, note = evaluation.readable_sep(tokenizer, *separator(args, task, built_in))
+    task = dataclasses.replace(task, sep=sep)
     with autocast(device, dtype):
         rows = evaluation.evaluate(model, tokenizer, task, args.shots, seed=args.seed, limit=args.limit or None,
                                    batch_size=args.batch_size, use_description=args.description,
                                    sampler=args.fewshot_sampler, overflow=args.fewshot_overflow,
                                    free_form=args.free_form)
+    if note:  # after the evaluation: an error is the one line
+        print(note, file=sys.stderr, flush=True)
     evaluation.report(rows, args.json or None, meta={"model": args.out_dir, "task": str(args.eval),
                                                       "seed": args.seed, "dtype": str(dtype)})
     return 0

@@ -3,7 +3,7 @@
   python train.py --model gpt                          # the default: Shakespeare, char tokens, CPU-sized
   python train.py --config config/tinyshakespeare_cpu.toml
   python train.py --model gpt --resume                 # continue out/gpt where it stopped
-  python train.py --init_from HF_DIR --data my.txt     # fine-tune a Hugging Face checkpoint
+  python train.py --init_from HF_DIR --data my.txt --out_dir out/ft   # fine-tune a Hugging Face checkpoint
   python train.py --init_from out/gpt --lora_rank 8 --data my.txt --out_dir out/lora --merge   # LoRA
   python train.py --init_from out/sft --dpo pairs.jsonl --out_dir out/dpo          # DPO (dpo.py)
   python train.py --init_from out/M1 --self_reward 3 --prompts p.jsonl --out_dir out/sr   # self-rewarding (self_reward.py)
@@ -24,6 +24,11 @@ train_state.pt and log.jsonl; --merge adds merged/, the base with the adapter fo
 run's folder (--mm_images) holds the bridge (multimodal.py: multimodal.json, which names the frozen
 model's directory, and multimodal.safetensors), and the language model too when --mm_freeze false.
 
+A new run never replaces a trained one by accident: into a folder that holds a trained checkpoint it
+stops and says what is there (continue it with --resume, pick another --out_dir, or --overwrite).
+Ctrl-C stops after the step in progress, checkpoints it and prints the --resume command; a resumed run
+continues log.jsonl from its checkpoint's step.
+
 The stages, in the order train() calls them: start (processes, device, precision), build (model,
 tokenizer, data), prepare (optimizer, saved state), fit (the loop), finish (merge, sample).
 """
@@ -32,7 +37,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import tomllib
 from contextlib import nullcontext
@@ -44,6 +51,8 @@ from omnitron import checkpoints, data, dpo, kernels, lora, models, multimodal, 
 from omnitron.generation import stream
 from omnitron.kernels import performer
 from omnitron.runtime import UserError, autocast, format_eta, resolve_device, resolve_dtype, unwrap
+
+INIT_BLOCK_SIZE = 1024  # --init_from DIR without --block_size: the model's length, up to this
 
 TRAIN_FLAGS = [
     # (name, default, help)
@@ -58,6 +67,9 @@ TRAIN_FLAGS = [
     ("convert_kv_heads", 0, "with --init_from DIR: mean-pool the key/value heads into this many groups (GQA "
                             "uptraining, Ainslie et al. 2023) before training (0: keep)"),
     ("resume", False, "same as --init_from resume"),
+    ("overwrite", False, "replace the trained run in --out_dir; without it, a new run into a folder that holds a "
+                         "trained checkpoint stops and says what is there (continue it with --resume, or pick "
+                         "another --out_dir)"),
     ("lora_rank", 0, "with --init_from DIR: freeze the model and train rank-r LoRA adapters (Hu et al. 2021) "
                      "on the --lora_targets layers; 0: off (full fine-tuning)"),
     ("lora_alpha", 16.0, "LoRA: the update B A is scaled by lora_alpha / lora_rank"),
@@ -112,7 +124,8 @@ TRAIN_FLAGS = [
     ("mm_freeze", True, "multimodal: freeze the language model and train the bridge alone; false: train both"),
     ("max_iters", 750, "optimizer steps"),
     ("batch_size", 32, "sequences per micro-batch"),
-    ("block_size", 128, "tokens per sequence"),
+    ("block_size", 128, "tokens per sequence; with --init_from DIR and no --block_size: the model's own length "
+                        f"(its config's block_size), at most {INIT_BLOCK_SIZE}"),
     ("gradient_accumulation_steps", 1, "micro-batches per optimizer step"),
     ("learning_rate", 3e-3, "peak learning rate"),
     ("min_lr", -1.0, "final learning rate of the cosine decay (-1: learning_rate / 10)"),
@@ -143,7 +156,9 @@ TRAIN_FLAGS = [
     ("seed", 1337, "random seed"),
     ("sample_tokens", 300, "tokens of sample text printed at the end (0: none)"),
 ]
+LOG = "log.jsonl"  # a run's losses, one JSON record a line
 MODEL_FLAGS_EXCLUDED = {"vocab_size", "block_size"}  # set from the tokenizer and --block_size
+MODEL_BLOCK_SIZE = 0  # --block_size's value while a loaded model's own length is still to be read (build)
 
 
 # ----------------------------------------------------------------------------- flags
@@ -214,11 +229,13 @@ def resolve_flags(module, explicit, config, config_path=""):
     flags.update(explicit)
     flags["out_dir"] = flags["out_dir"] or f"out/{flags['model']}"
     if flags["init_from"] == "resume":
-        state_path = Path(flags["out_dir"]) / "train_state.pt"
+        state_path = Path(flags["out_dir"]) / checkpoints.TRAIN_STATE
         if not state_path.is_file():
             raise UserError(f"nothing to resume: no {state_path}")
-        saved = torch.load(state_path, map_location="cpu", weights_only=True)["args"]
+        saved = checkpoints.read_train_state(flags["out_dir"])["args"]
         flags = {**flags, **saved, **explicit}
+    elif flags["init_from"] != "scratch" and "block_size" not in explicit:
+        flags["block_size"] = MODEL_BLOCK_SIZE  # the loaded model's own length (build)
     return flags
 
 
@@ -409,6 +426,8 @@ class Session:
     scaler: torch.amp.GradScaler = None
     data_gen: torch.Generator = None  # draws the training batches: its state is the data position
     step: int = 0
+    start_step: int = 0  # the step this process started from (a resumed run's checkpoint)
+    saved_step: int = None  # the step of the last checkpoint in out_dir (None: none yet)
     elapsed_before: float = 0.0  # seconds of training before this process (a resumed run)
 
     @property
@@ -429,7 +448,8 @@ def start(flags):
     """The process: join the process group under torchrun, pick the device, dtype and attention
     backend, seed the RNG. Flag combinations that cannot work: UserError."""
     for name in ("batch_size", "block_size", "gradient_accumulation_steps", "eval_interval", "eval_iters", "log_interval"):
-        if flags[name] < 1:
+        if flags[name] < 1 and not (name == "block_size" and flags[name] == MODEL_BLOCK_SIZE
+                                    and flags["init_from"] not in ("scratch", "resume")):
             raise UserError(f"--{name} must be at least 1, not {flags[name]}")
     if flags["max_iters"] < 0:
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
@@ -538,6 +558,8 @@ def build(s, module):
     else:
         s.model, tokenizer = load_model(f, s.out_dir, s.dtype)
         keep_loaded_config(s, module)
+        if f["block_size"] == MODEL_BLOCK_SIZE:  # --init_from DIR without --block_size: the model's own length
+            f["block_size"] = min(s.model.config.block_size, INIT_BLOCK_SIZE)
         if f["dpo"]:  # preference pairs (start() refuses --dpo from scratch)
             s.dataset = dpo.PairDataset(f["dpo"], tokenizer, f["dpo_truncation"])
         elif f["mm_images"]:  # scenes of digits (attach_bridge)
@@ -553,7 +575,9 @@ def build(s, module):
     s.dataset.check_block_size(f["block_size"])
     limit = s.model.max_positions
     if limit is not None and f["block_size"] > limit:
-        raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions")
+        raise UserError(f"--block_size {f['block_size']} exceeds the model's {limit} positions: give --block_size "
+                        f"{limit} or less" + (" (or leave it out: --init_from takes the model's own length)"
+                                              if f["init_from"] != "scratch" else ""))
     return state
 
 
@@ -615,6 +639,8 @@ def prepare(s, state=None):
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         s.step, s.elapsed_before = state["step"], state["elapsed_s"]
+        s.saved_step = state["step"]
+    s.start_step = s.step
     s.train_model = torch.compile(s.train_model) if f["compile"] else s.train_model
 
 
@@ -668,23 +694,60 @@ class Clock:
         self.interval_start, self.interval_steps = time.time() if now is None else now, 0
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) while the loop runs in one process: the first asks it to stop after the step in
+    progress (fit checkpoints there, so nothing is cut half-way); a second interrupts at once
+    (KeyboardInterrupt). Installed in the main thread only, and only over Python's own SIGINT handler
+    (a process that ignores SIGINT keeps ignoring it)."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.requested, self.previous = enabled, False, None
+
+    def __enter__(self):
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)  # a second Ctrl-C interrupts at once
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
 def fit(s, loss_fn=None):
     """Train from s.step to max_iters with loss_fn (default lm_loss; see train()): evaluate and
     checkpoint every eval_interval steps and at max_iters; print and log (out_dir/log.jsonl) every
-    log_interval steps and at max_iters. Returns (the last evaluation {"train", "val"}, the last logged
-    loss_fn metrics, seconds of training in all)."""
+    log_interval steps and at max_iters. A resumed run's log continues from the checkpoint's step
+    (resume_log; an evaluation logged at that step is not repeated). Ctrl-C in one process: the loop
+    stops after the step in progress, checkpoints it and raises runtime.Interrupted (stop_here).
+    Returns (the last evaluation {"train", "val"}, the last logged loss_fn metrics, seconds of training
+    in all)."""
     f, loss_fn = s.flags, loss_fn or lm_loss
     s.out_dir.mkdir(parents=True, exist_ok=True)
-    log_path, mode = s.out_dir / "log.jsonl", "a" if f["init_from"] == "resume" else "w"
+    log_path, resumed = s.out_dir / LOG, f["init_from"] == "resume"
+    logged = resume_log(log_path, s.step, rewrite=s.rank == 0) if resumed else None
+    if not resumed and s.rank == 0:  # a replaced run's state (--overwrite) never pairs with this run's files
+        (s.out_dir / checkpoints.TRAIN_STATE).unlink(missing_ok=True)
     clock, losses, metrics = Clock(s.step), {}, {}
-    with open(log_path, mode) if s.rank == 0 else nullcontext() as log_file:
+    with (open(log_path, "a" if resumed else "w") if s.rank == 0 else nullcontext()) as log_file, \
+            StopRequest(enabled=s.world_size == 1) as stop:
         s.model.train()
         while True:
             performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
             if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
-                losses = evaluate_and_checkpoint(s, clock, log_file)
+                if logged is not None and s.step == clock.first_step:  # logged before the run stopped
+                    losses = {"train": logged.get("train_lm_loss", logged.get("train_loss")), "val": logged["val_loss"]}
+                else:
+                    losses = evaluate_and_checkpoint(s, clock, log_file)
             if s.step >= f["max_iters"]:
                 break
+            if stop.requested:
+                stop_here(s, clock)
             lr = lr_at(s.step, f)
             loss, step_metrics = train_step(s, loss_fn, lr)
             clock.interval_steps += 1
@@ -693,15 +756,37 @@ def fit(s, loss_fn=None):
     return losses, metrics, s.elapsed_before + time.time() - clock.t0
 
 
+def stop_here(s, clock):
+    """Ctrl-C during fit: checkpoint this step (unless that is done) and raise runtime.Interrupted
+    with the line that says which step the checkpoint holds and how to continue."""
+    if s.saved_step != s.step:
+        save_checkpoint(s, s.elapsed_before + time.time() - clock.t0)
+    raise runtime.Interrupted(f"interrupted at step {s.step} of {s.flags['max_iters']}: checkpoint saved in "
+                              f"{s.out_dir} (step {s.step}); continue with: python train.py --out_dir {s.out_dir} "
+                              f"--resume")
+
+
+def interrupted_line(s):
+    """What a Ctrl-C that stopped the run at once says: the step of the last checkpoint in out_dir and the
+    --resume command, or that there is none."""
+    if s.saved_step is None:
+        return f"interrupted at step {s.step} before the first checkpoint: nothing to resume in {s.out_dir}"
+    return (f"interrupted at step {s.step}: the last checkpoint in {s.out_dir} holds step {s.saved_step}; "
+            f"continue with: python train.py --out_dir {s.out_dir} --resume")
+
+
 def evaluate_and_checkpoint(s, clock, log_file):
     """Evaluate, print and log the losses, and checkpoint (not at the step a run starts or resumes
-    from, unless that is max_iters). Returns the losses {"train", "val"}."""
+    from, unless that is max_iters). With --dpo the evaluation is the language-model loss beside a
+    training loss that is DPO's: its lines say `lm loss` and log.jsonl's key is train_lm_loss (val_loss
+    is always the language-model loss). Returns the losses {"train", "val"}."""
     f = s.flags
     losses = evaluate(s.train_model, s.dataset, f, s.ctx, s.device, s.rank, s.world_size)
     elapsed = s.elapsed_before + time.time() - clock.t0
-    s.say(f"step {s.step}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}", flush=True)
+    lm = " lm" if f["dpo"] else ""
+    s.say(f"step {s.step}: train{lm} loss {losses['train']:.4f}, val{lm} loss {losses['val']:.4f}", flush=True)
     write_log(log_file, {"step": s.step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"],
-                         "train_loss": losses["train"]})
+                         "train_lm_loss" if f["dpo"] else "train_loss": losses["train"]})
     if s.step > clock.first_step or s.step == f["max_iters"]:
         save_checkpoint(s, elapsed)
     clock.restart_interval()  # throughput excludes evaluation time
@@ -745,7 +830,8 @@ def log_progress(s, clock, log_file, lr, loss, metrics):
     step_time = (now - clock.interval_start) / clock.interval_steps
     eta = (now - clock.t0) / (s.step - clock.first_step) * (f["max_iters"] - s.step)  # evaluations included
     shown = "".join(f" | {name} {value:.4f}" for name, value in metrics.items())
-    s.say(f"iter {s.step}/{f['max_iters']} | loss {loss_value:.4f}{shown} | lr {lr:.2e} | "
+    name = "dpo loss" if f["dpo"] and not f["dpo_replay"] else "loss"  # DPO's, not the evaluations' lm loss
+    s.say(f"iter {s.step}/{f['max_iters']} | {name} {loss_value:.4f}{shown} | lr {lr:.2e} | "
           f"{s.tokens_per_step / step_time:,.0f} tok/s | {step_time * 1000:.0f} ms/iter | "
           f"ETA {format_eta(eta)}", flush=True)
     write_log(log_file, {"step": s.step, "elapsed_s": round(s.elapsed_before + now - clock.t0, 3),
@@ -760,6 +846,42 @@ def write_log(log_file, record):
     if log_file:
         log_file.write(json.dumps(record) + "\n")
         log_file.flush()
+
+
+def read_log(path):
+    """The records of a run's log.jsonl ([] without one). A last line cut off while it was written (the
+    run killed) is left out; another line that is not a JSON record with a step: UserError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not (isinstance(record, dict) and isinstance(record.get("step"), int)):
+            if n == len(lines):
+                break
+            raise UserError(f"{path}:{n}: not a log record; the log is damaged: delete that line (the log only "
+                            "records the losses) and run the command again")
+        records.append(record)
+    return records
+
+
+def resume_log(path, step, rewrite=True):
+    """A resumed run's log.jsonl: the records up to the checkpoint's `step` kept and those after it (the
+    steps the stopped run did after its last checkpoint, which this run does again) dropped, written back
+    (rewrite; rank 0 only), so that the log holds each step once and elapsed_s never runs back. Returns
+    the evaluation record logged at `step` (None when there is none)."""
+    kept = [r for r in read_log(path) if r["step"] <= step]
+    if rewrite:
+        runtime.write_jsonl(path, kept)
+    evaluations = [r for r in kept if r["step"] == step and "val_loss" in r]
+    return evaluations[-1] if evaluations else None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -793,31 +915,82 @@ def save_checkpoint(s, elapsed):
              "rng": {"torch": torch.get_rng_state(), "data": s.data_gen.get_state(),
                      **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
              "elapsed_s": elapsed, "args": s.flags}
-    runtime.atomic_write(s.out_dir / "train_state.pt", lambda tmp: torch.save(state, tmp))
+    runtime.atomic_write(s.out_dir / checkpoints.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
+    s.saved_step = s.step
 
 
 def load_train_state(out_dir, lora_rank):
     """train_state.pt of a run folder (weights-only), after checking that the model (or adapter) file
-    beside it was written at the same step; a torn checkpoint: UserError."""
-    from safetensors import safe_open
-    state = torch.load(out_dir / "train_state.pt", map_location="cpu", weights_only=True)
+    beside it was written at the same step; a torn checkpoint, or a damaged file: UserError."""
+    state = checkpoints.read_train_state(out_dir)
     weights = lora.ADAPTER_WEIGHTS if lora_rank else "model.safetensors"
-    with safe_open(out_dir / weights, "pt") as f:
-        model_step = int((f.metadata() or {}).get("step", -1))
+    model_step = weights_step(out_dir / weights)
     if model_step != state["step"]:
         raise UserError(f"{out_dir}: {weights} (step {model_step}) and train_state.pt "
-                        f"(step {state['step']}) do not match; the last checkpoint was interrupted")
+                        f"(step {state['step']}) do not match; the last checkpoint was interrupted while it was "
+                        f"written: start a new run from its model with --init_from {out_dir} --out_dir NEW_DIR, "
+                        "or train again with --overwrite")
     return state
+
+
+def weights_step(path):
+    """The training step a checkpoint's weights file was written at (its safetensors metadata), -1 when it
+    names none. A file that cannot be read: ValueError naming it."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return int((f.metadata() or {}).get("step", -1))
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load {path}: {type(e).__name__}: {runtime.first_line(e)}; "
+                         f"{runtime.DAMAGED}") from None
+
+
+WEIGHTS = ("model.safetensors", lora.ADAPTER_WEIGHTS, multimodal.BRIDGE_WEIGHTS)  # what a checkpoint's model is in
+
+
+def check_out_dir(flags):
+    """A new run (not --resume, no --overwrite) into a folder that holds a trained checkpoint (model weights
+    and a train_state.pt past step 0) would replace it: UserError naming what is there (step, val loss)
+    and the three ways on (--resume, another --out_dir, --overwrite). A missing or empty folder is fine."""
+    out = Path(flags["out_dir"])
+    if flags["init_from"] == "resume" or flags["overwrite"] or not (out / checkpoints.TRAIN_STATE).is_file():
+        return
+    if not any((out / name).is_file() for name in WEIGHTS):
+        return
+    ways = "continue it with --resume, train into another --out_dir, or pass --overwrite to replace it"
+    try:
+        step = checkpoints.read_train_state(out)["step"]
+    except UserError:
+        raise UserError(f"{out / checkpoints.TRAIN_STATE} is damaged: {out} holds a run that cannot be resumed; "
+                        "train into another --out_dir, or pass --overwrite to replace it") from None
+    if step <= 0:
+        return
+    try:
+        evaluations = [r for r in read_log(out / LOG) if r["step"] == step and "val_loss" in r]
+    except UserError:
+        evaluations = []
+    loss = f", val loss {evaluations[-1]['val_loss']:.4f}" if evaluations else ""
+    raise UserError(f"{out} already holds a trained run (step {step}{loss}): {ways}")
 
 
 # ----------------------------------------------------------------------------- the end, and the whole run
 
 def finish(s, losses, elapsed):
-    """The closing lines: the final loss; with --merge, the base model with the adapter folded in
-    (OUT_DIR/merged); leave the process group, or print a sample of sample_tokens tokens."""
+    """The closing lines: the final loss and the time (a resumed run: its own steps and seconds, then the
+    whole run's); with --merge, the base model with the adapter folded in (OUT_DIR/merged); leave the
+    process group, or print a sample of sample_tokens tokens."""
     f = s.flags
-    s.say(f"done: val loss {losses['val']:.4f} after {s.step} steps, {format_eta(elapsed)} ({elapsed:.0f} s); "
-          f"model saved in {s.out_dir}", flush=True)
+    lm = " lm" if f["dpo"] else ""
+    if s.start_step:
+        mine = elapsed - s.elapsed_before
+        timing = (f"this run: steps {s.start_step}..{s.step} in {format_eta(mine)} ({mine:.0f} s); "
+                  f"{format_eta(elapsed)} ({elapsed:.0f} s) of training in all")
+    else:
+        timing = f"{format_eta(elapsed)} ({elapsed:.0f} s)"
+    s.say(f"done: val{lm} loss {losses['val']:.4f} after {s.step} steps, {timing}; model saved in {s.out_dir}",
+          flush=True)
     if f["merge"]:
         merged = s.out_dir / "merged"
         lora.merge(s.model).save_pretrained(merged)
@@ -841,10 +1014,28 @@ def train(flags, module, loss_fn=None):
     loss_fn(model, batch) -> (scalar loss, {name: scalar metric}) is what the steps minimise (default
     lm_loss); its metrics, those of the last micro-batch of a logged step, go into log.jsonl beside
     train_loss. Returns {"val_loss", "train_loss" (the last evaluation, nats), the last logged metrics,
-    "step", "elapsed_s", "out_dir"}."""
+    "step", "elapsed_s", "out_dir"}. A folder that holds a trained run is not replaced without
+    --overwrite (check_out_dir, once the flags and inputs are checked). Ctrl-C: runtime.Interrupted,
+    whose line says which step the last checkpoint holds and how to continue."""
     if flags["self_reward"]:
-        return self_reward.run(flags, module, train)
-    s = start(flags)
+        try:
+            return self_reward.run(flags, module, train)
+        except KeyboardInterrupt:
+            raise runtime.Interrupted(f"interrupted: run the same command again to continue ({flags['out_dir']} "
+                                      "keeps the finished iterations and the last checkpoint)") from None
+    s = None
+    try:
+        s = start(flags)
+        return stages(s, flags, module, loss_fn)
+    except KeyboardInterrupt as e:
+        if isinstance(e, runtime.Interrupted) or (s is not None and s.rank != 0):
+            raise
+        raise runtime.Interrupted(interrupted_line(s) if s is not None else
+                                  "interrupted before training started") from None
+
+
+def stages(s, flags, module, loss_fn):
+    """train()'s stages after start: build, the objective, prepare, fit, finish."""
     state = build(s, module)
     if flags["dpo"]:
         if loss_fn is not None:
@@ -861,6 +1052,7 @@ def train(flags, module, loss_fn=None):
         if loss_fn is not None:
             raise UserError("--mm_images trains with its own loss (multimodal.loss_fn): it cannot take another loss_fn")
         loss_fn = multimodal.loss_fn
+    check_out_dir(flags)  # after every check of the flags and inputs, before anything is written
     prepare(s, state)
     describe(s)
     losses, metrics, elapsed = fit(s, loss_fn)

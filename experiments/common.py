@@ -85,12 +85,13 @@ def cached_result(path, settings, compute):
 
 def cached_run(out, settings, label="", **flags):
     """train.run(out_dir=out, **flags), or nothing when `out` holds a finished run of the same
-    settings (its settings.json, written last). Returns the run's log.jsonl records."""
+    settings (its settings.json, written last). A run of other settings (or an unfinished one) in
+    `out` is replaced (train.py's --overwrite). Returns the run's log.jsonl records."""
     out = Path(out)
 
     def train_it():
         print(f"--- {label or out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
-        train.run(out_dir=str(out), **flags)
+        train.run(out_dir=str(out), overwrite=True, **flags)
     cached(out / "settings.json", settings, train_it)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 

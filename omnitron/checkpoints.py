@@ -2,8 +2,12 @@
 LoRA adapter folder, or a multimodal bridge's folder. Every command and experiment that reads a trained model goes through `load`."""
 from pathlib import Path
 
+import torch
+
 from omnitron import lora, models, multimodal, tokenization
-from omnitron.runtime import UserError
+from omnitron.runtime import UserError, first_line
+
+TRAIN_STATE = "train_state.pt"  # a training run's optimizer, step, RNG states and flags (train.py)
 
 
 def load(directory, device="cpu", dtype=None):
@@ -36,3 +40,24 @@ def load_draft(directory, model, tokenizer, device="cpu"):
                         f"({draft_tokenizer.key()}, {draft.config.vocab_size} rows) than the model "
                         f"({tokenizer.key()}, {model.config.vocab_size} rows)")
     return draft
+
+
+def read_train_state(directory):
+    """A run folder's train_state.pt (train.py's checkpoint of the optimizer, step, RNG states, data
+    position and flags), loaded weights-only. FileNotFoundError when there is none; a file that
+    cannot be read (cut short, empty, not a training state): UserError naming it and the ways on
+    (the model beside it may still be whole)."""
+    path = Path(directory) / TRAIN_STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # zip's, pickle's and torch's errors, EOFError for an empty file
+        state = e
+    if not (isinstance(state, dict) and {"step", "args"} <= set(state)):
+        reason = (f"{type(state).__name__}: {first_line(state)}" if isinstance(state, Exception)
+                  else "not a training state")
+        raise UserError(f"cannot read {path} ({reason}): the file is damaged and the run cannot be resumed from it; "
+                        f"start a new run from its model with --init_from {directory} --out_dir NEW_DIR, or train "
+                        f"again with --overwrite")
+    return state

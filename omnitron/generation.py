@@ -354,12 +354,13 @@ def speculative_decode(model, draft, seq, max_new_tokens, speculate_k=4, pad=Non
         token = nxt
 
 
-def stream(model, tokenizer, prompt_ids, max_new_tokens, out=None, stop=None, **sampling):
+def stream(model, tokenizer, prompt_ids, max_new_tokens, out=None, stop=None, head="", **sampling):
     """Generate from one prompt, writing the text to `out` (None: sys.stdout at the time of the
-    call) as it comes, and return it. With
-    `stop`, generation ends where that string first appears (it is not included). sampling:
-    generate's keywords; only ids that the tokenizer has are drawn (decodable), unless
-    `allowed` says otherwise."""
+    call) as it comes, and return it. `head` (the prompt's text, say) is written before it, together
+    with the first two tokens: after the first one-token step, so that an error there (compile=True's
+    compilation) comes before anything is shown. With `stop`, generation ends where that string first
+    appears (it is not included). sampling: generate's keywords; only ids that the tokenizer has are
+    drawn (decodable), unless `allowed` says otherwise."""
     out = sys.stdout if out is None else out
     device = model.lm_head.weight.device
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
@@ -371,13 +372,13 @@ def stream(model, tokenizer, prompt_ids, max_new_tokens, out=None, stop=None, **
         done = stop is not None and stop in text
         if done:
             text = text[:text.index(stop)]
-        if done or not text.endswith("\ufffd"):  # hold back half of a multi-byte character
-            out.write(text[len(shown):])
+        if done or (not text.endswith("\ufffd") and (len(ids) > 1 or not head)):  # hold back half a character
+            out.write(head + text[len(shown):])
             out.flush()
-            shown = text
+            shown, head = text, ""
         if done:
             return text
-    out.write(text[len(shown):])
+    out.write(head + text[len(shown):])
     return text
 
 

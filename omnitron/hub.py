@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from omnitron.runtime import atomic_write, read_json
+from omnitron.runtime import atomic_write, load_tensors, read_json
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
@@ -120,17 +120,12 @@ def read_tensors(directory):
     """Yield (name, tensor) from the files weight_files(directory) names (model.safetensors, shards,
     or pytorch_model.bin loaded weights-only), one file at a time (a shard is freed before the next
     is read). FileNotFoundError when the directory holds none of them."""
-    from safetensors.torch import load_file
     directory = Path(directory)
     files = weight_files(directory)
     if not files:
         raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or *.index.json in {directory}")
     for name in files:
-        path = directory / name
-        if name.endswith(".safetensors"):
-            tensors = load_file(path)
-        else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = load_tensors(directory / name)  # a damaged file: one error naming it
         yield from tensors.items()
         del tensors
 

@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from omnitron.runtime import atomic_write, read_json
+from omnitron.runtime import atomic_write, load_tensors, read_json
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PEFT's name for the wrapped model, before our module names
@@ -314,12 +314,11 @@ def load_adapter(model, directory, base_dtype=None):
     every tensor's name and shape. Base tensors in the file (PEFT's save_embedding_layers, see
     _stored_base_tensors) are loaded into the model as PEFT loads them. In place; returns the model.
     Raises ValueError naming the tensor when one is unexpected, has the wrong shape, or is missing."""
-    from safetensors.torch import load_file
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {directory}")
     config = read_config(directory)
-    stored = load_file(path)
+    stored = load_tensors(path)
     differ = _stored_base_tensors(model, config, {k: v for k, v in stored.items() if not _adapter_key(k)}, path)
     apply(model, config, base_dtype)
     expected = {k: v for k, v in model.state_dict().items() if _adapter_key(k)}

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from omnitron import data
 from omnitron.generation import sample_next
-from omnitron.runtime import UserError, atomic_write, read_json, unwrap
+from omnitron.runtime import UserError, atomic_write, load_tensors, read_json, unwrap
 
 BRIDGE_CONFIG, BRIDGE_WEIGHTS = "multimodal.json", "multimodal.safetensors"
 INJECTIONS = ("prefix", "xattn")
@@ -630,12 +630,11 @@ def load_bridge(model, directory):
     """Attach the bridge saved in `directory` to its language model (attach), checking every tensor's
     name and shape. In place; returns the model. ValueError naming an unexpected, missing or
     misshapen tensor."""
-    from safetensors.torch import load_file
     path = Path(directory) / BRIDGE_WEIGHTS
     if not path.is_file():
         raise ValueError(f"no {BRIDGE_WEIGHTS} in {directory}")
     attach(model, read_config(directory))
-    expected, stored = bridge_state(model), load_file(path)
+    expected, stored = bridge_state(model), load_tensors(path)
     for key, tensor in stored.items():
         if key not in expected:
             raise ValueError(f"unexpected tensor {key!r} in {path}")

@@ -4,6 +4,7 @@ choice, their command-line flags, user errors that end in one line, and atomic f
 A library module: it imports nothing from the project but kernels (for the --attn choices).
 """
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -63,13 +64,31 @@ def autocast(device, dtype):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (`--max_iters ten`, an unknown flag) are user errors: one `error:`
     line and exit 1 through run_cli, as every other bad input, instead of usage text and exit 2.
-    --help shows every flag's default."""
+    --help shows every flag's default. A flag is given whole: argparse's prefix matching is off
+    (`--max_iter 10` is refused, not taken as --max_iters), in subcommands too (their parsers are
+    of this class)."""
 
-    def __init__(self, *args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs):
-        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+    def __init__(self, *args, formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, allow_abbrev=allow_abbrev, **kwargs)
 
     def error(self, message):
+        if message.startswith("unrecognized arguments:"):  # a flag misspelt or cut short: name the nearest
+            flags = self.flag_names()
+            given = [a.split("=", 1)[0] for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            near = [([f for f in flags if f.startswith(a)] or difflib.get_close_matches(a, flags, n=1, cutoff=0.7)
+                     or [None])[0] for a in given]
+            if near := [n for n in near if n]:
+                message += f" (did you mean {', '.join(near)}?)"
         raise UserError(message)
+
+    def flag_names(self):
+        """The --flags of this parser and of its subcommands' parsers."""
+        names = {f for f in self._option_string_actions if f.startswith("--")}
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    names |= {f for f in sub._option_string_actions if f.startswith("--")}
+        return sorted(names)
 
 
 def str2bool(s):
@@ -151,9 +170,15 @@ def trained_attention(flags, directory, say=print):
     return out
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line that says what was kept and how to go on (train.py: the checkpoint's
+    step and the --resume command); run_cli prints it and exits 130."""
+
+
 def run_cli(main):
     """Run a command's main(); a user error (bad flag value, missing or corrupt file, bad corpus)
-    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead."""
+    ends in one line on stderr and exit code 1. OMNITRON_DEBUG=1 shows the traceback instead.
+    Ctrl-C exits 130, printing the line of an Interrupted."""
     try:
         sys.exit(main())
     except (UserError, ValueError, OSError) as e:
@@ -161,7 +186,9 @@ def run_cli(main):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted) and str(e):
+            print(e, file=sys.stderr, flush=True)
         sys.exit(130)
 
 
@@ -199,12 +226,37 @@ def unwrap(model):
 
 # ----------------------------------------------------------------------------- files
 
+DAMAGED = "the file is damaged or incomplete: copy it again, or train the run that wrote it again"
+
+
 def read_json(path):
-    """A JSON file as Python objects; ValueError naming the file when it is not valid JSON."""
+    """A JSON file as Python objects; ValueError naming the file, and what to do, when it is not
+    valid JSON."""
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ValueError(f"{path}: not valid JSON ({e}); {DAMAGED}") from None
+
+
+def load_tensors(path):
+    """The tensors of a .safetensors file, or of a weights-only torch file (pytorch_model.bin), as a
+    dict of name -> tensor on the CPU. A file that cannot be read: ValueError naming it and what to
+    do (FileNotFoundError when it is missing)."""
+    from safetensors.torch import load_file
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors', zip's and pickle's errors, and EOFError for an empty file
+        raise ValueError(f"cannot load {path}: {type(e).__name__}: {first_line(e)}; {DAMAGED}") from None
+
+
+def first_line(error):
+    """The first line of an exception's message ('' when it has none)."""
+    return str(error).splitlines()[0] if str(error) else ""
 
 
 def write_json(path, obj, **dumps_kwargs):

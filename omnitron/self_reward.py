@@ -297,8 +297,8 @@ def summarize(items, pairs, dropped, stop="\n"):
 
 def finished(folder, max_iters):
     """Whether a run folder holds a DPO run finished at max_iters (train_state.pt's step)."""
-    path = Path(folder) / "train_state.pt"
-    return path.is_file() and torch.load(path, map_location="cpu", weights_only=True)["step"] >= max_iters
+    path = Path(folder) / checkpoints.TRAIN_STATE
+    return path.is_file() and checkpoints.read_train_state(folder)["step"] >= max_iters
 
 
 def run(flags, module, train_fn):
@@ -356,7 +356,7 @@ def run(flags, module, train_fn):
                          "init_from": "resume" if resume else str(current), "resume": resume, "out_dir": str(folder),
                          "dpo_reference": "", "merge": bool(f["lora_rank"]), "sample_tokens": 0}
             if resume:
-                run_flags = {**torch.load(folder / "train_state.pt", map_location="cpu", weights_only=True)["args"],
+                run_flags = {**checkpoints.read_train_state(folder)["args"],
                              "init_from": "resume", "resume": True, "max_iters": f["max_iters"]}
             train_fn(run_flags, module)
         current = folder / "merged" if f["lora_rank"] else folder

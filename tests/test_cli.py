@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ import torch
 
 import sample
 import train
-from omnitron import generation, kernels, runtime
+from omnitron import generation, kernels, runtime, tasks
 from omnitron.kernels import performer
 from tests.helpers import ROOT, bad_files, hf_class, run_cli, run_entry_point, tiny_model, tiny_text, train_args
 
@@ -70,6 +72,95 @@ def test_fewshot_command_line(corpus, tmp_path):
     assert "\n" not in r.stdout[len("love => LOVE\n\nnight => NIGHT\n\nday =>"):].rstrip("\n")
     r = run_cli("sample.py", "--out_dir", str(tmp_path / "run"), "--fewshot", str(f), "--shots", "3")
     assert r.returncode == 1 and "needs 4" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def shakespeare_like_run(tmp_path_factory):
+    """A tiny char model of a text whose characters, like Shakespeare's, have no '=' or '>' (tiny_text and
+    the letters of the word tasks' description), with the word task reversed_words made from it in its
+    data_dir/tasks (where sample.py --eval finds the built-in tasks). Returns (run folder, data_dir)."""
+    root = tmp_path_factory.mktemp("shakespeare_like")
+    text = tiny_text() + "\nPlease, reverse the letters of the word: write that word.\n"
+    (root / "corpus.txt").write_text(text)
+    train.run(data=str(root / "corpus.txt"), data_dir=str(root / "d"), out_dir=str(root / "run"), max_iters=2,
+              eval_interval=2, eval_iters=1, batch_size=4, block_size=128, n_layer=1, n_head=2, n_embd=16,
+              sample_tokens=0, device="cpu", dtype="float32")
+    tasks.generate(text, root / "d" / "tasks", names=["reversed_words"], n_train=20, n_test=4)
+    return root / "run", root / "d"
+
+
+def test_fewshot_defaults_work_on_a_model_without_their_characters(shakespeare_like_run, tmp_path, capsys,
+                                                                   monkeypatch):
+    """The default separator ' =>' and the word tasks' ' =' have characters a Shakespeare char model lacks:
+    --fewshot and --eval take one the model can spell, and say so; a character chosen by the user (--sep,
+    the file's header) or in a demonstration or the prompt is one error line naming where it came from."""
+    run, data_dir = shakespeare_like_run
+    f = tmp_path / "t.jsonl"
+    records = [{"input": w, "output": w.upper()} for w in ("rose", "name", "fair", "art")]
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    base = ["sample.py", "--out_dir", str(run), "--max_new_tokens", "3", "--temperature", "0", "--device", "cpu"]
+    code, err = run_entry_point([*base, "--fewshot", str(f), "--shots", "2", "--prompt", "art"], capsys, monkeypatch)
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("rose: ROSE\n\nname: NAME\n\nart:"), (err, out)
+    assert err == ["note: this model's vocabulary lacks '=', '>' of the separator ' =>': the demonstrations read "
+                   "'input: output' (choose another with --sep)"]
+    code, err = run_entry_point([*base, "--eval", "reversed_words", "--data_dir", str(data_dir), "--shots", "2",
+                                 "--limit", "2"], capsys, monkeypatch)
+    assert code == 0 and "exact_match" in capsys.readouterr().out, err
+    assert err[-1].startswith("note: this model's vocabulary lacks '=' of the separator ' ='"), err
+    header = tmp_path / "header.jsonl"
+    header.write_text(json.dumps({"sep": " =>"}) + "\n" + f.read_text())
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "rose=", "output": "ROSE"}) + "\n" + f.read_text())
+    for args, message in [
+        (["--fewshot", str(header)], f"the separator ' =>' (the \"sep\" of {header}'s header) has '=', '>'"),
+        (["--fewshot", str(f), "--sep", " ="], "the separator ' =' (--sep) has '='"),
+        (["--fewshot", str(bad)], f"the demonstration 'rose=' (its input) in {bad} has '='"),
+        (["--fewshot", str(f), "--prompt", "x=y"], "the prompt (--prompt) has 'x', '='"),
+        (["--prompt", "2 > 1"], "the prompt (--prompt) has '2', '>', '1'"),
+    ]:
+        code, err = run_entry_point([*base, *args, "--shots", "2"], capsys, monkeypatch)
+        assert code == 1 and len(err) == 1 and err[0].startswith(f"error: {message}, which this model's "
+                                                                 "vocabulary lacks: "), err
+
+
+def test_compile_failure_is_one_line_before_any_text(shakespeare_like_run, capsys, monkeypatch):
+    """sample.py --compile where torch.compile cannot compile (no C++ compiler): one error line that says
+    to drop --compile, and the prompt is not printed before it."""
+    def no_compiler(model):
+        def step(*args, **kwargs):
+            raise FileNotFoundError(2, "No such file or directory", "g++")
+        return step
+    monkeypatch.setattr(generation, "compiled_decoder", no_compiler)
+    code, err = run_entry_point(["sample.py", "--out_dir", str(shakespeare_like_run[0]), "--prompt", "ROMEO:",
+                                 "--compile", "--max_new_tokens", "5", "--device", "cpu"], capsys, monkeypatch)
+    assert code == 1 and capsys.readouterr().out == ""
+    assert err == ["error: --compile: torch.compile failed (FileNotFoundError: [Errno 2] No such file or "
+                   "directory: 'g++'); sample without --compile (on a CPU it needs a C++ compiler)"]
+
+
+DAMAGES = {"truncated": lambda raw: raw[:len(raw) // 2], "empty": lambda raw: b""}
+RUN_FILES = ["train_state.pt", "model.safetensors", "config.json", "tokenizer_omnitron.json"]
+
+
+@pytest.mark.parametrize("name", RUN_FILES)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_run_file_is_one_line_naming_it_and_the_way_on(shakespeare_like_run, tmp_path, capsys,
+                                                                monkeypatch, name, damage):
+    """Every file of a run folder, cut short or empty: --resume, sample.py and a new run into the folder
+    each end in one error line that names the file and says what to do."""
+    run = tmp_path / "run"
+    shutil.copytree(shakespeare_like_run[0], run)
+    (run / name).write_bytes(DAMAGES[damage]((run / name).read_bytes()))
+    data_dir = shakespeare_like_run[1]
+    resume = ["train.py", "--out_dir", str(run), "--resume", "--max_iters", "3", "--data_dir", str(data_dir)]
+    fresh = ["train.py", "--out_dir", str(run), "--max_iters", "1", "--data_dir", str(data_dir), "--data",
+             str(data_dir.parent / "corpus.txt"), "--block_size", "8", "--n_layer", "1", "--n_embd", "16"]
+    commands = [resume, fresh] if name == "train_state.pt" else [resume, ["sample.py", "--out_dir", str(run)]]
+    for argv in commands:
+        code, err = run_entry_point(argv, capsys, monkeypatch)
+        assert code == 1 and len(err) == 1 and str(run / name) in err[0], (argv, err)
+        assert any(way in err[0] for way in ("--overwrite", "copy it again")), err
 
 
 @pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])
@@ -185,6 +276,12 @@ BAD_INVOCATIONS = [
      "rope_factor must be positive"),
     (["bench.py", "attention", "--window", "0"], "--window must be at least 1"),
     (["bench.py", "scaling", "--sizes", "2x7"], "multiple of the head size"),
+    # a flag cut short is never taken for the flag it starts: the flag meant is named
+    (["train.py", "--max_iter", "10"], "unrecognized arguments: --max_iter 10 (did you mean --max_iters?)"),
+    (["sample.py", "--temp", "0"], "(did you mean --temperature?)"),
+    (["bench.py", "speed", "--n_lay", "2"], "(did you mean --n_layer?)"),
+    (["bench.py", "switch", "--max_iter", "3"], "(did you mean --max_iters?)"),
+    (["-m", "experiments.icl", "--shot", "2"], "(did you mean --shots?)"),
 ]
 
 

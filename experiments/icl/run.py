@@ -344,8 +344,8 @@ def run_cipher(args, shots, sizes, seeds):
 
                 def train_stage(i=i, steps=steps, stage_log=stage_log):
                     print(f"--- cipher {size} seed {seed}: training to step {steps} in {run_dir}", flush=True)
-                    train.run(out_dir=str(run_dir), max_iters=steps, eval_interval=steps, log_interval=stage_log,
-                              **({"init_from": "resume"} if i else {}), **flags)
+                    train.run(out_dir=str(run_dir), overwrite=True, max_iters=steps, eval_interval=steps,
+                              log_interval=stage_log, **({"init_from": "resume"} if i else {}), **flags)
                 if args.train:
                     cached(run_dir / f"stage_{i}.json", settings, train_stage)
                 eval_settings = {"train": settings, "shots": shots, "n": args.eval_episodes}

@@ -197,8 +197,8 @@ def finetune(args, method, seed, base, base_settings, tokenizer, evaluate):
     for step in [k for k in args.checkpoints if k > 0]:
         def train_to(step=step, previous=previous):
             print(f"--- {method}, seed {seed}: fine-tuning to step {step}", flush=True)
-            train.run(out_dir=str(out), init_from=str(init) if previous == 0 else "resume", max_iters=step,
-                      sample_tokens=0, device=args.device, data=args.data, data_dir=args.data_dir,
+            train.run(out_dir=str(out), init_from=str(init) if previous == 0 else "resume", overwrite=True,
+                      max_iters=step, sample_tokens=0, device=args.device, data=args.data, data_dir=args.data_dir,
                       loss_fn=PasskeyLoss(tokenizer, seed, MIN_DISTANCE, args.finetune_max_distance, previous,
                                           args.key_weight),
                       **flags)

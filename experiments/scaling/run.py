@@ -83,9 +83,9 @@ def scaling_train(run, folder, device, dtype, data_dir):
     if cached := scaling_cached(run, folder, dtype):
         return {**cached, "trained_now": False}
     out, s = Path(folder) / run["name"], run["settings"]
-    result = train.run(**s, out_dir=str(out), lr_decay_iters=-1, min_lr=-1.0, eval_interval=s["max_iters"],
-                       log_interval=s["max_iters"], sample_tokens=0, device=str(device), dtype=dtype, tokenizer="char",
-                       dropout=0.0, data_dir=str(data_dir))
+    result = train.run(**s, out_dir=str(out), overwrite=True, lr_decay_iters=-1, min_lr=-1.0,
+                       eval_interval=s["max_iters"], log_interval=s["max_iters"], sample_tokens=0, device=str(device),
+                       dtype=dtype, tokenizer="char", dropout=0.0, data_dir=str(data_dir))
     record = {**run, "dtype": dtype, "val_loss": result["val_loss"], "train_loss": result["train_loss"],
               "val_bpc": result["val_loss"] / np.log(2), "elapsed_s": round(result["elapsed_s"], 2)}
     runtime.write_json(out / "result.json", record, indent=1)

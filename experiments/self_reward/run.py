@@ -161,11 +161,11 @@ def run(args):
         m1 = out / f"seed{seed}" / "M1"
         if not self_reward.finished(m1, args.m1_iters):
             print(f"--- seed {seed}: M1, {args.m1_iters} steps of supervised training from scratch", flush=True)
-            train.run(model="gpt", out_dir=str(m1), data=str(folder / "corpus.txt"), data_dir=str(out / "data"),
-                      tokenizer="char", n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                      block_size=args.block_size, batch_size=32, max_iters=args.m1_iters, learning_rate=3e-3,
-                      warmup_iters=50, eval_interval=args.m1_iters, eval_iters=5, log_interval=max(1, args.m1_iters // 4),
-                      sample_tokens=0, seed=seed, device=device)
+            train.run(model="gpt", out_dir=str(m1), overwrite=True, data=str(folder / "corpus.txt"),
+                      data_dir=str(out / "data"), tokenizer="char", n_layer=args.n_layer, n_head=args.n_head,
+                      n_embd=args.n_embd, block_size=args.block_size, batch_size=32, max_iters=args.m1_iters,
+                      learning_rate=3e-3, warmup_iters=50, eval_interval=args.m1_iters, eval_iters=5,
+                      log_interval=max(1, args.m1_iters // 4), sample_tokens=0, seed=seed, device=device)
         m1_acc = heldout_accuracy(m1, folder / "heldout.jsonl", device)
         for arm in arms:
             pairs_from, replay, prompts, steps, name = arm_settings(args, arm)
@@ -295,7 +295,7 @@ def lr_sweep(args, out, device):
             folder = seed0 / "lr_sweep" / f"{condition}-lr{lr:g}"
             if not self_reward.finished(folder, args.dpo_iters):
                 train.run(init_from=str(seed0 / "M1"), dpo=str(seed0 / f"{condition}-{settings}" / "M2" / "pairs.jsonl"),
-                          out_dir=str(folder), max_iters=args.dpo_iters, batch_size=args.dpo_batch,
+                          out_dir=str(folder), overwrite=True, max_iters=args.dpo_iters, batch_size=args.dpo_batch,
                           block_size=args.block_size, learning_rate=lr, min_lr=lr, warmup_iters=0, dpo_beta=args.dpo_beta,
                           eval_interval=args.dpo_iters, eval_iters=2, log_interval=args.dpo_iters, sample_tokens=0,
                           seed=0, device=device)
