@@ -21,6 +21,7 @@ Subcommands share one timer and one peak-memory probe: on CUDA, torch's max_memo
 on CPU, the process's resident high-water mark (VmHWM), reset before each measurement through
 /proc/self/clear_refs, minus the resident size at the reset.
 """
+import argparse
 import copy
 import ctypes
 import importlib
@@ -44,6 +45,27 @@ from omnitron.runtime import UserError, autocast, print_table, resolve_device, r
 # The paper experiments: `bench.py NAME` runs experiments/NAME/run.py (its add_parser and run).
 EXPERIMENTS = ("switch", "positions", "scaling", "performer", "icl", "phi", "self_reward", "multimodal",
                "time_to_quality")
+# How long each subcommand takes with its defaults on this project's 2-core CPU (--help lists them):
+# bench.py's own subcommands timed here (speed stopped at 30 min), the experiments' from their READMEs;
+# trained arms are cached, so a second call only evaluates.
+DURATIONS = {
+    "attention": "about 2 min (--scaling: 6 to 18 min)",
+    "kvcache": "about 5 s",
+    "speed": "over 30 min (--dtypes float32 --compile false: about 7 min)",
+    "lora": "about 15 s",
+    "curves": "seconds",
+    "moe": "about 20 s",
+    "decode": "about 13 min",
+    "switch": "about 30 min",
+    "positions": "about 45 min",
+    "scaling": "about 20 min",
+    "performer": "about 30 min",
+    "icl": "about 30 min",
+    "phi": "30 min or more (not yet measured)",
+    "self_reward": "about 30 min (not yet measured)",
+    "multimodal": "about 20 min",
+    "time_to_quality": "about 2 h (--arms config,muon_trapezoidal --seeds 1: about 16 min)",
+}
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -1150,12 +1172,22 @@ def plot_expert_loads(loads, path, title):
     save_figure(fig, path)
 
 
+class RawEpilogFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help with every flag's default, and the description and epilog (the durations' table) as written."""
+
+
 def parser(argv=()):
     """The command line; the model flags are those of the file named by --model in argv."""
     pre = runtime.ArgumentParser(add_help=False)  # its errors too are one line
     pre.add_argument("--model", default="llama" if list(argv[:1]) in (["kvcache"], ["decode"]) else "gpt")  # kv heads
     model_name = pre.parse_known_args(argv)[0].model
-    p = runtime.ArgumentParser(description="Measure speed and memory.")
+    width = max(map(len, DURATIONS))
+    p = runtime.ArgumentParser(description="Measure speed and memory, and run the paper experiments.",
+                               formatter_class=RawEpilogFormatter,
+                               epilog="how long each subcommand takes with its defaults on a 2-core CPU\n"
+                                      "(trained arms are cached: a second call only evaluates):\n"
+                                      + "\n".join(f"  {name:<{width}}  {time}" for name, time in DURATIONS.items())
+                                      + "\n`python bench.py NAME --help` lists a subcommand's flags.")
     sub = p.add_subparsers(dest="command", required=True)
     add_attention_parser(sub)
     add_kvcache_parser(sub, model_name)

@@ -163,6 +163,17 @@ def test_a_damaged_run_file_is_one_line_naming_it_and_the_way_on(shakespeare_lik
         assert any(way in err[0] for way in ("--overwrite", "copy it again")), err
 
 
+def test_bench_help_says_how_long_each_subcommand_takes():
+    """bench.py --help lists every subcommand with how long it takes (some take an hour)."""
+    import bench
+    text = bench.parser(["--help"]).format_help()
+    lines = text.split("how long each subcommand takes", 1)[1].splitlines()
+    choices = bench.parser([])._subparsers._group_actions[0].choices
+    for name in choices:
+        line = next((line for line in lines if line.split()[:1] == [name]), "")
+        assert re.search(r"\d+ (s|min|h)\b|seconds", line), (name, line)
+
+
 @pytest.mark.parametrize("problem", ["missing", "empty", "not_utf8", "too_short", "empty_folder", "bad_bpe"])
 def test_bad_corpus_is_one_clear_line_and_exit_1(tmp_path, problem):
     path = tmp_path / "c.txt"
