@@ -138,6 +138,14 @@ def compositions(total, parts):
             yield (first, *rest)
 
 
+def evidence_sign(q, n_tasks):
+    """How a demonstration of task t moves t's posterior, for q < 1: the posterior is proportional to
+    r^(n_t), r = q (n_tasks - 1) / (1 - q), so 1 (r > 1: the most frequent task wins), -1 (r < 1: the
+    least frequent) or 0 (r = 1: demonstrations say nothing)."""
+    r = q * (n_tasks - 1) / (1 - q)
+    return (r > 1) - (r < 1)
+
+
 def bayes_accuracy(k, q, n_tasks):
     """The Bayes-optimal probability of answering a `tasks` query right after k demonstrations,
     exactly, when every demonstration reveals which task produced it (true of TASKS on
@@ -148,8 +156,7 @@ def bayes_accuracy(k, q, n_tasks):
     k >= 0, 0 <= q <= 1, n_tasks >= 2; returns a probability in [1/n_tasks, 1]. Xie et al. 2021 §2."""
     if q == 1:
         return 1.0 if k > 0 else 1 / n_tasks
-    r = q * (n_tasks - 1) / (1 - q)
-    sign = (r > 1) - (r < 1)
+    sign = evidence_sign(q, n_tasks)
     p_other = (1 - q) / (n_tasks - 1)
     total = 0.0
     for counts in compositions(k, n_tasks):
@@ -169,8 +176,7 @@ def bayes_on_episodes(episodes, q, names):
     fraction."""
     if q == 1:
         return sum(1.0 if ep["demos"] else 1 / len(names) for ep in episodes) / len(episodes)
-    r = q * (len(names) - 1) / (1 - q)
-    sign = (r > 1) - (r < 1)
+    sign = evidence_sign(q, len(names))
     total = 0.0
     for ep in episodes:
         scores = {t: sign * sum(d["task"] == t for d in ep["demos"]) for t in names}
