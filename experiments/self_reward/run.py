@@ -7,6 +7,7 @@ Wu et al. 2024), with about 200 or 1,000 prompts per iteration.
 
 The write-up, ours beside the paper's: README.md beside this file; the numbers: results.json beside it."""
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 import train
-from experiments.common import cached_result, pyplot, save_figure, write_results
+from experiments.common import cached_result, is_cached, pyplot, save_figure, write_results
 from omnitron import checkpoints, generation, runtime, self_reward
 from omnitron.runtime import UserError, print_table, resolve_device
 
@@ -70,7 +71,8 @@ def sort_task(folder, args, seed):
     across the corpus, the prompts and the held-out prompts."""
     folder = Path(folder)
     large = folder / f"prompts_{args.large_prompts}.jsonl"
-    if all((folder / name).is_file() for name in ("heldout.jsonl", "judge.txt", large.name)):
+    settings = task_settings(args, seed)
+    if is_cached(folder / "settings.json", settings, folder / "heldout.jsonl", folder / "judge.txt", large):
         return folder
     rng = random.Random(seed)
     lo, hi = (int(x) for x in args.lengths.split("-"))
@@ -105,7 +107,34 @@ def sort_task(folder, args, seed):
                                                            for s in chunk])
     runtime.atomic_write(folder / "judge.txt", lambda tmp: Path(tmp).write_text("\n".join(judge_lines) + "\n"))
     runtime.atomic_write(folder / "corpus.txt", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    runtime.write_json(folder / "settings.json", settings)  # last: an interrupted task is written again
     return folder
+
+
+def task_settings(args, seed):
+    """What the task's files depend on (sort_task's settings.json)."""
+    keys = ("alphabet", "lengths", "sr_instructions", "sr_judge_examples", "prompts", "large_prompts", "heldout")
+    return {"seed": seed, **{k: getattr(args, k) for k in keys}}
+
+
+def m1_settings(args, seed):
+    """What a seed's M1 depends on: its task and its training flags (M1/experiment_settings.json)."""
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "m1_iters")
+    return {"task": task_settings(args, 1000 + seed), **{k: getattr(args, k) for k in keys}}
+
+
+def fresh(folder, settings):
+    """Make `folder` hold work of `settings`: a folder whose experiment_settings.json says otherwise (or that
+    has none) is removed, then the file is written. Returns whether the folder was already of `settings`
+    (its finished work, if any, can be reused)."""
+    folder, marker = Path(folder), Path(folder) / "experiment_settings.json"
+    if is_cached(marker, settings):
+        return True
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    runtime.write_json(marker, settings)
+    return False
 
 
 @torch.no_grad()
@@ -122,7 +151,9 @@ def heldout_accuracy(model_dir, heldout, device, batch=100):
                                        temperature=0)
             right += sum(o == r["answer"] for o, r in zip(outs, chunk))
         return right / len(records)
-    return cached_result(Path(model_dir) / "heldout_exact.json", {"heldout": str(heldout)}, exact_match)
+    weights = (Path(model_dir) / "model.safetensors").stat()  # a retrained model is scored again
+    return cached_result(Path(model_dir) / "heldout_exact.json",
+                         {"heldout": str(heldout), "weights": [weights.st_size, weights.st_mtime_ns]}, exact_match)
 
 
 def arm_settings(args, arm):
@@ -159,7 +190,8 @@ def run(args):
     for seed in range(args.seeds):
         folder = sort_task(out / f"seed{seed}" / "task", args, 1000 + seed)
         m1 = out / f"seed{seed}" / "M1"
-        if not self_reward.finished(m1, args.m1_iters):
+        m1_config = m1_settings(args, seed)
+        if not (fresh(m1, m1_config) and self_reward.finished(m1, args.m1_iters)):
             print(f"--- seed {seed}: M1, {args.m1_iters} steps of supervised training from scratch", flush=True)
             train.run(model="gpt", out_dir=str(m1), overwrite=True, data=str(folder / "corpus.txt"),
                       data_dir=str(out / "data"), tokenizer="char", n_layer=args.n_layer, n_head=args.n_head,
@@ -170,6 +202,7 @@ def run(args):
         for arm in arms:
             pairs_from, replay, prompts, steps, name = arm_settings(args, arm)
             run_dir = out / f"seed{seed}" / name
+            fresh(run_dir, {"M1": m1_config, "arm": arm, "iterations_of": name})  # another M1: its iterations go
             print(f"--- seed {seed}, {arm}: {args.iterations} iterations into {run_dir} "
                   f"({runtime.format_eta(time.time() - t0)} so far)", flush=True)
             replay_flags = dict(dpo_replay=str(folder / replay), dpo_replay_weight=args.replay_weight,
@@ -319,16 +352,16 @@ def add_parser(sub):
     p.add_argument("--alphabet", default="abcdefgh", help="the letters of the strings")
     p.add_argument("--lengths", default="3-6", help="string lengths, LO-HI")
     p.add_argument("--sr_instructions", type=int, default=300, help="M1's instruction examples (correct sortings)")
-    p.add_argument("--sr_judge_examples", type=int, default=600, help="M1's judge examples (perturbed, rubric-scored)")
+    p.add_argument("--sr_judge_examples", type=int, default=3000, help="M1's judge examples (perturbed, rubric-scored)")
     p.add_argument("--prompts", type=int, default=200, help="self-rewarding prompts per iteration")
     p.add_argument("--large_prompts", type=int, default=1000, help="prompts per iteration of the large arm (its "
                    "DPO steps scaled by large_prompts / prompts)")
     p.add_argument("--heldout", type=int, default=300, help="held-out evaluation prompts")
-    p.add_argument("--n_layer", type=int, default=2, help="M1: layers")
+    p.add_argument("--n_layer", type=int, default=3, help="M1: layers")
     p.add_argument("--n_head", type=int, default=4, help="M1: heads")
-    p.add_argument("--n_embd", type=int, default=64, help="M1: width")
+    p.add_argument("--n_embd", type=int, default=96, help="M1: width")
     p.add_argument("--block_size", type=int, default=64, help="M1: context (characters)")
-    p.add_argument("--m1_iters", type=int, default=1500, help="M1: training steps (batch 32)")
+    p.add_argument("--m1_iters", type=int, default=2000, help="M1: training steps (batch 32)")
     p.add_argument("--dpo_iters", type=int, default=40, help="DPO steps per iteration")
     p.add_argument("--dpo_batch", type=int, default=16, help="DPO pairs per step")
     p.add_argument("--dpo_lr", type=float, default=1e-5, help="DPO learning rate (constant)")

@@ -58,6 +58,12 @@ def test_self_reward_iterates_scores_held_out_prompts_and_reuses_its_runs(tmp_pa
     capsys.readouterr()
     assert bench.main(argv) == 0
     assert "supervised training from scratch" not in capsys.readouterr().out
+    # another M1 width: M1 is trained again, its iterations are not reused, its held-out score is recomputed
+    old_m2 = (large / "model.safetensors").stat().st_mtime_ns
+    assert bench.main(argv[:argv.index("--n_embd") + 1] + ["8"] + argv[argv.index("--n_embd") + 2:]) == 0
+    assert "supervised training from scratch" in capsys.readouterr().out
+    assert (large / "model.safetensors").stat().st_mtime_ns != old_m2
+    assert json.loads((tmp_path / "sr" / "seed0" / "M1" / "config.json").read_text())["n_embd"] == 8
 
 
 def test_the_readme_table_is_the_results_file():
