@@ -56,17 +56,19 @@ def phi_init(folder, seed, block_size, **config):
     return folder
 
 
-def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None, batch_size=None):
+def _phi_train(args, out, init, corpus, iters, lr, seed, label, block_size=None, batch_size=None, optimizer="adamw"):
     import hashlib
     parent = Path(init) / "settings.json"  # a run continued: retrain when it was retrained
     settings = {"init": str(init), "corpus": str(corpus), "corpus_sha1": hashlib.sha1(Path(corpus).read_bytes()).hexdigest(),
                 "parent": json.loads(parent.read_text()) if parent.is_file() else None, "iters": iters, "lr": lr,
                 "seed": seed, "block_size": block_size or args.block_size, "batch_size": batch_size or args.batch_size}
+    if optimizer != "adamw":  # (curation's reference models keep AdamW and their settings)
+        settings["optimizer"] = optimizer
     cached_run(out, settings, label, init_from=str(init), data=str(corpus), data_dir=str(Path(args.out) / "tokens"),
                max_iters=iters, learning_rate=lr, min_lr=lr / 10, warmup_iters=max(1, iters // 10),
                block_size=settings["block_size"], batch_size=settings["batch_size"], eval_interval=iters,
                eval_iters=5, log_interval=max(1, iters // 5), sample_tokens=0, device="cpu", dtype="float32",
-               seed=seed)
+               seed=seed, optimizer=optimizer)
     return out
 
 
@@ -84,6 +86,37 @@ def phi_completion(text):
             break
         body.append(line)
     return "\n".join(body).rstrip() + "\n"
+
+
+def code_shape(body):
+    """A function body with every identifier that is not a keyword, a builtin or an attribute (`.upper`)
+    replaced by NAME, every number by 0 and every string by "S", as a tuple of tokens (None where it does not
+    tokenize): the operation a body performs without the names and constants it copies from the prompt."""
+    import builtins
+    import io
+    import keyword
+    import tokenize
+    skip = (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT, tokenize.COMMENT, tokenize.ENDMARKER)
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(body).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+    shape = []
+    for t in tokens:
+        if t.type == tokenize.ERRORTOKEN and t.string.strip():
+            return None
+        if t.type in skip or not t.string.strip():
+            continue
+        if t.type == tokenize.NAME and not keyword.iskeyword(t.string) and not hasattr(builtins, t.string) \
+                and shape[-1:] != ["."]:
+            shape.append("NAME")
+        elif t.type == tokenize.NUMBER:
+            shape.append("0")
+        elif t.type == tokenize.STRING:
+            shape.append('"S"')
+        else:
+            shape.append(t.string)
+    return tuple(shape)
 
 
 def _sandboxed_pass_at_1(tasks, programs):
@@ -140,6 +173,10 @@ def phi_evaluate(run, curated, exercise_dir, gen_tokens=64, batch_size=32):
         for t, (passed, _) in zip(tasks, verdicts):
             by_family.setdefault(t.family, []).append(passed)
         result[f"pass_at_1_{name}"] = p1
+        # the operation right, names and constants aside: the body's shape is the reference solution's
+        shapes = [code_shape(phi_completion(o)) for o in outs]
+        result[f"shape_match_{name}"] = sum(s is not None and s == code_shape(t.solution)
+                                            for s, t in zip(shapes, tasks)) / max(1, len(tasks))
         result[name] = {"passed": sum(v[0] for v in verdicts), "exercises": len(tasks),
                         "by_family": {f: sum(v) / len(v) for f, v in by_family.items()},
                         "statuses": {st: sum(v[1] == st for v in verdicts) for st in {v[1] for v in verdicts}},
@@ -300,15 +337,17 @@ def train_arms(args, arms, out, curated, exercise_dir):
     total_steps, done_steps, t_train = sum(p[4] for p in plan), 0, time.time()
     for i, (name, seed, parent, corpus, iters, lr) in enumerate(plan):
         init = phi_init(out / parent, seed, args.block_size, **PHI_MODEL) if parent.startswith("init") else out / parent
-        _phi_train(args, out / name, init, corpus, iters, lr, seed, f"[{i + 1}/{len(plan)}] {name}")
+        _phi_train(args, out / name, init, corpus, iters, lr, seed, f"[{i + 1}/{len(plan)}] {name}",
+                   optimizer=args.optimizer)
         done_steps += iters
         elapsed = time.time() - t_train
         print(f"[{i + 1}/{len(plan)} runs] {name} done; {format_eta(elapsed)} so far, ETA "
               f"{format_eta(elapsed / done_steps * (total_steps - done_steps))}", flush=True)
 
 
-MEASURES = ("pass_at_1_new_instances", "pass_at_1_compositions", "pass_at_1_unseen_families", "body_loss", "code_loss",
-            "forgetting_body", "forgetting_code")
+MEASURES = ("pass_at_1_new_instances", "pass_at_1_compositions", "pass_at_1_unseen_families", "shape_match_new_instances",
+            "shape_match_compositions", "shape_match_unseen_families", "body_loss", "code_loss", "forgetting_body",
+            "forgetting_code")
 
 
 def summarize(args, arms, rows, manifest, counts):
@@ -319,6 +358,9 @@ def summarize(args, arms, rows, manifest, counts):
                        ("pass_at_1_new_instances", "pass@1 new instances", "{:.3f}"),
                        ("pass_at_1_compositions", "pass@1 compositions", "{:.3f}"),
                        ("pass_at_1_unseen_families", "pass@1 unseen families", "{:.3f}"),
+                       ("shape_match_new_instances", "operation right, new", "{:.3f}"),
+                       ("shape_match_compositions", "compositions", "{:.3f}"),
+                       ("shape_match_unseen_families", "unseen", "{:.3f}"),
                        ("body_loss", "(1) body loss", "{:.4f}"), ("forgetting_body", "vs stage 1", "{:+.4f}"),
                        ("code_loss", "(3) held-out code loss", "{:.4f}"), ("forgetting_code", "vs stage 1", "{:+.4f}")])
     settings = {k: v for k, v in vars(args).items() if k not in ("run", "results", "threads", "stdlib", "out")}
@@ -331,7 +373,8 @@ def summarize(args, arms, rows, manifest, counts):
                                     "max": max(r[k] for r in mine)} for k in MEASURES}
     a, comparisons = summary["arms"], {}
     for (hi, lo, key) in (("B+wide", "B+narrow", "pass_at_1_new_instances"), ("B+wide", "A+wide", "pass_at_1_new_instances"),
-                          ("A+wide", "B+wide", "body_loss")):
+                          ("B+wide", "B+narrow", "shape_match_new_instances"),
+                          ("B+wide", "A+wide", "shape_match_new_instances"), ("A+wide", "B+wide", "body_loss")):
         if {hi, lo} <= set(a):
             comparisons[f"{hi} - {lo}: {key}"] = {"difference": a[hi][key]["mean"] - a[lo][key]["mean"],
                                                   "ranges_separate": a[hi][key]["min"] > a[lo][key]["max"]}
@@ -350,18 +393,23 @@ def results_table(summary):
     two losses with their change over stage 2 (mean [min, max] over seeds)."""
     s = summary["settings"]
     cell = lambda m, f: f"{f.format(m['mean'])} [{f.format(m['min'])}, {f.format(m['max'])}]"
-    lines = ["| arm | pass@1 new instances | pass@1 compositions | pass@1 unseen families | (1) body loss "
-             "| change over stage 2 | (3) held-out code loss | change over stage 2 |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | pass@1 new instances | pass@1 compositions | pass@1 unseen families | operation right: new "
+             "instances | compositions | unseen families | (1) body loss | change over stage 2 | (3) held-out code "
+             "loss | change over stage 2 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm, m in summary["arms"].items():
         lines.append(f"| {arm} | " + " | ".join(cell(m[k], f) for k, f in (
             ("pass_at_1_new_instances", "{:.3f}"), ("pass_at_1_compositions", "{:.3f}"),
-            ("pass_at_1_unseen_families", "{:.3f}"), ("body_loss", "{:.3f}"), ("forgetting_body", "{:+.3f}"),
+            ("pass_at_1_unseen_families", "{:.3f}"), ("shape_match_new_instances", "{:.3f}"),
+            ("shape_match_compositions", "{:.3f}"), ("shape_match_unseen_families", "{:.3f}"),
+            ("body_loss", "{:.3f}"), ("forgetting_body", "{:+.3f}"),
             ("code_loss", "{:.3f}"), ("forgetting_code", "{:+.3f}"))) + " |")
     ex = summary["exercises"]
     return "\n".join(lines) + (
         f"\n\nMean [min, max] over {s['seeds']} seeds; {s['pretrain_iters']} + {s['finetune_iters']} steps "
         f"({summary['tokens_per_arm']:,} characters per arm), stage 2 {s['exercise_share']:.0%} exercises; held-out "
         f"sets of {ex['new_instances']}, {ex['compositions']} and {ex['unseen_families']} exercises; "
+        f"{s.get('optimizer', 'adamw')} for the compared model's runs; operation right: the body's tokens equal "
+        "the reference's with names, numbers and strings masked (run.code_shape); "
         f"{summary['elapsed_s'] / 60:.1f} min for the command (cached runs reused).")
 
 
@@ -396,6 +444,8 @@ def add_parser(sub):
     p.add_argument("--eval_unseen", type=int, default=5, help="held-out set 3: wide drawings per unseen family")
     p.add_argument("--gen_tokens", type=int, default=64, help="greedy tokens generated per held-out exercise")
     p.add_argument("--stdlib", default="", help="the pool's folder (empty: this Python's standard library)")
+    p.add_argument("--optimizer", default="muon", help="the compared model's stage-1 and stage-2 runs: muon "
+                   "(train.py --optimizer muon) or adamw (curation's reference models keep adamw)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="out/phi", help="curated data, exercises, runs, summary-PRETRAIN+FINETUNE.json")
     p.add_argument("--results", default="experiments/phi/results.json", help="the numbers of the run (JSON; the "

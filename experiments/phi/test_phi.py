@@ -602,3 +602,14 @@ def test_phi_init_gives_every_arm_the_same_start_and_vocabulary(tmp_path):
         assert torch.equal(p, q), n
     tok = tokenization.tokenizer_for_model(a, ma.config.vocab_size)
     assert tok.vocab_size == 96 and tok.decode(tok.encode("def f():\n    pass")) == "def f():\n    pass"
+
+
+def test_code_shape_masks_names_numbers_and_strings_but_keeps_the_operation():
+    shape = phi_experiment.code_shape
+    assert shape("    return b + 7\n") == shape("    return records + 8\n") == ("return", "NAME", "+", "0")
+    assert shape("    return b + 7\n") != shape("    return b * 7\n")
+    assert shape("    return max(aa)\n") != shape("    return min(aa)\n")  # builtins are the operation
+    assert shape("    return s.upper()\n") == shape("    return word.upper()\n")  # so are attribute names
+    assert shape("    return s.upper()\n") != shape("    return s.lower()\n")
+    assert shape("    return sep.join(xs) + 'a'\n") == shape('    return d.join(y) + "bc"\n')
+    assert shape('    return "unterminated\n') is None
