@@ -345,9 +345,8 @@ def train_arms(args, arms, out, curated, exercise_dir):
               f"{format_eta(elapsed / done_steps * (total_steps - done_steps))}", flush=True)
 
 
-MEASURES = ("pass_at_1_new_instances", "pass_at_1_compositions", "pass_at_1_unseen_families", "shape_match_new_instances",
-            "shape_match_compositions", "shape_match_unseen_families", "body_loss", "code_loss", "forgetting_body",
-            "forgetting_code")
+MEASURES = (*(f"{measure}_{name}" for measure in ("pass_at_1", "shape_match") for name in EVAL_SETS),
+            "body_loss", "code_loss", "forgetting_body", "forgetting_code")
 
 
 def summarize(args, arms, rows, manifest, counts):

@@ -117,10 +117,11 @@ def task_settings(args, seed):
     return {"seed": seed, **{k: getattr(args, k) for k in keys}}
 
 
-def m1_settings(args, seed):
-    """What a seed's M1 depends on: its task and its training flags (M1/experiment_settings.json)."""
+def m1_settings(args, task_seed):
+    """What a seed's M1 depends on: its task (drawn with task_seed) and its training flags
+    (M1/experiment_settings.json)."""
     keys = ("n_layer", "n_head", "n_embd", "block_size", "m1_iters")
-    return {"task": task_settings(args, 1000 + seed), **{k: getattr(args, k) for k in keys}}
+    return {"task": task_settings(args, task_seed), **{k: getattr(args, k) for k in keys}}
 
 
 def fresh(folder, settings):
@@ -188,9 +189,10 @@ def run(args):
         raise UserError(f"--large_prompts {args.large_prompts} must be at least --prompts {args.prompts}")
     t0 = time.time()
     for seed in range(args.seeds):
-        folder = sort_task(out / f"seed{seed}" / "task", args, 1000 + seed)
+        task_seed = 1000 + seed
+        folder = sort_task(out / f"seed{seed}" / "task", args, task_seed)
         m1 = out / f"seed{seed}" / "M1"
-        m1_config = m1_settings(args, seed)
+        m1_config = m1_settings(args, task_seed)
         if not (fresh(m1, m1_config) and self_reward.finished(m1, args.m1_iters)):
             print(f"--- seed {seed}: M1, {args.m1_iters} steps of supervised training from scratch", flush=True)
             train.run(model="gpt", out_dir=str(m1), overwrite=True, data=str(folder / "corpus.txt"),
