@@ -45,6 +45,7 @@ import tomllib
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from omnitron import checkpoints, data, dpo, kernels, lora, models, multimodal, muon, runtime, self_reward
@@ -123,6 +124,11 @@ TRAIN_FLAGS = [
     ("mm_xattn_hidden", 0, "multimodal xattn: the gated layers' feed-forward width (0: no feed-forward)"),
     ("mm_freeze", True, "multimodal: freeze the language model and train the bridge alone; false: train both"),
     ("max_iters", 750, "optimizer steps"),
+    ("max_time", 0.0, "seconds of training (wall time: evaluations and compilation included, startup not) after "
+                      "which the run evaluates, saves and ends, like Lightning's max_time; the decay or cooldown "
+                      "then follows the share of max_time elapsed instead of the step, so it ends on time at "
+                      "any speed (the step count, and so the result, then depend on the machine's speed). "
+                      "0: off; max_iters still caps the steps"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence; with --init_from DIR and no --block_size: the model's own length "
                         f"(its config's block_size), at most {INIT_BLOCK_SIZE}"),
@@ -146,6 +152,10 @@ TRAIN_FLAGS = [
     ("grad_clip", 1.0, "clip the gradient norm to this (0: off)"),
     ("eval_interval", 250, "evaluate and checkpoint every N steps"),
     ("eval_iters", 20, "batches per split in an evaluation"),
+    ("eval_full_val", False, "the val loss over every token of the val split once (consecutive windows of "
+                             "block_size; deterministic) instead of eval_iters random batches, whose mean weighs "
+                             "each token a random number of times (20 batches of tinyshakespeare: +-0.007 nats "
+                             "between draws); the train loss stays an estimate"),
     ("log_interval", 50, "print a log line every N steps"),
     ("device", "auto", "cpu, cuda, cuda:N, or auto"),
     ("dtype", "auto", "float32, bfloat16 or float16 (autocast; fp16 with a gradient scaler), or auto"),
@@ -295,21 +305,28 @@ def lm_loss(model, batch):
 
 # ----------------------------------------------------------------------------- schedule, optimizer, evaluation
 
-def lr_at(step, flags):
+def lr_at(step, flags, elapsed=0.0):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, or (lr_schedule trapezoidal) the
     peak until the last cooldown_frac of lr_decay_iters and a linear cooldown to min_lr there
-    (lr_decay_iters -1: max_iters)."""
-    decay_iters = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
+    (lr_decay_iters -1: max_iters). With max_time > 0, the decay's position is the share of max_time
+    that `elapsed` (seconds of training so far) is, instead of the step's share of lr_decay_iters:
+    the cosine runs over all of max_time and the cooldown over its last cooldown_frac (the warmup
+    stays in steps)."""
     min_lr = flags["min_lr"] if flags["min_lr"] >= 0 else flags["learning_rate"] / 10
     if step < flags["warmup_iters"]:
         return flags["learning_rate"] * (step + 1) / (flags["warmup_iters"] + 1)
+    if flags.get("max_time", 0) > 0:  # seconds: done, of total; the cosine starts at 0 s
+        done, total, start = min(elapsed, flags["max_time"]), flags["max_time"], 0
+    else:  # steps; the cosine starts after the warmup
+        total = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
+        done, start = min(step, total), flags["warmup_iters"]
     if flags.get("lr_schedule", "cosine") == "trapezoidal":
-        cooldown = flags["cooldown_frac"] * decay_iters
-        left = (decay_iters - step) / cooldown if cooldown > 0 else 1.0
+        cooldown = flags["cooldown_frac"] * total
+        left = (total - done) / cooldown if cooldown > 0 else 1.0
         return min_lr + min(1.0, max(0.0, left)) * (flags["learning_rate"] - min_lr)
-    if step >= decay_iters:
+    if done >= total:
         return min_lr
-    progress = (step - flags["warmup_iters"]) / max(1, decay_iters - flags["warmup_iters"])
+    progress = (done - start) / (total - start if total > start else 1)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (flags["learning_rate"] - min_lr)
 
 
@@ -337,6 +354,9 @@ def evaluate(model, dataset, flags, ctx, device, rank=0, world_size=1):
     out = {}
     loss_of = getattr(dataset, "model_loss", None) or (lambda m, batch: m(*batch)[1])  # scenes: with the image
     for split in ("train", "val"):
+        if split == "val" and flags.get("eval_full_val"):
+            out[split] = whole_split_loss(model, dataset, split, flags, ctx, device, rank, world_size)
+            continue
         gen = torch.Generator().manual_seed(flags["seed"] + 1)
         losses = []
         for _ in range(flags["eval_iters"]):
@@ -349,6 +369,33 @@ def evaluate(model, dataset, flags, ctx, device, rank=0, world_size=1):
         out[split] = mean.item()
     model.train()
     return out
+
+
+def whole_split_loss(model, dataset, split, flags, ctx, device, rank=0, world_size=1):
+    """The mean loss over every token of a split, once: consecutive non-overlapping windows of block_size
+    (the last full window's end is the split's; the tokens before the first are left out, fewer than
+    block_size), batch_size windows per forward, the global batches dealt to the processes in turn.
+    The last batch is filled with rows whose targets are -1 (ignored), so every forward has one
+    shape (no recompilation) and every process runs the same number of them. Returns nats per token."""
+    tokens, T, B = dataset.tokens(split), flags["block_size"], flags["batch_size"]
+    n = (len(tokens) - 1) // T
+    offset = len(tokens) - 1 - n * T  # windows end at the split's end
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
+    for first in range(0, n, B * world_size):
+        rows = range(first + rank * B, first + (rank + 1) * B)
+        xy = np.full((B, T + 1), -1, dtype=np.int64)
+        for j, w in enumerate(rows):
+            if w < n:
+                xy[j] = tokens[offset + w * T: offset + w * T + T + 1]
+        x, y = torch.from_numpy(xy[:, :-1]).clamp(min=0).to(device), torch.from_numpy(xy[:, 1:]).to(device)
+        real = int((y >= 0).sum())
+        with ctx:  # also when this process's rows are all past the end: DDP's collectives pair up
+            loss = model(x, y)[1]
+        if real:
+            totals += torch.stack([loss.double() * real, torch.tensor(real, dtype=torch.float64, device=device)])
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -453,6 +500,10 @@ def start(flags):
             raise UserError(f"--{name} must be at least 1, not {flags[name]}")
     if flags["max_iters"] < 0:
         raise UserError(f"--max_iters must be 0 or more, not {flags['max_iters']}")
+    if flags["eval_full_val"] and (flags["dpo"] or flags["mm_images"]):
+        raise UserError("--eval_full_val evaluates a text corpus's val split: not with --dpo or --mm_images")
+    if flags["max_time"] < 0:
+        raise UserError(f"--max_time must be 0 (off) or more, not {flags['max_time']}")
     for name, choices in (("optimizer", ("adamw", "muon")), ("lr_schedule", ("cosine", "trapezoidal"))):
         if flags[name] not in choices:
             raise UserError(f"--{name} {flags[name]!r}: choose from {', '.join(choices)}")
@@ -659,7 +710,7 @@ def describe(s):
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
           f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {describe_attention(s.device, model)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
-          f"steps {s.step}..{f['max_iters']}" + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
+          f"steps {s.step}..{f['max_iters']}" + (f" or {f['max_time']:g} s of training" if f["max_time"] > 0 else "") + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
                                                  f"{f['dpo_beta']}" if f["dpo"] else ""), flush=True)
     if f["mm_images"]:
         bridge, lm = multimodal.count_params(model)
@@ -720,8 +771,8 @@ class StopRequest:
 
 
 def fit(s, loss_fn=None):
-    """Train from s.step to max_iters with loss_fn (default lm_loss; see train()): evaluate and
-    checkpoint every eval_interval steps and at max_iters; print and log (out_dir/log.jsonl) every
+    """Train from s.step to max_iters (or until --max_time seconds of training are spent) with loss_fn
+    (default lm_loss; see train()): evaluate and checkpoint every eval_interval steps and at the last; print and log (out_dir/log.jsonl) every
     log_interval steps and at max_iters. A resumed run's log continues from the checkpoint's step
     (resume_log; an evaluation logged at that step is not repeated). Ctrl-C in one process: the loop
     stops after the step in progress, checkpoints it and raises runtime.Interrupted (stop_here).
@@ -739,21 +790,35 @@ def fit(s, loss_fn=None):
         s.model.train()
         while True:
             performer.set_step(s.step)  # --performer_redraw: this step's draw of random features
-            if s.step % f["eval_interval"] == 0 or s.step >= f["max_iters"]:
+            elapsed = training_seconds(s, clock)
+            last = s.step >= f["max_iters"] or 0 < f["max_time"] <= elapsed
+            if s.step % f["eval_interval"] == 0 or last:
                 if logged is not None and s.step == clock.first_step:  # logged before the run stopped
                     losses = {"train": logged.get("train_lm_loss", logged.get("train_loss")), "val": logged["val_loss"]}
                 else:
-                    losses = evaluate_and_checkpoint(s, clock, log_file)
-            if s.step >= f["max_iters"]:
+                    losses = evaluate_and_checkpoint(s, clock, log_file, last)
+            if last:
                 break
             if stop.requested:
                 stop_here(s, clock)
-            lr = lr_at(s.step, f)
+            lr = lr_at(s.step, f, elapsed)
             loss, step_metrics = train_step(s, loss_fn, lr)
             clock.interval_steps += 1
             if s.step % f["log_interval"] == 0 or s.step == f["max_iters"]:
                 metrics = log_progress(s, clock, log_file, lr, loss, step_metrics)
     return losses, metrics, s.elapsed_before + time.time() - clock.t0
+
+
+def training_seconds(s, clock):
+    """Seconds of training so far, a resumed run's earlier ones included. Under --max_time with several
+    processes, rank 0's count (broadcast), so that every process takes the same learning rate and
+    stops at the same step."""
+    elapsed = s.elapsed_before + time.time() - clock.t0
+    if s.flags["max_time"] > 0 and s.world_size > 1:
+        value = torch.tensor([elapsed], dtype=torch.float64, device=s.device)  # NCCL takes device tensors
+        torch.distributed.broadcast(value, 0)
+        elapsed = value.item()
+    return elapsed
 
 
 def stop_here(s, clock):
@@ -775,9 +840,9 @@ def interrupted_line(s):
             f"continue with: python train.py --out_dir {s.out_dir} --resume")
 
 
-def evaluate_and_checkpoint(s, clock, log_file):
+def evaluate_and_checkpoint(s, clock, log_file, last=False):
     """Evaluate, print and log the losses, and checkpoint (not at the step a run starts or resumes
-    from, unless that is max_iters). With --dpo the evaluation is the language-model loss beside a
+    from, unless it is the last: max_iters, or --max_time spent). With --dpo the evaluation is the language-model loss beside a
     training loss that is DPO's: its lines say `lm loss` and log.jsonl's key is train_lm_loss (val_loss
     is always the language-model loss). Returns the losses {"train", "val"}."""
     f = s.flags
@@ -787,7 +852,7 @@ def evaluate_and_checkpoint(s, clock, log_file):
     s.say(f"step {s.step}: train{lm} loss {losses['train']:.4f}, val{lm} loss {losses['val']:.4f}", flush=True)
     write_log(log_file, {"step": s.step, "elapsed_s": round(elapsed, 3), "val_loss": losses["val"],
                          "train_lm_loss" if f["dpo"] else "train_loss": losses["train"]})
-    if s.step > clock.first_step or s.step == f["max_iters"]:
+    if s.step > clock.first_step or last:
         save_checkpoint(s, elapsed)
     clock.restart_interval()  # throughput excludes evaluation time
     return losses
@@ -829,6 +894,8 @@ def log_progress(s, clock, log_file, lr, loss, metrics):
     now = time.time()
     step_time = (now - clock.interval_start) / clock.interval_steps
     eta = (now - clock.t0) / (s.step - clock.first_step) * (f["max_iters"] - s.step)  # evaluations included
+    if f["max_time"] > 0:
+        eta = max(0.0, min(eta, f["max_time"] - (s.elapsed_before + now - clock.t0)))
     shown = "".join(f" | {name} {value:.4f}" for name, value in metrics.items())
     name = "dpo loss" if f["dpo"] and not f["dpo_replay"] else "loss"  # DPO's, not the evaluations' lm loss
     s.say(f"iter {s.step}/{f['max_iters']} | {name} {loss_value:.4f}{shown} | lr {lr:.2e} | "

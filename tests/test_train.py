@@ -1,6 +1,7 @@
 """train.py: the training loop in stages, resume, fine-tuning, configs, several processes."""
 
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -149,6 +150,78 @@ def test_learning_rate_schedule():
     assert lrs[0] < lrs[5] < lrs[9] < 1.0 and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_learning_rate_schedule_on_elapsed_time_under_max_time():
+    """With --max_time the decay follows the share of max_time elapsed, whatever the step; the warmup
+    stays in steps."""
+    cosine = {"learning_rate": 1.0, "min_lr": 0.0, "warmup_iters": 10, "lr_decay_iters": -1, "max_iters": 10**6,
+              "max_time": 100.0}
+    assert train.lr_at(5, cosine, elapsed=50.0) == pytest.approx(6 / 11)  # warming up: the step decides
+    assert train.lr_at(20, cosine, elapsed=50.0) == pytest.approx(0.5)    # half the time: half the cosine
+    assert train.lr_at(10**5, cosine, elapsed=25.0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert train.lr_at(20, cosine, elapsed=100.0) == 0.0 and train.lr_at(20, cosine, elapsed=130.0) == 0.0
+    trapezoidal = {**cosine, "lr_schedule": "trapezoidal", "cooldown_frac": 0.4}
+    lrs = [train.lr_at(50, trapezoidal, elapsed=t) for t in (0.0, 59.0, 60.0, 80.0, 90.0, 100.0, 120.0)]
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+
+
+def test_max_time_ends_the_run_on_time_and_resumes_to_a_longer_budget(corpus, tmp_path):
+    """--max_time ends training once that many seconds are spent (evaluating and saving there), with
+    the cooldown finished by then; a resumed run counts the first run's seconds and trains on to its
+    own --max_time."""
+    flags = dict(max_iters=10**6, eval_interval=10**6, log_interval=5, lr_schedule="trapezoidal", min_lr=0.0,
+                 warmup_iters=2, lr_decay_iters=None)
+    t0 = time.time()
+    train.main(train_args(corpus, tmp_path, max_time=3, **flags))
+    assert time.time() - t0 < 30  # (a clock that never stopped would run a million steps)
+    log = read_log(tmp_path / "run")
+    final, steps = log[-1], [r for r in log if "lr" in r]
+    assert "val_loss" in final and 3.0 <= final["elapsed_s"] < 3.0 + 5.0 and final["step"] > 10
+    assert steps[-1]["lr"] < 0.2 * max(r["lr"] for r in steps)  # cooled down, not cut off at the peak
+    assert load_file(tmp_path / "run" / "model.safetensors", device="cpu") is not None
+    assert torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["step"] == final["step"]
+    train.main(train_args(corpus, tmp_path, max_time=5, **flags) + ["--resume"])
+    resumed = read_log(tmp_path / "run")
+    assert resumed[-1]["step"] > final["step"] and 5.0 <= resumed[-1]["elapsed_s"] < 5.0 + 5.0
+    with pytest.raises(runtime.UserError, match="--max_time must be 0 .off. or more, not -1"):
+        train.main(train_args(corpus, tmp_path, "bad", max_time=-1))
+
+
+@torch.no_grad()
+def whole_val_loss(out_dir, corpus, data_dir, block_size):
+    """The reference of --eval_full_val: the saved model's float64 cross-entropy over every token of the
+    val split, in consecutive windows of block_size that end at the split's end."""
+    model = models.from_pretrained(out_dir).double().eval()
+    val = torch.from_numpy(np.asarray(data.prepare(corpus, "char", data_dir, quiet=True).tokens("val"),
+                                      dtype=np.int64))
+    n = (len(val) - 1) // block_size
+    tail = val[len(val) - 1 - n * block_size:]
+    x, y = tail[:-1].view(n, block_size), tail[1:].view(n, block_size)
+    logits = model(x)[0]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item(), n
+
+
+def test_eval_full_val_is_the_mean_over_every_val_token(corpus, tmp_path):
+    train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=4, eval_full_val=True, dropout=0.0))
+    reference, windows = whole_val_loss(tmp_path / "run", corpus, tmp_path / "d", 32)
+    assert windows % 4  # the last batch is part padding (ignored rows)
+    assert read_log(tmp_path / "run")[-1]["val_loss"] == pytest.approx(reference, rel=1e-5)
+    with pytest.raises(runtime.UserError, match="--eval_full_val evaluates a text corpus"):
+        train.main(train_args(corpus, tmp_path, "bad", eval_full_val=True, mm_images="digits"))
+
+
+def test_max_time_stops_two_processes_at_the_same_step(corpus, tmp_path):
+    """Under --max_time the processes follow rank 0's clock: they stop at one step with one learning
+    rate (a process that stopped alone would leave the other waiting in its all-reduce); the final
+    --eval_full_val, the windows dealt to the two processes, is the whole split's."""
+    r = torchrun(*train_args(corpus, tmp_path, "ddp", max_iters=10**6, eval_interval=10**6, log_interval=1,
+                             max_time=3, lr_decay_iters=None, eval_full_val=True, dropout=0.0))
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = read_log(tmp_path / "ddp")
+    assert "val_loss" in log[-1] and log[-1]["elapsed_s"] >= 3.0 and log[-1]["step"] > 5
+    assert r.stdout.count(f"step {log[-1]['step']}: train loss") == 1
+    assert log[-1]["val_loss"] == pytest.approx(whole_val_loss(tmp_path / "ddp", corpus, tmp_path / "d", 32)[0], rel=1e-5)
 
 
 def test_weight_decay_only_on_matrices():
