@@ -90,7 +90,8 @@ def cached_run(out, settings, label="", **flags):
     out = Path(out)
 
     def train_it():
-        print(f"--- {label or out.name}: training {flags.get('max_iters')} steps into {out}", flush=True)
+        length = f"{flags['max_time']:g} s" if flags.get("max_time") else f"{flags.get('max_iters')} steps"
+        print(f"--- {label or out.name}: training {length} into {out}", flush=True)
         train.run(out_dir=str(out), overwrite=True, **flags)
     cached(out / "settings.json", settings, train_it)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

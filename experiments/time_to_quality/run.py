@@ -1,14 +1,13 @@
-"""Time to quality on tinyshakespeare: nanoGPT's CPU recipe, our config (config/tinyshakespeare_cpu.toml)
-and the speedrun's optimizer and schedule (KellerJordan/modded-nanogpt: Muon, the trapezoidal
-schedule) alone and together, each arm at the same wall-time budget, over seeds.
+"""Time to quality on tinyshakespeare: nanoGPT's CPU recipe, the config before the speedrun's changes
+(`baseline`), each change alone, and the shipped config (config/tinyshakespeare_cpu.toml), every run at
+the same wall time, over seeds.
 
   python bench.py time_to_quality   # or: python -m experiments.time_to_quality
 
-Each run's step count is sized to the budget on this machine: a short probe run measures its seconds
-per step (evaluations included; --probe_steps), then the run takes as many steps as fit in 90% of the budget, so
-its learning-rate schedule ends inside the budget. Reported: the final val loss, the val loss at the
-budget (the last evaluation before it), tokens/s and the change against our config, per arm over
-seeds. The write-up: README.md beside this file."""
+Every run trains for --budget_s seconds (train.py --max_time: its schedule follows the clock, so it ends
+its decay on time at this machine's speed that hour) and ends with the val loss over every val token
+(--eval_full_val: no sampling noise). Reported per arm over seeds: that val loss, the steps done,
+tokens/s and the change against `baseline`. The write-up: README.md beside this file."""
 import statistics
 import time
 from pathlib import Path
@@ -19,55 +18,50 @@ from omnitron.runtime import UserError, print_table
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "tinyshakespeare_cpu.toml"
 
+# the config before the speedrun's changes (AdamW, cosine, block 128 x batch 32, eager)
+BASELINE = dict(optimizer="adamw", lr_schedule="cosine", compile=False, block_size=128, batch_size=32,
+                muon_weight_decay=0.0)
 ARMS = {  # name -> train.py flags over the config's
     # nanoGPT's README CPU run of config/train_shakespeare_char.py (its flags; our GPT file)
     # (without the config file: every flag given)
     "nanogpt_cpu": dict(model="gpt", data="tinyshakespeare", tokenizer="char", n_layer=4, n_head=4, n_embd=128,
                         block_size=64, batch_size=12, dropout=0.0, bias=False, learning_rate=1e-3, min_lr=1e-4,
                         warmup_iters=100, weight_decay=0.1, beta2=0.99),
+    "baseline": BASELINE,
+    "muon": {**BASELINE, "optimizer": "muon"},
+    "trapezoidal": {**BASELINE, "lr_schedule": "trapezoidal"},
+    "compile": {**BASELINE, "compile": True},
+    "block256": {**BASELINE, "block_size": 256, "batch_size": 16},
+    "config_without_weight_decay": dict(muon_weight_decay=0.0),
     "config": {},
-    "muon": dict(optimizer="muon"),
-    "trapezoidal": dict(lr_schedule="trapezoidal"),
-    "muon_trapezoidal": dict(optimizer="muon", lr_schedule="trapezoidal"),
 }
+DEFAULT_ARMS = "nanogpt_cpu,baseline,config"
 
 
-def run_flags(args, arm, seed, **flags):
-    """train.run's keyword arguments of an arm: --config's (but for nanogpt_cpu), the arm's flags, flags."""
+def run_flags(args, arm, seed):
+    """train.run's keyword arguments of an arm: --config's (but for nanogpt_cpu), the arm's flags, the
+    budget (max_time; steps uncapped) and the evaluation."""
     config = {} if arm == "nanogpt_cpu" else {"config": args.config}
     return {**config, "seed": seed, "sample_tokens": 0, "device": args.device, "data_dir": args.data_dir,
-            **ARMS[arm], **flags}
-
-
-def seconds_per_step(args, arm, seed):
-    """The arm's training seconds per step on this machine, evaluations at the run's rate included: a
-    --probe_steps run (cached by settings) timed from its log."""
-    flags = run_flags(args, arm, seed, max_iters=args.probe_steps, eval_interval=args.probe_steps,
-                      eval_iters=args.eval_iters, log_interval=args.probe_steps)
-    log = cached_run(Path(args.out) / f"probe-{arm}", {"probe": arm, **flags}, f"probe {arm}", **flags)
-    evals = [r for r in log if "val_loss" in r]
-    step_s = (evals[-1]["elapsed_s"] - 2 * evals[0]["elapsed_s"]) / args.probe_steps  # less the two evaluations
-    return step_s + evals[0]["elapsed_s"] / args.eval_interval
+            **ARMS[arm], "max_time": args.budget_s, "max_iters": 10**7, "eval_interval": args.eval_interval,
+            "log_interval": args.log_interval, "eval_full_val": True}
 
 
 def train_arm(args, arm, seed):
-    """One arm and seed with as many steps as fit in 90% of --budget_s (seconds_per_step). Returns its row."""
-    steps = max(10, int(0.9 * args.budget_s / seconds_per_step(args, arm, seed)))
-    flags = run_flags(args, arm, seed, max_iters=steps, lr_decay_iters=steps, eval_interval=args.eval_interval,
-                      eval_iters=args.eval_iters, log_interval=args.eval_interval)
-    log = cached_run(Path(args.out) / f"{arm}-s{seed}", {"arm": arm, "budget_s": args.budget_s, **flags},
-                     f"{arm}, seed {seed}, {steps} steps", **flags)
+    """One arm and seed for --budget_s seconds of training. Returns its row."""
+    flags = run_flags(args, arm, seed)
+    log = cached_run(Path(args.out) / f"{arm}-s{seed}", {"arm": arm, **flags},
+                     f"{arm}, seed {seed}, {args.budget_s:g} s", **flags)
     evals = [r for r in log if "val_loss" in r]
-    inside = [r for r in evals if r["elapsed_s"] <= args.budget_s] or evals[:1]
     speeds = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
-    return {"arm": arm, "seed": seed, "steps": steps, "val_loss": evals[-1]["val_loss"],
-            "wall_s": evals[-1]["elapsed_s"], "val_at_budget": inside[-1]["val_loss"],
-            "tokens_per_s": statistics.median(speeds) if speeds else None, "curve": [(r["elapsed_s"], r["val_loss"]) for r in evals]}
+    return {"arm": arm, "seed": seed, "steps": evals[-1]["step"], "val_loss": evals[-1]["val_loss"],
+            "wall_s": evals[-1]["elapsed_s"], "tokens_per_s": statistics.median(speeds) if speeds else None,
+            "curve": [(r["elapsed_s"], r["val_loss"]) for r in evals]}
 
 
 def run(args):
     """Every arm (--arms) over --seeds at --budget_s each: the table (val loss at the budget, mean and
-    spread over seeds, tokens/s, the change against `config`), results.json and the plot."""
+    spread over seeds, tokens/s, the change against `baseline`), results.json and the plot."""
     arms = comma_list(args.arms)
     if unknown := [a for a in arms if a not in ARMS]:
         raise UserError(f"unknown arm(s) {', '.join(unknown)}; arms: {', '.join(ARMS)}")
@@ -77,19 +71,20 @@ def run(args):
     for seed in range(args.seeds):
         for arm in arms:
             rows.append(train_arm(args, arm, seed))
-            print(f"[{len(rows)}/{len(arms) * args.seeds}] {arm} seed {seed}: val {rows[-1]['val_at_budget']:.4f} "
-                  f"at {args.budget_s:.0f} s; {runtime.format_eta(time.time() - t0)} so far", flush=True)
+            print(f"[{len(rows)}/{len(arms) * args.seeds}] {arm} seed {seed}: val {rows[-1]['val_loss']:.4f} "
+                  f"after {rows[-1]['steps']} steps; {runtime.format_eta(time.time() - t0)} so far", flush=True)
     summary = []
     for arm in arms:
-        vals = [r["val_at_budget"] for r in rows if r["arm"] == arm]
+        vals = [r["val_loss"] for r in rows if r["arm"] == arm]
         summary.append({"arm": arm, "mean": statistics.mean(vals), "min": min(vals), "max": max(vals),
-                        "tokens_per_s": statistics.mean(r["tokens_per_s"] for r in rows if r["arm"] == arm),
+                        "tokens_per_s": statistics.mean(speeds) if (speeds := [r["tokens_per_s"] for r in rows
+                                                                                if r["arm"] == arm and r["tokens_per_s"]]) else None,
                         "steps": statistics.mean(r["steps"] for r in rows if r["arm"] == arm)})
-    base = next((s["mean"] for s in summary if s["arm"] == "config"), None)
+    base = next((s["mean"] for s in summary if s["arm"] == "baseline"), None)
     for s in summary:
         s["change"] = None if base is None else s["mean"] - base
     print_table(summary, [("arm", "arm", "{}"), ("mean", f"val at {args.budget_s:.0f} s", "{:.4f}"),
-                          ("min", "min", "{:.4f}"), ("max", "max", "{:.4f}"), ("change", "vs config", "{:+.4f}"),
+                          ("min", "min", "{:.4f}"), ("max", "max", "{:.4f}"), ("change", "vs baseline", "{:+.4f}"),
                           ("tokens_per_s", "tokens/s", "{:,.0f}"), ("steps", "steps", "{:.0f}")])
     results = {"budget_s": args.budget_s, "seeds": args.seeds, "summary": summary, "rows": rows}
     runtime.write_json(Path(args.out) / "results.json", results, indent=1)
@@ -120,16 +115,17 @@ def plot(rows, arms, budget_s, path):
 
 def add_parser(sub):
     """Register this experiment's subcommand and its flags (bench.py's, and python -m experiments.time_to_quality)."""
-    p = sub.add_parser("time_to_quality", help="tinyshakespeare at a wall-time budget: nanoGPT's CPU recipe, our "
-                       "config, Muon and the trapezoidal schedule alone and together, over seeds (trains; cached)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated from {', '.join(ARMS)}")
+    p = sub.add_parser("time_to_quality", help="tinyshakespeare at a wall-time budget: nanoGPT's CPU recipe, the "
+                       "baseline, the speedrun's changes alone and the shipped config, over seeds (trains; cached)")
+    p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated from {', '.join(ARMS)} (the full "
+                   "ablation: all of them, about 8 minutes per arm and seed)")
     p.add_argument("--config", default=str(CONFIG.relative_to(CONFIG.parents[1])), help="the train.py config file "
                    "of every arm but nanogpt_cpu")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
-    p.add_argument("--budget_s", type=float, default=450.0, help="wall-time budget of each run, seconds")
-    p.add_argument("--eval_interval", type=int, default=250, help="steps between evaluations")
-    p.add_argument("--probe_steps", type=int, default=30, help="steps of the probe run that times an arm")
-    p.add_argument("--eval_iters", type=int, default=20, help="batches per evaluation")
+    p.add_argument("--budget_s", type=float, default=430.0, help="seconds of training per run (train.py --max_time; "
+                   "startup and the last evaluation add about 15 s to the whole command)")
+    p.add_argument("--eval_interval", type=int, default=500, help="steps between evaluations (the plot's points)")
+    p.add_argument("--log_interval", type=int, default=50, help="steps between log lines (tokens/s)")
     p.add_argument("--data_dir", default=str(data.DEFAULT_DATA_DIR), help="where the corpus and its tokenized cache live")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--out", default="out/time_to_quality", help="the runs' folders and results.json")
