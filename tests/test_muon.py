@@ -1,9 +1,6 @@
-"""The speedrun's recipe (KellerJordan/modded-nanogpt): omnitron/muon.py and train.py's --optimizer muon
-and --lr_schedule trapezoidal (Newton-Schulz against a float64 SVD, the AdamW side against
-torch.optim.AdamW, every model file, resume and two processes), and the model changes --hidden_act
-relu2, --qk_norm and --final_logit_softcapping against transformers and their definitions."""
+"""omnitron/muon.py and train.py's --optimizer muon and --lr_schedule trapezoidal: Newton-Schulz against a
+float64 SVD, the AdamW side against torch.optim.AdamW, every model file, resume and two processes."""
 import dataclasses
-import json
 import math
 
 import pytest
@@ -11,7 +8,7 @@ import torch
 
 import train
 from omnitron import models, muon
-from tests.helpers import V, hf_model, load_hf, max_diff, read_log, saved, tiny_model, torchrun, train_args
+from tests.helpers import read_log, tiny_model, torchrun, train_args
 
 
 @pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 32)])
@@ -116,50 +113,3 @@ def test_muon_flags_are_checked(corpus, tmp_path):
                            ({"optimizer": "muon", "fsdp": True}, "not --fsdp")):
         with pytest.raises(train.UserError, match=message):
             train.main(train_args(corpus, tmp_path, **flags))
-
-
-# ----------------------------------------------------------------------------- the speedrun's model changes
-
-@torch.no_grad()
-def test_llama_relu2_is_transformers_relu2_both_ways(tmp_path):
-    """--hidden_act relu2 (Primer's squared ReLU in the gate) is what transformers' LlamaForCausalLM
-    computes with hidden_act relu2 (its ACT2FN), from our files and into them."""
-    ours = tiny_model("llama", hidden_act="relu2").eval()
-    ours.save_pretrained(tmp_path / "ours")
-    x = torch.randint(0, V, (2, 12))
-    assert max_diff(ours, load_hf(tmp_path / "ours"), x) < 1e-4
-    hf = hf_model("llama", hidden_act="relu2")
-    assert max_diff(saved(hf, tmp_path / "hf"), hf, x) < 1e-4
-    assert max_diff(tiny_model("llama").eval(), hf, x) > 0.1  # (silu's logits differ)
-
-
-@torch.no_grad()
-def test_llama_qk_norm_is_qwen3s_and_no_transformers_llama_loads_it(tmp_path):
-    """--qk_norm: an RMSNorm over each head of q and k before the rotary embedding, as transformers'
-    Qwen3ForCausalLM computes it (its weights loaded key for key into our Llama); the file is
-    model_type omnitron_llama, which transformers refuses rather than drop the norms."""
-    hf = hf_model("qwen3", rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)
-    c = hf.config
-    ours = models.get("llama").Model(models.get("llama").Config(
-        vocab_size=V, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_kv_head=c.num_key_value_heads,
-        n_embd=c.hidden_size, head_dim=c.head_dim, intermediate_size=c.intermediate_size, rms_norm_eps=1e-5,
-        tie_embeddings=False, qk_norm=True)).eval()
-    ours.load_state_dict(hf.state_dict(), strict=True)
-    x = torch.randint(0, V, (2, 12))
-    assert max_diff(ours, hf, x) < 1e-4
-    ours.save_pretrained(tmp_path / "ours")
-    assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == "omnitron_llama"
-    assert torch.equal(models.from_pretrained(tmp_path / "ours")(x)[0], ours(x)[0])
-    with pytest.raises((ValueError, KeyError)):
-        load_hf(tmp_path / "ours")
-
-
-@torch.no_grad()
-def test_llama_logit_softcapping_is_its_definition():
-    """--final_logit_softcapping c: logits c tanh(z / c) of the uncapped logits z (float64), within (-c, c)."""
-    capped = tiny_model("llama", final_logit_softcapping=2.0).double().eval()
-    plain = tiny_model("llama").double().eval()
-    x = torch.randint(0, V, (2, 12))
-    z, y = plain(x)[0], capped(x)[0]
-    assert z.abs().max() > 2.0  # the cap is reached: the comparison is not near the identity
-    assert torch.allclose(y, 2.0 * torch.tanh(z / 2.0), atol=1e-12, rtol=0) and y.abs().max() < 2.0

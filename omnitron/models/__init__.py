@@ -10,7 +10,7 @@ from pathlib import Path
 from omnitron import hub
 
 # Hugging Face `model_type` -> the file in models/ that implements it
-MODEL_TYPES = {"gpt2": "gpt", "omnitron_gpt": "gpt", "llama": "llama", "omnitron_llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi",
+MODEL_TYPES = {"gpt2": "gpt", "omnitron_gpt": "gpt", "llama": "llama", "qwen2": "qwen", "qwen3": "qwen", "phi": "phi",
                "mixtral": "switch", "qwen2_moe": "switch", "qwen3_moe": "switch", "olmoe": "switch"}
 
 

@@ -55,16 +55,9 @@ class Config:
     rope_beta_fast: float = 32.0    # yarn
     rope_beta_slow: float = 1.0     # yarn
     rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0: 0.1 ln(s) + 1
-    hidden_act: str = "silu"        # the MLP gate's activation, a key of ACTIVATIONS: silu (SwiGLU) | relu2
-    qk_norm: bool = False           # an RMSNorm over each head of q and k before the rotary embedding (Qwen3's)
-    final_logit_softcapping: float = 0.0  # c: logits become c tanh(logits / c) (Gemma 2); 0: none
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.n_embd // self.n_head
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {', '.join(ACTIVATIONS)}; not {self.hidden_act!r}")
-        if self.final_logit_softcapping < 0:
-            raise ValueError(f"final_logit_softcapping must be 0 (none) or positive, not {self.final_logit_softcapping}")
         self.rope_original_max_len = self.rope_original_max_len or self.block_size
         if self.n_kv_head < 1 or self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
@@ -77,23 +70,6 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-def relu_squared(x):
-    """max(x, 0)^2: Primer's squared ReLU (So et al. 2021, section 4.1), the MLP activation of the
-    modded-nanogpt speedrun; transformers' ACT2FN["relu2"]."""
-    return F.relu(x).square()
-
-
-# The MLP gate's activations, by the names of transformers' ACT2FN (config.json's hidden_act).
-ACTIVATIONS = {"silu": F.silu, "relu2": relu_squared}
-
-
-def softcap(logits, cap):
-    """cap * tanh(logits / cap): logits squashed smoothly into (-cap, cap), near identity well inside
-    (Gemma 2's final_logit_softcapping, Gemma Team 2024, section 2; the modded-nanogpt speedrun's 30);
-    cap 0: unchanged."""
-    return cap * torch.tanh(logits / cap) if cap else logits
-
 
 def rope_frequencies(config, dim, seq_len, device=None):
     """Rotary inverse frequencies theta^(-2i/dim), i < dim/2 (RoFormer), rescaled for a longer context
@@ -173,25 +149,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, config.n_kv_head * D, bias=bias)
         self.v_proj = nn.Linear(C, config.n_kv_head * D, bias=bias)
         self.o_proj = nn.Linear(config.n_head * D, C, bias=bias)
-        self.qk_norm = config.qk_norm
-        if self.qk_norm:
-            self.q_norm = RMSNorm(D, config.rms_norm_eps)
-            self.k_norm = RMSNorm(D, config.rms_norm_eps)
 
     def forward(self, x, rope, cache=None, mask=None):
         B, T, _ = x.shape
-        q, k, v = (proj(x).view(B, T, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y = attention(q, k, v, causal=True, mask=mask, layer=self.layer, cache=cache)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x)); hidden_act relu2 puts relu(gate(x))^2 in
-    silu's place."""
+    """SwiGLU (Shazeer 2020): down(silu(gate(x)) * up(x))."""
 
     def __init__(self, config):
         super().__init__()
@@ -199,10 +168,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, H, bias=bias)
         self.up_proj = nn.Linear(C, H, bias=bias)
         self.down_proj = nn.Linear(H, C, bias=bias)
-        self.act = ACTIVATIONS[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nn.Module):
@@ -283,7 +251,7 @@ class Model(nn.Module):
             x = block(x, rope, cache, mask)
         if cache is not None:
             cache.advance(T)
-        logits = softcap(self.lm_head(self.model.norm(x[:, P:])), self.config.final_logit_softcapping)
+        logits = self.lm_head(self.model.norm(x[:, P:]))
         return logits, None if targets is None else cross_entropy(logits, targets)
 
     # ------------------------------------------------------------------ what shared code relies on (DEVELOPERS.md)
@@ -371,10 +339,9 @@ class Model(nn.Module):
         """The model of a Hugging Face directory (config.json + weights: hub.read_tensors), its tensors
         in their own dtype unless dtype is given. ValueError naming the option or tensor it refuses."""
         hf = hub.read_config(directory)
-        if hf.get("model_type") not in ("llama", OWN_MODEL_TYPE):
+        if hf.get("model_type") != "llama":
             raise ValueError(f"{directory}/config.json has model_type {hf.get('model_type')!r}, not 'llama'")
-        hub.check_config(hf, OWN_CONFIG_KEYS if hf["model_type"] == OWN_MODEL_TYPE else CONFIG_KEYS,
-                         f"{directory}/config.json")
+        hub.check_config(hf, CONFIG_KEYS, f"{directory}/config.json")
         config = Config(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
                         n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                         n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -382,8 +349,6 @@ class Model(nn.Module):
                         intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
                         tie_embeddings=hf.get("tie_word_embeddings", False),
                         attention_bias=hf.get("attention_bias", False), mlp_bias=hf.get("mlp_bias", False),
-                        hidden_act=hf.get("hidden_act", "silu"), qk_norm=hf.get("qk_norm") or False,
-                        final_logit_softcapping=hf.get("final_logit_softcapping") or 0.0,
                         **_rope_config(hf, directory))
         with torch.device("meta"):
             model = cls(config)
@@ -393,24 +358,17 @@ class Model(nn.Module):
         return model
 
     def save_pretrained(self, directory, metadata=None):
-        """config.json + model.safetensors that transformers' LlamaForCausalLM loads (hub.write). With
-        qk_norm or final_logit_softcapping, which LlamaForCausalLM lacks (it would load the model
-        without them, and without a word), model_type is OWN_MODEL_TYPE: transformers refuses it,
-        models.from_pretrained reads it."""
+        """config.json + model.safetensors that transformers' LlamaForCausalLM loads (hub.write)."""
         cfg = self.config
-        own = cfg.qk_norm or cfg.final_logit_softcapping > 0
-        hf = {"model_type": OWN_MODEL_TYPE if own else "llama",
-              "architectures": ["OmnitronLlama" if own else "LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
+        hf = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": cfg.vocab_size,
               "max_position_embeddings": cfg.block_size, "hidden_size": cfg.n_embd,
               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.n_layer,
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.head_dim,
-              "hidden_act": cfg.hidden_act, "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+              "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
               "attention_bias": cfg.attention_bias, "mlp_bias": cfg.mlp_bias, "attention_dropout": 0.0,
               "rope_parameters": _rope_parameters(cfg), "initializer_range": 0.02,
               "bos_token_id": None, "eos_token_id": None,
               "dtype": str(self.lm_head.weight.dtype).removeprefix("torch.")}
-        if own:
-            hf.update(qk_norm=cfg.qk_norm, final_logit_softcapping=cfg.final_logit_softcapping)
         hub.write(directory, hf, hub.checkpoint_state(self), metadata)
 
 
@@ -424,20 +382,14 @@ CONFIG_KEYS = {
     "head_dim": hub.HONOURED, "rms_norm_eps": hub.HONOURED, "attention_bias": hub.HONOURED, "mlp_bias": hub.HONOURED,
     "tie_word_embeddings": hub.HONOURED,   # Config.tie_embeddings (default false)
     "max_position_embeddings": hub.HONOURED,  # Config.block_size: dynamic scaling's original context
-    "hidden_act": tuple(ACTIVATIONS),     # the MLP gate's (transformers' ACT2FN): others are not implemented
+    "hidden_act": ("silu",),              # the SwiGLU gate: other activations are not implemented
     # rope_parameters (transformers 5) or rope_scaling + rope_theta (the Hub's form): its sub-keys in
     # hub.ROPE_KEYS; a top-level original_max_position_embeddings overrides the one inside (as there)
     "rope_parameters": hub.HONOURED, "rope_scaling": hub.HONOURED, "rope_theta": hub.HONOURED,
     "original_max_position_embeddings": hub.HONOURED,
     "pretraining_tp": hub.INERT,          # transformers 5 reads it nowhere (earlier: the same products, sliced)
     "attention_dropout": hub.TRAINING,    # the attention kernels have no dropout: not applied
-    "qk_norm": (None, False), "final_logit_softcapping": (None, 0, 0.0),  # not LlamaConfig's: OWN_MODEL_TYPE's
 }
-
-# A Llama with what LlamaForCausalLM lacks (save_pretrained): QK-norm (q_norm and k_norm, named as in
-# Qwen3) and logit soft-capping.
-OWN_MODEL_TYPE = "omnitron_llama"
-OWN_CONFIG_KEYS = {**CONFIG_KEYS, "qk_norm": hub.HONOURED, "final_logit_softcapping": hub.HONOURED}
 ROPE_KEYS = hub.ROPE_KEYS
 
 
