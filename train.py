@@ -126,9 +126,9 @@ TRAIN_FLAGS = [
     ("max_iters", 750, "optimizer steps"),
     ("max_time", 0.0, "seconds of training (wall time: evaluations and compilation included, startup not) after "
                       "which the run evaluates, saves and ends, like Lightning's max_time; the decay or cooldown "
-                      "then follows the share of max_time elapsed instead of the step, so it ends on time at "
-                      "any speed (the step count, and so the result, then depend on the machine's speed). "
-                      "0: off; max_iters still caps the steps"),
+                      "then also follows the share of max_time elapsed, ending at whichever of max_iters and "
+                      "max_time comes first, so it ends on time at any speed (the step count, and so the "
+                      "result, then depend on the machine's speed). 0: off"),
     ("batch_size", 32, "sequences per micro-batch"),
     ("block_size", 128, "tokens per sequence; with --init_from DIR and no --block_size: the model's own length "
                         f"(its config's block_size), at most {INIT_BLOCK_SIZE}"),
@@ -308,25 +308,25 @@ def lm_loss(model, batch):
 def lr_at(step, flags, elapsed=0.0):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters, or (lr_schedule trapezoidal) the
     peak until the last cooldown_frac of lr_decay_iters and a linear cooldown to min_lr there
-    (lr_decay_iters -1: max_iters). With max_time > 0, the decay's position is the share of max_time
-    that `elapsed` (seconds of training so far) is, instead of the step's share of lr_decay_iters:
-    the cosine runs over all of max_time and the cooldown over its last cooldown_frac (the warmup
-    stays in steps)."""
+    (lr_decay_iters -1: max_iters). With max_time > 0 the clock is a second scale: the decay is as far
+    as the further of the step's share of lr_decay_iters and the share of max_time that `elapsed`
+    (seconds of training so far) is, so it ends at whichever limit comes first (the warmup stays in
+    steps)."""
     min_lr = flags["min_lr"] if flags["min_lr"] >= 0 else flags["learning_rate"] / 10
     if step < flags["warmup_iters"]:
         return flags["learning_rate"] * (step + 1) / (flags["warmup_iters"] + 1)
-    if flags.get("max_time", 0) > 0:  # seconds: done, of total; the cosine starts at 0 s
-        done, total, start = min(elapsed, flags["max_time"]), flags["max_time"], 0
-    else:  # steps; the cosine starts after the warmup
-        total = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
-        done, start = min(step, total), flags["warmup_iters"]
+    decay_iters = flags["lr_decay_iters"] if flags["lr_decay_iters"] > 0 else flags["max_iters"]
+    max_time, frac = flags.get("max_time", 0), flags.get("cooldown_frac", 0)
     if flags.get("lr_schedule", "cosine") == "trapezoidal":
-        cooldown = flags["cooldown_frac"] * total
-        left = (total - done) / cooldown if cooldown > 0 else 1.0
+        left = (decay_iters - step) / (frac * decay_iters) if frac * decay_iters > 0 else 1.0
+        if max_time > 0 and frac > 0:
+            left = min(left, (max_time - elapsed) / (frac * max_time))
         return min_lr + min(1.0, max(0.0, left)) * (flags["learning_rate"] - min_lr)
-    if done >= total:
+    if step >= decay_iters or 0 < max_time <= elapsed:
         return min_lr
-    progress = (done - start) / (total - start if total > start else 1)
+    progress = (step - flags["warmup_iters"]) / max(1, decay_iters - flags["warmup_iters"])
+    if max_time > 0:
+        progress = max(progress, elapsed / max_time)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (flags["learning_rate"] - min_lr)
 
 
@@ -349,7 +349,8 @@ def make_optimizer(model, flags, device, sharded=False):
 def evaluate(model, dataset, flags, ctx, device, rank=0, world_size=1):
     """Mean language-model loss over eval_iters global batches of each split (the model's own loss,
     whatever the training loss_fn, so runs compare); the same batches at every evaluation (each
-    process takes its slice, and the means are averaged). Returns {"train": nats, "val": nats}."""
+    process takes its slice, and the means are averaged); with eval_full_val, val's over every val
+    token once (whole_split_loss). Returns {"train": nats, "val": nats}."""
     model.eval()
     out = {}
     loss_of = getattr(dataset, "model_loss", None) or (lambda m, batch: m(*batch)[1])  # scenes: with the image

@@ -1,5 +1,6 @@
 """train.py: the training loop in stages, resume, fine-tuning, configs, several processes."""
 
+import dataclasses
 import json
 import math
 import signal
@@ -153,8 +154,8 @@ def test_learning_rate_schedule():
 
 
 def test_learning_rate_schedule_on_elapsed_time_under_max_time():
-    """With --max_time the decay follows the share of max_time elapsed, whatever the step; the warmup
-    stays in steps."""
+    """With --max_time the decay is as far as the further of the step's share and the clock's share of
+    max_time, so it ends at whichever limit comes first; the warmup stays in steps."""
     cosine = {"learning_rate": 1.0, "min_lr": 0.0, "warmup_iters": 10, "lr_decay_iters": -1, "max_iters": 10**6,
               "max_time": 100.0}
     assert train.lr_at(5, cosine, elapsed=50.0) == pytest.approx(6 / 11)  # warming up: the step decides
@@ -164,6 +165,10 @@ def test_learning_rate_schedule_on_elapsed_time_under_max_time():
     trapezoidal = {**cosine, "lr_schedule": "trapezoidal", "cooldown_frac": 0.4}
     lrs = [train.lr_at(50, trapezoidal, elapsed=t) for t in (0.0, 59.0, 60.0, 80.0, 90.0, 100.0, 120.0)]
     assert lrs == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
+    # whichever limit comes first ends the decay: here the steps (max_iters 100, with time to spare)
+    by_steps = {**trapezoidal, "max_iters": 100, "max_time": 10**6}
+    assert train.lr_at(80, by_steps, elapsed=5.0) == pytest.approx(0.5) and train.lr_at(100, by_steps, 5.0) == 0.0
+    assert train.lr_at(60, {**cosine, "max_iters": 110}, elapsed=1.0) == pytest.approx(0.5)
 
 
 def test_max_time_ends_the_run_on_time_and_resumes_to_a_longer_budget(corpus, tmp_path):
@@ -202,11 +207,21 @@ def whole_val_loss(out_dir, corpus, data_dir, block_size):
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1)).item(), n
 
 
-def test_eval_full_val_is_the_mean_over_every_val_token(corpus, tmp_path):
-    train.main(train_args(corpus, tmp_path, max_iters=4, eval_interval=4, eval_full_val=True, dropout=0.0))
-    reference, windows = whole_val_loss(tmp_path / "run", corpus, tmp_path / "d", 32)
+@pytest.mark.parametrize("name", models.available())
+def test_eval_full_val_is_the_mean_over_every_val_token(corpus, tmp_path, name):
+    """Every model file: --eval_full_val's val loss is the float64 mean over every val token (switch
+    dropless, so that its loss cannot depend on which windows share a batch)."""
+    fields = {f.name for f in dataclasses.fields(models.get(name).Config)}
+    extra = {"eval_capacity_factor": 0} if name == "switch" else {}
+    extra.update({"n_kv_head": 2} if "n_kv_head" in fields else {})
+    train.main(train_args(corpus, tmp_path, name, model=name, max_iters=4, eval_interval=4, eval_full_val=True,
+                          dropout=None, **extra))
+    reference, windows = whole_val_loss(tmp_path / name, corpus, tmp_path / "d", 32)
     assert windows % 4  # the last batch is part padding (ignored rows)
-    assert read_log(tmp_path / "run")[-1]["val_loss"] == pytest.approx(reference, rel=1e-5)
+    assert read_log(tmp_path / name)[-1]["val_loss"] == pytest.approx(reference, rel=1e-5)
+
+
+def test_eval_full_val_is_refused_where_there_is_no_text_split(corpus, tmp_path):
     with pytest.raises(runtime.UserError, match="--eval_full_val evaluates a text corpus"):
         train.main(train_args(corpus, tmp_path, "bad", eval_full_val=True, mm_images="digits"))
 

@@ -17,33 +17,31 @@ from omnitron import data, runtime
 from omnitron.runtime import UserError, print_table
 
 CONFIG = Path(__file__).resolve().parents[2] / "config" / "tinyshakespeare_cpu.toml"
+BASELINE = CONFIG.with_name("tinyshakespeare_cpu_baseline.toml")  # AdamW, cosine, context 128 x batch 32, eager
 
-# the config before the speedrun's changes (AdamW, cosine, block 128 x batch 32, eager)
-BASELINE = dict(optimizer="adamw", lr_schedule="cosine", compile=False, block_size=128, batch_size=32,
-                muon_weight_decay=0.0)
-ARMS = {  # name -> train.py flags over the config's
+ARMS = {  # name -> (the config file: --config's, --baseline_config's, or none; train.py flags over it)
     # nanoGPT's README CPU run of config/train_shakespeare_char.py (its flags; our GPT file)
-    # (without the config file: every flag given)
-    "nanogpt_cpu": dict(model="gpt", data="tinyshakespeare", tokenizer="char", n_layer=4, n_head=4, n_embd=128,
-                        block_size=64, batch_size=12, dropout=0.0, bias=False, learning_rate=1e-3, min_lr=1e-4,
-                        warmup_iters=100, weight_decay=0.1, beta2=0.99),
-    "baseline": BASELINE,
-    "muon": {**BASELINE, "optimizer": "muon"},
-    "trapezoidal": {**BASELINE, "lr_schedule": "trapezoidal"},
-    "compile": {**BASELINE, "compile": True},
-    "block256": {**BASELINE, "block_size": 256, "batch_size": 16},
-    "config_without_weight_decay": dict(muon_weight_decay=0.0),
-    "config": {},
+    "nanogpt_cpu": (None, dict(model="gpt", data="tinyshakespeare", tokenizer="char", n_layer=4, n_head=4,
+                               n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False, learning_rate=1e-3,
+                               min_lr=1e-4, warmup_iters=100, weight_decay=0.1, beta2=0.99)),
+    "baseline": ("baseline", {}),
+    "muon": ("baseline", dict(optimizer="muon")),
+    "trapezoidal": ("baseline", dict(lr_schedule="trapezoidal")),
+    "compile": ("baseline", dict(compile=True)),
+    "block256": ("baseline", dict(block_size=256, batch_size=16)),
+    "config_without_weight_decay": ("config", dict(muon_weight_decay=0.0)),
+    "config": ("config", {}),
 }
 DEFAULT_ARMS = "nanogpt_cpu,baseline,config"
 
 
 def run_flags(args, arm, seed):
-    """train.run's keyword arguments of an arm: --config's (but for nanogpt_cpu), the arm's flags, the
-    budget (max_time; steps uncapped) and the evaluation."""
-    config = {} if arm == "nanogpt_cpu" else {"config": args.config}
+    """train.run's keyword arguments of an arm: its config file (--config or --baseline_config; nanogpt_cpu:
+    none), its flags, the budget (max_time; steps uncapped) and the evaluation."""
+    config_file, arm_flags = ARMS[arm]
+    config = {} if config_file is None else {"config": args.config if config_file == "config" else args.baseline_config}
     return {**config, "seed": seed, "sample_tokens": 0, "device": args.device, "data_dir": args.data_dir,
-            **ARMS[arm], "max_time": args.budget_s, "max_iters": 10**7, "eval_interval": args.eval_interval,
+            **arm_flags, "max_time": args.budget_s, "max_iters": 10**7, "eval_interval": args.eval_interval,
             "log_interval": args.log_interval, "eval_full_val": True}
 
 
@@ -120,7 +118,9 @@ def add_parser(sub):
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated from {', '.join(ARMS)} (the full "
                    "ablation: all of them, about 8 minutes per arm and seed)")
     p.add_argument("--config", default=str(CONFIG.relative_to(CONFIG.parents[1])), help="the train.py config file "
-                   "of every arm but nanogpt_cpu")
+                   "of the config arms")
+    p.add_argument("--baseline_config", default=str(BASELINE.relative_to(BASELINE.parents[1])),
+                   help="the config file of baseline and its one-change arms")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm")
     p.add_argument("--budget_s", type=float, default=430.0, help="seconds of training per run (train.py --max_time; "
                    "startup and the last evaluation add about 15 s to the whole command)")

@@ -9,7 +9,7 @@ def test_arms_train_for_the_budget_and_are_reused(tmp_path, corpus, capsys):
     config = tmp_path / "tiny.toml"
     config.write_text(f'model = "llama"\ndata = "{corpus}"\nn_layer = 1\nn_head = 2\nn_kv_head = 2\nn_embd = 16\n'
                       'block_size = 16\nbatch_size = 4\nwarmup_iters = 2\neval_iters = 1\n')
-    argv = ["time_to_quality", "--arms", "baseline,muon", "--config", str(config), "--seeds", "1", "--budget_s", "4",
+    argv = ["time_to_quality", "--arms", "baseline,muon", "--config", str(config), "--baseline_config", str(config), "--seeds", "1", "--budget_s", "4",
             "--eval_interval", "10", "--log_interval", "5", "--data_dir", str(tmp_path / "d"),
             "--out", str(tmp_path / "t"), "--results", "", "--plot", "", "--device", "cpu"]
     assert bench.main(argv) == 0
