@@ -383,17 +383,18 @@ def whole_split_loss(model, dataset, split, flags, ctx, device, rank=0, world_si
     offset = len(tokens) - 1 - n * T  # windows end at the split's end
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, tokens
     for first in range(0, n, B * world_size):
-        rows = range(first + rank * B, first + (rank + 1) * B)
-        xy = np.full((B, T + 1), -1, dtype=np.int64)
-        for j, w in enumerate(rows):
-            if w < n:
-                xy[j] = tokens[offset + w * T: offset + w * T + T + 1]
-        x, y = torch.from_numpy(xy[:, :-1]).clamp(min=0).to(device), torch.from_numpy(xy[:, 1:]).to(device)
-        real = int((y >= 0).sum())
-        with ctx:  # also when this process's rows are all past the end: DDP's collectives pair up
+        windows = range(first + rank * B, min(first + (rank + 1) * B, n))  # this process's share (maybe none)
+        xy = np.zeros((B, T + 1), dtype=np.int64)
+        for j, w in enumerate(windows):
+            xy[j] = tokens[offset + w * T: offset + w * T + T + 1]
+        x, y = torch.from_numpy(xy[:, :-1]), torch.from_numpy(xy[:, 1:].copy())
+        y[len(windows):] = -1  # padding rows: every target ignored
+        x, y = x.to(device), y.to(device)
+        with ctx:  # also when this process has no window left: DDP's collectives pair up
             loss = model(x, y)[1]
-        if real:
-            totals += torch.stack([loss.double() * real, torch.tensor(real, dtype=torch.float64, device=device)])
+        if windows:
+            totals[0] += loss.double() * (len(windows) * T)
+            totals[1] += len(windows) * T
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     return (totals[0] / totals[1]).item()
@@ -711,8 +712,8 @@ def describe(s):
           f"{manifest['n_train']:,} train / {manifest['n_val']:,} val tokens; "
           f"{s.device}, {str(s.dtype).removeprefix('torch.')}, attention {describe_attention(s.device, model)}; "
           f"{s.tokens_per_step:,} tokens per step{f' over {s.world_size} processes' if s.world_size > 1 else ''}, "
-          f"steps {s.step}..{f['max_iters']}" + (f" or {f['max_time']:g} s of training" if f["max_time"] > 0 else "") + (f"; DPO on {manifest['pairs']:,} preference pairs, beta "
-                                                 f"{f['dpo_beta']}" if f["dpo"] else ""), flush=True)
+          f"steps {s.step}..{f['max_iters']}" + (f" or {f['max_time']:g} s of training" if f["max_time"] > 0 else "")
+          + (f"; DPO on {manifest['pairs']:,} preference pairs, beta {f['dpo_beta']}" if f["dpo"] else ""), flush=True)
     if f["mm_images"]:
         bridge, lm = multimodal.count_params(model)
         cfg = model.bridge.config
@@ -773,8 +774,8 @@ class StopRequest:
 
 def fit(s, loss_fn=None):
     """Train from s.step to max_iters (or until --max_time seconds of training are spent) with loss_fn
-    (default lm_loss; see train()): evaluate and checkpoint every eval_interval steps and at the last; print and log (out_dir/log.jsonl) every
-    log_interval steps and at max_iters. A resumed run's log continues from the checkpoint's step
+    (default lm_loss; see train()): evaluate and checkpoint every eval_interval steps and at the last;
+    print and log (out_dir/log.jsonl) every log_interval steps and at max_iters. A resumed run's log continues from the checkpoint's step
     (resume_log; an evaluation logged at that step is not repeated). Ctrl-C in one process: the loop
     stops after the step in progress, checkpoints it and raises runtime.Interrupted (stop_here).
     Returns (the last evaluation {"train", "val"}, the last logged loss_fn metrics, seconds of training
@@ -843,9 +844,9 @@ def interrupted_line(s):
 
 def evaluate_and_checkpoint(s, clock, log_file, last=False):
     """Evaluate, print and log the losses, and checkpoint (not at the step a run starts or resumes
-    from, unless it is the last: max_iters, or --max_time spent). With --dpo the evaluation is the language-model loss beside a
-    training loss that is DPO's: its lines say `lm loss` and log.jsonl's key is train_lm_loss (val_loss
-    is always the language-model loss). Returns the losses {"train", "val"}."""
+    from, unless it is the last: max_iters, or --max_time spent). With --dpo the evaluation is the
+    language-model loss beside a training loss that is DPO's: its lines say `lm loss` and log.jsonl's
+    key is train_lm_loss (val_loss is always the language-model loss). Returns the losses {"train", "val"}."""
     f = s.flags
     losses = evaluate(s.train_model, s.dataset, f, s.ctx, s.device, s.rank, s.world_size)
     elapsed = s.elapsed_before + time.time() - clock.t0

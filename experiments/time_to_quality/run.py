@@ -39,7 +39,7 @@ def run_flags(args, arm, seed):
     """train.run's keyword arguments of an arm: its config file (--config or --baseline_config; nanogpt_cpu:
     none), its flags, the budget (max_time; steps uncapped) and the evaluation."""
     config_file, arm_flags = ARMS[arm]
-    config = {} if config_file is None else {"config": args.config if config_file == "config" else args.baseline_config}
+    config = {} if config_file is None else {"config": {"config": args.config, "baseline": args.baseline_config}[config_file]}
     return {**config, "seed": seed, "sample_tokens": 0, "device": args.device, "data_dir": args.data_dir,
             **arm_flags, "max_time": args.budget_s, "max_iters": 10**7, "eval_interval": args.eval_interval,
             "log_interval": args.log_interval, "eval_full_val": True}
@@ -73,11 +73,11 @@ def run(args):
                   f"after {rows[-1]['steps']} steps; {runtime.format_eta(time.time() - t0)} so far", flush=True)
     summary = []
     for arm in arms:
-        vals = [r["val_loss"] for r in rows if r["arm"] == arm]
+        mine = [r for r in rows if r["arm"] == arm]
+        vals, speeds = [r["val_loss"] for r in mine], [r["tokens_per_s"] for r in mine if r["tokens_per_s"]]
         summary.append({"arm": arm, "mean": statistics.mean(vals), "min": min(vals), "max": max(vals),
-                        "tokens_per_s": statistics.mean(speeds) if (speeds := [r["tokens_per_s"] for r in rows
-                                                                                if r["arm"] == arm and r["tokens_per_s"]]) else None,
-                        "steps": statistics.mean(r["steps"] for r in rows if r["arm"] == arm)})
+                        "tokens_per_s": statistics.mean(speeds) if speeds else None,
+                        "steps": statistics.mean(r["steps"] for r in mine)})
     base = next((s["mean"] for s in summary if s["arm"] == "baseline"), None)
     for s in summary:
         s["change"] = None if base is None else s["mean"] - base
